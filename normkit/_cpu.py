@@ -1,0 +1,530 @@
+"""CPU kernels of the normkit engine (Numba, ``parallel=True``).
+
+Every kernel works on the canonical view ``(P, A, K, J, B)`` of a contiguous,
+flattened array (see :mod:`normkit.engine`): statistics are per ``(p, k)`` and
+reduced over ``(a, j, b)``; the affine parameters are per ``(k, j)``.  With
+``L = J * B`` the data of one ``(p, a, k)`` is the contiguous segment that
+starts at ``((p * A + a) * K + k) * L``.
+
+Work is split into *items* by a plan ``(p_per, n_pblk, a_per, n_ach, l_per,
+n_lch)`` made by :func:`normkit.engine.make_plan`: an item is a block of ``p``
+values, a chunk of ``a`` values and a chunk of ``l`` offsets.  Each item
+writes its own partial results (never into a slot that another item writes),
+and partials are merged afterwards with Chan's formula, in a fixed order, so
+a given shape and thread count gives the same bits on every run.
+
+Moments are computed by two passes over tiles of at most :data:`TILE`
+elements (the tile is in cache for its second pass) with float64
+accumulators, and tiles are merged with Chan's formula, so the variance never
+suffers the E[x^2] - E[x]^2 cancellation and is never negative.
+
+The kernels are written once; they are specialised by Numba for each input
+dtype (float32 or float64; float16 is widened by the caller).
+"""
+
+import numpy as np
+from numba import njit, prange
+
+#: Fast-math flags: reassociation lets LLVM vectorise the reductions.  The
+#: flags ``nnan`` and ``ninf`` are deliberately absent so that NaN and Inf
+#: propagate exactly as in plain IEEE arithmetic.
+FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
+
+#: Elements per two-pass tile (and roughly per row tile): small enough to stay
+#: in L1/L2 between the two passes.
+TILE = 4096
+
+#: Groups at least this many columns wide (J, with B == 1) read their affine
+#: parameters directly; narrower ones use per-column coefficient vectors.
+WIDE_GROUP = 16
+
+# Columns of the per-(p, k) coefficient table used by the elementwise kernel.
+COEF_MEAN, COEF_A, COEF_H, COEF_E, COEF_C = 0, 1, 2, 3, 4
+N_COEF = 5
+
+_inner = njit(cache=True, fastmath=FASTMATH, nogil=True)
+_kernel = njit(cache=True, fastmath=FASTMATH, parallel=True, nogil=True)
+
+
+@_inner
+def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Merge two (count, mean, M2) summaries (Chan, Golub and LeVeque)."""
+    if n_b == 0.0:
+        return n_a, mean_a, m2_a
+    if n_a == 0.0:
+        return n_b, mean_b, m2_b
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    frac = n_b / n
+    return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
+
+
+@_inner
+def _item_bounds(item, P, A, L, plan):
+    """Ranges ``[p0, p1), [a0, a1), [l0, l1)`` and chunk index of one item."""
+    p_per, n_pblk, a_per, n_ach, l_per, n_lch = plan
+    l_chunk = item % n_lch
+    rest = item // n_lch
+    a_chunk = rest % n_ach
+    p_block = rest // n_ach
+    p0 = p_block * p_per
+    a0 = a_chunk * a_per
+    l0 = l_chunk * l_per
+    return (p0, min(P, p0 + p_per), a0, min(A, a0 + a_per), l0,
+            min(L, l0 + l_per), a_chunk * n_lch + l_chunk)
+
+
+@_inner
+def _n_items(plan):
+    return plan[1] * plan[3] * plan[5]
+
+
+@_inner
+def _column_range(K, L, l0, l1):
+    """Columns ``[c0, c1)`` of a row of ``K * L`` covered by ``[l0, l1)``.
+
+    Offsets are split (``[l0, l1) != [0, L)``) only when ``K == 1``, so the
+    covered columns are always one contiguous range.
+    """
+    if K == 1:
+        return l0, l1
+    return 0, K * L
+
+
+# --------------------------------------------------------------------------
+# moments
+# --------------------------------------------------------------------------
+
+@_inner
+def _segment_moments(x, start, stop):
+    """(count, mean, M2) of ``x[start:stop]``: two passes per tile, merged."""
+    n = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for t0 in range(start, stop, TILE):
+        tile = x[t0:min(t0 + TILE, stop)]
+        total = 0.0
+        for i in range(tile.size):
+            total += tile[i]
+        tile_mean = total / tile.size
+        sq = 0.0
+        for i in range(tile.size):
+            d = tile[i] - tile_mean
+            sq += d * d
+        n, mean, m2 = _chan_merge(n, mean, m2, float(tile.size), tile_mean, sq)
+    return n, mean, m2
+
+
+@_inner
+def _rows_moments(x, row0, row1, width, col_mean, col_m2, tile_mean, tile_m2):
+    """Per-column (mean, M2) over rows ``[row0, row1)`` of a ``width``-wide
+    matrix stored from ``x[0]``; returns the common count.
+
+    Rows are taken in tiles of about :data:`TILE` elements: two passes per
+    tile, vectorised across columns, then a Chan merge into the running
+    column summaries.
+    """
+    rows_per_tile = max(1, TILE // width)
+    n = 0.0
+    for r0 in range(row0, row1, rows_per_tile):
+        r1 = min(r0 + rows_per_tile, row1)
+        nt = float(r1 - r0)
+        tile_mean[:] = 0.0
+        for r in range(r0, r1):
+            row = x[r * width:(r + 1) * width]
+            for c in range(width):
+                tile_mean[c] += row[c]
+        for c in range(width):
+            tile_mean[c] /= nt
+        tile_m2[:] = 0.0
+        for r in range(r0, r1):
+            row = x[r * width:(r + 1) * width]
+            for c in range(width):
+                d = row[c] - tile_mean[c]
+                tile_m2[c] += d * d
+        if n == 0.0:
+            col_mean[:] = tile_mean
+            col_m2[:] = tile_m2
+        else:
+            total = n + nt
+            frac = nt / total
+            for c in range(width):
+                delta = tile_mean[c] - col_mean[c]
+                col_mean[c] += delta * frac
+                col_m2[c] += tile_m2[c] + delta * delta * n * frac
+        n += nt
+    return n
+
+
+@_inner
+def _p_moments(x, p, a0, a1, l0, l1, A, K, J, B, out_n, out_mean, out_m2,
+               scratch):
+    """(count, mean, M2) per group ``k`` of one ``p`` over ``a`` in
+    ``[a0, a1)`` and segment offsets ``[l0, l1)``; written to ``out_*[k]``.
+
+    ``scratch`` is a float64 array of at least ``4 * K * J`` elements.
+    """
+    L = J * B
+    if B == 1 and A > 1:
+        # Channels-last style: rows of K*J values, reduce across rows.
+        width = K * J
+        col_mean = scratch[:width]
+        col_m2 = scratch[width:2 * width]
+        n = _rows_moments(x[p * A * width:(p + 1) * A * width], a0, a1, width,
+                          col_mean, col_m2, scratch[2 * width:3 * width],
+                          scratch[3 * width:4 * width])
+        for k in range(K):
+            gn, gmean, gm2 = 0.0, 0.0, 0.0
+            for j in range(k * J, (k + 1) * J):
+                gn, gmean, gm2 = _chan_merge(gn, gmean, gm2, n, col_mean[j],
+                                             col_m2[j])
+            out_n[k], out_mean[k], out_m2[k] = gn, gmean, gm2
+        return
+    out_n[:K] = 0.0
+    out_mean[:K] = 0.0
+    out_m2[:K] = 0.0
+    for a in range(a0, a1):
+        for k in range(K):
+            start = ((p * A + a) * K + k) * L
+            sn, smean, sm2 = _segment_moments(x, start + l0, start + l1)
+            out_n[k], out_mean[k], out_m2[k] = _chan_merge(
+                out_n[k], out_mean[k], out_m2[k], sn, smean, sm2)
+
+
+@_kernel
+def moments(x, P, A, K, J, B, plan, part_n, part_mean, part_m2):
+    """Partial moments: ``part_*[p, chunk, k]`` for every item of ``plan``."""
+    L = J * B
+    for item in prange(_n_items(plan)):
+        p0, p1, a0, a1, l0, l1, chunk = _item_bounds(item, P, A, L, plan)
+        scratch = np.empty(4 * K * J)
+        for p in range(p0, p1):
+            _p_moments(x, p, a0, a1, l0, l1, A, K, J, B, part_n[p, chunk],
+                       part_mean[p, chunk], part_m2[p, chunk], scratch)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def merge_moments(part_n, part_mean, part_m2):
+    """Merge partials ``(P, chunks, K)`` in chunk order into ``(mean, var)``
+    of shape ``(P, K)``; ``var`` is the biased variance M2 / n."""
+    P, n_chunks, K = part_n.shape
+    mean = np.empty((P, K))
+    var = np.empty((P, K))
+    for p in range(P):
+        for k in range(K):
+            n, m, m2 = 0.0, 0.0, 0.0
+            for ch in range(n_chunks):
+                n, m, m2 = _chan_merge(n, m, m2, part_n[p, ch, k],
+                                       part_mean[p, ch, k], part_m2[p, ch, k])
+            mean[p, k] = m
+            var[p, k] = m2 / n
+    return mean, var
+
+
+# --------------------------------------------------------------------------
+# elementwise: out = (x - m) * (a*g + h) + dy * (e*g) + (beta + c)
+# --------------------------------------------------------------------------
+
+@_inner
+def _p_apply(x, dy, out, use_dy, p, a0, a1, l0, l1, A, K, J, B, coef, gamma,
+             beta, scratch):
+    """Elementwise map for one ``p`` over ``a`` in ``[a0, a1)`` and segment
+    offsets ``[l0, l1)``.
+
+    With per-(p, k) coefficients ``coef[k] = (m, a, h, e, c)`` and per-(k, j)
+    ``gamma``, ``beta``::
+
+        out = (x - m) * (a * gamma + h) + (beta + c)            use_dy False
+        out = (x - m) * (a * gamma + h) + dy * (e * gamma) + (beta + c)
+
+    The forward pass is ``a = rstd`` (h = e = c = 0); the backward pass is
+    ``a = 0, beta = 0`` with ``h, e, c`` from the group sums.
+    ``scratch`` holds at least ``4 * K * J`` float64 values.
+    """
+    L = J * B
+    if B == 1 and J >= WIDE_GROUP:
+        width = K * J
+        c0, c1 = _column_range(K, L, l0, l1)
+        for r in range(p * A + a0, p * A + a1):
+            for k in range(K):
+                lo = max(c0, k * J)
+                hi = min(c1, (k + 1) * J)
+                if lo >= hi:
+                    continue
+                m, a_k, h, e, c = coef[k, 0], coef[k, 1], coef[k, 2], coef[k, 3], coef[k, 4]
+                xs = x[r * width + lo:r * width + hi]
+                os = out[r * width + lo:r * width + hi]
+                gs = gamma[lo:hi]
+                bs = beta[lo:hi]
+                if use_dy:
+                    ds = dy[r * width + lo:r * width + hi]
+                    for i in range(xs.size):
+                        g = gs[i]
+                        os[i] = (xs[i] - m) * (a_k * g + h) + ds[i] * (e * g) + (bs[i] + c)
+                else:
+                    for i in range(xs.size):
+                        os[i] = (xs[i] - m) * (a_k * gs[i] + h) + (bs[i] + c)
+        return
+    if B == 1:
+        # Narrow groups (J small): per-column coefficient vectors for this p.
+        width = K * J
+        c0, c1 = _column_range(K, L, l0, l1)
+        m_c = scratch[:width]
+        sx_c = scratch[width:2 * width]
+        sd_c = scratch[2 * width:3 * width]
+        s0_c = scratch[3 * width:4 * width]
+        for k in range(K):
+            m, a, h, e, c = coef[k, 0], coef[k, 1], coef[k, 2], coef[k, 3], coef[k, 4]
+            for col in range(k * J, (k + 1) * J):
+                m_c[col] = m
+                sx_c[col] = a * gamma[col] + h
+                sd_c[col] = e * gamma[col]
+                s0_c[col] = beta[col] + c
+        m_c, sx_c, sd_c, s0_c = m_c[c0:c1], sx_c[c0:c1], sd_c[c0:c1], s0_c[c0:c1]
+        for r in range(p * A + a0, p * A + a1):
+            xs = x[r * width + c0:r * width + c1]
+            os = out[r * width + c0:r * width + c1]
+            if use_dy:
+                ds = dy[r * width + c0:r * width + c1]
+                for i in range(xs.size):
+                    os[i] = (xs[i] - m_c[i]) * sx_c[i] + ds[i] * sd_c[i] + s0_c[i]
+            else:
+                for i in range(xs.size):
+                    os[i] = (xs[i] - m_c[i]) * sx_c[i] + s0_c[i]
+        return
+    for a in range(a0, a1):
+        for k in range(K):
+            m, a_k, h, e, c = coef[k, 0], coef[k, 1], coef[k, 2], coef[k, 3], coef[k, 4]
+            seg = ((p * A + a) * K + k) * L
+            for j in range(l0 // B, (l1 - 1) // B + 1):
+                col = k * J + j
+                sx = a_k * gamma[col] + h
+                sd = e * gamma[col]
+                s0 = beta[col] + c
+                lo = seg + max(l0, j * B)
+                hi = seg + min(l1, (j + 1) * B)
+                xs = x[lo:hi]
+                os = out[lo:hi]
+                if use_dy:
+                    ds = dy[lo:hi]
+                    for i in range(xs.size):
+                        os[i] = (xs[i] - m) * sx + ds[i] * sd + s0
+                else:
+                    for i in range(xs.size):
+                        os[i] = (xs[i] - m) * sx + s0
+
+
+@_kernel
+def apply(x, dy, out, use_dy, P, A, K, J, B, plan, coef, gamma, beta):
+    """Elementwise map of :func:`_p_apply` over all items; ``coef`` is
+    ``(P, K, 5)``, ``gamma`` and ``beta`` are ``(K * J,)``."""
+    L = J * B
+    for item in prange(_n_items(plan)):
+        p0, p1, a0, a1, l0, l1, _ = _item_bounds(item, P, A, L, plan)
+        scratch = np.empty(4 * K * J)
+        for p in range(p0, p1):
+            _p_apply(x, dy, out, use_dy, p, a0, a1, l0, l1, A, K, J, B,
+                     coef[p], gamma, beta, scratch)
+
+
+@_inner
+def _finish_forward_p(n, mean, m2, eps, coef):
+    """Coefficients that normalize with the group statistics (forward)."""
+    for k in range(n.shape[0]):
+        coef[k, COEF_MEAN] = mean[k]
+        coef[k, COEF_A] = 1.0 / np.sqrt(m2[k] / n[k] + eps)
+        coef[k, COEF_H] = 0.0
+        coef[k, COEF_E] = 0.0
+        coef[k, COEF_C] = 0.0
+
+
+@_kernel
+def forward_fused(x, out, P, A, K, J, B, plan, gamma, beta, eps, mean_out,
+                  var_out):
+    """Moments and normalization of each group while it is in cache.
+
+    Valid only for plans whose items hold whole groups (no split of the
+    reduced extent).  Writes ``mean_out[p, k]`` and the biased
+    ``var_out[p, k]``.
+    """
+    L = J * B
+    for item in prange(_n_items(plan)):
+        p0, p1, a0, a1, l0, l1, _ = _item_bounds(item, P, A, L, plan)
+        scratch = np.empty(4 * K * J)
+        n = np.empty(K)
+        m2 = np.empty(K)
+        coef = np.empty((K, N_COEF))
+        for p in range(p0, p1):
+            _p_moments(x, p, a0, a1, l0, l1, A, K, J, B, n, mean_out[p], m2,
+                       scratch)
+            _finish_forward_p(n, mean_out[p], m2, eps, coef)
+            for k in range(K):
+                var_out[p, k] = m2[k] / n[k]
+            _p_apply(x, x, out, False, p, a0, a1, l0, l1, A, K, J, B, coef,
+                     gamma, beta, scratch)
+
+
+# --------------------------------------------------------------------------
+# backward reductions
+# --------------------------------------------------------------------------
+
+@_inner
+def _p_reduce(dy, x, p, a0, a1, l0, l1, A, K, J, B, mean_p, rstd_p, t_dy,
+              t_dyx, scratch):
+    """Sums of ``dy`` and ``dy * xhat`` per ``(k, j)`` for one ``p``,
+    ``xhat = (x - mean) * rstd``, into ``t_dy`` and ``t_dyx`` (zeroed here).
+    """
+    L = J * B
+    t_dy[:] = 0.0
+    t_dyx[:] = 0.0
+    if B == 1:
+        width = K * J
+        c0, c1 = _column_range(K, L, l0, l1)
+        wide = J >= WIDE_GROUP
+        if not wide:
+            # Narrow groups: per-column statistics vectors for this p.
+            m_c = scratch[:width]
+            r_c = scratch[width:2 * width]
+            for k in range(K):
+                m_c[k * J:(k + 1) * J] = mean_p[k]
+                r_c[k * J:(k + 1) * J] = rstd_p[k]
+        for r in range(p * A + a0, p * A + a1):
+            for k in range(K if wide else 1):
+                lo, hi = (max(c0, k * J), min(c1, (k + 1) * J)) if wide else (c0, c1)
+                xs = x[r * width + lo:r * width + hi]
+                ds = dy[r * width + lo:r * width + hi]
+                s_dy = t_dy[lo:hi]
+                s_dyx = t_dyx[lo:hi]
+                if wide:
+                    m = mean_p[k]
+                    rs = rstd_p[k]
+                    for i in range(xs.size):
+                        g = ds[i]
+                        s_dy[i] += g
+                        s_dyx[i] += g * ((xs[i] - m) * rs)
+                else:
+                    ms = m_c[lo:hi]
+                    rss = r_c[lo:hi]
+                    for i in range(xs.size):
+                        g = ds[i]
+                        s_dy[i] += g
+                        s_dyx[i] += g * ((xs[i] - ms[i]) * rss[i])
+        return
+    for a in range(a0, a1):
+        for k in range(K):
+            m = mean_p[k]
+            rs = rstd_p[k]
+            seg = ((p * A + a) * K + k) * L
+            for j in range(l0 // B, (l1 - 1) // B + 1):
+                lo = seg + max(l0, j * B)
+                hi = seg + min(l1, (j + 1) * B)
+                xs = x[lo:hi]
+                ds = dy[lo:hi]
+                s_dy = 0.0
+                s_dyx = 0.0
+                for i in range(xs.size):
+                    g = ds[i]
+                    s_dy += g
+                    s_dyx += g * (xs[i] - m)
+                t_dy[k * J + j] += s_dy
+                t_dyx[k * J + j] += s_dyx * rs
+
+
+@_inner
+def _fold_p(t_dy, t_dyx, gscale, K, J, group_out, affine_out):
+    """Fold one ``p``'s per-(k, j) sums into its group sums
+    ``group_out[k] = (sum_j gscale*t_dy, sum_j gscale*t_dyx)`` and add them
+    to the item's affine partials ``affine_out = (sum dy, sum dy*xhat)``."""
+    aff_dy = affine_out[0]
+    aff_dyx = affine_out[1]
+    for k in range(K):
+        s1 = 0.0
+        s2 = 0.0
+        for col in range(k * J, (k + 1) * J):
+            s1 += gscale[col] * t_dy[col]
+            s2 += gscale[col] * t_dyx[col]
+            aff_dy[col] += t_dy[col]
+            aff_dyx[col] += t_dyx[col]
+        group_out[k, 0] = s1
+        group_out[k, 1] = s2
+
+
+@_kernel
+def backward_reduce(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
+                    part_group, part_affine):
+    """Backward sums for every item.
+
+    ``part_group[p, chunk, k] = (sum gscale*dy, sum gscale*dy*xhat)`` over the
+    item's part of group ``(p, k)``; ``part_affine[item] = (sum dy,
+    sum dy*xhat)`` per ``(k, j)`` over the item.
+    """
+    L = J * B
+    for item in prange(_n_items(plan)):
+        p0, p1, a0, a1, l0, l1, chunk = _item_bounds(item, P, A, L, plan)
+        scratch = np.empty(2 * K * J)
+        t_dy = np.empty(K * J)
+        t_dyx = np.empty(K * J)
+        part_affine[item] = 0.0
+        for p in range(p0, p1):
+            _p_reduce(dy, x, p, a0, a1, l0, l1, A, K, J, B, mean[p], rstd[p],
+                      t_dy, t_dyx, scratch)
+            _fold_p(t_dy, t_dyx, gscale, K, J, part_group[p, chunk],
+                    part_affine[item])
+
+
+@_inner
+def finish_backward_p(sums, n, mean_p, rstd_p, coef):
+    """Coefficients of ``dx`` for one ``p`` from the group sums.
+
+    With ``g = gscale * dy`` summed over a group of ``n`` values,
+    ``dx = rstd * (g - sum(g)/n - xhat * sum(g*xhat)/n)``, i.e. in the form
+    of :func:`_p_apply` with ``a = 0``, ``e = rstd``,
+    ``h = -rstd**2 * sum(g*xhat)/n`` and ``c = -rstd * sum(g)/n``.
+    Pass ``n = inf`` for fixed statistics (the sums then drop out).
+    """
+    for k in range(mean_p.shape[0]):
+        rs = rstd_p[k]
+        coef[k, COEF_MEAN] = mean_p[k]
+        coef[k, COEF_A] = 0.0
+        coef[k, COEF_H] = -rs * rs * sums[k, 1] / n
+        coef[k, COEF_E] = rs
+        coef[k, COEF_C] = -rs * sums[k, 0] / n
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def backward_coefficients(sums, n, mean, rstd):
+    """Table ``(P, K, 5)`` of :func:`finish_backward_p` for every ``p``;
+    ``sums`` is ``(P, K, 2)``."""
+    P, K = mean.shape
+    coef = np.empty((P, K, N_COEF))
+    for p in range(P):
+        finish_backward_p(sums[p], n, mean[p], rstd[p], coef[p])
+    return coef
+
+
+@_kernel
+def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
+                   part_affine):
+    """Backward of batch-statistics normalization, group by group in cache.
+
+    Valid only for plans whose items hold whole groups.  Writes ``dx`` and the
+    per-item ``(sum dy, sum dy*xhat)`` partials of ``part_affine``.
+    """
+    L = J * B
+    n = float(A * L)
+    zeros = np.zeros(K * J)
+    for item in prange(_n_items(plan)):
+        p0, p1, a0, a1, l0, l1, _ = _item_bounds(item, P, A, L, plan)
+        scratch = np.empty(4 * K * J)
+        t_dy = np.empty(K * J)
+        t_dyx = np.empty(K * J)
+        sums = np.empty((K, 2))
+        coef = np.empty((K, N_COEF))
+        part_affine[item] = 0.0
+        for p in range(p0, p1):
+            _p_reduce(dy, x, p, a0, a1, l0, l1, A, K, J, B, mean[p], rstd[p],
+                      t_dy, t_dyx, scratch)
+            _fold_p(t_dy, t_dyx, gscale, K, J, sums, part_affine[item])
+            finish_backward_p(sums, n, mean[p], rstd[p], coef)
+            _p_apply(x, dy, dx, True, p, a0, a1, l0, l1, A, K, J, B, coef,
+                     gscale, zeros, scratch)

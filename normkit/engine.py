@@ -1,0 +1,290 @@
+"""The normkit engine: one set of reductions behind every normalizer.
+
+Every normalizer in the family computes statistics over some axes of its
+input and normalizes with them.  For a C-contiguous array all of them are
+free reshapes of one canonical five-dimensional view
+
+.. code-block:: text
+
+    x  ->  (P, A, K, J, B)
+    statistics (mean, variance) per (P, K), reduced over (A, J, B)
+    affine parameters (gamma, beta) per (K, J)   -- channel c = k * J + j
+
+=============  ==============================  =============================
+variant        channels-first (N, C, S...)     channels-last (N, S..., C)
+=============  ==============================  =============================
+BatchNorm      P=1, A=N, K=C, J=1, B=S         P=1, A=N*S, K=C, J=1, B=1
+InstanceNorm   P=N, A=1, K=C, J=1, B=S         P=N, A=S, K=C, J=1, B=1
+GroupNorm      P=N, A=1, K=G, J=C/G, B=S       P=N, A=S, K=G, J=C/G, B=1
+LayerNorm      P=rows, A=1, K=1, J=D, B=1      same
+=============  ==============================  =============================
+
+A variant is therefore a :class:`View` plus what it does with the
+statistics.  This module owns the dtype policy, the work plan and the
+dispatch to the kernels; the kernels (:mod:`normkit._cpu`) see only
+contiguous one-dimensional arrays and plain integers.
+
+Memory: a C-contiguous float32 or float64 input is never copied; any other
+layout is copied once into a contiguous array.  float16 input is widened to
+float32 (one copy) and the float32 result narrowed back to float16 (one
+more), with all accumulation in float64.
+"""
+
+from dataclasses import dataclass
+import math
+
+import numba
+import numpy as np
+
+from . import _cpu
+
+#: Items with fewer elements than this are not worth a thread of their own.
+MIN_ITEM_ELEMENTS = 32768
+
+#: Items per thread: more than one evens out unequal items.
+ITEMS_PER_THREAD = 4
+
+
+@dataclass(frozen=True)
+class View:
+    """Canonical view ``(P, A, K, J, B)`` of an input of ``P*A*K*J*B`` values.
+
+    Statistics are per ``(p, k)`` over ``A * J * B`` values; affine
+    parameters are per ``(k, j)``, ``K * J`` of them.
+    """
+
+    P: int
+    A: int
+    K: int
+    J: int
+    B: int
+
+    @property
+    def group_size(self):
+        """Values per statistics group, ``A * J * B``."""
+        return self.A * self.J * self.B
+
+    @property
+    def dims(self):
+        return self.P, self.A, self.K, self.J, self.B
+
+
+def channel_view(shape, axis, per_sample, groups=None):
+    """View for statistics per channel (or channel group) along ``axis``.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Input shape; ``axis`` has already been normalized to be >= 0.
+    axis : int
+        Channel axis.
+    per_sample : bool
+        Separate statistics for each index of axis 0 (instance and group
+        normalization) instead of one set over the batch.
+    groups : int, optional
+        Channels are reduced in ``groups`` contiguous groups (GroupNorm).
+
+    Returns
+    -------
+    View
+    """
+    channels = shape[axis]
+    groups = channels if groups is None else groups
+    inner = math.prod(shape[axis + 1:])
+    if per_sample:
+        return View(shape[0], math.prod(shape[1:axis]), groups,
+                    channels // groups, inner)
+    return View(1, math.prod(shape[:axis]), groups, channels // groups, inner)
+
+
+def trailing_view(shape, n_trailing):
+    """View for statistics over the last ``n_trailing`` axes (LayerNorm)."""
+    return View(math.prod(shape[:len(shape) - n_trailing]), 1, 1,
+                math.prod(shape[len(shape) - n_trailing:]), 1)
+
+
+def make_plan(view, n_threads=None):
+    """Split the work into items: ``(p_per, n_pblk, a_per, n_ach, l_per, n_lch)``.
+
+    Whole groups (blocks of ``p``) are preferred, so that statistics and
+    normalization of a group happen while it is in cache.  When there are too
+    few groups to keep every thread busy (BatchNorm has one ``p``; a single
+    long LayerNorm row too), the reduced extent is split: first along ``a``,
+    then along the segment offsets ``l`` (only where ``B > 1`` or ``K == 1``,
+    which keeps every item's columns contiguous).  Partials are merged in a
+    fixed order, so the result depends only on the shape and thread count.
+    """
+    if n_threads is None:
+        n_threads = numba.get_num_threads()
+    P, A, K, J, B = view.dims
+    L = J * B
+    total = P * A * K * L
+    target = max(1, min(ITEMS_PER_THREAD * n_threads, total // MIN_ITEM_ELEMENTS))
+    if P >= target or (P >= n_threads and P % n_threads == 0):
+        p_per = -(-P // min(P, target))
+        return (p_per, -(-P // p_per), A, 1, L, 1)
+    per_p = -(-target // P)
+    n_ach = min(A, per_p)
+    a_per = -(-A // n_ach)
+    n_ach = -(-A // a_per)
+    n_lch = 1
+    if (B > 1 or K == 1) and n_ach < per_p:
+        n_lch = min(L, -(-per_p // n_ach))
+    l_per = -(-L // n_lch)
+    n_lch = -(-L // l_per)
+    return (1, P, a_per, n_ach, l_per, n_lch)
+
+
+def plan_is_fused(plan):
+    """True when every item holds whole groups (no split reduced extent)."""
+    return plan[3] == 1 and plan[5] == 1
+
+
+def n_items(plan):
+    return plan[1] * plan[3] * plan[5]
+
+
+# --------------------------------------------------------------------------
+# dtype policy
+# --------------------------------------------------------------------------
+
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_kernel_array(x):
+    """Flat, C-contiguous float32/float64 data for the kernels.
+
+    No copy for contiguous float32/float64; one copy for other layouts or
+    for float16 (widened to float32).
+    """
+    if x.dtype == np.float16:
+        return np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    return np.ascontiguousarray(x).reshape(-1)
+
+
+def _params(values, size, default):
+    if values is None:
+        return np.full(size, default)
+    return np.ascontiguousarray(values, dtype=np.float64).reshape(size)
+
+
+# --------------------------------------------------------------------------
+# engine entry points
+# --------------------------------------------------------------------------
+
+def moments(x, view):
+    """Per-group mean and biased variance, both ``(P, K)`` float64.
+
+    ``var = 1/n * sum (x - mean)**2`` over each group of ``n`` values.
+    """
+    flat = as_kernel_array(x)
+    plan = make_plan(view)
+    shape = (view.P, plan[3] * plan[5], view.K)
+    part_n = np.empty(shape)
+    part_mean = np.empty(shape)
+    part_m2 = np.empty(shape)
+    _cpu.moments(flat, *view.dims, plan, part_n, part_mean, part_m2)
+    return _cpu.merge_moments(part_n, part_mean, part_m2)
+
+
+def apply_affine(x, view, mean, alpha, gamma=None, beta=None):
+    """``y = (x - mean) * alpha * gamma + beta``, returned in ``x.dtype``.
+
+    ``mean`` and ``alpha`` are per group ``(P, K)``; ``gamma`` and ``beta``
+    per ``(K, J)`` (or None for 1 and 0).
+    """
+    flat = as_kernel_array(x)
+    plan = make_plan(view)
+    coef = np.zeros((view.P, view.K, _cpu.N_COEF))
+    coef[..., _cpu.COEF_MEAN] = mean
+    coef[..., _cpu.COEF_A] = alpha
+    out = np.empty_like(flat)
+    kj = view.K * view.J
+    _cpu.apply(flat, flat, out, False, *view.dims, plan, coef,
+               _params(gamma, kj, 1.0), _params(beta, kj, 0.0))
+    return out.reshape(x.shape).astype(x.dtype, copy=False)
+
+
+def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5):
+    """Normalize with the statistics of ``x`` itself.
+
+    ``y = (x - mean) / sqrt(var + eps) * gamma + beta`` per group, with the
+    biased variance.  Groups that fit in one work item are reduced and
+    normalized in one pass over memory.
+
+    Returns
+    -------
+    y : ndarray, same shape and dtype as ``x``
+    mean, var : ndarray, ``(P, K)`` float64
+    """
+    flat = as_kernel_array(x)
+    plan = make_plan(view)
+    kj = view.K * view.J
+    gamma, beta = _params(gamma, kj, 1.0), _params(beta, kj, 0.0)
+    if plan_is_fused(plan):
+        out = np.empty_like(flat)
+        mean = np.empty((view.P, view.K))
+        var = np.empty((view.P, view.K))
+        _cpu.forward_fused(flat, out, *view.dims, plan, gamma, beta,
+                           float(eps), mean, var)
+        return out.reshape(x.shape).astype(x.dtype, copy=False), mean, var
+    mean, var = moments(flat, view)
+    y = apply_affine(flat, view, mean, 1.0 / np.sqrt(var + eps), gamma, beta)
+    return y.reshape(x.shape).astype(x.dtype, copy=False), mean, var
+
+
+def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
+             need_affine=True):
+    """Gradients of ``y = xhat * g + beta`` with ``xhat = (x - mean) * rstd``.
+
+    Parameters
+    ----------
+    dy, x : ndarray
+        Upstream gradient and the forward input, same shape.
+    view : View
+    mean, rstd : ndarray, ``(P, K)``
+        The statistics the forward pass used.
+    gscale : ndarray, ``(K * J,)``, optional
+        Multiplier ``g`` of ``xhat`` in the output (the weight; Batch
+        Renormalization passes ``weight * r``).  None means 1.
+    batch_stats : bool
+        True when ``mean`` and ``rstd`` were computed from ``x`` (training):
+        ``dx = rstd * (g*dy - mean(g*dy) - xhat * mean(g*dy*xhat))`` per
+        group.  False for fixed statistics: ``dx = g * dy * rstd``.
+    need_affine : bool
+        Also return the per-(k, j) sums ``sum dy`` and ``sum dy * xhat``.
+
+    Returns
+    -------
+    dx : ndarray, shape and dtype of ``x``
+    sum_dy, sum_dy_xhat : ndarray ``(K * J,)`` float64, or None
+    """
+    flat_x = as_kernel_array(x)
+    flat_dy = as_kernel_array(dy).astype(flat_x.dtype, copy=False)
+    plan = make_plan(view)
+    kj = view.K * view.J
+    gscale = _params(gscale, kj, 1.0)
+    mean = np.ascontiguousarray(mean, dtype=np.float64)
+    rstd = np.ascontiguousarray(rstd, dtype=np.float64)
+    dx = np.empty_like(flat_x)
+    part_affine = np.empty((n_items(plan), 2, kj))
+    if batch_stats and plan_is_fused(plan):
+        _cpu.backward_fused(flat_dy, flat_x, dx, *view.dims, plan, mean, rstd,
+                            gscale, part_affine)
+    else:
+        if batch_stats or need_affine:
+            part_group = np.empty((view.P, plan[3] * plan[5], view.K, 2))
+            _cpu.backward_reduce(flat_dy, flat_x, *view.dims, plan, mean, rstd,
+                                 gscale, part_group, part_affine)
+        if batch_stats:
+            group_sums, n = part_group.sum(axis=1), float(view.group_size)
+        else:  # fixed statistics: dx = g * dy * rstd, the sums drop out
+            group_sums, n = np.zeros((view.P, view.K, 2)), np.inf
+        coef = _cpu.backward_coefficients(group_sums, n, mean, rstd)
+        _cpu.apply(flat_x, flat_dy, dx, True, *view.dims, plan, coef, gscale,
+                   np.zeros(kj))
+    dx = dx.reshape(x.shape).astype(x.dtype, copy=False)
+    if not need_affine:
+        return dx, None, None
+    sums = part_affine.sum(axis=0)
+    return dx, sums[0], sums[1]
