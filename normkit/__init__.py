@@ -1,0 +1,30 @@
+"""normkit: a research framework for normalization layers.
+
+One Numba reduction engine (:mod:`normkit.engine`) behind BatchNorm,
+LayerNorm, InstanceNorm, GroupNorm and Batch Renormalization, forward and
+backward, with PyTorch's semantics.
+"""
+
+from .engine import View
+from .functional import (Saved, batch_norm, batch_norm_backward, batch_renorm,
+                         batch_renorm_backward, batch_renorm_schedule,
+                         group_norm, group_norm_backward, instance_norm,
+                         instance_norm_backward, layer_norm,
+                         layer_norm_backward, normalize, normalize_backward)
+from .layers import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d,
+                     BatchRenorm, GroupNorm, InstanceNorm, LayerNorm,
+                     Normalizer)
+from .registry import available, create, register
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "View", "Saved", "normalize", "normalize_backward",
+    "batch_norm", "batch_norm_backward", "instance_norm",
+    "instance_norm_backward", "layer_norm", "layer_norm_backward",
+    "group_norm", "group_norm_backward", "batch_renorm",
+    "batch_renorm_backward", "batch_renorm_schedule",
+    "Normalizer", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+    "InstanceNorm", "LayerNorm", "GroupNorm", "BatchRenorm",
+    "available", "create", "register",
+]
