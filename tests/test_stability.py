@@ -1,0 +1,144 @@
+"""Numerical stability: large means, long reductions, NaN/Inf propagation and
+shapes large enough to split the reduced extent across threads."""
+
+import numpy as np
+import pytest
+
+import normkit
+from normkit import reference as ref
+
+AXES = [pytest.param(1, id="channels-first"), pytest.param(-1, id="channels-last")]
+
+
+def offset_data(rng, shape, mean=1e4, std=1.0):
+    """float32 data whose channels sit at ``mean`` with spread ``std``."""
+    x = rng.normal(mean, std, size=shape)
+    return x.astype(np.float32)
+
+
+def channels_shape(base, axis):
+    """``base`` is channels-first; move the channel dim for axis=-1."""
+    if axis == 1:
+        return base
+    return (base[0],) + tuple(base[2:]) + (base[1],)
+
+
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("base", [(64, 3, 4, 4), (4096, 3, 8, 8)], ids=["small", "long"])
+def test_batch_norm_large_mean_float32(axis, base, rng):
+    x = offset_data(rng, channels_shape(base, axis))
+    y = normkit.batch_norm(x, training=True, axis=axis)
+    expected = ref.batch_norm(x, training=True, axis=axis)[0]
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("axis", AXES)
+def test_batch_norm_large_mean_running_stats_float32(axis, rng):
+    x = offset_data(rng, channels_shape((256, 3, 4, 4), axis))
+    rm, rv = np.zeros(3), np.ones(3)
+    normkit.batch_norm(x, rm, rv, training=True, momentum=1.0, axis=axis)
+    _, erm, erv = ref.batch_norm(x, np.zeros(3), np.ones(3), training=True,
+                                 momentum=1.0, axis=axis)
+    np.testing.assert_allclose(rm, erm, rtol=1e-6)
+    np.testing.assert_allclose(rv, erv, rtol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(4, 64), (1, 200_000)], ids=["row", "long-row"])
+def test_layer_norm_large_mean_float32(shape, rng):
+    x = offset_data(rng, shape)
+    y = normkit.layer_norm(x, shape[-1:])
+    expected = ref.layer_norm(x, shape[-1:])
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("axis", AXES)
+def test_group_and_instance_norm_large_mean_float32(axis, rng):
+    x = offset_data(rng, channels_shape((4, 4, 16, 16), axis))
+    np.testing.assert_allclose(normkit.group_norm(x, 2, axis=axis),
+                               ref.group_norm(x, 2, axis=axis), rtol=0, atol=1e-3)
+    np.testing.assert_allclose(normkit.instance_norm(x, axis=axis),
+                               ref.instance_norm(x, axis=axis)[0], rtol=0, atol=1e-3)
+
+
+def assert_same_nonfinite(y, expected, atol):
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(expected))
+    np.testing.assert_array_equal(np.isposinf(y), np.isposinf(expected))
+    np.testing.assert_array_equal(np.isneginf(y), np.isneginf(expected))
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(y[finite], expected[finite], rtol=0, atol=atol)
+
+
+NONFINITE = [np.nan, np.inf, -np.inf]
+
+
+@pytest.mark.parametrize("bad", NONFINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batch_norm_nonfinite(bad, axis, dtype, training, rng):
+    x = rng.normal(size=channels_shape((4, 3, 5), axis)).astype(dtype)
+    x[1, 2, 1] = bad  # valid index in both layouts
+    rm, rv = rng.normal(size=3), rng.uniform(0.5, 2, size=3)
+    with np.errstate(all="ignore"):
+        y = normkit.batch_norm(x, rm.copy(), rv.copy(), training=training, axis=axis)
+        expected = ref.batch_norm(x, rm, rv, training=training, axis=axis)[0]
+    assert_same_nonfinite(y, expected, 1e-4)
+
+
+@pytest.mark.parametrize("bad", NONFINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", ["layer_norm", "group_norm", "instance_norm", "batch_renorm"])
+def test_other_variants_nonfinite(bad, name, rng):
+    x = rng.normal(size=(3, 4, 5))
+    x[1, 2, 3] = bad
+    calls = {
+        "layer_norm": (lambda m, xx: m.layer_norm(xx, (4, 5))),
+        "group_norm": (lambda m, xx: m.group_norm(xx, 2)),
+        "instance_norm": (lambda m, xx: m.instance_norm(xx)),
+        "batch_renorm": (lambda m, xx: m.batch_renorm(xx, np.zeros(4), np.ones(4),
+                                                      training=True)),
+    }
+    with np.errstate(all="ignore"):
+        y = calls[name](normkit, x)
+        expected = calls[name](ref, x)
+    if isinstance(expected, tuple):
+        expected = expected[0]
+    assert_same_nonfinite(y, expected, 1e-8)
+
+
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batch_norm_large_shape(axis, dtype, rng):
+    x = rng.normal(2.0, 3.0, size=channels_shape((512, 3, 32, 32), axis)).astype(dtype)
+    rm, rv = np.zeros(3), np.ones(3)
+    w, b = rng.uniform(0.5, 2, size=3), rng.normal(size=3)
+    y, saved = normkit.batch_norm(x, rm, rv, w, b, training=True, axis=axis,
+                                  return_saved=True)
+    ey, erm, erv = ref.batch_norm(x, np.zeros(3), np.ones(3), w, b, training=True,
+                                  axis=axis)
+    tol = 1e-10 if dtype == np.float64 else 1e-4
+    np.testing.assert_allclose(y, ey, rtol=0, atol=tol * np.abs(ey).max())
+    np.testing.assert_allclose(rm, erm, rtol=tol)
+    np.testing.assert_allclose(rv, erv, rtol=tol)
+    dy = rng.normal(size=x.shape).astype(dtype)
+    dx, dw, db = normkit.batch_norm_backward(dy, x, saved)
+    edx, edw, edb = ref.batch_norm_backward(dy, x, None, None, w, b, training=True,
+                                            axis=axis)
+    np.testing.assert_allclose(dx, edx, rtol=0, atol=tol * np.abs(edx).max())
+    np.testing.assert_allclose(dw, edw, rtol=0, atol=tol * 10 * np.abs(edw).max())
+    np.testing.assert_allclose(db, edb, rtol=0, atol=tol * 10 * np.abs(edb).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layer_norm_large_row(dtype, rng):
+    x = rng.normal(-1.0, 4.0, size=(1, 300_000)).astype(dtype)
+    w, b = rng.uniform(0.5, 2, size=300_000), rng.normal(size=300_000)
+    y, saved = normkit.layer_norm(x, (300_000,), w, b, return_saved=True)
+    ey = ref.layer_norm(x, (300_000,), w, b)
+    tol = 1e-10 if dtype == np.float64 else 1e-4
+    np.testing.assert_allclose(y, ey, rtol=0, atol=tol * np.abs(ey).max())
+    dy = rng.normal(size=x.shape).astype(dtype)
+    dx, _, _ = normkit.layer_norm_backward(dy, x, saved)
+    edx = ref.layer_norm_backward(dy, x, (300_000,), w, b)[0]
+    np.testing.assert_allclose(dx, edx, rtol=0, atol=tol * np.abs(edx).max())
