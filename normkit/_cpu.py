@@ -83,8 +83,9 @@ def _n_items(plan):
 def _column_range(K, L, l0, l1):
     """Columns ``[c0, c1)`` of a row of ``K * L`` covered by ``[l0, l1)``.
 
-    Offsets are split (``[l0, l1) != [0, L)``) only when ``K == 1``, so the
-    covered columns are always one contiguous range.
+    With ``B == 1`` the plan splits offsets (``[l0, l1) != [0, L)``) only for
+    ``K == 1`` and wide groups, so the covered columns are one contiguous
+    range, and narrow groups always see whole rows.
     """
     if K == 1:
         return l0, l1
@@ -116,44 +117,48 @@ def _segment_moments(x, start, stop):
 
 
 @_inner
-def _rows_moments(x, row0, row1, width, col_mean, col_m2, tile_mean, tile_m2):
-    """Per-column (mean, M2) over rows ``[row0, row1)`` of a ``width``-wide
-    matrix stored from ``x[0]``; returns the common count.
+def _rows_moments(rows, col_mean, col_m2, tile_mean, tile_m2):
+    """Per-column (mean, M2) over the rows of a C-contiguous 2-D ``rows``;
+    returns the common count.
 
     Rows are taken in tiles of about :data:`TILE` elements: two passes per
     tile, vectorised across columns, then a Chan merge into the running
     column summaries.
     """
+    n_rows, width = rows.shape
     rows_per_tile = max(1, TILE // width)
     n = 0.0
-    for r0 in range(row0, row1, rows_per_tile):
-        r1 = min(r0 + rows_per_tile, row1)
-        nt = float(r1 - r0)
+    for r0 in range(0, n_rows, rows_per_tile):
+        tile = rows[r0:min(r0 + rows_per_tile, n_rows)]
+        nt = float(tile.shape[0])
         tile_mean[:] = 0.0
-        for r in range(r0, r1):
-            row = x[r * width:(r + 1) * width]
+        for r in range(tile.shape[0]):
             for c in range(width):
-                tile_mean[c] += row[c]
+                tile_mean[c] += tile[r, c]
         for c in range(width):
             tile_mean[c] /= nt
         tile_m2[:] = 0.0
-        for r in range(r0, r1):
-            row = x[r * width:(r + 1) * width]
+        for r in range(tile.shape[0]):
             for c in range(width):
-                d = row[c] - tile_mean[c]
+                d = tile[r, c] - tile_mean[c]
                 tile_m2[c] += d * d
         if n == 0.0:
             col_mean[:] = tile_mean
             col_m2[:] = tile_m2
         else:
-            total = n + nt
-            frac = nt / total
+            frac = nt / (n + nt)
             for c in range(width):
                 delta = tile_mean[c] - col_mean[c]
                 col_mean[c] += delta * frac
                 col_m2[c] += tile_m2[c] + delta * delta * n * frac
         n += nt
     return n
+
+
+@_inner
+def _row_block(x, p, a0, a1, A, width):
+    """Rows ``a0 .. a1`` of sample ``p`` as a C-contiguous 2-D view."""
+    return x[(p * A + a0) * width:(p * A + a1) * width].reshape(a1 - a0, width)
 
 
 @_inner
@@ -170,8 +175,8 @@ def _p_moments(x, p, a0, a1, l0, l1, A, K, J, B, out_n, out_mean, out_m2,
         width = K * J
         col_mean = scratch[:width]
         col_m2 = scratch[width:2 * width]
-        n = _rows_moments(x[p * A * width:(p + 1) * A * width], a0, a1, width,
-                          col_mean, col_m2, scratch[2 * width:3 * width],
+        n = _rows_moments(_row_block(x, p, a0, a1, A, width), col_mean, col_m2,
+                          scratch[2 * width:3 * width],
                           scratch[3 * width:4 * width])
         for k in range(K):
             gn, gmean, gm2 = 0.0, 0.0, 0.0
@@ -234,23 +239,24 @@ def _p_apply(x, dy, out, use_dy, p, a0, a1, l0, l1, A, K, J, B, coef, gamma,
     With per-(p, k) coefficients ``coef[k] = (m, a, h, e, c)`` and per-(k, j)
     ``gamma``, ``beta``::
 
-        out = (x - m) * (a * gamma + h) + (beta + c)            use_dy False
         out = (x - m) * (a * gamma + h) + dy * (e * gamma) + (beta + c)
 
-    The forward pass is ``a = rstd`` (h = e = c = 0); the backward pass is
-    ``a = 0, beta = 0`` with ``h, e, c`` from the group sums.
-    ``scratch`` holds at least ``4 * K * J`` float64 values.
+    (the ``dy`` term only when ``use_dy``), evaluated in float64 as
+    ``x * sx + dy * sd + s0`` with ``sx = a*gamma + h``, ``sd = e*gamma``
+    and ``s0 = beta + c - m*sx``.  The forward pass is ``a = rstd``
+    (``h = e = c = 0``); the backward pass is ``a = 0, beta = 0`` with
+    ``h, e, c`` from the group sums.  ``scratch`` holds at least
+    ``3 * K * J`` float64 values.
     """
     L = J * B
     if B == 1 and J >= WIDE_GROUP:
+        # Wide groups: per-k scalars, gamma and beta read along the row.
         width = K * J
         c0, c1 = _column_range(K, L, l0, l1)
         for r in range(p * A + a0, p * A + a1):
             for k in range(K):
                 lo = max(c0, k * J)
                 hi = min(c1, (k + 1) * J)
-                if lo >= hi:
-                    continue
                 m, a_k, h, e, c = coef[k, 0], coef[k, 1], coef[k, 2], coef[k, 3], coef[k, 4]
                 xs = x[r * width + lo:r * width + hi]
                 os = out[r * width + lo:r * width + hi]
@@ -259,38 +265,36 @@ def _p_apply(x, dy, out, use_dy, p, a0, a1, l0, l1, A, K, J, B, coef, gamma,
                 if use_dy:
                     ds = dy[r * width + lo:r * width + hi]
                     for i in range(xs.size):
-                        g = gs[i]
-                        os[i] = (xs[i] - m) * (a_k * g + h) + ds[i] * (e * g) + (bs[i] + c)
+                        sx = a_k * gs[i] + h
+                        os[i] = xs[i] * sx + ds[i] * (e * gs[i]) + (bs[i] + c - m * sx)
                 else:
                     for i in range(xs.size):
-                        os[i] = (xs[i] - m) * (a_k * gs[i] + h) + (bs[i] + c)
+                        sx = a_k * gs[i] + h
+                        os[i] = xs[i] * sx + (bs[i] + c - m * sx)
         return
     if B == 1:
-        # Narrow groups (J small): per-column coefficient vectors for this p.
+        # Narrow groups: per-column coefficient vectors for this p, whole rows.
         width = K * J
-        c0, c1 = _column_range(K, L, l0, l1)
-        m_c = scratch[:width]
-        sx_c = scratch[width:2 * width]
-        sd_c = scratch[2 * width:3 * width]
-        s0_c = scratch[3 * width:4 * width]
+        sx_c = scratch[:width]
+        sd_c = scratch[width:2 * width]
+        s0_c = scratch[2 * width:3 * width]
         for k in range(K):
-            m, a, h, e, c = coef[k, 0], coef[k, 1], coef[k, 2], coef[k, 3], coef[k, 4]
+            m, a_k, h, e, c = coef[k, 0], coef[k, 1], coef[k, 2], coef[k, 3], coef[k, 4]
             for col in range(k * J, (k + 1) * J):
-                m_c[col] = m
-                sx_c[col] = a * gamma[col] + h
+                sx_c[col] = a_k * gamma[col] + h
                 sd_c[col] = e * gamma[col]
-                s0_c[col] = beta[col] + c
-        m_c, sx_c, sd_c, s0_c = m_c[c0:c1], sx_c[c0:c1], sd_c[c0:c1], s0_c[c0:c1]
-        for r in range(p * A + a0, p * A + a1):
-            xs = x[r * width + c0:r * width + c1]
-            os = out[r * width + c0:r * width + c1]
-            if use_dy:
-                ds = dy[r * width + c0:r * width + c1]
-                for i in range(xs.size):
-                    os[i] = (xs[i] - m_c[i]) * sx_c[i] + ds[i] * sd_c[i] + s0_c[i]
-            else:
-                for i in range(xs.size):
-                    os[i] = (xs[i] - m_c[i]) * sx_c[i] + s0_c[i]
+                s0_c[col] = beta[col] + c - m * sx_c[col]
+        x2 = _row_block(x, p, a0, a1, A, width)
+        o2 = _row_block(out, p, a0, a1, A, width)
+        if use_dy:
+            d2 = _row_block(dy, p, a0, a1, A, width)
+            for r in range(x2.shape[0]):
+                for col in range(width):
+                    o2[r, col] = x2[r, col] * sx_c[col] + d2[r, col] * sd_c[col] + s0_c[col]
+        else:
+            for r in range(x2.shape[0]):
+                for col in range(width):
+                    o2[r, col] = x2[r, col] * sx_c[col] + s0_c[col]
         return
     for a in range(a0, a1):
         for k in range(K):
@@ -300,7 +304,7 @@ def _p_apply(x, dy, out, use_dy, p, a0, a1, l0, l1, A, K, J, B, coef, gamma,
                 col = k * J + j
                 sx = a_k * gamma[col] + h
                 sd = e * gamma[col]
-                s0 = beta[col] + c
+                s0 = beta[col] + c - m * sx
                 lo = seg + max(l0, j * B)
                 hi = seg + min(l1, (j + 1) * B)
                 xs = x[lo:hi]
@@ -308,10 +312,10 @@ def _p_apply(x, dy, out, use_dy, p, a0, a1, l0, l1, A, K, J, B, coef, gamma,
                 if use_dy:
                     ds = dy[lo:hi]
                     for i in range(xs.size):
-                        os[i] = (xs[i] - m) * sx + ds[i] * sd + s0
+                        os[i] = xs[i] * sx + ds[i] * sd + s0
                 else:
                     for i in range(xs.size):
-                        os[i] = (xs[i] - m) * sx + s0
+                        os[i] = xs[i] * sx + s0
 
 
 @_kernel
@@ -369,46 +373,72 @@ def forward_fused(x, out, P, A, K, J, B, plan, gamma, beta, eps, mean_out,
 # --------------------------------------------------------------------------
 
 @_inner
-def _p_reduce(dy, x, p, a0, a1, l0, l1, A, K, J, B, mean_p, rstd_p, t_dy,
-              t_dyx, scratch):
-    """Sums of ``dy`` and ``dy * xhat`` per ``(k, j)`` for one ``p``,
-    ``xhat = (x - mean) * rstd``, into ``t_dy`` and ``t_dyx`` (zeroed here).
+def _p_reduce(dy, x, p, a0, a1, l0, l1, A, K, J, B, mean_p, rstd_p, gscale,
+              group_out, affine_out, scratch):
+    """Backward sums of one ``p`` over ``a`` in ``[a0, a1)`` and segment
+    offsets ``[l0, l1)``, with ``xhat = (x - mean) * rstd``:
+
+    - ``group_out[k] = (sum gscale*dy, sum gscale*dy*xhat)`` per group
+      (overwritten);
+    - ``affine_out += (sum dy, sum dy*xhat)`` per ``(k, j)``.
+
+    ``scratch`` holds at least ``4 * K * J`` float64 values.
     """
     L = J * B
-    t_dy[:] = 0.0
-    t_dyx[:] = 0.0
-    if B == 1:
-        width = K * J
+    width = K * J
+    aff_dy = affine_out[0]
+    aff_dyx = affine_out[1]
+    group_out[:K] = 0.0
+    if B == 1 and J >= WIDE_GROUP:
+        # Wide groups: fold straight into the group and affine sums.
         c0, c1 = _column_range(K, L, l0, l1)
-        wide = J >= WIDE_GROUP
-        if not wide:
-            # Narrow groups: per-column statistics vectors for this p.
-            m_c = scratch[:width]
-            r_c = scratch[width:2 * width]
-            for k in range(K):
-                m_c[k * J:(k + 1) * J] = mean_p[k]
-                r_c[k * J:(k + 1) * J] = rstd_p[k]
         for r in range(p * A + a0, p * A + a1):
-            for k in range(K if wide else 1):
-                lo, hi = (max(c0, k * J), min(c1, (k + 1) * J)) if wide else (c0, c1)
+            for k in range(K):
+                lo = max(c0, k * J)
+                hi = min(c1, (k + 1) * J)
+                m = mean_p[k]
+                rs = rstd_p[k]
                 xs = x[r * width + lo:r * width + hi]
                 ds = dy[r * width + lo:r * width + hi]
-                s_dy = t_dy[lo:hi]
-                s_dyx = t_dyx[lo:hi]
-                if wide:
-                    m = mean_p[k]
-                    rs = rstd_p[k]
-                    for i in range(xs.size):
-                        g = ds[i]
-                        s_dy[i] += g
-                        s_dyx[i] += g * ((xs[i] - m) * rs)
-                else:
-                    ms = m_c[lo:hi]
-                    rss = r_c[lo:hi]
-                    for i in range(xs.size):
-                        g = ds[i]
-                        s_dy[i] += g
-                        s_dyx[i] += g * ((xs[i] - ms[i]) * rss[i])
+                gs = gscale[lo:hi]
+                s_dy = aff_dy[lo:hi]
+                s_dyx = aff_dyx[lo:hi]
+                s1 = 0.0
+                s2 = 0.0
+                for i in range(xs.size):
+                    g = ds[i]
+                    gx = g * ((xs[i] - m) * rs)
+                    s_dy[i] += g
+                    s_dyx[i] += gx
+                    s1 += gs[i] * g
+                    s2 += gs[i] * gx
+                group_out[k, 0] += s1
+                group_out[k, 1] += s2
+        return
+    if B == 1:
+        # Narrow groups: per-column sums over whole rows, folded per group.
+        m_c = scratch[:width]
+        r_c = scratch[width:2 * width]
+        t_dy = scratch[2 * width:3 * width]
+        t_dyx = scratch[3 * width:4 * width]
+        for k in range(K):
+            m_c[k * J:(k + 1) * J] = mean_p[k]
+            r_c[k * J:(k + 1) * J] = rstd_p[k]
+        t_dy[:] = 0.0
+        t_dyx[:] = 0.0
+        x2 = _row_block(x, p, a0, a1, A, width)
+        d2 = _row_block(dy, p, a0, a1, A, width)
+        for r in range(x2.shape[0]):
+            for col in range(width):
+                g = d2[r, col]
+                t_dy[col] += g
+                t_dyx[col] += g * ((x2[r, col] - m_c[col]) * r_c[col])
+        for k in range(K):
+            for col in range(k * J, (k + 1) * J):
+                group_out[k, 0] += gscale[col] * t_dy[col]
+                group_out[k, 1] += gscale[col] * t_dyx[col]
+                aff_dy[col] += t_dy[col]
+                aff_dyx[col] += t_dyx[col]
         return
     for a in range(a0, a1):
         for k in range(K):
@@ -426,27 +456,12 @@ def _p_reduce(dy, x, p, a0, a1, l0, l1, A, K, J, B, mean_p, rstd_p, t_dy,
                     g = ds[i]
                     s_dy += g
                     s_dyx += g * (xs[i] - m)
-                t_dy[k * J + j] += s_dy
-                t_dyx[k * J + j] += s_dyx * rs
-
-
-@_inner
-def _fold_p(t_dy, t_dyx, gscale, K, J, group_out, affine_out):
-    """Fold one ``p``'s per-(k, j) sums into its group sums
-    ``group_out[k] = (sum_j gscale*t_dy, sum_j gscale*t_dyx)`` and add them
-    to the item's affine partials ``affine_out = (sum dy, sum dy*xhat)``."""
-    aff_dy = affine_out[0]
-    aff_dyx = affine_out[1]
-    for k in range(K):
-        s1 = 0.0
-        s2 = 0.0
-        for col in range(k * J, (k + 1) * J):
-            s1 += gscale[col] * t_dy[col]
-            s2 += gscale[col] * t_dyx[col]
-            aff_dy[col] += t_dy[col]
-            aff_dyx[col] += t_dyx[col]
-        group_out[k, 0] = s1
-        group_out[k, 1] = s2
+                col = k * J + j
+                s_dyx *= rs
+                aff_dy[col] += s_dy
+                aff_dyx[col] += s_dyx
+                group_out[k, 0] += gscale[col] * s_dy
+                group_out[k, 1] += gscale[col] * s_dyx
 
 
 @_kernel
@@ -461,15 +476,11 @@ def backward_reduce(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
     L = J * B
     for item in prange(_n_items(plan)):
         p0, p1, a0, a1, l0, l1, chunk = _item_bounds(item, P, A, L, plan)
-        scratch = np.empty(2 * K * J)
-        t_dy = np.empty(K * J)
-        t_dyx = np.empty(K * J)
+        scratch = np.empty(4 * K * J)
         part_affine[item] = 0.0
         for p in range(p0, p1):
             _p_reduce(dy, x, p, a0, a1, l0, l1, A, K, J, B, mean[p], rstd[p],
-                      t_dy, t_dyx, scratch)
-            _fold_p(t_dy, t_dyx, gscale, K, J, part_group[p, chunk],
-                    part_affine[item])
+                      gscale, part_group[p, chunk], part_affine[item], scratch)
 
 
 @_inner
@@ -516,15 +527,12 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
     for item in prange(_n_items(plan)):
         p0, p1, a0, a1, l0, l1, _ = _item_bounds(item, P, A, L, plan)
         scratch = np.empty(4 * K * J)
-        t_dy = np.empty(K * J)
-        t_dyx = np.empty(K * J)
         sums = np.empty((K, 2))
         coef = np.empty((K, N_COEF))
         part_affine[item] = 0.0
         for p in range(p0, p1):
             _p_reduce(dy, x, p, a0, a1, l0, l1, A, K, J, B, mean[p], rstd[p],
-                      t_dy, t_dyx, scratch)
-            _fold_p(t_dy, t_dyx, gscale, K, J, sums, part_affine[item])
+                      gscale, sums, part_affine[item], scratch)
             finish_backward_p(sums, n, mean[p], rstd[p], coef)
             _p_apply(x, dy, dx, True, p, a0, a1, l0, l1, A, K, J, B, coef,
                      gscale, zeros, scratch)

@@ -110,8 +110,9 @@ def make_plan(view, n_threads=None):
     normalization of a group happen while it is in cache.  When there are too
     few groups to keep every thread busy (BatchNorm has one ``p``; a single
     long LayerNorm row too), the reduced extent is split: first along ``a``,
-    then along the segment offsets ``l`` (only where ``B > 1`` or ``K == 1``,
-    which keeps every item's columns contiguous).  Partials are merged in a
+    then along the segment offsets ``l`` (only where ``B > 1``, or for one
+    wide group, ``K == 1`` and ``J >= WIDE_GROUP``, which keeps every item's
+    columns contiguous).  Partials are merged in a
     fixed order, so the result depends only on the shape and thread count.
     """
     if n_threads is None:
@@ -128,7 +129,7 @@ def make_plan(view, n_threads=None):
     a_per = -(-A // n_ach)
     n_ach = -(-A // a_per)
     n_lch = 1
-    if (B > 1 or K == 1) and n_ach < per_p:
+    if (B > 1 or (K == 1 and J >= _cpu.WIDE_GROUP)) and n_ach < per_p:
         n_lch = min(L, -(-per_p // n_ach))
     l_per = -(-L // n_lch)
     n_lch = -(-L // l_per)
