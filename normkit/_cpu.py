@@ -14,9 +14,12 @@ and partials are merged afterwards with Chan's formula, in a fixed order, so
 a given shape and thread count gives the same bits on every run.
 
 Moments are computed by two passes over tiles of at most :data:`TILE`
-elements (the tile is in cache for its second pass) with float64
-accumulators, and tiles are merged with Chan's formula, so the variance never
-suffers the E[x^2] - E[x]^2 cancellation and is never negative.
+elements (the tile is in cache for its second pass): a provisional center,
+then sums of deviations from it and of their squares (the corrected two-pass
+algorithm), in the input's precision, which vectorises twice as wide for
+float32.  Tile summaries are merged in float64 with Chan's formula, so the
+variance never suffers the E[x^2] - E[x]^2 cancellation and is never
+negative.  The elementwise maps and the backward sums run in float64.
 
 The kernels are written once; they are specialised by Numba for each input
 dtype (float32 or float64; float16 is widened by the caller).
@@ -24,6 +27,7 @@ dtype (float32 or float64; float16 is widened by the caller).
 
 import numpy as np
 from numba import njit, prange
+from numba.extending import overload
 
 #: Fast-math flags: reassociation lets LLVM vectorise the reductions.  The
 #: flags ``nnan`` and ``ninf`` are deliberately absent so that NaN and Inf
@@ -96,61 +100,97 @@ def _column_range(K, L, l0, l1):
 # moments
 # --------------------------------------------------------------------------
 
+def _cast_like(value, like):
+    """``value`` converted to the type of ``like`` (usable inside kernels)."""
+    return type(like)(value)
+
+
+@overload(_cast_like)
+def _cast_like_impl(value, like):
+    target = like
+
+    def impl(value, like):
+        return target(value)
+    return impl
+
+
+@_inner
+def _tile_summary(n, center, s1, sq):
+    """(mean, M2) of a tile from sums about a provisional ``center``:
+    ``s1 = sum(x - center)`` and ``sq = sum((x - center)**2)`` (the corrected
+    two-pass formulas; ``center`` close to the mean keeps them exact)."""
+    s1 = float(s1)
+    return center + s1 / n, max(float(sq) - s1 * s1 / n, 0.0)
+
+
 @_inner
 def _segment_moments(x, start, stop):
-    """(count, mean, M2) of ``x[start:stop]``: two passes per tile, merged."""
+    """(count, mean, M2) of ``x[start:stop]``.
+
+    Each tile takes two passes in the input's precision (the tile is in
+    cache for the second): the first finds a provisional center, the second
+    sums deviations from it and their squares.  Tiles are merged in float64.
+    """
     n = 0.0
     mean = 0.0
     m2 = 0.0
     for t0 in range(start, stop, TILE):
         tile = x[t0:min(t0 + TILE, stop)]
-        total = 0.0
+        zero = _cast_like(0.0, tile[0])
+        total = zero
         for i in range(tile.size):
             total += tile[i]
-        tile_mean = total / tile.size
-        sq = 0.0
+        center = _cast_like(float(total) / tile.size, zero)
+        s1 = zero
+        sq = zero
         for i in range(tile.size):
-            d = tile[i] - tile_mean
+            d = tile[i] - center
+            s1 += d
             sq += d * d
-        n, mean, m2 = _chan_merge(n, mean, m2, float(tile.size), tile_mean, sq)
+        t_mean, t_m2 = _tile_summary(tile.size, float(center), s1, sq)
+        n, mean, m2 = _chan_merge(n, mean, m2, float(tile.size), t_mean, t_m2)
     return n, mean, m2
 
 
 @_inner
-def _rows_moments(rows, col_mean, col_m2, tile_mean, tile_m2):
+def _rows_moments(rows, col_mean, col_m2, center, s1, sq):
     """Per-column (mean, M2) over the rows of a C-contiguous 2-D ``rows``;
     returns the common count.
 
-    Rows are taken in tiles of about :data:`TILE` elements: two passes per
-    tile, vectorised across columns, then a Chan merge into the running
-    column summaries.
+    Rows are taken in tiles of about :data:`TILE` elements, two passes per
+    tile vectorised across columns as in :func:`_segment_moments`
+    (``center``, ``s1``, ``sq`` are per-column scratch in the input's dtype),
+    then a float64 Chan merge into the running column summaries.
     """
     n_rows, width = rows.shape
     rows_per_tile = max(1, TILE // width)
     n = 0.0
     for r0 in range(0, n_rows, rows_per_tile):
         tile = rows[r0:min(r0 + rows_per_tile, n_rows)]
-        nt = float(tile.shape[0])
-        tile_mean[:] = 0.0
-        for r in range(tile.shape[0]):
+        nt = tile.shape[0]
+        center[:] = 0.0
+        for r in range(nt):
             for c in range(width):
-                tile_mean[c] += tile[r, c]
+                center[c] += tile[r, c]
         for c in range(width):
-            tile_mean[c] /= nt
-        tile_m2[:] = 0.0
-        for r in range(tile.shape[0]):
+            center[c] = _cast_like(float(center[c]) / nt, center[c])
+        s1[:] = 0.0
+        sq[:] = 0.0
+        for r in range(nt):
             for c in range(width):
-                d = tile[r, c] - tile_mean[c]
-                tile_m2[c] += d * d
-        if n == 0.0:
-            col_mean[:] = tile_mean
-            col_m2[:] = tile_m2
-        else:
-            frac = nt / (n + nt)
-            for c in range(width):
-                delta = tile_mean[c] - col_mean[c]
+                d = tile[r, c] - center[c]
+                s1[c] += d
+                sq[c] += d * d
+        frac = nt / (n + nt)
+        for c in range(width):
+            t_mean, t_m2 = _tile_summary(nt, float(center[c]), s1[c], sq[c])
+            if n == 0.0:
+                col_mean[c] = t_mean
+                col_m2[c] = t_m2
+            else:
+                delta = t_mean - col_mean[c]
                 col_mean[c] += delta * frac
-                col_m2[c] += tile_m2[c] + delta * delta * n * frac
+                col_m2[c] += t_m2 + delta * delta * n * frac
         n += nt
     return n
 
@@ -176,8 +216,8 @@ def _p_moments(x, p, a0, a1, l0, l1, A, K, J, B, out_n, out_mean, out_m2,
         col_mean = scratch[:width]
         col_m2 = scratch[width:2 * width]
         n = _rows_moments(_row_block(x, p, a0, a1, A, width), col_mean, col_m2,
-                          scratch[2 * width:3 * width],
-                          scratch[3 * width:4 * width])
+                          np.empty(width, x.dtype), np.empty(width, x.dtype),
+                          np.empty(width, x.dtype))
         for k in range(K):
             gn, gmean, gm2 = 0.0, 0.0, 0.0
             for j in range(k * J, (k + 1) * J):
