@@ -422,7 +422,7 @@ def _p_reduce(dy, x, p, a0, a1, l0, l1, A, K, J, B, mean_p, rstd_p, gscale,
       (overwritten);
     - ``affine_out += (sum dy, sum dy*xhat)`` per ``(k, j)``.
 
-    ``scratch`` holds at least ``4 * K * J`` float64 values.
+    ``scratch`` holds at least ``3 * K * J`` float64 values.
     """
     L = J * B
     width = K * J
@@ -456,14 +456,13 @@ def _p_reduce(dy, x, p, a0, a1, l0, l1, A, K, J, B, mean_p, rstd_p, gscale,
                 group_out[k, 1] += s2
         return
     if B == 1:
-        # Narrow groups: per-column sums over whole rows, folded per group.
+        # Narrow groups: per-column sums over whole rows, folded per group;
+        # rstd is applied once per column at the fold.
         m_c = scratch[:width]
-        r_c = scratch[width:2 * width]
-        t_dy = scratch[2 * width:3 * width]
-        t_dyx = scratch[3 * width:4 * width]
+        t_dy = scratch[width:2 * width]
+        t_dyx = scratch[2 * width:3 * width]
         for k in range(K):
             m_c[k * J:(k + 1) * J] = mean_p[k]
-            r_c[k * J:(k + 1) * J] = rstd_p[k]
         t_dy[:] = 0.0
         t_dyx[:] = 0.0
         x2 = _row_block(x, p, a0, a1, A, width)
@@ -472,13 +471,14 @@ def _p_reduce(dy, x, p, a0, a1, l0, l1, A, K, J, B, mean_p, rstd_p, gscale,
             for col in range(width):
                 g = d2[r, col]
                 t_dy[col] += g
-                t_dyx[col] += g * ((x2[r, col] - m_c[col]) * r_c[col])
+                t_dyx[col] += g * (x2[r, col] - m_c[col])
         for k in range(K):
             for col in range(k * J, (k + 1) * J):
+                s_dyx = t_dyx[col] * rstd_p[k]
                 group_out[k, 0] += gscale[col] * t_dy[col]
-                group_out[k, 1] += gscale[col] * t_dyx[col]
+                group_out[k, 1] += gscale[col] * s_dyx
                 aff_dy[col] += t_dy[col]
-                aff_dyx[col] += t_dyx[col]
+                aff_dyx[col] += s_dyx
         return
     for a in range(a0, a1):
         for k in range(K):
