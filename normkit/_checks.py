@@ -12,6 +12,21 @@ import numpy as np
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
+def is_int(value):
+    """True for Python or NumPy integers, False for bools."""
+    if type(value) is int:
+        return True
+    return (isinstance(value, numbers.Integral)
+            and not isinstance(value, (bool, np.bool_)))
+
+
+def is_real(value):
+    """True for Python or NumPy real numbers, False for bools."""
+    if type(value) is float or type(value) is int:
+        return True
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def check_input(x, name, func):
     """Return ``x`` as a float16/32/64 ndarray or raise TypeError."""
     if not isinstance(x, np.ndarray):
@@ -36,7 +51,7 @@ def check_ndim(x, func, min_ndim=None, allowed=None, name="x"):
 
 def check_axis(axis, ndim, func, min_axis=0):
     """Normalize a channel ``axis`` to ``[min_axis, ndim)`` or raise."""
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+    if not is_int(axis):
         raise TypeError(f"{func}: axis must be an integer, got {axis!r}")
     ax = int(axis) + ndim if axis < 0 else int(axis)
     if not min_axis <= ax < ndim:
@@ -47,8 +62,7 @@ def check_axis(axis, ndim, func, min_axis=0):
 
 
 def check_eps(eps, func):
-    if (isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real)
-            or not math.isfinite(eps) or eps < 0):
+    if not is_real(eps) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"{func}: eps must be a finite number >= 0, got {eps!r}")
     return float(eps)
 
@@ -63,16 +77,13 @@ def check_momentum(momentum, func, num_batches_tracked=None, updating=False):
     if momentum is None:
         if not updating:
             return None
-        if (isinstance(num_batches_tracked, (bool, np.bool_))
-                or not isinstance(num_batches_tracked, numbers.Integral)
-                or num_batches_tracked < 0):
+        if not is_int(num_batches_tracked) or num_batches_tracked < 0:
             raise ValueError(
                 f"{func}: momentum=None (cumulative average) needs "
                 f"num_batches_tracked, the number of batches already averaged "
                 f"in, as an integer >= 0; got {num_batches_tracked!r}")
         return 1.0 / (int(num_batches_tracked) + 1)
-    if (isinstance(momentum, (bool, np.bool_)) or not isinstance(momentum, numbers.Real)
-            or not 0.0 <= momentum <= 1.0):
+    if not is_real(momentum) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"{func}: momentum must be a number in [0, 1] or None, "
                          f"got {momentum!r}")
     return float(momentum)
@@ -99,7 +110,6 @@ def check_running(value, name, shape, func):
 
 
 def check_positive_int(value, name, func):
-    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral)
-            or value <= 0):
+    if not is_int(value) or value <= 0:
         raise ValueError(f"{func}: {name} must be a positive integer, got {value!r}")
     return int(value)

@@ -31,6 +31,7 @@ more), with all accumulation in float64.
 """
 
 from dataclasses import dataclass
+import functools
 import math
 
 import numba
@@ -69,6 +70,7 @@ class View:
         return self.P, self.A, self.K, self.J, self.B
 
 
+@functools.lru_cache(maxsize=512)
 def channel_view(shape, axis, per_sample, groups=None):
     """View for statistics per channel (or channel group) along ``axis``.
 
@@ -97,6 +99,7 @@ def channel_view(shape, axis, per_sample, groups=None):
     return View(1, math.prod(shape[:axis]), groups, channels // groups, inner)
 
 
+@functools.lru_cache(maxsize=512)
 def trailing_view(shape, n_trailing):
     """View for statistics over the last ``n_trailing`` axes (LayerNorm)."""
     return View(math.prod(shape[:len(shape) - n_trailing]), 1, 1,
@@ -112,11 +115,14 @@ def make_plan(view, n_threads=None):
     long LayerNorm row too), the reduced extent is split: first along ``a``,
     then along the segment offsets ``l`` (only where ``B > 1``, or for one
     wide group, ``K == 1`` and ``J >= WIDE_GROUP``, which keeps every item's
-    columns contiguous).  Partials are merged in a
-    fixed order, so the result depends only on the shape and thread count.
+    columns contiguous).  Partials are merged in a fixed order, so the result
+    depends only on the shape and the thread count (default: Numba's).
     """
-    if n_threads is None:
-        n_threads = numba.get_num_threads()
+    return _plan(view, numba.get_num_threads() if n_threads is None else n_threads)
+
+
+@functools.lru_cache(maxsize=512)
+def _plan(view, n_threads):
     P, A, K, J, B = view.dims
     L = J * B
     total = P * A * K * L

@@ -24,14 +24,13 @@ pass the same, unmodified ``x``::
 
 from dataclasses import dataclass
 import math
-import numbers
 
 import numpy as np
 
 from . import engine
 from ._checks import (check_axis, check_eps, check_input, check_momentum,
                       check_ndim, check_param, check_positive_int,
-                      check_running)
+                      check_running, is_int, is_real)
 
 __all__ = [
     "Saved", "batch_norm", "batch_norm_backward", "instance_norm",
@@ -323,8 +322,7 @@ def instance_norm_backward(dy, x, saved):
 # --------------------------------------------------------------------------
 
 def _normalized_shape(normalized_shape, func):
-    if isinstance(normalized_shape, numbers.Integral) and not isinstance(
-            normalized_shape, (bool, np.bool_)):
+    if is_int(normalized_shape):
         normalized_shape = (normalized_shape,)
     try:
         shape = tuple(int(d) for d in normalized_shape)
@@ -438,8 +436,7 @@ def batch_renorm(x, running_mean, running_std, weight=None, bias=None,
         check_running(value, name, (C,), func)
     eps = check_eps(eps, func)
     for name, value, low in (("rmax", rmax, 1.0), ("dmax", dmax, 0.0)):
-        if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)
-                or not math.isfinite(value) or value < low):
+        if not is_real(value) or not math.isfinite(value) or value < low:
             raise ValueError(f"{func}: {name} must be a finite number >= {low}, "
                              f"got {value!r}")
     factor = check_momentum(momentum, func, num_batches_tracked, bool(training))
