@@ -1,0 +1,105 @@
+"""The engine below the variants: views, work plans, copies, determinism."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from normkit import engine
+from normkit.engine import View, channel_view, make_plan, trailing_view
+
+
+def item_ranges(view, plan):
+    """Every item's (p, a, l) ranges, decoded as the kernels decode them."""
+    p_per, n_pblk, a_per, n_ach, l_per, n_lch = plan
+    L = view.J * view.B
+    for pb, ac, lc in itertools.product(range(n_pblk), range(n_ach), range(n_lch)):
+        yield (range(pb * p_per, min(view.P, (pb + 1) * p_per)),
+               range(ac * a_per, min(view.A, (ac + 1) * a_per)),
+               range(lc * l_per, min(L, (lc + 1) * l_per)))
+
+
+VIEWS = {
+    "batchnorm-huge-batch": channel_view((4096, 3, 64, 64), 1, False),
+    "batchnorm-channels-last": channel_view((32, 56, 56, 64), 3, False),
+    "layernorm-one-long-row": trailing_view((1, 1_000_000), 1),
+    "layernorm-rows": trailing_view((8192, 1024), 1),
+    "groupnorm-small-batch": channel_view((2, 64, 56, 56), 1, True, 32),
+    "instancenorm": channel_view((32, 64, 56, 56), 1, True),
+    "tiny": channel_view((2, 3, 2), 1, False),
+}
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("name", VIEWS)
+def test_plan_covers_every_value_once(name, n_threads):
+    view = VIEWS[name]
+    plan = make_plan(view, n_threads)
+    seen = np.zeros((view.P, view.A, view.J * view.B), dtype=np.int64)
+    for ps, as_, ls in item_ranges(view, plan):
+        seen[ps.start:ps.stop, as_.start:as_.stop, ls.start:ls.stop] += 1
+    assert (seen == 1).all()
+
+
+@pytest.mark.parametrize("name", ["batchnorm-huge-batch", "layernorm-one-long-row",
+                                  "batchnorm-channels-last", "layernorm-rows",
+                                  "instancenorm"])
+def test_plan_keeps_both_cores_busy(name):
+    """Few groups over a huge extent are split along the reduced extent."""
+    view = VIEWS[name]
+    assert engine.n_items(make_plan(view, 2)) >= 4
+
+
+def test_plan_fuses_when_groups_are_plentiful():
+    assert engine.plan_is_fused(make_plan(VIEWS["instancenorm"], 2))
+    assert not engine.plan_is_fused(make_plan(VIEWS["batchnorm-huge-batch"], 2))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_contiguous_input_is_not_copied(dtype):
+    x = np.ones((4, 5, 6), dtype=dtype)
+    assert np.shares_memory(engine.as_kernel_array(x), x)
+    channels_last = np.ones((4, 6, 5), dtype=dtype)
+    assert np.shares_memory(engine.as_kernel_array(channels_last), channels_last)
+
+
+def test_non_contiguous_and_float16_input_are_copied_once():
+    x = np.ones((4, 5, 6), dtype=np.float32).transpose(0, 2, 1)
+    flat = engine.as_kernel_array(x)
+    assert not np.shares_memory(flat, x) and flat.flags.c_contiguous
+    half = engine.as_kernel_array(np.ones((4, 5), dtype=np.float16))
+    assert half.dtype == np.float32
+
+
+@pytest.mark.parametrize("shape,view_args", [
+    ((512, 3, 16, 16), (1, False)),
+    ((64, 16, 16, 8), (3, False)),
+    ((3, 40000), (1, True, None)),
+])
+def test_results_are_identical_run_to_run(shape, view_args, rng):
+    x = rng.standard_normal(shape).astype(np.float32)
+    view = channel_view(shape, *view_args)
+    first = engine.normalize_batch(x, view)
+    second = engine.normalize_batch(x, view)
+    for a, b in zip(first, second):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 5])
+def test_partials_merge_to_the_same_moments_for_any_plan(n_threads, rng):
+    """Splitting the reduced extent differently changes only rounding."""
+    x = rng.normal(3.0, 2.0, size=(256, 3, 40, 40))
+    view = channel_view(x.shape, 1, False)
+    plan = make_plan(view, n_threads)
+    chunks = plan[3] * plan[5]
+    part = [np.empty((1, chunks, 3)) for _ in range(3)]
+    engine._cpu.moments(x.reshape(-1), *view.dims, plan, *part)
+    mean, var = engine._cpu.merge_moments(*part)
+    np.testing.assert_allclose(mean[0], x.mean(axis=(0, 2, 3)), rtol=1e-13)
+    np.testing.assert_allclose(var[0], x.var(axis=(0, 2, 3)), rtol=1e-12)
+
+
+def test_views_are_free_reshapes():
+    assert channel_view((8, 6, 5, 7), 1, False) == View(1, 8, 6, 1, 35)
+    assert channel_view((8, 5, 7, 6), 3, True, 2) == View(8, 35, 2, 3, 1)
+    assert trailing_view((4, 3, 10), 2) == View(4, 1, 1, 30, 1)
