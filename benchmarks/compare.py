@@ -1,0 +1,134 @@
+"""Time normkit against the float64 NumPy reference and torch CPU.
+
+Usage::
+
+    python benchmarks/compare.py [--repeat N] [--json out.json] [--quick]
+
+Every variant's training forward and forward+backward is timed (median of
+``--repeat`` runs after one warm-up) side by side in one process, next to
+``x.copy()`` of the same array, the cheapest pass that allocates an output
+of the input's size: each time is also reported as a multiple of it.
+torch runs with numba's thread count; channels-last inputs are handed to
+it as (N, C, H, W) tensors in ``torch.channels_last`` memory format over
+the same data.  Nothing here asserts on a time.
+"""
+
+import argparse
+import json
+import time
+
+from normkit import _bench
+from normkit._bench import Case
+
+CHANNEL_VARIANTS = ("batch_norm", "instance_norm", "group_norm", "batch_renorm")
+
+#: The configurations timed, all float32.
+CASES = (
+    [Case(v, (32, 64, 56, 56), 1) for v in CHANNEL_VARIANTS]
+    + [Case(v, (32, 56, 56, 64), -1) for v in CHANNEL_VARIANTS]
+    + [Case("layer_norm", (8192, 1024), -1),
+       Case("batch_norm", (4096, 3, 64, 64), 1)]
+    + [Case(v, (2, 64, 56, 56), 1) for v in ("batch_norm", "group_norm")]
+    + [Case(v, (2, 56, 56, 64), -1) for v in ("batch_norm", "group_norm")]
+)
+
+#: With ``--quick``, the reference is not timed when one run takes longer.
+QUICK_REFERENCE_LIMIT_S = 0.5
+
+#: Columns timed, in table order (torch's only where torch has the variant).
+TIMED = ("copy", "fwd", "fwd+bwd", "ref fwd", "torch fwd", "torch fwd+bwd")
+
+
+def measure(case, repeat, quick=False):
+    """Median seconds of each of :data:`TIMED` for ``case``.
+
+    Parameters
+    ----------
+    case : normkit._bench.Case
+    repeat : int
+        Timed runs per measurement.
+    quick : bool
+        Skip the reference when a single run of it exceeds
+        :data:`QUICK_REFERENCE_LIMIT_S`.
+
+    Returns
+    -------
+    dict
+        Column name to seconds, or to None where not timed (torch lacks
+        the variant or is not installed; ``quick`` skipped the reference).
+    """
+    timed = _bench.implementations(case, _bench.make_inputs(case))
+    skipped = False
+    if quick:
+        start = time.perf_counter()
+        timed["ref fwd"]()
+        skipped = time.perf_counter() - start > QUICK_REFERENCE_LIMIT_S
+    if skipped:
+        del timed["ref fwd"]
+    return {name: _bench.median_time(timed[name], repeat) if name in timed
+            else None for name in TIMED}
+
+
+def _ms(seconds):
+    return "-" if seconds is None else f"{1e3 * seconds:.2f}"
+
+
+def _ratio(numerator, denominator):
+    if numerator is None or denominator is None:
+        return "-"
+    return f"{numerator / denominator:.2f}x"
+
+
+def table_row(case, t):
+    """Formatted cells of one row of the markdown table."""
+    return [case.variant, str(case.shape), case.layout, _ms(t["copy"]),
+            _ms(t["fwd"]), _ratio(t["fwd"], t["copy"]),
+            _ms(t["fwd+bwd"]), _ratio(t["fwd+bwd"], t["copy"]),
+            "skipped" if t["ref fwd"] is None else _ms(t["ref fwd"]),
+            _ms(t["torch fwd"]), _ms(t["torch fwd+bwd"]),
+            _ratio(t["torch fwd"], t["fwd"]),
+            _ratio(t["torch fwd+bwd"], t["fwd+bwd"])]
+
+
+HEADERS = ["variant", "shape", "layout", "copy ms", "fwd ms", "fwd/copy",
+           "fwd+bwd ms", "fwd+bwd/copy", "numpy-ref fwd ms", "torch fwd ms",
+           "torch fwd+bwd ms", "fwd vs torch", "fwd+bwd vs torch"]
+
+
+def main(argv=None):
+    """Run :data:`CASES`, print the markdown table, optionally save JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=_bench.positive_int, default=None,
+                        help="timed runs per measurement (default 7, 3 "
+                             "with --quick)")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write the results to PATH as JSON")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer runs; skip the reference where one run "
+                             f"takes over {QUICK_REFERENCE_LIMIT_S} s")
+    args = parser.parse_args(argv)
+    repeat = args.repeat or (3 if args.quick else 7)
+
+    machine = _bench.machine_info()
+    print(f"{machine}\ntraining mode, float32, median of {repeat} runs "
+          f"after 1 warm-up; compiling kernels (first run only)...\n",
+          flush=True)
+    results, rows = [], []
+    for case in CASES:
+        t = measure(case, repeat, args.quick)
+        rows.append(table_row(case, t))
+        results.append({"variant": case.variant, "shape": case.shape,
+                        "layout": case.layout, "dtype": case.dtype,
+                        "seconds": t})
+    print(_bench.format_table(HEADERS, rows, markdown=True))
+    print("\nx/copy: time over x.copy() of the same array; vs torch: torch "
+          "time over normkit time (above 1: normkit faster); "
+          "-: not available.")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "repeat": repeat,
+                       "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

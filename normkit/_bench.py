@@ -1,0 +1,305 @@
+"""Timing helpers shared by ``python -m normkit`` and ``benchmarks/compare.py``.
+
+A :class:`Case` names one configuration (variant, shape, channel axis,
+dtype).  :func:`make_inputs` builds its data and keyword arguments, which
+the normkit forward, the float64 reference (:mod:`normkit.reference`) and
+``torch.nn.functional`` all accept under the same names.
+:func:`implementations` then returns every timed callable of the case (the
+copy baseline, normkit, the reference and, when installed, torch), all in
+training mode, for :func:`median_time` to run.
+"""
+
+import argparse
+from dataclasses import dataclass
+import os
+import platform
+import statistics
+import time
+
+import numba
+import numpy as np
+
+import normkit
+from normkit import reference
+
+try:
+    import torch
+except ImportError:  # torch is optional: its columns are left empty
+    torch = None
+else:
+    torch.set_num_threads(numba.get_num_threads())
+
+#: Variants timed, in table order.
+VARIANTS = ("batch_norm", "instance_norm", "layer_norm", "group_norm",
+            "batch_renorm")
+
+#: Variants that ``torch.nn.functional`` has under the same name.
+TORCH_VARIANTS = ("batch_norm", "instance_norm", "layer_norm", "group_norm")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One configuration to check or time.
+
+    Attributes
+    ----------
+    variant : str
+        One of :data:`VARIANTS`.
+    shape : tuple of int
+        Shape of the input as stored (channels-last shapes end with ``C``).
+    axis : int
+        Channel axis, 1 (channels-first) or -1 (channels-last); layer_norm
+        always normalizes the last axis and ignores it.
+    dtype : str
+        ``"float16"``, ``"float32"`` or ``"float64"``.
+    groups : int
+        Number of groups of group_norm.
+    """
+
+    variant: str
+    shape: tuple
+    axis: int = 1
+    dtype: str = "float32"
+    groups: int = 32
+
+    @property
+    def layout(self):
+        """``"rows"`` for layer_norm, else ``"first"`` or ``"last"``."""
+        if self.variant == "layer_norm":
+            return "rows"
+        return "first" if self.axis == 1 else "last"
+
+
+@dataclass
+class Inputs:
+    """Data of a :class:`Case`: input ``x``, gradient ``dy`` and ``kwargs``.
+
+    ``kwargs`` holds every argument after ``x`` by keyword, in the names
+    shared by the normkit forward, the reference forward and backward, and
+    ``torch.nn.functional`` (``axis`` excepted).  The forwards in training
+    mode update running statistics in place in normkit (the reference
+    works on copies), so compute reference results first when comparing.
+    """
+
+    x: np.ndarray
+    dy: np.ndarray
+    kwargs: dict
+
+
+def _affine(rng, channels, dtype):
+    return {"weight": (1.0 + 0.1 * rng.standard_normal(channels)).astype(dtype),
+            "bias": (0.1 * rng.standard_normal(channels)).astype(dtype)}
+
+
+def _variant_kwargs(case, rng):
+    """Keyword arguments of ``case.variant`` in training mode."""
+    channels = case.shape[case.axis]
+    dtype = np.dtype(case.dtype)
+    if case.variant == "layer_norm":
+        return {"normalized_shape": case.shape[-1:],
+                **_affine(rng, case.shape[-1], dtype)}
+    kwargs = {**_affine(rng, channels, dtype), "axis": case.axis}
+    if case.variant == "batch_norm":
+        kwargs.update(running_mean=np.zeros(channels, dtype),
+                      running_var=np.ones(channels, dtype), training=True)
+    elif case.variant == "group_norm":
+        kwargs["num_groups"] = case.groups
+    elif case.variant == "batch_renorm":
+        # running statistics away from the batch's, so that r != 1, d != 0
+        kwargs.update(
+            running_mean=(3.0 + 0.1 * rng.standard_normal(channels)).astype(dtype),
+            running_std=rng.uniform(1.0, 3.0, channels).astype(dtype),
+            training=True)
+    elif case.variant != "instance_norm":
+        raise ValueError(f"unknown variant {case.variant!r}")
+    return kwargs
+
+
+def make_inputs(case, seed=0):
+    """Random inputs of ``case``: ``x`` with mean 3 and std 2, ``dy`` normal.
+
+    Returns
+    -------
+    Inputs
+    """
+    rng = np.random.default_rng(seed)
+    x = (3.0 + 2.0 * rng.standard_normal(case.shape)).astype(case.dtype)
+    dy = rng.standard_normal(case.shape).astype(case.dtype)
+    return Inputs(x, dy, _variant_kwargs(case, rng))
+
+
+# --------------------------------------------------------------------------
+# the implementations
+# --------------------------------------------------------------------------
+
+def normkit_forward(variant, inputs):
+    """normkit training forward: ``y``."""
+    return getattr(normkit, variant)(inputs.x, **inputs.kwargs)
+
+
+def normkit_forward_backward(variant, inputs):
+    """normkit forward and backward: ``(y, dx, dweight, dbias)``."""
+    y, saved = getattr(normkit, variant)(inputs.x, **inputs.kwargs,
+                                         return_saved=True)
+    backward = getattr(normkit, f"{variant}_backward")
+    return (y, *backward(inputs.dy, inputs.x, saved))
+
+
+def reference_forward(variant, inputs):
+    """float64 reference forward: ``y`` (running statistics dropped)."""
+    out = getattr(reference, variant)(inputs.x, **inputs.kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def reference_forward_backward(variant, inputs):
+    """float64 reference forward and backward: ``(y, dx, dweight, dbias)``."""
+    y = reference_forward(variant, inputs)
+    backward = getattr(reference, f"{variant}_backward")
+    return (y, *backward(inputs.dy, inputs.x, **inputs.kwargs))
+
+
+def _torch_tensor(array, channels_last):
+    """``array`` as a tensor; channels-last data becomes an (N, C, ...)
+    tensor whose memory stays channels-last (``torch.channels_last`` for
+    4-D)."""
+    t = torch.from_numpy(array)
+    if channels_last:
+        t = t.movedim(-1, 1)
+        if t.ndim == 4:
+            t = t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def torch_callables(case, inputs):
+    """torch forward and forward+backward (autograd) of ``case``.
+
+    Returns
+    -------
+    (forward, forward_backward) : zero-argument callables
+        Or None when torch is not installed or lacks the variant.
+    """
+    if torch is None or case.variant not in TORCH_VARIANTS:
+        return None
+    channels_last = case.layout == "last"
+    x = _torch_tensor(inputs.x, channels_last).requires_grad_()
+    dy = _torch_tensor(inputs.dy, channels_last)
+    kwargs = {}
+    for name, value in inputs.kwargs.items():
+        if isinstance(value, np.ndarray):
+            value = torch.tensor(value, requires_grad=name in ("weight", "bias"))
+        if name != "axis":
+            kwargs[name] = value
+    leaves = [x] + [t for t in kwargs.values()
+                    if isinstance(t, torch.Tensor) and t.requires_grad]
+    function = getattr(torch.nn.functional, case.variant)
+
+    def forward():
+        return function(x, **kwargs)
+
+    def forward_backward():
+        for leaf in leaves:
+            leaf.grad = None
+        function(x, **kwargs).backward(dy)
+
+    return forward, forward_backward
+
+
+def implementations(case, inputs):
+    """Every timed callable of ``case`` that is available, by column name.
+
+    Returns
+    -------
+    dict of str to callable
+        ``"copy"`` (``x.copy()``, the allocating copy that every
+        normalizer's output costs at least), ``"fwd"`` and ``"fwd+bwd"``
+        (normkit), ``"ref fwd"`` and ``"ref fwd+bwd"`` (the float64
+        reference) and, when torch has the variant, ``"torch fwd"`` and
+        ``"torch fwd+bwd"``.  All run in training mode.
+    """
+    v = case.variant
+    timed = {"copy": inputs.x.copy,
+             "fwd": lambda: normkit_forward(v, inputs),
+             "fwd+bwd": lambda: normkit_forward_backward(v, inputs),
+             "ref fwd": lambda: reference_forward(v, inputs),
+             "ref fwd+bwd": lambda: reference_forward_backward(v, inputs)}
+    pair = torch_callables(case, inputs)
+    if pair is not None:
+        timed["torch fwd"], timed["torch fwd+bwd"] = pair
+    return timed
+
+
+# --------------------------------------------------------------------------
+# timing and reporting
+# --------------------------------------------------------------------------
+
+def median_time(fn, repeat=5, warmup=1):
+    """Median wall time of ``fn()`` in seconds over ``repeat`` runs.
+
+    ``warmup`` untimed runs come first (compilation, page faults, caches).
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def positive_int(text):
+    """argparse type: an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def machine_info():
+    """One line: CPU count, numba threads and library versions."""
+    versions = [f"numpy {np.__version__}", f"numba {numba.__version__}",
+                f"torch {torch.__version__}" if torch else "torch not installed"]
+    return (f"{platform.machine()} {os.cpu_count()} CPUs, "
+            f"{numba.get_num_threads()} numba threads, normkit "
+            f"{normkit.__version__}, " + ", ".join(versions))
+
+
+def format_table(headers, rows, markdown=False):
+    """Aligned text table; numbers right-aligned, text left-aligned.
+
+    Parameters
+    ----------
+    headers : sequence of str
+    rows : sequence of sequences of str
+        Already formatted cells.
+    markdown : bool
+        Pipe-delimited markdown instead of space-separated columns.
+    """
+    rows = [list(map(str, row)) for row in rows]
+    widths = [max(len(cell) for cell in column)
+              for column in zip(headers, *rows)]
+    numeric = [bool(rows) and all(_is_number(row[i]) for row in rows)
+               for i in range(len(headers))]
+
+    def line(cells):
+        padded = [cell.rjust(w) if num else cell.ljust(w)
+                  for cell, w, num in zip(cells, widths, numeric)]
+        return ("| " + " | ".join(padded) + " |") if markdown else "  ".join(padded)
+
+    if markdown:
+        rule = "|" + "|".join(("-" * (w + 1) + ":") if num else "-" * (w + 2)
+                              for w, num in zip(widths, numeric)) + "|"
+    else:
+        rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule] + [line(row) for row in rows])
+
+
+def _is_number(cell):
+    """True for numeric cells and for the placeholders of missing ones."""
+    if cell in ("-", "skipped"):
+        return True
+    try:
+        float(cell.rstrip("x"))
+    except ValueError:
+        return False
+    return True

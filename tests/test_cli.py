@@ -1,0 +1,92 @@
+"""The command line (``python -m normkit``) and ``benchmarks/compare.py``."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from normkit import _bench, cli
+
+TINY_CHANNELS = (((3, 8, 5), 1), ((3, 5, 8), -1))
+TINY_ROWS = (((6, 16), -1),)
+
+
+@pytest.fixture
+def tiny_cli(monkeypatch):
+    """The check on tiny shapes (8 channels, 4 groups)."""
+    monkeypatch.setattr(cli, "CHANNEL_SHAPES", TINY_CHANNELS)
+    monkeypatch.setattr(cli, "ROW_SHAPES", TINY_ROWS)
+    monkeypatch.setattr(cli, "GROUPS", 4)
+
+
+def test_check_passes_and_lists_every_variant(tiny_cli, capsys):
+    assert cli.main(["check", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "compiling kernels" in out
+    for variant in _bench.VARIANTS:
+        assert variant in out
+    assert "FAIL" not in out
+
+
+def test_check_is_the_default_subcommand(tiny_cli, capsys):
+    assert cli.main(["--variant", "layer_norm", "--dtype", "float16",
+                     "--repeat", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith("layer_norm")]
+    assert len(rows) == 1 and "float16" in rows[0]
+
+
+def test_failure_exits_1(tiny_cli, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "max_error", lambda case, inputs: 1.0)
+    assert cli.main(["--variant", "group_norm", "--dtype", "float64",
+                     "--repeat", "1"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--bogus"], ["check", "--dtype", "int8"],
+                                  ["--variant", "rms_norm"], ["--repeat", "0"],
+                                  ["frobnicate"]])
+def test_bad_options_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+
+
+def _load_compare():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
+    spec = importlib.util.spec_from_file_location("normkit_compare", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("case", [_bench.Case("batch_norm", (2, 5, 4), -1),
+                                  _bench.Case("batch_renorm", (2, 4, 5), 1)],
+                         ids=lambda case: case.variant)
+def test_compare_script_runs_one_tiny_case(case):
+    compare = _load_compare()
+    times = compare.measure(case, repeat=1, quick=True)
+    assert set(times) == set(compare.TIMED)
+    for name in ("copy", "fwd", "fwd+bwd", "ref fwd"):
+        assert times[name] > 0
+    if _bench.torch is not None and case.variant in _bench.TORCH_VARIANTS:
+        assert times["torch fwd+bwd"] > 0
+    row = compare.table_row(case, times)
+    assert len(row) == len(compare.HEADERS) and row[0] == case.variant
+
+
+@pytest.mark.parametrize("variant", _bench.TORCH_VARIANTS)
+def test_torch_callables_match_normkit_channels_last(variant):
+    pytest.importorskip("torch")
+    shape = (6, 16) if variant == "layer_norm" else (2, 3, 4, 8)
+    case = _bench.Case(variant, shape, -1, "float64", groups=4)
+    inputs = _bench.make_inputs(case)
+    forward, forward_backward = _bench.torch_callables(case, inputs)
+    y = forward().detach()
+    if case.layout == "last":
+        y = y.movedim(1, -1)
+    np.testing.assert_allclose(y.numpy(),
+                               _bench.reference_forward(variant, inputs),
+                               atol=1e-10)
+    forward_backward()
