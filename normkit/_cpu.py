@@ -64,23 +64,26 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @_inner
-def _item_bounds(item, P, A, L, plan):
-    """Ranges ``[p0, p1), [a0, a1), [l0, l1)`` and chunk index of one item."""
-    p_per, n_pblk, a_per, n_ach, l_per, n_lch = plan
-    l_chunk = item % n_lch
-    rest = item // n_lch
-    a_chunk = rest % n_ach
-    p_block = rest // n_ach
-    p0 = p_block * p_per
-    a0 = a_chunk * a_per
-    l0 = l_chunk * l_per
-    return (p0, min(P, p0 + p_per), a0, min(A, a0 + a_per), l0,
-            min(L, l0 + l_per), a_chunk * n_lch + l_chunk)
+def _item_bounds(item, P, A, K, L, plan):
+    """One item's ``p0, p1``, its other ranges ``r = (a0, a1, k0, k1, l0,
+    l1)`` and the index of its chunk of the reduced extent."""
+    l_chunk = item % plan.n_lch
+    rest = item // plan.n_lch
+    a_chunk = rest % plan.n_ach
+    rest //= plan.n_ach
+    k_block = rest % plan.n_kblk
+    p0 = rest // plan.n_kblk * plan.p_per
+    a0 = a_chunk * plan.a_per
+    k0 = k_block * plan.k_per
+    l0 = l_chunk * plan.l_per
+    r = (a0, min(A, a0 + plan.a_per), k0, min(K, k0 + plan.k_per), l0,
+         min(L, l0 + plan.l_per))
+    return p0, min(P, p0 + plan.p_per), r, a_chunk * plan.n_lch + l_chunk
 
 
 @_inner
 def _n_items(plan):
-    return plan[1] * plan[3] * plan[5]
+    return plan.n_pblk * plan.n_kblk * plan.n_ach * plan.n_lch
 
 
 @_inner
@@ -202,13 +205,13 @@ def _row_block(x, p, a0, a1, A, width):
 
 
 @_inner
-def _p_moments(x, p, a0, a1, l0, l1, A, K, J, B, out_n, out_mean, out_m2,
-               scratch):
-    """(count, mean, M2) per group ``k`` of one ``p`` over ``a`` in
-    ``[a0, a1)`` and segment offsets ``[l0, l1)``; written to ``out_*[k]``.
-
-    ``scratch`` is a float64 array of at least ``4 * K * J`` elements.
+def _p_moments(x, p, r, A, K, J, B, out_n, out_mean, out_m2, scratch):
+    """(count, mean, M2) per group ``k`` in ``[k0, k1)`` of one ``p`` over
+    ``a`` in ``[a0, a1)`` and segment offsets ``[l0, l1)`` (``r``); written
+    to ``out_*[k]``.  ``scratch`` holds at least ``2 * K * J`` float64
+    values.
     """
+    a0, a1, k0, k1, l0, l1 = r
     L = J * B
     if B == 1 and A > 1:
         # Channels-last style: rows of K*J values, reduce across rows.
@@ -225,11 +228,11 @@ def _p_moments(x, p, a0, a1, l0, l1, A, K, J, B, out_n, out_mean, out_m2,
                                              col_m2[j])
             out_n[k], out_mean[k], out_m2[k] = gn, gmean, gm2
         return
-    out_n[:K] = 0.0
-    out_mean[:K] = 0.0
-    out_m2[:K] = 0.0
+    out_n[k0:k1] = 0.0
+    out_mean[k0:k1] = 0.0
+    out_m2[k0:k1] = 0.0
     for a in range(a0, a1):
-        for k in range(K):
+        for k in range(k0, k1):
             start = ((p * A + a) * K + k) * L
             sn, smean, sm2 = _segment_moments(x, start + l0, start + l1)
             out_n[k], out_mean[k], out_m2[k] = _chan_merge(
@@ -241,10 +244,10 @@ def moments(x, P, A, K, J, B, plan, part_n, part_mean, part_m2):
     """Partial moments: ``part_*[p, chunk, k]`` for every item of ``plan``."""
     L = J * B
     for item in prange(_n_items(plan)):
-        p0, p1, a0, a1, l0, l1, chunk = _item_bounds(item, P, A, L, plan)
+        p0, p1, r, chunk = _item_bounds(item, P, A, K, L, plan)
         scratch = np.empty(4 * K * J)
         for p in range(p0, p1):
-            _p_moments(x, p, a0, a1, l0, l1, A, K, J, B, part_n[p, chunk],
+            _p_moments(x, p, r, A, K, J, B, part_n[p, chunk],
                        part_mean[p, chunk], part_m2[p, chunk], scratch)
 
 
@@ -271,80 +274,107 @@ def merge_moments(part_n, part_mean, part_m2):
 # --------------------------------------------------------------------------
 
 @_inner
-def _p_apply(x, dy, out, use_dy, p, a0, a1, l0, l1, A, K, J, B, coef, gamma,
-             beta, scratch):
-    """Elementwise map for one ``p`` over ``a`` in ``[a0, a1)`` and segment
-    offsets ``[l0, l1)``.
+def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
+             scratch):
+    """Elementwise map for one ``p`` over the ranges ``r = (a0, a1, k0, k1,
+    l0, l1)``; narrow and wide groups (``B == 1``) are never split along
+    ``k``.
 
-    With per-(p, k) coefficients ``coef[k] = (m, a, h, e, c)`` and per-(k, j)
-    ``gamma``, ``beta``::
+    With per-(p, k) coefficients ``coef[k] = (m, a, h, e, c)`` (float64) and
+    per-(k, j) ``gamma``, ``beta``::
 
         out = (x - m) * (a * gamma + h) + dy * (e * gamma) + (beta + c)
 
-    (the ``dy`` term only when ``use_dy``), evaluated in float64 as
-    ``x * sx + dy * sd + s0`` with ``sx = a*gamma + h``, ``sd = e*gamma``
-    and ``s0 = beta + c - m*sx``.  The forward pass is ``a = rstd``
-    (``h = e = c = 0``); the backward pass is ``a = 0, beta = 0`` with
-    ``h, e, c`` from the group sums.  ``scratch`` holds at least
-    ``3 * K * J`` float64 values.
+    (the ``dy`` term only when ``use_dy``).  The forward pass is
+    ``a = rstd`` (``h = e = c = 0``); the backward pass is ``a = 0`` and
+    ``beta = 0`` with ``h, e, c`` from the group sums.
+
+    Arithmetic runs in the input's precision, which vectorises twice as wide
+    for float32, without the cancellation that a large mean would cause:
+    ``m`` is split into ``mc``, ``m`` rounded to that precision (so
+    ``x - mc`` is exact where it matters), and the remainder ``m - mc``,
+    which is folded into the constant term in float64::
+
+        out = (x - mc) * sx + dy * sd + s0,
+        sx = a*gamma + h,  sd = e*gamma,  s0 = beta + c - (m - mc) * sx
+
+    ``gamma``, ``beta`` and ``scratch`` (at least ``4 * K * J`` values) have
+    the input's dtype.
     """
+    a0, a1, k0, k1, l0, l1 = r
     L = J * B
     if B == 1 and J >= WIDE_GROUP:
         # Wide groups: per-k scalars, gamma and beta read along the row.
         width = K * J
         c0, c1 = _column_range(K, L, l0, l1)
-        for r in range(p * A + a0, p * A + a1):
-            for k in range(K):
-                lo = max(c0, k * J)
-                hi = min(c1, (k + 1) * J)
-                m, a_k, h, e, c = coef[k, 0], coef[k, 1], coef[k, 2], coef[k, 3], coef[k, 4]
-                xs = x[r * width + lo:r * width + hi]
-                os = out[r * width + lo:r * width + hi]
-                gs = gamma[lo:hi]
-                bs = beta[lo:hi]
+        for k in range(K):
+            lo = max(c0, k * J)
+            hi = min(c1, (k + 1) * J)
+            m, a_k, h, e, c = coef[k, 0], coef[k, 1], coef[k, 2], coef[k, 3], coef[k, 4]
+            mc = _cast_like(m, x[0])
+            rest = m - float(mc)
+            # s0 = beta + c - rest*(a*gamma + h) = beta + q*gamma + w
+            a_x = _cast_like(a_k, mc)
+            h_x = _cast_like(h, mc)
+            e_x = _cast_like(e, mc)
+            q_x = _cast_like(-rest * a_k, mc)
+            w_x = _cast_like(c - rest * h, mc)
+            gs = gamma[lo:hi]
+            bs = beta[lo:hi]
+            for row in range(p * A + a0, p * A + a1):
+                xs = x[row * width + lo:row * width + hi]
+                os = out[row * width + lo:row * width + hi]
                 if use_dy:
-                    ds = dy[r * width + lo:r * width + hi]
+                    ds = dy[row * width + lo:row * width + hi]
                     for i in range(xs.size):
-                        sx = a_k * gs[i] + h
-                        os[i] = xs[i] * sx + ds[i] * (e * gs[i]) + (bs[i] + c - m * sx)
+                        g = gs[i]
+                        os[i] = ((xs[i] - mc) * (a_x * g + h_x) + ds[i] * (e_x * g)
+                                 + (bs[i] + q_x * g + w_x))
                 else:
                     for i in range(xs.size):
-                        sx = a_k * gs[i] + h
-                        os[i] = xs[i] * sx + (bs[i] + c - m * sx)
+                        g = gs[i]
+                        os[i] = (xs[i] - mc) * (a_x * g + h_x) + (bs[i] + q_x * g + w_x)
         return
     if B == 1:
         # Narrow groups: per-column coefficient vectors for this p, whole rows.
         width = K * J
-        sx_c = scratch[:width]
-        sd_c = scratch[width:2 * width]
-        s0_c = scratch[2 * width:3 * width]
+        mc_c = scratch[:width]
+        sx_c = scratch[width:2 * width]
+        sd_c = scratch[2 * width:3 * width]
+        s0_c = scratch[3 * width:4 * width]
         for k in range(K):
             m, a_k, h, e, c = coef[k, 0], coef[k, 1], coef[k, 2], coef[k, 3], coef[k, 4]
+            mc = _cast_like(m, x[0])
             for col in range(k * J, (k + 1) * J):
-                sx_c[col] = a_k * gamma[col] + h
+                sx = a_k * gamma[col] + h
+                mc_c[col] = mc
+                sx_c[col] = sx
                 sd_c[col] = e * gamma[col]
-                s0_c[col] = beta[col] + c - m * sx_c[col]
+                s0_c[col] = beta[col] + c - (m - float(mc)) * sx
         x2 = _row_block(x, p, a0, a1, A, width)
         o2 = _row_block(out, p, a0, a1, A, width)
         if use_dy:
             d2 = _row_block(dy, p, a0, a1, A, width)
-            for r in range(x2.shape[0]):
+            for row in range(x2.shape[0]):
                 for col in range(width):
-                    o2[r, col] = x2[r, col] * sx_c[col] + d2[r, col] * sd_c[col] + s0_c[col]
+                    o2[row, col] = ((x2[row, col] - mc_c[col]) * sx_c[col]
+                                    + d2[row, col] * sd_c[col] + s0_c[col])
         else:
-            for r in range(x2.shape[0]):
+            for row in range(x2.shape[0]):
                 for col in range(width):
-                    o2[r, col] = x2[r, col] * sx_c[col] + s0_c[col]
+                    o2[row, col] = (x2[row, col] - mc_c[col]) * sx_c[col] + s0_c[col]
         return
-    for a in range(a0, a1):
-        for k in range(K):
-            m, a_k, h, e, c = coef[k, 0], coef[k, 1], coef[k, 2], coef[k, 3], coef[k, 4]
-            seg = ((p * A + a) * K + k) * L
-            for j in range(l0 // B, (l1 - 1) // B + 1):
-                col = k * J + j
-                sx = a_k * gamma[col] + h
-                sd = e * gamma[col]
-                s0 = beta[col] + c - m * sx
+    for k in range(k0, k1):
+        m, a_k, h, e, c = coef[k, 0], coef[k, 1], coef[k, 2], coef[k, 3], coef[k, 4]
+        mc = _cast_like(m, x[0])
+        for j in range(l0 // B, (l1 - 1) // B + 1):
+            col = k * J + j
+            sx = a_k * gamma[col] + h
+            sx_x = _cast_like(sx, mc)
+            sd_x = _cast_like(e * gamma[col], mc)
+            s0_x = _cast_like(beta[col] + c - (m - float(mc)) * sx, mc)
+            for a in range(a0, a1):
+                seg = ((p * A + a) * K + k) * L
                 lo = seg + max(l0, j * B)
                 hi = seg + min(l1, (j + 1) * B)
                 xs = x[lo:hi]
@@ -352,29 +382,31 @@ def _p_apply(x, dy, out, use_dy, p, a0, a1, l0, l1, A, K, J, B, coef, gamma,
                 if use_dy:
                     ds = dy[lo:hi]
                     for i in range(xs.size):
-                        os[i] = xs[i] * sx + ds[i] * sd + s0
+                        os[i] = (xs[i] - mc) * sx_x + ds[i] * sd_x + s0_x
                 else:
                     for i in range(xs.size):
-                        os[i] = xs[i] * sx + s0
+                        os[i] = (xs[i] - mc) * sx_x + s0_x
 
 
 @_kernel
 def apply(x, dy, out, use_dy, P, A, K, J, B, plan, coef, gamma, beta):
     """Elementwise map of :func:`_p_apply` over all items; ``coef`` is
-    ``(P, K, 5)``, ``gamma`` and ``beta`` are ``(K * J,)``."""
+    ``(P, K, 5)`` float64, ``gamma`` and ``beta`` are ``(K * J,)`` in the
+    input's dtype."""
     L = J * B
     for item in prange(_n_items(plan)):
-        p0, p1, a0, a1, l0, l1, _ = _item_bounds(item, P, A, L, plan)
-        scratch = np.empty(4 * K * J)
+        p0, p1, r, _ = _item_bounds(item, P, A, K, L, plan)
+        scratch = np.empty(4 * K * J, x.dtype)
         for p in range(p0, p1):
-            _p_apply(x, dy, out, use_dy, p, a0, a1, l0, l1, A, K, J, B,
+            _p_apply(x, dy, out, use_dy, p, r, A, K, J, B,
                      coef[p], gamma, beta, scratch)
 
 
 @_inner
-def _finish_forward_p(n, mean, m2, eps, coef):
-    """Coefficients that normalize with the group statistics (forward)."""
-    for k in range(n.shape[0]):
+def _finish_forward_p(n, mean, m2, eps, coef, k0, k1):
+    """Coefficients that normalize groups ``[k0, k1)`` with their
+    statistics (forward)."""
+    for k in range(k0, k1):
         coef[k, COEF_MEAN] = mean[k]
         coef[k, COEF_A] = 1.0 / np.sqrt(m2[k] / n[k] + eps)
         coef[k, COEF_H] = 0.0
@@ -393,19 +425,20 @@ def forward_fused(x, out, P, A, K, J, B, plan, gamma, beta, eps, mean_out,
     """
     L = J * B
     for item in prange(_n_items(plan)):
-        p0, p1, a0, a1, l0, l1, _ = _item_bounds(item, P, A, L, plan)
-        scratch = np.empty(4 * K * J)
+        p0, p1, r, _ = _item_bounds(item, P, A, K, L, plan)
+        scratch = np.empty(2 * K * J)
+        x_scratch = np.empty(4 * K * J, x.dtype)
         n = np.empty(K)
         m2 = np.empty(K)
         coef = np.empty((K, N_COEF))
         for p in range(p0, p1):
-            _p_moments(x, p, a0, a1, l0, l1, A, K, J, B, n, mean_out[p], m2,
+            _p_moments(x, p, r, A, K, J, B, n, mean_out[p], m2,
                        scratch)
-            _finish_forward_p(n, mean_out[p], m2, eps, coef)
-            for k in range(K):
+            _finish_forward_p(n, mean_out[p], m2, eps, coef, r[2], r[3])
+            for k in range(r[2], r[3]):
                 var_out[p, k] = m2[k] / n[k]
-            _p_apply(x, x, out, False, p, a0, a1, l0, l1, A, K, J, B, coef,
-                     gamma, beta, scratch)
+            _p_apply(x, x, out, False, p, r, A, K, J, B, coef,
+                     gamma, beta, x_scratch)
 
 
 # --------------------------------------------------------------------------
@@ -413,10 +446,10 @@ def forward_fused(x, out, P, A, K, J, B, plan, gamma, beta, eps, mean_out,
 # --------------------------------------------------------------------------
 
 @_inner
-def _p_reduce(dy, x, p, a0, a1, l0, l1, A, K, J, B, mean_p, rstd_p, gscale,
-              group_out, affine_out, scratch):
-    """Backward sums of one ``p`` over ``a`` in ``[a0, a1)`` and segment
-    offsets ``[l0, l1)``, with ``xhat = (x - mean) * rstd``:
+def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
+              affine_out, scratch):
+    """Backward sums of one ``p`` over the ranges ``r = (a0, a1, k0, k1, l0,
+    l1)``, with ``xhat = (x - mean) * rstd``:
 
     - ``group_out[k] = (sum gscale*dy, sum gscale*dy*xhat)`` per group
       (overwritten);
@@ -424,11 +457,12 @@ def _p_reduce(dy, x, p, a0, a1, l0, l1, A, K, J, B, mean_p, rstd_p, gscale,
 
     ``scratch`` holds at least ``3 * K * J`` float64 values.
     """
+    a0, a1, k0, k1, l0, l1 = r
     L = J * B
     width = K * J
     aff_dy = affine_out[0]
     aff_dyx = affine_out[1]
-    group_out[:K] = 0.0
+    group_out[k0:k1] = 0.0
     if B == 1 and J >= WIDE_GROUP:
         # Wide groups: fold straight into the group and affine sums.
         c0, c1 = _column_range(K, L, l0, l1)
@@ -481,7 +515,7 @@ def _p_reduce(dy, x, p, a0, a1, l0, l1, A, K, J, B, mean_p, rstd_p, gscale,
                 aff_dyx[col] += s_dyx
         return
     for a in range(a0, a1):
-        for k in range(K):
+        for k in range(k0, k1):
             m = mean_p[k]
             rs = rstd_p[k]
             seg = ((p * A + a) * K + k) * L
@@ -515,17 +549,18 @@ def backward_reduce(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
     """
     L = J * B
     for item in prange(_n_items(plan)):
-        p0, p1, a0, a1, l0, l1, chunk = _item_bounds(item, P, A, L, plan)
+        p0, p1, r, chunk = _item_bounds(item, P, A, K, L, plan)
         scratch = np.empty(4 * K * J)
         part_affine[item] = 0.0
         for p in range(p0, p1):
-            _p_reduce(dy, x, p, a0, a1, l0, l1, A, K, J, B, mean[p], rstd[p],
+            _p_reduce(dy, x, p, r, A, K, J, B, mean[p], rstd[p],
                       gscale, part_group[p, chunk], part_affine[item], scratch)
 
 
 @_inner
-def finish_backward_p(sums, n, mean_p, rstd_p, coef):
-    """Coefficients of ``dx`` for one ``p`` from the group sums.
+def finish_backward_p(sums, n, mean_p, rstd_p, coef, k0, k1):
+    """Coefficients of ``dx`` for groups ``[k0, k1)`` of one ``p`` from the
+    group sums.
 
     With ``g = gscale * dy`` summed over a group of ``n`` values,
     ``dx = rstd * (g - sum(g)/n - xhat * sum(g*xhat)/n)``, i.e. in the form
@@ -533,7 +568,7 @@ def finish_backward_p(sums, n, mean_p, rstd_p, coef):
     ``h = -rstd**2 * sum(g*xhat)/n`` and ``c = -rstd * sum(g)/n``.
     Pass ``n = inf`` for fixed statistics (the sums then drop out).
     """
-    for k in range(mean_p.shape[0]):
+    for k in range(k0, k1):
         rs = rstd_p[k]
         coef[k, COEF_MEAN] = mean_p[k]
         coef[k, COEF_A] = 0.0
@@ -549,7 +584,7 @@ def backward_coefficients(sums, n, mean, rstd):
     P, K = mean.shape
     coef = np.empty((P, K, N_COEF))
     for p in range(P):
-        finish_backward_p(sums[p], n, mean[p], rstd[p], coef[p])
+        finish_backward_p(sums[p], n, mean[p], rstd[p], coef[p], 0, K)
     return coef
 
 
@@ -563,16 +598,18 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
     """
     L = J * B
     n = float(A * L)
-    zeros = np.zeros(K * J)
+    gscale_x = gscale.astype(x.dtype)
+    zeros = np.zeros(K * J, x.dtype)
     for item in prange(_n_items(plan)):
-        p0, p1, a0, a1, l0, l1, _ = _item_bounds(item, P, A, L, plan)
-        scratch = np.empty(4 * K * J)
+        p0, p1, r, _ = _item_bounds(item, P, A, K, L, plan)
+        scratch = np.empty(3 * K * J)
+        x_scratch = np.empty(4 * K * J, x.dtype)
         sums = np.empty((K, 2))
         coef = np.empty((K, N_COEF))
         part_affine[item] = 0.0
         for p in range(p0, p1):
-            _p_reduce(dy, x, p, a0, a1, l0, l1, A, K, J, B, mean[p], rstd[p],
+            _p_reduce(dy, x, p, r, A, K, J, B, mean[p], rstd[p],
                       gscale, sums, part_affine[item], scratch)
-            finish_backward_p(sums, n, mean[p], rstd[p], coef)
-            _p_apply(x, dy, dx, True, p, a0, a1, l0, l1, A, K, J, B, coef,
-                     gscale, zeros, scratch)
+            finish_backward_p(sums, n, mean[p], rstd[p], coef, r[2], r[3])
+            _p_apply(x, dy, dx, True, p, r, A, K, J, B, coef,
+                     gscale_x, zeros, x_scratch)

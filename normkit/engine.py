@@ -33,6 +33,7 @@ more), with all accumulation in float64.
 from dataclasses import dataclass
 import functools
 import math
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -44,6 +45,10 @@ MIN_ITEM_ELEMENTS = 32768
 
 #: Items per thread: more than one evens out unequal items.
 ITEMS_PER_THREAD = 4
+
+#: Values per item when groups are split into blocks: an item's data then
+#: stays in a core's L2 cache between its statistics and its normalization.
+FUSED_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -106,19 +111,64 @@ def trailing_view(shape, n_trailing):
                 math.prod(shape[len(shape) - n_trailing:]), 1)
 
 
-def make_plan(view, n_threads=None):
-    """Split the work into items: ``(p_per, n_pblk, a_per, n_ach, l_per, n_lch)``.
+class Plan(NamedTuple):
+    """How the work is split into items (passed to the kernels as is).
 
-    Whole groups (blocks of ``p``) are preferred, so that statistics and
-    normalization of a group happen while it is in cache.  When there are too
-    few groups to keep every thread busy (BatchNorm has one ``p``; a single
-    long LayerNorm row too), the reduced extent is split: first along ``a``,
-    then along the segment offsets ``l`` (only where ``B > 1``, or for one
-    wide group, ``K == 1`` and ``J >= WIDE_GROUP``, which keeps every item's
-    columns contiguous).  Partials are merged in a fixed order, so the result
-    depends only on the shape and the thread count (default: Numba's).
+    Item ``i`` covers a block of ``p_per`` values of ``p``, a block of
+    ``k_per`` groups, a chunk of ``a_per`` values of ``a`` and a chunk of
+    ``l_per`` segment offsets; there are ``n_pblk * n_kblk * n_ach * n_lch``
+    items.
+    """
+
+    p_per: int
+    n_pblk: int
+    k_per: int
+    n_kblk: int
+    a_per: int
+    n_ach: int
+    l_per: int
+    n_lch: int
+
+    @property
+    def n_items(self):
+        return self.n_pblk * self.n_kblk * self.n_ach * self.n_lch
+
+    @property
+    def n_chunks(self):
+        """Pieces each group's reduced extent is split into."""
+        return self.n_ach * self.n_lch
+
+    @property
+    def fused(self):
+        """True when every item holds whole groups."""
+        return self.n_chunks == 1
+
+
+def make_plan(view, n_threads=None):
+    """Split the work of ``view`` into items for ``n_threads`` (default:
+    Numba's thread count).
+
+    Items holding whole groups are preferred, so that the statistics and the
+    normalization of a group happen while it is in cache: blocks of ``p``,
+    or, for segment-shaped data (``B > 1``, e.g. channels-first BatchNorm),
+    blocks of groups ``k`` of at most :data:`FUSED_ELEMENTS` values.  When
+    there are too few groups to keep every thread busy (BatchNorm with few
+    channels; one long LayerNorm row), the reduced extent is split instead:
+    first along ``a``, then along the segment offsets ``l`` (only where
+    ``B > 1``, or for one wide group, ``K == 1`` and ``J >= WIDE_GROUP``,
+    which keeps every item's columns contiguous).  Partials are merged in a
+    fixed order, so results depend only on the shape and the thread count.
     """
     return _plan(view, numba.get_num_threads() if n_threads is None else n_threads)
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def _enough(items, target, n_threads):
+    """Whether ``items`` whole-group items keep ``n_threads`` evenly busy."""
+    return items >= target or (items >= n_threads and items % n_threads == 0)
 
 
 @functools.lru_cache(maxsize=512)
@@ -127,28 +177,22 @@ def _plan(view, n_threads):
     L = J * B
     total = P * A * K * L
     target = max(1, min(ITEMS_PER_THREAD * n_threads, total // MIN_ITEM_ELEMENTS))
-    if P >= target or (P >= n_threads and P % n_threads == 0):
-        p_per = -(-P // min(P, target))
-        return (p_per, -(-P // p_per), A, 1, L, 1)
-    per_p = -(-target // P)
+    if _enough(P, target, n_threads):
+        p_per = _ceil_div(P, min(P, target))
+        return Plan(p_per, _ceil_div(P, p_per), K, 1, A, 1, L, 1)
+    if B > 1 and _enough(P * K, target, n_threads):
+        k_per = max(1, min(_ceil_div(K, _ceil_div(target, P)),
+                           FUSED_ELEMENTS // (A * L)))
+        return Plan(1, P, k_per, _ceil_div(K, k_per), A, 1, L, 1)
+    per_p = _ceil_div(target, P)
     n_ach = min(A, per_p)
-    a_per = -(-A // n_ach)
-    n_ach = -(-A // a_per)
+    a_per = _ceil_div(A, n_ach)
+    n_ach = _ceil_div(A, a_per)
     n_lch = 1
     if (B > 1 or (K == 1 and J >= _cpu.WIDE_GROUP)) and n_ach < per_p:
-        n_lch = min(L, -(-per_p // n_ach))
-    l_per = -(-L // n_lch)
-    n_lch = -(-L // l_per)
-    return (1, P, a_per, n_ach, l_per, n_lch)
-
-
-def plan_is_fused(plan):
-    """True when every item holds whole groups (no split reduced extent)."""
-    return plan[3] == 1 and plan[5] == 1
-
-
-def n_items(plan):
-    return plan[1] * plan[3] * plan[5]
+        n_lch = min(L, _ceil_div(per_p, n_ach))
+    l_per = _ceil_div(L, n_lch)
+    return Plan(1, P, K, 1, a_per, n_ach, l_per, _ceil_div(L, l_per))
 
 
 # --------------------------------------------------------------------------
@@ -169,10 +213,11 @@ def as_kernel_array(x):
     return np.ascontiguousarray(x).reshape(-1)
 
 
-def _params(values, size, default):
+def _params(values, size, default, dtype=np.float64):
+    """Affine parameters as a flat ``(size,)`` array of ``dtype``."""
     if values is None:
-        return np.full(size, default)
-    return np.ascontiguousarray(values, dtype=np.float64).reshape(size)
+        return np.full(size, default, dtype=dtype)
+    return np.ascontiguousarray(values, dtype=dtype).reshape(size)
 
 
 # --------------------------------------------------------------------------
@@ -186,7 +231,7 @@ def moments(x, view):
     """
     flat = as_kernel_array(x)
     plan = make_plan(view)
-    shape = (view.P, plan[3] * plan[5], view.K)
+    shape = (view.P, plan.n_chunks, view.K)
     part_n = np.empty(shape)
     part_mean = np.empty(shape)
     part_m2 = np.empty(shape)
@@ -208,7 +253,7 @@ def apply_affine(x, view, mean, alpha, gamma=None, beta=None):
     out = np.empty_like(flat)
     kj = view.K * view.J
     _cpu.apply(flat, flat, out, False, *view.dims, plan, coef,
-               _params(gamma, kj, 1.0), _params(beta, kj, 0.0))
+               _params(gamma, kj, 1.0, flat.dtype), _params(beta, kj, 0.0, flat.dtype))
     return out.reshape(x.shape).astype(x.dtype, copy=False)
 
 
@@ -227,8 +272,9 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5):
     flat = as_kernel_array(x)
     plan = make_plan(view)
     kj = view.K * view.J
-    gamma, beta = _params(gamma, kj, 1.0), _params(beta, kj, 0.0)
-    if plan_is_fused(plan):
+    if plan.fused:
+        gamma = _params(gamma, kj, 1.0, flat.dtype)
+        beta = _params(beta, kj, 0.0, flat.dtype)
         out = np.empty_like(flat)
         mean = np.empty((view.P, view.K))
         var = np.empty((view.P, view.K))
@@ -274,13 +320,13 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     mean = np.ascontiguousarray(mean, dtype=np.float64)
     rstd = np.ascontiguousarray(rstd, dtype=np.float64)
     dx = np.empty_like(flat_x)
-    part_affine = np.empty((n_items(plan), 2, kj))
-    if batch_stats and plan_is_fused(plan):
+    part_affine = np.empty((plan.n_items, 2, kj))
+    if batch_stats and plan.fused:
         _cpu.backward_fused(flat_dy, flat_x, dx, *view.dims, plan, mean, rstd,
                             gscale, part_affine)
     else:
         if batch_stats or need_affine:
-            part_group = np.empty((view.P, plan[3] * plan[5], view.K, 2))
+            part_group = np.empty((view.P, plan.n_chunks, view.K, 2))
             _cpu.backward_reduce(flat_dy, flat_x, *view.dims, plan, mean, rstd,
                                  gscale, part_group, part_affine)
         if batch_stats:
@@ -288,8 +334,8 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
         else:  # fixed statistics: dx = g * dy * rstd, the sums drop out
             group_sums, n = np.zeros((view.P, view.K, 2)), np.inf
         coef = _cpu.backward_coefficients(group_sums, n, mean, rstd)
-        _cpu.apply(flat_x, flat_dy, dx, True, *view.dims, plan, coef, gscale,
-                   np.zeros(kj))
+        _cpu.apply(flat_x, flat_dy, dx, True, *view.dims, plan, coef,
+                   gscale.astype(flat_x.dtype), np.zeros(kj, flat_x.dtype))
     dx = dx.reshape(x.shape).astype(x.dtype, copy=False)
     if not need_affine:
         return dx, None, None

@@ -10,18 +10,21 @@ from normkit.engine import View, channel_view, make_plan, trailing_view
 
 
 def item_ranges(view, plan):
-    """Every item's (p, a, l) ranges, decoded as the kernels decode them."""
-    p_per, n_pblk, a_per, n_ach, l_per, n_lch = plan
+    """Every item's (p, k, a, l) ranges, decoded as the kernels decode them."""
     L = view.J * view.B
-    for pb, ac, lc in itertools.product(range(n_pblk), range(n_ach), range(n_lch)):
-        yield (range(pb * p_per, min(view.P, (pb + 1) * p_per)),
-               range(ac * a_per, min(view.A, (ac + 1) * a_per)),
-               range(lc * l_per, min(L, (lc + 1) * l_per)))
+    for pb, kb, ac, lc in itertools.product(range(plan.n_pblk), range(plan.n_kblk),
+                                            range(plan.n_ach), range(plan.n_lch)):
+        yield (range(pb * plan.p_per, min(view.P, (pb + 1) * plan.p_per)),
+               range(kb * plan.k_per, min(view.K, (kb + 1) * plan.k_per)),
+               range(ac * plan.a_per, min(view.A, (ac + 1) * plan.a_per)),
+               range(lc * plan.l_per, min(L, (lc + 1) * plan.l_per)))
 
 
 VIEWS = {
     "batchnorm-huge-batch": channel_view((4096, 3, 64, 64), 1, False),
     "batchnorm-channels-last": channel_view((32, 56, 56, 64), 3, False),
+    "batchnorm-channels-first": channel_view((32, 64, 56, 56), 1, False),
+    "batchnorm-small-batch": channel_view((2, 64, 56, 56), 1, False),
     "layernorm-one-long-row": trailing_view((1, 1_000_000), 1),
     "layernorm-rows": trailing_view((8192, 1024), 1),
     "groupnorm-small-batch": channel_view((2, 64, 56, 56), 1, True, 32),
@@ -35,10 +38,13 @@ VIEWS = {
 def test_plan_covers_every_value_once(name, n_threads):
     view = VIEWS[name]
     plan = make_plan(view, n_threads)
-    seen = np.zeros((view.P, view.A, view.J * view.B), dtype=np.int64)
-    for ps, as_, ls in item_ranges(view, plan):
-        seen[ps.start:ps.stop, as_.start:as_.stop, ls.start:ls.stop] += 1
+    seen = np.zeros((view.P, view.K, view.A, view.J * view.B), dtype=np.int8)
+    for ps, ks, as_, ls in item_ranges(view, plan):
+        seen[ps.start:ps.stop, ks.start:ks.stop, as_.start:as_.stop,
+             ls.start:ls.stop] += 1
     assert (seen == 1).all()
+    if view.B == 1:   # rows of narrow or wide groups are never split along k
+        assert plan.n_kblk == 1
 
 
 @pytest.mark.parametrize("name", ["batchnorm-huge-batch", "layernorm-one-long-row",
@@ -47,12 +53,14 @@ def test_plan_covers_every_value_once(name, n_threads):
 def test_plan_keeps_both_cores_busy(name):
     """Few groups over a huge extent are split along the reduced extent."""
     view = VIEWS[name]
-    assert engine.n_items(make_plan(view, 2)) >= 4
+    assert make_plan(view, 2).n_items >= 4
 
 
 def test_plan_fuses_when_groups_are_plentiful():
-    assert engine.plan_is_fused(make_plan(VIEWS["instancenorm"], 2))
-    assert not engine.plan_is_fused(make_plan(VIEWS["batchnorm-huge-batch"], 2))
+    assert make_plan(VIEWS["instancenorm"], 2).fused
+    assert make_plan(VIEWS["batchnorm-channels-first"], 2).fused
+    assert make_plan(VIEWS["batchnorm-small-batch"], 2).fused
+    assert not make_plan(VIEWS["batchnorm-huge-batch"], 2).fused
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -91,8 +99,7 @@ def test_partials_merge_to_the_same_moments_for_any_plan(n_threads, rng):
     x = rng.normal(3.0, 2.0, size=(256, 3, 40, 40))
     view = channel_view(x.shape, 1, False)
     plan = make_plan(view, n_threads)
-    chunks = plan[3] * plan[5]
-    part = [np.empty((1, chunks, 3)) for _ in range(3)]
+    part = [np.empty((1, plan.n_chunks, 3)) for _ in range(3)]
     engine._cpu.moments(x.reshape(-1), *view.dims, plan, *part)
     mean, var = engine._cpu.merge_moments(*part)
     np.testing.assert_allclose(mean[0], x.mean(axis=(0, 2, 3)), rtol=1e-13)
