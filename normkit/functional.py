@@ -83,6 +83,30 @@ def _values_per_channel_error(x):
                       f"got input size {tuple(x.shape)}")
 
 
+def _check_channel_input(func, x, axis, weight, bias, min_axis=0,
+                         running=(), running_required=False):
+    """Validate a channel-axis variant's input and per-channel arrays.
+
+    ``running`` holds ``(name, array)`` pairs of running statistics: all or
+    none must be given (all when ``running_required``).  Returns the
+    normalized axis and the number of channels.
+    """
+    check_input(x, "x", func)
+    check_ndim(x, func, min_ndim=2)
+    ax = check_axis(axis, x.ndim, func, min_axis=min_axis)
+    C = x.shape[ax]
+    for name, value in (("weight", weight), ("bias", bias)):
+        check_param(value, name, (C,), func)
+    for name, value in running:
+        if value is None and running_required:
+            raise ValueError(f"{func}: {name} is required, got None")
+        check_running(value, name, (C,), func)
+    if len({value is None for _, value in running}) > 1:
+        names = " and ".join(name for name, _ in running)
+        raise ValueError(f"{func}: give both {names} or neither")
+    return ax, C
+
+
 def _update_running(running, batch, factor):
     """``running <- (1 - factor) * running + factor * batch``, in place."""
     running[...] = (1.0 - factor) * running + factor * batch
@@ -216,17 +240,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     y : ndarray, or (y, saved)
     """
     func = "batch_norm"
-    check_input(x, "x", func)
-    check_ndim(x, func, min_ndim=2)
-    ax = check_axis(axis, x.ndim, func)
-    C = x.shape[ax]
-    for name, value in (("weight", weight), ("bias", bias)):
-        check_param(value, name, (C,), func)
-    check_running(running_mean, "running_mean", (C,), func)
-    check_running(running_var, "running_var", (C,), func)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{func}: give both running_mean and running_var or "
-                         f"neither")
+    ax, C = _check_channel_input(
+        func, x, axis, weight, bias,
+        running=(("running_mean", running_mean), ("running_var", running_var)))
     eps = check_eps(eps, func)
     updating = bool(training) and running_mean is not None
     factor = check_momentum(momentum, func, num_batches_tracked, updating)
@@ -274,17 +290,9 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None,
     statistics normalize.  Parameters as in :func:`batch_norm`.
     """
     func = "instance_norm"
-    check_input(x, "x", func)
-    check_ndim(x, func, min_ndim=2)
-    ax = check_axis(axis, x.ndim, func, min_axis=1)
-    C = x.shape[ax]
-    for name, value in (("weight", weight), ("bias", bias)):
-        check_param(value, name, (C,), func)
-    check_running(running_mean, "running_mean", (C,), func)
-    check_running(running_var, "running_var", (C,), func)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{func}: give both running_mean and running_var or "
-                         f"neither")
+    ax, C = _check_channel_input(
+        func, x, axis, weight, bias, min_axis=1,
+        running=(("running_mean", running_mean), ("running_var", running_var)))
     if not use_input_stats and running_mean is None:
         raise ValueError(f"{func}: use_input_stats=False needs running_mean "
                          f"and running_var")
@@ -377,16 +385,11 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, axis=1, *,
     per-channel affine; ``C`` groups is InstanceNorm.
     """
     func = "group_norm"
-    check_input(x, "x", func)
-    check_ndim(x, func, min_ndim=2)
-    ax = check_axis(axis, x.ndim, func, min_axis=1)
-    C = x.shape[ax]
+    ax, C = _check_channel_input(func, x, axis, weight, bias, min_axis=1)
     groups = check_positive_int(num_groups, "num_groups", func)
     if C % groups:
         raise ValueError(f"{func}: num_groups must divide the number of "
                          f"channels {C}, got num_groups={groups}")
-    for name, value in (("weight", weight), ("bias", bias)):
-        check_param(value, name, (C,), func)
     eps = check_eps(eps, func)
     view = engine.channel_view(x.shape, ax, per_sample=True, groups=groups)
     return normalize(x, view, weight, bias, eps, return_saved=return_saved,
@@ -423,17 +426,9 @@ def batch_renorm(x, running_mean, running_std, weight=None, bias=None,
     ``rmax=1, dmax=0`` training is plain batch normalization.
     """
     func = "batch_renorm"
-    check_input(x, "x", func)
-    check_ndim(x, func, min_ndim=2)
-    ax = check_axis(axis, x.ndim, func)
-    C = x.shape[ax]
-    for name, value in (("weight", weight), ("bias", bias)):
-        check_param(value, name, (C,), func)
-    for name, value in (("running_mean", running_mean),
-                        ("running_std", running_std)):
-        if value is None:
-            raise ValueError(f"{func}: {name} is required, got None")
-        check_running(value, name, (C,), func)
+    ax, C = _check_channel_input(
+        func, x, axis, weight, bias, running_required=True,
+        running=(("running_mean", running_mean), ("running_std", running_std)))
     eps = check_eps(eps, func)
     for name, value, low in (("rmax", rmax, 1.0), ("dmax", dmax, 0.0)):
         if not is_real(value) or not math.isfinite(value) or value < low:
