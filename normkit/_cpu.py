@@ -274,6 +274,13 @@ def merge_moments(part_n, part_mean, part_m2):
 # --------------------------------------------------------------------------
 
 @_inner
+def _coefficients(coef, k):
+    """``(m, a, h, e, c)`` of group ``k`` from a coefficient table."""
+    return (coef[k, COEF_MEAN], coef[k, COEF_A], coef[k, COEF_H],
+            coef[k, COEF_E], coef[k, COEF_C])
+
+
+@_inner
 def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
              scratch):
     """Elementwise map for one ``p`` over the ranges ``r = (a0, a1, k0, k1,
@@ -310,7 +317,7 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
         for k in range(K):
             lo = max(c0, k * J)
             hi = min(c1, (k + 1) * J)
-            m, a_k, h, e, c = coef[k, 0], coef[k, 1], coef[k, 2], coef[k, 3], coef[k, 4]
+            m, a_k, h, e, c = _coefficients(coef, k)
             mc = _cast_like(m, x[0])
             rest = m - float(mc)
             # s0 = beta + c - rest*(a*gamma + h) = beta + q*gamma + w
@@ -343,7 +350,7 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
         sd_c = scratch[2 * width:3 * width]
         s0_c = scratch[3 * width:4 * width]
         for k in range(K):
-            m, a_k, h, e, c = coef[k, 0], coef[k, 1], coef[k, 2], coef[k, 3], coef[k, 4]
+            m, a_k, h, e, c = _coefficients(coef, k)
             mc = _cast_like(m, x[0])
             for col in range(k * J, (k + 1) * J):
                 sx = a_k * gamma[col] + h
@@ -365,7 +372,7 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
                     o2[row, col] = (x2[row, col] - mc_c[col]) * sx_c[col] + s0_c[col]
         return
     for k in range(k0, k1):
-        m, a_k, h, e, c = coef[k, 0], coef[k, 1], coef[k, 2], coef[k, 3], coef[k, 4]
+        m, a_k, h, e, c = _coefficients(coef, k)
         mc = _cast_like(m, x[0])
         for j in range(l0 // B, (l1 - 1) // B + 1):
             col = k * J + j

@@ -199,9 +199,6 @@ def _plan(view, n_threads):
 # dtype policy
 # --------------------------------------------------------------------------
 
-_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
 def as_kernel_array(x):
     """Flat, C-contiguous float32/float64 data for the kernels.
 

@@ -12,7 +12,7 @@ A new scheme that only needs "normalize over this view" subclasses
 
 import numpy as np
 
-from . import engine, functional as F
+from . import functional as F
 from ._checks import (check_axis, check_eps, check_input, check_momentum,
                       check_ndim, check_positive_int)
 
