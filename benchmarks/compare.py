@@ -5,7 +5,7 @@ Usage::
     python benchmarks/compare.py [--repeat N] [--json out.json] [--quick]
 
 Every variant's training forward and forward+backward is timed (median of
-``--repeat`` runs after one warm-up) side by side in one process, next to
+``--repeat`` runs after warm-up, interleaved) side by side in one process, next to
 ``x.copy()`` of the same array, the cheapest pass that allocates an output
 of the input's size: each time is also reported as a multiple of it.
 torch runs with numba's thread count; channels-last inputs are handed to
@@ -65,8 +65,9 @@ def measure(case, repeat, quick=False):
         skipped = time.perf_counter() - start > QUICK_REFERENCE_LIMIT_S
     if skipped:
         del timed["ref fwd"]
-    return {name: _bench.median_time(timed[name], repeat) if name in timed
-            else None for name in TIMED}
+    medians = _bench.median_times({name: timed[name] for name in TIMED
+                                   if name in timed}, repeat)
+    return {name: medians.get(name) for name in TIMED}
 
 
 def _ms(seconds):
@@ -107,11 +108,12 @@ def main(argv=None):
                         help="fewer runs; skip the reference where one run "
                              f"takes over {QUICK_REFERENCE_LIMIT_S} s")
     args = parser.parse_args(argv)
-    repeat = args.repeat or (3 if args.quick else 7)
+    repeat = args.repeat or (3 if args.quick else 9)
 
     machine = _bench.machine_info()
     print(f"{machine}\ntraining mode, float32, median of {repeat} runs "
-          f"after 1 warm-up; compiling kernels (first run only)...\n",
+          f"after 2 warm-ups, interleaved; compiling kernels (first run "
+          f"only)...\n",
           flush=True)
     results, rows = [], []
     for case in CASES:

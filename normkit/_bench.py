@@ -6,7 +6,7 @@ the normkit forward, the float64 reference (:mod:`normkit.reference`) and
 ``torch.nn.functional`` all accept under the same names.
 :func:`implementations` then returns every timed callable of the case (the
 copy baseline, normkit, the reference and, when installed, torch), all in
-training mode, for :func:`median_time` to run.
+training mode, for :func:`median_times` to run.
 """
 
 import argparse
@@ -232,19 +232,24 @@ def implementations(case, inputs):
 # timing and reporting
 # --------------------------------------------------------------------------
 
-def median_time(fn, repeat=5, warmup=1):
-    """Median wall time of ``fn()`` in seconds over ``repeat`` runs.
+def median_times(fns, repeat=5, warmup=2):
+    """Median wall time in seconds of each callable in the dict ``fns``.
 
-    ``warmup`` untimed runs come first (compilation, page faults, caches).
+    After ``warmup`` untimed runs of each (compilation, page faults,
+    caches), the callables are timed in turn, round after round, so that a
+    drift of the machine's speed during the measurement affects all of them
+    alike.
     """
-    for _ in range(warmup):
-        fn()
-    times = []
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def positive_int(text):

@@ -78,8 +78,9 @@ def check(cases, repeat):
         error = max_error(case, inputs)
         ok = error <= TOLERANCE[case.dtype]
         timed = _bench.implementations(case, inputs)
-        ms = {name: 1e3 * _bench.median_time(timed[name], repeat)
-              for name in ("fwd", "ref fwd", "fwd+bwd", "ref fwd+bwd")}
+        names = ("fwd", "ref fwd", "fwd+bwd", "ref fwd+bwd")
+        ms = {name: 1e3 * t for name, t in _bench.median_times(
+            {name: timed[name] for name in names}, repeat).items()}
         rows.append([case.variant, str(case.shape), case.layout, case.dtype,
                      f"{error:.1e}", "pass" if ok else "FAIL",
                      f"{ms['fwd']:.2f}", f"{ms['ref fwd']:.2f}",
