@@ -26,8 +26,9 @@ contiguous one-dimensional arrays and plain integers.
 
 Memory: a C-contiguous float32 or float64 input is never copied; any other
 layout is copied once into a contiguous array.  float16 input is widened to
-float32 (one copy) and the float32 result narrowed back to float16 (one
-more), with all accumulation in float64.
+float32 (one parallel copy) and the float32 result narrowed back to float16
+(one more); statistics are accumulated in float32 within cache-sized tiles
+and in float64 across them.
 """
 
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from . import _cpu
+from . import _cpu, _half
 
 #: Items with fewer elements than this are not worth a thread of their own.
 MIN_ITEM_ELEMENTS = 32768
@@ -202,12 +203,21 @@ def _plan(view, n_threads):
 def as_kernel_array(x):
     """Flat, C-contiguous float32/float64 data for the kernels.
 
-    No copy for contiguous float32/float64; one copy for other layouts or
-    for float16 (widened to float32).
+    No copy for contiguous float32/float64; one copy for other layouts, and
+    one parallel widening copy for float16 (:func:`normkit._half.widen`).
     """
     if x.dtype == np.float16:
-        return np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+        return _half.widen(x).reshape(-1)
     return np.ascontiguousarray(x).reshape(-1)
+
+
+def from_kernel_array(flat, shape, dtype):
+    """A kernel result in the caller's ``shape`` and ``dtype`` (float16 is
+    narrowed in parallel by :func:`normkit._half.narrow`, else no copy)."""
+    out = flat.reshape(shape)
+    if dtype == np.float16 and out.dtype != np.float16:
+        return _half.narrow(out)
+    return out.astype(dtype, copy=False)
 
 
 def _params(values, size, default, dtype=np.float64):
@@ -251,7 +261,7 @@ def apply_affine(x, view, mean, alpha, gamma=None, beta=None):
     kj = view.K * view.J
     _cpu.apply(flat, flat, out, False, *view.dims, plan, coef,
                _params(gamma, kj, 1.0, flat.dtype), _params(beta, kj, 0.0, flat.dtype))
-    return out.reshape(x.shape).astype(x.dtype, copy=False)
+    return from_kernel_array(out, x.shape, x.dtype)
 
 
 def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5):
@@ -277,10 +287,10 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5):
         var = np.empty((view.P, view.K))
         _cpu.forward_fused(flat, out, *view.dims, plan, gamma, beta,
                            float(eps), mean, var)
-        return out.reshape(x.shape).astype(x.dtype, copy=False), mean, var
+        return from_kernel_array(out, x.shape, x.dtype), mean, var
     mean, var = moments(flat, view)
     y = apply_affine(flat, view, mean, 1.0 / np.sqrt(var + eps), gamma, beta)
-    return y.reshape(x.shape).astype(x.dtype, copy=False), mean, var
+    return from_kernel_array(y, x.shape, x.dtype), mean, var
 
 
 def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
@@ -333,7 +343,7 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
         coef = _cpu.backward_coefficients(group_sums, n, mean, rstd)
         _cpu.apply(flat_x, flat_dy, dx, True, *view.dims, plan, coef,
                    gscale.astype(flat_x.dtype), np.zeros(kj, flat_x.dtype))
-    dx = dx.reshape(x.shape).astype(x.dtype, copy=False)
+    dx = from_kernel_array(dx, x.shape, x.dtype)
     if not need_affine:
         return dx, None, None
     sums = part_affine.sum(axis=0)
