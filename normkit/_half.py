@@ -110,45 +110,36 @@ def _single_to_half_bits(u):
 # ---------------------------------------------------------------------------
 
 @_inline
-def _widen_chunk(src, dst):
-    for j in range(src.shape[0]):
-        dst[j] = _half_to_single_bits(np.int64(src[j]))
-
-
-@_inline
-def _narrow_chunk(src, dst):
-    for j in range(src.shape[0]):
-        dst[j] = _single_to_half_bits(np.int64(src[j]))
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def _widen_parallel(src, dst):
-    n = src.shape[0]
-    nchunks = (n + CHUNK - 1) // CHUNK
-    for c in prange(nchunks):
-        start = c * CHUNK
-        stop = min(start + CHUNK, n)
-        _widen_chunk(src[start:stop], dst[start:stop])
+def _convert_chunk(src, dst, to_half):
+    """Convert the bit patterns of ``src`` into ``dst``, element by element."""
+    if to_half:
+        for j in range(src.shape[0]):
+            dst[j] = _single_to_half_bits(np.int64(src[j]))
+    else:
+        for j in range(src.shape[0]):
+            dst[j] = _half_to_single_bits(np.int64(src[j]))
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _narrow_parallel(src, dst):
+def _convert_parallel(src, dst, to_half):
     n = src.shape[0]
-    nchunks = (n + CHUNK - 1) // CHUNK
-    for c in prange(nchunks):
+    for c in prange((n + CHUNK - 1) // CHUNK):
         start = c * CHUNK
         stop = min(start + CHUNK, n)
-        _narrow_chunk(src[start:stop], dst[start:stop])
+        _convert_chunk(src[start:stop], dst[start:stop], to_half)
 
 
 @njit(cache=True, nogil=True)
-def _widen_serial(src, dst):
-    _widen_chunk(src, dst)
+def _convert_serial(src, dst, to_half):
+    _convert_chunk(src, dst, to_half)
 
 
-@njit(cache=True, nogil=True)
-def _narrow_serial(src, dst):
-    _narrow_chunk(src, dst)
+def _convert(src, dst, to_half):
+    """Serial for at most one chunk (no thread-pool start), else parallel."""
+    if src.shape[0] <= CHUNK:
+        _convert_serial(src, dst, to_half)
+    else:
+        _convert_parallel(src, dst, to_half)
 
 
 # ---------------------------------------------------------------------------
@@ -190,10 +181,7 @@ def widen(x16):
     src = np.ascontiguousarray(x16).view(np.uint16).reshape(-1)
     out = np.empty(x16.shape, dtype=np.float32)
     dst = out.reshape(-1).view(np.uint32)
-    if src.shape[0] <= CHUNK:
-        _widen_serial(src, dst)
-    else:
-        _widen_parallel(src, dst)
+    _convert(src, dst, False)
     return out
 
 
@@ -250,8 +238,5 @@ def narrow(x32, out=None):
             raise ValueError("narrow: out must be C-contiguous")
     src = np.ascontiguousarray(x32).view(np.uint32).reshape(-1)
     dst = out.reshape(-1).view(np.uint16)
-    if src.shape[0] <= CHUNK:
-        _narrow_serial(src, dst)
-    else:
-        _narrow_parallel(src, dst)
+    _convert(src, dst, True)
     return out
