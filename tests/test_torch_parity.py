@@ -78,27 +78,38 @@ def test_running_stats_forward_and_backward(name, dtype, shape, rng):
         close(db, tb.grad, dtype, 10)
 
 
+def check_affine_variant(rng, shape, dtype, w, b, forward, backward,
+                         torch_forward):
+    """Forward and backward of a batch-independent variant against torch's
+    autograd, on random ``x`` and ``dy`` of ``shape``."""
+    x = rng.normal(size=shape).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    y, saved = forward(x)
+    tx = t(x, dtype, True)
+    tw = t(w, dtype, True) if w is not None else None
+    tb = t(b, dtype, True) if b is not None else None
+    ty = torch_forward(tx, tw, tb)
+    close(y, ty, dtype)
+    ty.backward(t(dy, dtype))
+    dx, dw, db = backward(dy, x, saved)
+    close(dx, tx.grad, dtype)
+    if w is not None:
+        close(dw, tw.grad, dtype, 10)
+        close(db, tb.grad, dtype, 10)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,nshape", [((4, 6), (6,)), ((3, 4, 5), (4, 5)),
                                           ((2, 3, 4, 5), (5,))], ids=str)
 @pytest.mark.parametrize("affine", [True, False])
 def test_layer_norm(dtype, shape, nshape, affine, rng):
-    x = rng.normal(size=shape).astype(dtype)
-    dy = rng.normal(size=shape).astype(dtype)
     w = rng.uniform(0.5, 2, size=nshape) if affine else None
     b = rng.normal(size=nshape) if affine else None
-    y, saved = normkit.layer_norm(x, nshape, w, b, return_saved=True)
-    tx = t(x, dtype, True)
-    tw = t(w, dtype, True) if affine else None
-    tb = t(b, dtype, True) if affine else None
-    ty = F.layer_norm(tx, nshape, tw, tb, eps=1e-5)
-    close(y, ty, dtype)
-    ty.backward(t(dy, dtype))
-    dx, dw, db = normkit.layer_norm_backward(dy, x, saved)
-    close(dx, tx.grad, dtype)
-    if affine:
-        close(dw, tw.grad, dtype, 10)
-        close(db, tb.grad, dtype, 10)
+    check_affine_variant(
+        rng, shape, dtype, w, b,
+        lambda x: normkit.layer_norm(x, nshape, w, b, return_saved=True),
+        normkit.layer_norm_backward,
+        lambda tx, tw, tb: F.layer_norm(tx, nshape, tw, tb, eps=1e-5))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -107,22 +118,13 @@ def test_layer_norm(dtype, shape, nshape, affine, rng):
 @pytest.mark.parametrize("affine", [True, False])
 def test_group_norm(dtype, shape, groups, affine, rng):
     c = shape[1]
-    x = rng.normal(size=shape).astype(dtype)
-    dy = rng.normal(size=shape).astype(dtype)
     w = rng.uniform(0.5, 2, size=c) if affine else None
     b = rng.normal(size=c) if affine else None
-    y, saved = normkit.group_norm(x, groups, w, b, return_saved=True)
-    tx = t(x, dtype, True)
-    tw = t(w, dtype, True) if affine else None
-    tb = t(b, dtype, True) if affine else None
-    ty = F.group_norm(tx, groups, tw, tb, eps=1e-5)
-    close(y, ty, dtype)
-    ty.backward(t(dy, dtype))
-    dx, dw, db = normkit.group_norm_backward(dy, x, saved)
-    close(dx, tx.grad, dtype)
-    if affine:
-        close(dw, tw.grad, dtype, 10)
-        close(db, tb.grad, dtype, 10)
+    check_affine_variant(
+        rng, shape, dtype, w, b,
+        lambda x: normkit.group_norm(x, groups, w, b, return_saved=True),
+        normkit.group_norm_backward,
+        lambda tx, tw, tb: F.group_norm(tx, groups, tw, tb, eps=1e-5))
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 5), (3, 3, 4, 2)], ids=str)
