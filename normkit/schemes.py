@@ -343,17 +343,23 @@ class WeightNorm(Reparametrization):
                                             "WeightNorm"))
         self.axis = axis
 
+    def _checked_view(self, v, func):
+        """The unit view of ``v``; raises unless it has ``num_units`` units."""
+        ax, view = _unit_view(v, self.axis, func)
+        if v.shape[ax] != self.g.size:
+            raise ValueError(f"{func}: expected {self.g.size} units on axis "
+                             f"{self.axis}, got input shape {v.shape}")
+        return view
+
     def initialize(self, v):
         """Set ``g = ||v||`` per unit, so that ``self(v)`` returns ``v``."""
-        ax, view = _unit_view(v, self.axis, "WeightNorm.initialize")
-        if v.shape[ax] != self.g.size:
-            raise ValueError(f"WeightNorm.initialize: v must have {self.g.size} "
-                             f"units on axis {self.axis}, got shape {v.shape}")
+        view = self._checked_view(v, "WeightNorm.initialize")
         _, mean_square = engine.moments(v, view, centered=False)
         self.g = np.sqrt(view.group_size * mean_square).reshape(-1)
         return self
 
     def _forward(self, v):
+        self._checked_view(v, "WeightNorm")
         return weight_norm(v, self.g, self.axis, return_saved=True)
 
     def _backward(self, dw, v, saved):
