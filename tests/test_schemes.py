@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import normkit
-from normkit import engine
+from normkit import _bench, engine
 from normkit import reference as ref
 
 TOL = {np.float16: 5e-3, np.float32: 2e-5, np.float64: 1e-11}
@@ -302,3 +302,25 @@ def test_spectral_norm_rejects_bad_arguments():
     normkit.spectral_norm(_data((3, 2)), frozen, np.ones(2), training=False)
     with pytest.raises(TypeError, match="weight_shape must be a tuple of ints"):
         normkit.SpectralNorm(7)
+
+
+# --------------------------------------------------------------------------
+# the benchmark script's cases of the new schemes
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", [_bench.Case("rms_norm", (6, 16), -1, "float64"),
+                                  _bench.Case("ghost_batch_norm", (8, 3, 5), 1,
+                                              "float64", virtual_batch_size=4)],
+                         ids=lambda case: case.variant)
+def test_benchmark_cases_of_new_schemes_agree_with_reference(case):
+    inputs = _bench.make_inputs(case)
+    expected = _bench.reference_forward_backward(case.variant, inputs)
+    actual = _bench.normkit_forward_backward(case.variant, inputs)
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected):
+        _close(got, want, np.float64)
+    timed = _bench.implementations(case, inputs)
+    assert ("torch fwd" in timed) == (_bench.torch is not None
+                                      and case.variant == "rms_norm")
+    for name in ("fwd", "fwd+bwd", "ref fwd"):
+        timed[name]()
