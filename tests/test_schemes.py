@@ -25,6 +25,21 @@ def _close(actual, expected, dtype):
     assert error <= TOL[np.dtype(dtype).type], error
 
 
+def _check_against_reference(name, x, *args):
+    """normkit's ``name`` and ``name_backward`` against the float64
+    reference functions of the same names, all called with ``args``."""
+    dy = _data(x.shape, x.dtype, seed=2, loc=0.0, scale=1.0)
+    y, saved = getattr(normkit, name)(x, *args, return_saved=True)
+    assert y.dtype == x.dtype
+    _close(y, getattr(ref, name)(x, *args), x.dtype)
+    grads = getattr(normkit, f"{name}_backward")(dy, x, saved)
+    expected = getattr(ref, f"{name}_backward")(dy, x, *args)
+    assert len(grads) == len(expected)
+    for got, want in zip(grads, expected):
+        assert got.shape == want.shape
+        _close(got, want, x.dtype)
+
+
 # --------------------------------------------------------------------------
 # the engine's statistics about zero
 # --------------------------------------------------------------------------
@@ -71,16 +86,8 @@ def test_uncentered_normalize_and_backward_on_any_view(dims):
 @pytest.mark.parametrize("shape, normalized", [((4, 6), (6,)), ((2, 3, 4, 5), (4, 5)),
                                                ((3, 4096), (4096,))])
 def test_rms_norm_matches_reference(dtype, shape, normalized):
-    x = _data(shape, dtype)
     w = _data(normalized, dtype, seed=1, loc=1.0, scale=0.3)
-    dy = _data(shape, dtype, seed=2, loc=0.0, scale=1.0)
-    y, saved = normkit.rms_norm(x, normalized, w, return_saved=True)
-    assert y.dtype == dtype
-    _close(y, ref.rms_norm(x, normalized, w), dtype)
-    dx, dw = normkit.rms_norm_backward(dy, x, saved)
-    rdx, rdw = ref.rms_norm_backward(dy, x, normalized, w)
-    _close(dx, rdx, dtype)
-    _close(dw, rdw, dtype)
+    _check_against_reference("rms_norm", _data(shape, dtype), normalized, w)
 
 
 def test_rms_norm_default_eps_is_the_dtype_machine_epsilon():
@@ -221,16 +228,8 @@ def test_ghost_batch_not_divisible_raises_before_any_change():
 @pytest.mark.parametrize("shape, axis", [((5, 7), 0), ((4, 3, 3, 3), 0), ((6, 8), 1),
                                          ((3, 4, 5), -1)])
 def test_weight_norm_matches_reference(dtype, shape, axis):
-    v = _data(shape, dtype)
     g = _data((shape[axis],), dtype, seed=1, loc=1.0, scale=0.5)
-    dw = _data(shape, dtype, seed=2, loc=0.0, scale=1.0)
-    w, saved = normkit.weight_norm(v, g, axis, return_saved=True)
-    assert w.dtype == dtype
-    _close(w, ref.weight_norm(v, g, axis), dtype)
-    dv, dg = normkit.weight_norm_backward(dw, v, saved)
-    rdv, rdg = ref.weight_norm_backward(dw, v, g, axis)
-    _close(dv, rdv, dtype)
-    _close(dg, rdg, dtype)
+    _check_against_reference("weight_norm", _data(shape, dtype), g, axis)
 
 
 def test_weight_norm_unit_norms_equal_g_and_initialize_starts_at_v():
