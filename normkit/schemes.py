@@ -178,9 +178,9 @@ def ghost_batch_norm(x, virtual_batch_size, running_mean=None,
     + 1)``, a cumulative average over calls).  Inference with running
     statistics is exactly BatchNorm inference, for any batch size:
     ``y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta``.
-    (Keras' ``BatchNormalization(virtual_batch_size=...)`` also updates its
-    moving statistics once per step from the ghost statistics averaged, but
-    with the biased variance.)  Other parameters as in
+    (To our knowledge Keras' ``BatchNormalization(virtual_batch_size=...)``
+    also updates its moving statistics once per step from the ghost
+    statistics averaged, but with biased variances.)  Other parameters as in
     :func:`normkit.batch_norm`.
 
     Returns
