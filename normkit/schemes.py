@@ -140,7 +140,8 @@ def ghost_view(shape, axis, virtual_batch_size):
     n = shape[0]
     if n % virtual_batch_size:
         raise ValueError(f"ghost_batch_norm: virtual_batch_size must divide "
-                         f"the batch size {n} in training, got "
+                         f"the batch size {n} when ghost-batch statistics are "
+                         f"used (training, or no running statistics), got "
                          f"virtual_batch_size={virtual_batch_size} (input "
                          f"shape {shape})")
     whole = engine.channel_view(shape, axis, per_sample=False)

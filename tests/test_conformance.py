@@ -116,6 +116,12 @@ CASES = {
     "instance_norm": dict(
         factory=lambda: _affine(normkit.InstanceNorm(C, affine=True)),
         x=_input((3, C, 5)), reference=_instance_reference),
+    "instance_norm_tracked": dict(
+        factory=lambda: _running(_affine(normkit.InstanceNorm(
+            C, affine=True, track_running_stats=True))),
+        x=_input((3, C, 5)),
+        reference=_with_running(lambda x, m, v, w, b, t: ref.instance_norm(
+            x, m, v, w, b, t, 0.1, 1e-5, 1))),
     "layer_norm": dict(
         factory=lambda: _affine(normkit.LayerNorm((C, 3))),
         x=_input((4, C, 3)),
@@ -167,8 +173,9 @@ BUILTINS = ("batch_norm", "instance_norm", "layer_norm", "group_norm",
 
 
 def test_every_builtin_is_registered_and_has_a_conformance_case():
-    covered = {name.removesuffix("_first").removesuffix("_last").removesuffix("_2d")
-               for name in CASES}
+    suffixes = ("_first", "_last", "_2d", "_tracked")
+    covered = {next((name.removesuffix(end) for end in suffixes if name.endswith(end)),
+                    name) for name in CASES}
     assert covered == set(BUILTINS)
     assert set(BUILTINS) <= set(normkit.available())
 
