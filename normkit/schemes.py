@@ -418,8 +418,10 @@ def spectral_norm(w, u, v, n_power_iterations=1, eps=1e-12, training=True,
     ----------
     w : ndarray
         The raw weight, float16, float32 or float64, at least 1-D.
-    u : ndarray ``(w.shape[axis],)``, v : ndarray ``(w.size / w.shape[axis],)``
-        The power iteration's vectors (float arrays, writeable in training).
+    u : ndarray ``(w.shape[axis],)``
+        The power iteration's left vector (float, writeable in training).
+    v : ndarray ``(w.size / w.shape[axis],)``
+        Its right vector (float, writeable in training).
     n_power_iterations : int >= 1
     eps : float > 0
     training : bool
