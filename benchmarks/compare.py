@@ -30,6 +30,9 @@ CASES = (
        Case("batch_norm", (4096, 3, 64, 64), 1)]
     + [Case(v, (2, 64, 56, 56), 1) for v in ("batch_norm", "group_norm")]
     + [Case(v, (2, 56, 56, 64), -1) for v in ("batch_norm", "group_norm")]
+    + [Case("rms_norm", (8192, 1024), -1),
+       Case("ghost_batch_norm", (32, 64, 56, 56), 1),
+       Case("ghost_batch_norm", (32, 56, 56, 64), -1)]
 )
 
 #: With ``--quick``, the reference is not timed when one run takes longer.

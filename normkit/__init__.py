@@ -14,7 +14,14 @@ from .functional import (Saved, batch_norm, batch_norm_backward, batch_renorm,
 from .layers import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d,
                      BatchRenorm, GroupNorm, InstanceNorm, LayerNorm,
                      Normalizer)
+from .layers import RunningStatsNormalizer
+from .schemes import (GhostBatchNorm, Reparametrization, RMSNorm, SpectralNorm,
+                      WeightNorm, ghost_batch_norm, ghost_batch_norm_backward,
+                      rms_norm, rms_norm_backward, spectral_norm,
+                      spectral_norm_backward, weight_norm,
+                      weight_norm_backward)
 from .registry import available, create, register
+from .registry import PluginWarning, refresh
 
 __version__ = "0.1.0"
 
@@ -27,4 +34,9 @@ __all__ = [
     "Normalizer", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "InstanceNorm", "LayerNorm", "GroupNorm", "BatchRenorm",
     "available", "create", "register",
+    "RunningStatsNormalizer", "rms_norm", "rms_norm_backward",
+    "ghost_batch_norm", "ghost_batch_norm_backward", "weight_norm",
+    "weight_norm_backward", "spectral_norm", "spectral_norm_backward",
+    "RMSNorm", "GhostBatchNorm", "Reparametrization", "WeightNorm",
+    "SpectralNorm", "PluginWarning", "refresh",
 ]

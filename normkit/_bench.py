@@ -34,7 +34,11 @@ VARIANTS = ("batch_norm", "instance_norm", "layer_norm", "group_norm",
             "batch_renorm")
 
 #: Variants that ``torch.nn.functional`` has under the same name.
-TORCH_VARIANTS = ("batch_norm", "instance_norm", "layer_norm", "group_norm")
+TORCH_VARIANTS = ("batch_norm", "instance_norm", "layer_norm", "group_norm",
+                  "rms_norm")
+
+#: Variants normalizing the trailing axis (``axis`` is ignored).
+ROW_VARIANTS = ("layer_norm", "rms_norm")
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,8 @@ class Case:
     Attributes
     ----------
     variant : str
-        One of :data:`VARIANTS`.
+        One of :data:`VARIANTS`, or "rms_norm" or "ghost_batch_norm" (timed
+        by the benchmark script, not by ``normkit check``).
     shape : tuple of int
         Shape of the input as stored (channels-last shapes end with ``C``).
     axis : int
@@ -54,6 +59,8 @@ class Case:
         ``"float16"``, ``"float32"`` or ``"float64"``.
     groups : int
         Number of groups of group_norm.
+    virtual_batch_size : int
+        Samples per ghost batch of ghost_batch_norm.
     """
 
     variant: str
@@ -61,11 +68,13 @@ class Case:
     axis: int = 1
     dtype: str = "float32"
     groups: int = 32
+    virtual_batch_size: int = 8
 
     @property
     def layout(self):
-        """``"rows"`` for layer_norm, else ``"first"`` or ``"last"``."""
-        if self.variant == "layer_norm":
+        """``"rows"`` for layer_norm and rms_norm, else ``"first"`` or
+        ``"last"``."""
+        if self.variant in ROW_VARIANTS:
             return "rows"
         return "first" if self.axis == 1 else "last"
 
@@ -98,10 +107,17 @@ def _variant_kwargs(case, rng):
     if case.variant == "layer_norm":
         return {"normalized_shape": case.shape[-1:],
                 **_affine(rng, case.shape[-1], dtype)}
+    if case.variant == "rms_norm":
+        return {"normalized_shape": case.shape[-1:],
+                "weight": _affine(rng, case.shape[-1], dtype)["weight"]}
     kwargs = {**_affine(rng, channels, dtype), "axis": case.axis}
     if case.variant == "batch_norm":
         kwargs.update(running_mean=np.zeros(channels, dtype),
                       running_var=np.ones(channels, dtype), training=True)
+    elif case.variant == "ghost_batch_norm":
+        kwargs.update(running_mean=np.zeros(channels, dtype),
+                      running_var=np.ones(channels, dtype), training=True,
+                      virtual_batch_size=case.virtual_batch_size)
     elif case.variant == "group_norm":
         kwargs["num_groups"] = case.groups
     elif case.variant == "batch_renorm":

@@ -231,11 +231,18 @@ def _params(values, size, default, dtype=np.float64):
 # engine entry points
 # --------------------------------------------------------------------------
 
-def moments(x, view):
+def moments(x, view, centered=True):
     """Per-group mean and biased variance, both ``(P, K)`` float64.
 
     ``var = 1/n * sum (x - mean)**2`` over each group of ``n`` values.
+    With ``centered=False`` the statistics are taken about zero instead:
+    the mean returned is 0 and the "variance" is the mean square
+    ``1/n * sum x**2``, computed as ``var + mean**2`` from the stable
+    moments (a sum of two non-negative terms: no cancellation).
     """
+    if not centered:
+        mean, var = moments(x, view)
+        return np.zeros_like(mean), var + mean * mean
     flat = as_kernel_array(x)
     plan = make_plan(view)
     shape = (view.P, plan.n_chunks, view.K)
@@ -264,12 +271,15 @@ def apply_affine(x, view, mean, alpha, gamma=None, beta=None):
     return from_kernel_array(out, x.shape, x.dtype)
 
 
-def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5):
+def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True):
     """Normalize with the statistics of ``x`` itself.
 
     ``y = (x - mean) / sqrt(var + eps) * gamma + beta`` per group, with the
     biased variance.  Groups that fit in one work item are reduced and
-    normalized in one pass over memory.
+    normalized in one pass over memory.  ``centered=False`` normalizes by
+    the root mean square instead, ``y = x / sqrt(mean(x**2) + eps) * gamma
+    + beta`` (see :func:`moments`; the returned mean is 0 and var the mean
+    square).
 
     Returns
     -------
@@ -279,7 +289,7 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5):
     flat = as_kernel_array(x)
     plan = make_plan(view)
     kj = view.K * view.J
-    if plan.fused:
+    if plan.fused and centered:
         gamma = _params(gamma, kj, 1.0, flat.dtype)
         beta = _params(beta, kj, 0.0, flat.dtype)
         out = np.empty_like(flat)
@@ -288,13 +298,13 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5):
         _cpu.forward_fused(flat, out, *view.dims, plan, gamma, beta,
                            float(eps), mean, var)
         return from_kernel_array(out, x.shape, x.dtype), mean, var
-    mean, var = moments(flat, view)
+    mean, var = moments(flat, view, centered)
     y = apply_affine(flat, view, mean, 1.0 / np.sqrt(var + eps), gamma, beta)
     return from_kernel_array(y, x.shape, x.dtype), mean, var
 
 
 def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
-             need_affine=True):
+             need_affine=True, centered=True):
     """Gradients of ``y = xhat * g + beta`` with ``xhat = (x - mean) * rstd``.
 
     Parameters
@@ -313,6 +323,10 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
         group.  False for fixed statistics: ``dx = g * dy * rstd``.
     need_affine : bool
         Also return the per-(k, j) sums ``sum dy`` and ``sum dy * xhat``.
+    centered : bool
+        False for statistics taken about zero (:func:`moments`): ``mean``
+        is ignored (``xhat = x * rstd``) and, with ``batch_stats``, the
+        mean term drops out, ``dx = rstd * (g*dy - xhat * mean(g*dy*xhat))``.
 
     Returns
     -------
@@ -324,11 +338,12 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     plan = make_plan(view)
     kj = view.K * view.J
     gscale = _params(gscale, kj, 1.0)
-    mean = np.ascontiguousarray(mean, dtype=np.float64)
     rstd = np.ascontiguousarray(rstd, dtype=np.float64)
+    mean = (np.ascontiguousarray(mean, dtype=np.float64) if centered
+            else np.zeros_like(rstd))
     dx = np.empty_like(flat_x)
     part_affine = np.empty((plan.n_items, 2, kj))
-    if batch_stats and plan.fused:
+    if batch_stats and plan.fused and centered:
         _cpu.backward_fused(flat_dy, flat_x, dx, *view.dims, plan, mean, rstd,
                             gscale, part_affine)
     else:
@@ -338,6 +353,8 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
                                  gscale, part_group, part_affine)
         if batch_stats:
             group_sums, n = part_group.sum(axis=1), float(view.group_size)
+            if not centered:  # no mean: its gradient term drops out
+                group_sums[..., 0] = 0.0
         else:  # fixed statistics: dx = g * dy * rstd, the sums drop out
             group_sums, n = np.zeros((view.P, view.K, 2)), np.inf
         coef = _cpu.backward_coefficients(group_sums, n, mean, rstd)

@@ -64,6 +64,9 @@ class Saved:
         Whether a bias was used (its gradient is returned then).
     r, d : ndarray ``(K * J,)`` or None
         Batch Renormalization's corrections, constants of the backward.
+    centered : bool
+        False when the statistics were taken about zero (RMS
+        normalization): ``mean`` is 0 and ``xhat = x * rstd``.
     """
 
     variant: str
@@ -76,6 +79,7 @@ class Saved:
     has_bias: bool
     r: np.ndarray | None = None
     d: np.ndarray | None = None
+    centered: bool = True
 
 
 def _values_per_channel_error(x):
@@ -117,7 +121,7 @@ def _update_running(running, batch, factor):
 # --------------------------------------------------------------------------
 
 def normalize(x, view, weight=None, bias=None, eps=1e-5, *, return_saved=False,
-              variant="normalize"):
+              variant="normalize", centered=True):
     """Normalize ``x`` over an engine :class:`~normkit.engine.View`.
 
     ``y = (x - mean) / sqrt(var + eps) * weight + bias`` with the mean and
@@ -135,16 +139,21 @@ def normalize(x, view, weight=None, bias=None, eps=1e-5, *, return_saved=False,
     eps : float
     return_saved : bool
         Also return the :class:`Saved` record for :func:`normalize_backward`.
+    centered : bool
+        False normalizes by the root mean square about zero instead,
+        ``y = x / sqrt(mean(x**2) + eps) * weight + bias`` (RMSNorm).
     """
-    y, saved, _ = _normalize_batch(x, view, weight, bias, eps, variant)
+    y, saved, _ = _normalize_batch(x, view, weight, bias, eps, variant,
+                                   centered)
     return (y, saved) if return_saved else y
 
 
-def _normalize_batch(x, view, weight, bias, eps, variant):
-    """:func:`normalize`, also returning the biased variance ``(P, K)``."""
-    y, mean, var = engine.normalize_batch(x, view, weight, bias, eps)
+def _normalize_batch(x, view, weight, bias, eps, variant, centered=True):
+    """:func:`normalize`, also returning the biased variance ``(P, K)``
+    (the mean square when not ``centered``)."""
+    y, mean, var = engine.normalize_batch(x, view, weight, bias, eps, centered)
     saved = Saved(variant, view, x.shape, mean, 1.0 / np.sqrt(var + eps), True,
-                  weight, bias is not None)
+                  weight, bias is not None, centered=centered)
     return y, saved, var
 
 
@@ -158,7 +167,9 @@ def normalize_backward(dy, x, saved, variant=None):
 
         dx = rstd \\, (g - \\overline{g} - \\hat{x} \\, \\overline{g \\hat{x}})
 
-    and ``dx = g * rstd`` for fixed statistics; ``dweight = sum(dy * xhat)``
+    (without the ``mean(g)`` term when the statistics were taken
+    about zero, ``saved.centered`` false) and ``dx = g * rstd`` for fixed
+    statistics; ``dweight = sum(dy * xhat)``
     (Batch Renormalization: ``sum(dy * (xhat * r + d))``) and
     ``dbias = sum(dy)`` over everything but the parameters' axes.
     """
@@ -185,7 +196,7 @@ def normalize_backward(dy, x, saved, variant=None):
         gscale = saved.r if gscale is None else gscale * saved.r
     dx, sum_dy, sum_dy_xhat = engine.backward(
         dy, x, saved.view, saved.mean, saved.rstd, gscale, saved.batch_stats,
-        need_affine)
+        need_affine, saved.centered)
     dweight = dbias = None
     if weight is not None:
         if saved.r is not None:

@@ -7,7 +7,12 @@ Every layer follows one protocol, :class:`Normalizer`: ``y = layer(x)``,
 copy) for the backward, as an autograd tape would.
 
 A new scheme that only needs "normalize over this view" subclasses
-:class:`Normalizer` and implements :meth:`Normalizer.view`; see the README.
+:class:`Normalizer` and implements :meth:`Normalizer.view` (and sets
+:attr:`Normalizer.centered` false to normalize by the root mean square);
+a scheme with its own use of the statistics implements
+:meth:`Normalizer._forward` and, when its gradient is not that of
+:func:`normkit.normalize_backward`, :meth:`Normalizer._backward`.  See
+``docs/extending.rst``.
 """
 
 import numpy as np
@@ -16,7 +21,7 @@ from . import functional as F
 from ._checks import (check_axis, check_eps, check_input, check_momentum,
                       check_ndim, check_positive_int)
 
-__all__ = ["Normalizer", "BatchNorm", "BatchNorm1d", "BatchNorm2d",
+__all__ = ["Normalizer", "RunningStatsNormalizer", "BatchNorm", "BatchNorm1d", "BatchNorm2d",
            "BatchNorm3d", "InstanceNorm", "LayerNorm", "GroupNorm",
            "BatchRenorm"]
 
@@ -34,15 +39,23 @@ class Normalizer:
     param_shape : tuple of int or None
         Shape of ``weight`` and ``bias`` (None: no affine parameters).
     eps : float
+    bias : bool
+        With ``param_shape``, whether there is a ``bias`` besides the
+        ``weight`` (False: a gain only, as in RMSNorm).
     """
 
     #: Names of the arrays that make up the state (None entries are skipped).
     state_names = ("weight", "bias")
 
-    def __init__(self, param_shape=None, eps=1e-5):
+    #: False: the default forward normalizes by the root mean square about
+    #: zero, ``x / sqrt(mean(x**2) + eps)``, instead of centering first.
+    centered = True
+
+    def __init__(self, param_shape=None, eps=1e-5, bias=True):
         self.eps = check_eps(eps, type(self).__name__)
         self.weight = None if param_shape is None else np.ones(param_shape)
-        self.bias = None if param_shape is None else np.zeros(param_shape)
+        self.bias = (None if param_shape is None or not bias
+                     else np.zeros(param_shape))
         self.training = True
         self.grads = {}
         self._tape = None
@@ -69,7 +82,20 @@ class Normalizer:
                              f"{self.weight.size} values but the input needs "
                              f"{size}")
         return F.normalize(x, view, self.weight, self.bias, self.eps,
-                           return_saved=True, variant=type(self).__name__)
+                           return_saved=True, variant=type(self).__name__,
+                           centered=self.centered)
+
+    def _backward(self, dy, x, saved):
+        """Return ``(dx, grads)`` for the ``saved`` record of :meth:`_forward`.
+
+        The default is :func:`normkit.normalize_backward`, with ``grads``
+        holding ``weight`` and ``bias`` where the layer has them.
+        """
+        dx, dweight, dbias = F.normalize_backward(dy, x, saved)
+        grads = {name: grad for name, grad in (("weight", dweight),
+                                               ("bias", dbias))
+                 if getattr(self, name) is not None}
+        return dx, grads
 
     # ---- the protocol ----------------------------------------------------
 
@@ -84,16 +110,16 @@ class Normalizer:
     def backward(self, dy):
         """Gradient with respect to the input of the most recent forward.
 
-        Sets ``self.grads = {"weight": dweight, "bias": dbias}`` when the
-        layer has affine parameters, and returns ``dx``.
+        Sets ``self.grads`` to the parameters' gradients by name (e.g.
+        ``{"weight": dweight, "bias": dbias}``; empty without parameters),
+        and returns ``dx``.  Bad ``dy`` raises and leaves ``grads`` as it
+        was.
         """
         if self._tape is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before "
                                f"any forward")
         x, saved = self._tape
-        dx, dweight, dbias = F.normalize_backward(dy, x, saved)
-        self.grads = ({} if self.weight is None
-                      else {"weight": dweight, "bias": dbias})
+        dx, self.grads = self._backward(dy, x, saved)
         return dx
 
     def train(self, mode=True):
@@ -188,6 +214,12 @@ class _RunningStats(Normalizer):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.weight is not None}, "
                 f"track_running_stats={self.track_running_stats}, axis={self.axis}")
+
+
+#: Public name of the base of layers with running statistics (``momentum``,
+#: ``running_mean``, ``running_var`` or ``running_std``,
+#: ``num_batches_tracked``, ``reset_running_stats()``) for new schemes.
+RunningStatsNormalizer = _RunningStats
 
 
 class BatchNorm(_RunningStats):

@@ -28,6 +28,14 @@ __all__ = [
     "layer_norm_backward",
     "group_norm_backward",
     "batch_renorm_backward",
+    "rms_norm",
+    "rms_norm_backward",
+    "ghost_batch_norm",
+    "ghost_batch_norm_backward",
+    "weight_norm",
+    "weight_norm_backward",
+    "spectral_norm",
+    "spectral_norm_backward",
 ]
 
 
@@ -568,3 +576,215 @@ def batch_renorm_backward(dy, x, running_mean, running_std, weight=None,
         dxc = dyc * w / running_std
     dweight, dbias = _param_grads(dyc, z, weight, bias, axes=0)
     return _from_per_channel_2d(dxc, moved_shape, ax), dweight, dbias
+
+
+# ---------------------------------------------------------------------------
+# RMSNorm
+# ---------------------------------------------------------------------------
+
+def _rms_rows(x, normalized_shape, eps):
+    """``(rows, normalized_shape, rstd, eps)`` of RMSNorm; ``eps=None`` is
+    the machine epsilon of ``x``'s own dtype."""
+    eps = float(np.finfo(np.asarray(x).dtype).eps) if eps is None else eps
+    rows, normalized_shape = _layer_norm_rows(_f64(x), normalized_shape)
+    rstd = 1.0 / np.sqrt((rows * rows).mean(axis=1, keepdims=True) + eps)
+    return rows, normalized_shape, rstd
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None):
+    """RMSNorm: ``y = x / sqrt(mean(x**2) + eps) * w`` over the trailing
+    ``normalized_shape`` dimensions (no mean subtraction, no bias).
+
+    Returns
+    -------
+    y : ndarray
+    """
+    rows, _, rstd = _rms_rows(x, normalized_shape, eps)
+    y = _affine(rows * rstd, None if weight is None else _f64(weight).reshape(-1),
+                None)
+    return y.reshape(np.shape(x))
+
+
+def rms_norm_backward(dy, x, normalized_shape, weight=None, eps=None):
+    """Gradients of :func:`rms_norm`.
+
+    Per row of ``n`` values with ``xhat = x * rstd`` and ``g = dy * w``:
+    ``d rstd / d x_i = -rstd**3 * x_i / n``, so
+    ``dx = rstd * (g - xhat * mean(g * xhat))``; ``dweight = sum(dy * xhat)``
+    over the leading dimensions.
+
+    Returns
+    -------
+    dx, dweight
+    """
+    rows, normalized_shape, rstd = _rms_rows(x, normalized_shape, eps)
+    dyr = _f64(dy).reshape(rows.shape)
+    xhat = rows * rstd
+    g = dyr if weight is None else dyr * _f64(weight).reshape(-1)
+    dx = rstd * (g - xhat * (g * xhat).mean(axis=1, keepdims=True))
+    dweight = None
+    if weight is not None:
+        dweight = (dyr * xhat).sum(axis=0).reshape(normalized_shape)
+    return dx.reshape(np.shape(x)), dweight
+
+
+# ---------------------------------------------------------------------------
+# Ghost BatchNorm
+# ---------------------------------------------------------------------------
+
+def _ghost_batches(n, virtual_batch_size):
+    if n % virtual_batch_size:
+        raise ValueError(f"virtual_batch_size {virtual_batch_size} does not "
+                         f"divide the batch size {n}")
+    return [slice(i, i + virtual_batch_size)
+            for i in range(0, n, virtual_batch_size)]
+
+
+def ghost_batch_norm(x, virtual_batch_size, running_mean=None,
+                     running_var=None, weight=None, bias=None, training=False,
+                     momentum=0.1, eps=1e-5, axis=1, num_batches_tracked=None):
+    """Ghost batch normalization.
+
+    In training (or without running statistics) every block of
+    ``virtual_batch_size`` consecutive samples is batch normalized with its
+    own mean and biased variance.  The running statistics (given ones are
+    not modified) get one update with the mean over ghost batches of their
+    means and of their unbiased variances::
+
+        new = (1 - f) * old + f * mean_over_ghost_batches(batch statistic)
+
+    In inference with running statistics this is :func:`batch_norm`.
+
+    Returns
+    -------
+    y, new_running_mean, new_running_var
+    """
+    if not training and running_mean is not None:
+        return batch_norm(x, running_mean, running_var, weight, bias, False,
+                          momentum, eps, axis)
+    x = _f64(x)
+    ax = _channel_axis(axis, x.ndim)
+    ghosts = _ghost_batches(x.shape[0], virtual_batch_size)
+    y = np.concatenate([batch_norm(x[g], None, None, weight, bias, True,
+                                   eps=eps, axis=ax)[0] for g in ghosts])
+    new_rm, new_rv = _f64(running_mean), _f64(running_var)
+    if training and running_mean is not None:
+        columns = [_per_channel_2d(x[g], ax)[0] for g in ghosts]
+        mean = np.mean([c.mean(axis=0) for c in columns], axis=0)
+        var = np.mean([c.var(axis=0, ddof=1) for c in columns], axis=0)
+        f = _momentum_factor(momentum, num_batches_tracked)
+        new_rm = (1.0 - f) * new_rm + f * mean
+        new_rv = (1.0 - f) * new_rv + f * var
+    return y, new_rm, new_rv
+
+
+def ghost_batch_norm_backward(dy, x, virtual_batch_size, running_mean=None,
+                              running_var=None, weight=None, bias=None,
+                              training=False, eps=1e-5, axis=1):
+    """Gradients of :func:`ghost_batch_norm`: :func:`batch_norm_backward`
+    of each ghost batch (``dx`` concatenated, ``dweight`` and ``dbias``
+    summed), or of the whole batch in inference with running statistics.
+
+    Returns
+    -------
+    dx, dweight, dbias
+    """
+    if not training and running_mean is not None:
+        return batch_norm_backward(dy, x, running_mean, running_var, weight,
+                                   bias, False, eps, axis)
+    parts = [batch_norm_backward(dy[g], x[g], None, None, weight, bias, True,
+                                 eps, axis)
+             for g in _ghost_batches(np.shape(x)[0], virtual_batch_size)]
+    dx = np.concatenate([p[0] for p in parts])
+    dweight = None if weight is None else sum(p[1] for p in parts)
+    dbias = None if bias is None else sum(p[2] for p in parts)
+    return dx, dweight, dbias
+
+
+# ---------------------------------------------------------------------------
+# Weight Normalization and Spectral Normalization
+# ---------------------------------------------------------------------------
+
+def _unit_norms(v, axis):
+    """``||v||`` per index of ``axis`` (over all other axes), kept
+    broadcastable against ``v``."""
+    others = tuple(i for i in range(v.ndim) if i != axis % v.ndim)
+    return np.sqrt((v * v).sum(axis=others, keepdims=True)), others
+
+
+def weight_norm(v, g, axis=0):
+    """Weight normalization ``w = g * v / ||v||``, the norm per index of
+    ``axis`` over all other axes.
+
+    Returns
+    -------
+    w : ndarray
+    """
+    v = _f64(v)
+    norms, _ = _unit_norms(v, axis)
+    return _f64(g).reshape(norms.shape) * v / norms
+
+
+def weight_norm_backward(dw, v, g, axis=0):
+    """Gradients of :func:`weight_norm`.
+
+    With ``vhat = v / ||v||``: ``dg = sum(dw * vhat)`` and
+    ``dv = g / ||v|| * (dw - vhat * sum(dw * vhat))`` per unit.
+
+    Returns
+    -------
+    dv, dg
+    """
+    v, dw = _f64(v), _f64(dw)
+    norms, others = _unit_norms(v, axis)
+    vhat = v / norms
+    s = (dw * vhat).sum(axis=others, keepdims=True)
+    dv = _f64(g).reshape(norms.shape) / norms * (dw - vhat * s)
+    return dv, s.reshape(-1)
+
+
+def _weight_matrix(w, axis):
+    w = _f64(w)
+    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+
+
+def spectral_norm(w, u, v, n_power_iterations=1, eps=1e-12, training=True,
+                  axis=0):
+    """Spectral normalization ``w / sigma`` with ``sigma = u^T W v``.
+
+    ``W`` is ``w`` with ``axis`` moved first and the other axes flattened.
+    In training, ``n_power_iterations`` steps of
+    ``v = W^T u / max(||W^T u||, eps)``, ``u = W v / max(||W v||, eps)``
+    come first (on copies).
+
+    Returns
+    -------
+    y, new_u, new_v
+    """
+    matrix = _weight_matrix(w, axis)
+    u, v = _f64(u), _f64(v)
+    if training:
+        for _ in range(n_power_iterations):
+            v = matrix.T @ u
+            v = v / max(np.linalg.norm(v), eps)
+            u = matrix @ v
+            u = u / max(np.linalg.norm(u), eps)
+    sigma = u @ matrix @ v
+    return _f64(w) / sigma, u, v
+
+
+def spectral_norm_backward(dy, w, u, v, axis=0):
+    """Gradient of ``w / sigma`` with ``sigma = u^T W v``, ``u`` and ``v``
+    constants (those the forward used):
+    ``dW = dY / sigma - sum(dY * W) / sigma**2 * u v^T``.
+
+    Returns
+    -------
+    dw
+    """
+    matrix, dmatrix = _weight_matrix(w, axis), _weight_matrix(dy, axis)
+    u, v = _f64(u), _f64(v)
+    sigma = u @ matrix @ v
+    dmatrix = dmatrix / sigma - (dmatrix * matrix).sum() / sigma**2 * np.outer(u, v)
+    moved = np.moveaxis(_f64(w), axis, 0).shape
+    return np.moveaxis(dmatrix.reshape(moved), 0, axis)
