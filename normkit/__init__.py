@@ -14,6 +14,7 @@ from .functional import (Saved, batch_norm, batch_norm_backward, batch_renorm,
 from .layers import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d,
                      BatchRenorm, GroupNorm, InstanceNorm, LayerNorm,
                      Normalizer)
+from .population import reestimate_population_statistics
 from .registry import available, create, register
 
 __version__ = "0.1.0"
@@ -27,4 +28,5 @@ __all__ = [
     "Normalizer", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "InstanceNorm", "LayerNorm", "GroupNorm", "BatchRenorm",
     "available", "create", "register",
+    "reestimate_population_statistics",
 ]
