@@ -110,8 +110,10 @@ def train_cell(variant, batch_size, seed, settings=Settings()):
     -------
     dict
         The cell's coordinates and settings, ``test_accuracy``,
-        ``test_accuracy_population``, ``train_loss`` (mean over the last
-        epoch), ``steps`` and ``diverged`` (a non-finite loss stopped it).
+        ``test_accuracy_population`` (with ``population_reestimated``
+        telling whether the network had running statistics to
+        re-estimate), ``train_loss`` (mean over the last epoch), ``steps``
+        and ``diverged`` (a non-finite loss stopped it).
     """
     with _single_thread():
         return _train(variant, batch_size, seed, settings)
@@ -163,6 +165,7 @@ def _train(variant, batch_size, seed, settings):
     return {"variant": variant, "batch_size": batch_size, "seed": seed,
             "settings": asdict(settings), "test_accuracy": accuracy,
             "test_accuracy_population": population,
+            "population_reestimated": bool(with_running) and not diverged,
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
             "steps": step, "diverged": diverged}
 
