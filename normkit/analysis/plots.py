@@ -92,6 +92,7 @@ def plot_mismatch(mismatch, dependence, path):
     statistics, and the batch dependence of one sample's output, against
     batch size."""
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    left.set_prop_cycle(color=plt.cm.tab20.colors)
     sizes = sorted({row["batch_size"] for row in mismatch + dependence})
     for (variant, method, variance), rows in _by(
             mismatch, "variant", "method", "variance").items():
