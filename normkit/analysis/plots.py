@@ -87,31 +87,32 @@ def plot_estimators(rows, path):
     return _save(figure, path)
 
 
+def _curves(axis, rows, keys, value, label):
+    """One error-bar curve (± 2 standard errors of ``value``) against batch
+    size per distinct ``keys`` of ``rows``; ``label(group_key)`` names it."""
+    for key, group in _by(rows, *keys).items():
+        group = sorted(group, key=lambda r: r["batch_size"])
+        axis.errorbar([r["batch_size"] for r in group], [r[value] for r in group],
+                      yerr=[2 * r[f"{value}_se"] for r in group], marker="o",
+                      markersize=3, label=label(key))
+
+
 def plot_mismatch(mismatch, dependence, path):
     """Train/inference mismatch per variant and way of obtaining inference
     statistics, and the batch dependence of one sample's output, against
     batch size."""
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     left.set_prop_cycle(color=plt.cm.tab20.colors)
-    sizes = sorted({row["batch_size"] for row in mismatch + dependence})
-    for (variant, method, variance), rows in _by(
-            mismatch, "variant", "method", "variance").items():
-        rows = sorted(rows, key=lambda r: r["batch_size"])
-        label = variant if method == "batch" else f"{variant}: {method}, {variance}"
-        left.errorbar([r["batch_size"] for r in rows], [r["mismatch"] for r in rows],
-                      yerr=[2 * r["mismatch_se"] for r in rows], marker="o",
-                      markersize=3, label=label)
+    _curves(left, mismatch, ("variant", "method", "variance"), "mismatch",
+            lambda key: key[0] if key[1] == "batch" else f"{key[0]}: {key[1]}, {key[2]}")
     left.set_ylabel("RMS(train-mode output - inference-mode output)")
     left.set_title("train/inference mismatch")
     left.legend(fontsize=6)
-    for (variant,), rows in _by(dependence, "variant").items():
-        rows = sorted(rows, key=lambda r: r["batch_size"])
-        right.errorbar([r["batch_size"] for r in rows], [r["change"] for r in rows],
-                       yerr=[2 * r["change_se"] for r in rows], marker="o",
-                       markersize=3, label=variant)
+    _curves(right, dependence, ("variant",), "change", lambda key: key[0])
     right.set_ylabel("RMS change of sample 0's output")
     right.set_title("batch dependence: rest of the batch replaced")
     right.legend(fontsize=8)
+    sizes = sorted({row["batch_size"] for row in mismatch + dependence})
     for axis in (left, right):
         _log2_axis(axis, sizes)
     return _save(figure, path)
