@@ -19,29 +19,31 @@ does this for any number of layers of a network at once.
 import numpy as np
 
 from . import engine
-from .layers import BatchNorm, BatchRenorm, InstanceNorm
 
-__all__ = ["reestimate_population_statistics"]
+__all__ = ["reestimate_population_statistics", "has_running_statistics"]
 
 
-def _per_sample(layer, index):
-    """Whether ``layer`` keeps statistics per sample (InstanceNorm)."""
+def has_running_statistics(layer):
+    """Whether ``layer`` keeps running statistics that
+    :func:`reestimate_population_statistics` can replace: a
+    ``running_mean`` and a running spread (``running_var`` or
+    ``running_std``, named by the layer's ``spread_name``) that are not
+    None."""
+    spread = getattr(layer, "spread_name", None)
+    return (spread is not None and getattr(layer, "running_mean", None) is not None
+            and getattr(layer, spread, None) is not None)
+
+
+def _check_layer(layer, index):
     func = "reestimate_population_statistics"
-    if isinstance(layer, InstanceNorm):
-        if not layer.track_running_stats:
-            raise ValueError(f"{func}: layers[{index}] is an InstanceNorm "
-                             f"without running statistics "
-                             f"(track_running_stats=False)")
-        return True
-    if isinstance(layer, BatchNorm):
-        if not layer.track_running_stats:
-            raise ValueError(f"{func}: layers[{index}] is a BatchNorm without "
-                             f"running statistics (track_running_stats=False)")
-        return False
-    if isinstance(layer, BatchRenorm):
-        return False
-    raise TypeError(f"{func}: layers[{index}] must be a BatchNorm, BatchRenorm "
-                    f"or InstanceNorm layer, got {type(layer).__name__}")
+    if getattr(layer, "spread_name", None) is None:
+        raise TypeError(f"{func}: layers[{index}] must be a layer with running "
+                        f"statistics (BatchNorm, BatchRenorm, InstanceNorm, "
+                        f"...), got {type(layer).__name__}")
+    if not has_running_statistics(layer):
+        raise ValueError(f"{func}: layers[{index}] ({type(layer).__name__}) "
+                         f"keeps no running statistics "
+                         f"(track_running_stats=False)")
 
 
 class _Accumulator:
@@ -49,22 +51,28 @@ class _Accumulator:
 
     Per channel: ``values = sum_B m_B``, ``sum_x = sum_B m_B * mu_B``,
     ``sum_m2 = sum_B m_B * sigma_B^2`` and ``dof = sum_B (m_B - 1)``, where
-    a "batch" is one statistics group of the layer's view (the whole batch
-    for BatchNorm and BatchRenorm, one sample for InstanceNorm).
+    a "batch" is one statistics group of the view the layer normalizes with
+    in training (the whole batch for BatchNorm and BatchRenorm, one sample
+    for InstanceNorm, one virtual batch for Ghost BatchNorm).
     """
 
-    def __init__(self, layer, per_sample):
+    def __init__(self, layer):
         self.layer = layer
-        self.per_sample = per_sample
         self.values = 0
         self.dof = 0
         self.groups = 0
         self.sum_x = np.zeros(layer.num_features)
         self.sum_m2 = np.zeros(layer.num_features)
 
-    def add(self, x):
-        axis = self.layer.axis % x.ndim
-        view = engine.channel_view(x.shape, axis, self.per_sample)
+    def add(self, x, saved):
+        """Add the statistics groups of ``x`` in the view of ``saved``, the
+        record of the layer's training-mode forward on ``x``."""
+        view = saved.view
+        if not saved.batch_stats or view.J != 1 or view.K != self.sum_x.size:
+            raise ValueError(f"reestimate_population_statistics: "
+                             f"{type(self.layer).__name__} must normalize "
+                             f"with per-channel batch statistics in training "
+                             f"mode, got the view {view}")
         mean, var = engine.moments(x, view)          # (P, C) each
         m = view.group_size
         self.values += m * view.P
@@ -75,12 +83,6 @@ class _Accumulator:
 
     def estimate(self):
         """``(E[x], Var[x])`` pooled over every group seen."""
-        if self.dof <= 0:
-            raise ValueError(f"reestimate_population_statistics: "
-                             f"{type(self.layer).__name__} saw "
-                             f"{self.values} values per channel in "
-                             f"{self.groups} batches; need at least one batch "
-                             f"with more than one value per channel")
         return self.sum_x / self.values, self.sum_m2 / self.dof
 
 
@@ -97,14 +99,13 @@ class _Recording:
     """Context: each listed layer records its input into its accumulator.
 
     The layer's ``_forward`` is shadowed on the instance, so ``layer(x)``
-    runs as usual and the input's moments are added afterwards.  With
-    ``freeze`` the running buffers and batch counter are put back after
-    every call, so a training-mode forward leaves them as they were.
+    runs as usual (in training mode) and the input's moments over the view
+    it used are added afterwards.  The running buffers and the batch counter
+    are put back after every call, so they stay as they were.
     """
 
-    def __init__(self, accumulators, freeze):
+    def __init__(self, accumulators):
         self.accumulators = accumulators
-        self.freeze = freeze
 
     def __enter__(self):
         for acc in self.accumulators:
@@ -123,13 +124,12 @@ class _Recording:
         def recording_forward(x):
             kept = [getattr(layer, name).copy() for name in names]
             count = layer.num_batches_tracked
-            result = original(x)
-            if self.freeze:
-                for name, value in zip(names, kept):
-                    getattr(layer, name)[...] = value
-                layer.num_batches_tracked = count
-            acc.add(x)
-            return result
+            y, saved = original(x)
+            for name, value in zip(names, kept):
+                getattr(layer, name)[...] = value
+            layer.num_batches_tracked = count
+            acc.add(x, saved)
+            return y, saved
 
         return recording_forward
 
@@ -139,9 +139,7 @@ def reestimate_population_statistics(layers, batches, forward=None, *,
     """Replace running statistics by population estimates over ``batches``.
 
     For each layer, per channel, over every batch ``B`` of ``m_B`` values
-    per channel that reaches it (``m_B = N * spatial`` for BatchNorm and
-    BatchRenorm; for InstanceNorm each sample of each batch counts as a
-    batch of ``m_B = spatial`` values)
+    per channel that reaches it
 
     .. math::
 
@@ -150,24 +148,30 @@ def reestimate_population_statistics(layers, batches, forward=None, *,
                                       {\\sum_B (m_B - 1)}
 
     with the batch mean ``mu_B`` and biased variance ``sigma_B^2`` from
-    :func:`normkit.engine.moments`.  With equal batch sizes this is exactly
-    the Batch Normalization paper's ``mean_B mu_B`` and
-    ``m / (m - 1) * mean_B sigma_B^2``.  With unequal sizes the mean weighs
-    each batch by its number of values (it is the mean of every value seen)
-    and the variance by its degrees of freedom ``m_B - 1`` (the pooled
-    unbiased within-batch variance), so a short last batch counts for what
-    it holds.  ``running_var`` receives ``Var[x]``; BatchRenorm's
-    ``running_std`` receives ``sqrt(Var[x] + eps)``, the spread its
-    inference formula ``(x - running_mean) / running_std`` divides by, as
-    BatchNorm's ``sqrt(running_var + eps)``.  Weights, biases and
+    :func:`normkit.engine.moments` over the view the layer normalizes with
+    in training: a "batch" is the whole batch for BatchNorm and
+    BatchRenorm (``m_B = N * spatial``), each sample for InstanceNorm
+    (``m_B = spatial``), each virtual batch for Ghost BatchNorm.  With equal
+    batch sizes this is exactly the Batch Normalization paper's
+    ``mean_B mu_B`` and ``m / (m - 1) * mean_B sigma_B^2``.  With unequal
+    sizes the mean weighs each batch by its number of values (it is the
+    mean of every value seen) and the variance by its degrees of freedom
+    ``m_B - 1`` (the pooled unbiased within-batch variance), so a short
+    last batch counts for what it holds.  ``running_var`` receives
+    ``Var[x]``; BatchRenorm's ``running_std`` receives
+    ``sqrt(Var[x] + eps)``, the spread its inference formula
+    ``(x - running_mean) / running_std`` divides by, as BatchNorm's
+    ``sqrt(running_var + eps)``.  Weights, biases and
     ``num_batches_tracked`` are never changed, and each layer ends in the
     training mode it started in.
 
     Parameters
     ----------
     layers : layer or sequence of layers
-        :class:`~normkit.BatchNorm`, :class:`~normkit.BatchRenorm` or
-        :class:`~normkit.InstanceNorm` (with ``track_running_stats``).
+        Layers with per-channel running statistics
+        (:func:`has_running_statistics`): :class:`~normkit.BatchNorm`,
+        :class:`~normkit.BatchRenorm`, :class:`~normkit.InstanceNorm` with
+        ``track_running_stats``, and schemes built the same way.
     batches : iterable
         Inputs handed to ``forward`` one at a time (a re-iterable sequence
         when ``sequential``).
@@ -181,10 +185,10 @@ def reestimate_population_statistics(layers, batches, forward=None, *,
         runs in training mode, as during training, with its running
         buffers held fixed, so each layer's statistics are those of the
         input it saw while training.  True (one pass per layer, in the
-        order given, which must be the order of the network): all listed
-        layers run in inference mode, and layer ``k`` is estimated from the
-        input produced by layers ``0..k-1`` already holding their new
-        population statistics, i.e. the input it will see at inference.
+        order given, which must be the order of the network): in the pass
+        for layer ``k`` the other listed layers run in inference mode, and
+        layers ``0..k-1`` already hold their new population statistics, so
+        layer ``k`` is estimated from the input it will see at inference.
 
     Returns
     -------
@@ -192,14 +196,23 @@ def reestimate_population_statistics(layers, batches, forward=None, *,
         Per layer, in order: ``running_mean`` and ``running_var`` (or
         ``running_std``) as written, ``batches`` (statistics groups pooled)
         and ``values`` (values per channel pooled).
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a layer without running statistics, an empty ``layers``, a
+        ``forward`` that is not callable, an iterator with
+        ``sequential=True``, or a layer that received no input (and
+        whatever a layer raises on its input); the running statistics
+        of the layers not yet estimated are then unchanged (with
+        ``sequential=True`` the layers before are already updated).
     """
     func = "reestimate_population_statistics"
-    single = not isinstance(layers, (list, tuple))
-    layers = [layers] if single else list(layers)
+    layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
     if not layers:
         raise ValueError(f"{func}: layers must not be empty")
-    accumulators = [_Accumulator(layer, _per_sample(layer, i))
-                    for i, layer in enumerate(layers)]
+    for index, layer in enumerate(layers):
+        _check_layer(layer, index)
     if forward is None:
         def forward(batch):
             for layer in layers:
@@ -211,20 +224,18 @@ def reestimate_population_statistics(layers, batches, forward=None, *,
         raise TypeError(f"{func}: sequential=True makes one pass per layer, "
                         f"so batches must be a re-iterable sequence, got the "
                         f"iterator {type(batches).__name__}")
+    accumulators = [_Accumulator(layer) for layer in layers]
+    passes = ([[acc] for acc in accumulators] if sequential
+              else [accumulators])
     modes = [layer.training for layer in layers]
     try:
-        if sequential:
+        for recorded in passes:
             for layer in layers:
-                layer.eval()
-            for acc in accumulators:
-                _run_pass([acc], batches, forward, freeze=False)
-                _write(acc.layer, *acc.estimate())
-        else:
-            for layer in layers:
-                layer.train()
-            _run_pass(accumulators, batches, forward, freeze=True)
-            for acc in accumulators:
-                _write(acc.layer, *acc.estimate())
+                layer.train(any(acc.layer is layer for acc in recorded))
+            _run_pass(recorded, batches, forward)
+            estimates = [acc.estimate() for acc in recorded]
+            for acc, (mean, var) in zip(recorded, estimates):
+                _write(acc.layer, mean, var)
     finally:
         for layer, mode in zip(layers, modes):
             layer.train(mode)
@@ -234,9 +245,9 @@ def reestimate_population_statistics(layers, batches, forward=None, *,
             for acc in accumulators]
 
 
-def _run_pass(accumulators, batches, forward, freeze):
+def _run_pass(accumulators, batches, forward):
     """Run ``forward`` on every batch while ``accumulators`` record."""
-    with _Recording(accumulators, freeze):
+    with _Recording(accumulators):
         for batch in batches:
             forward(batch)
     for acc in accumulators:

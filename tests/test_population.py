@@ -129,7 +129,7 @@ def test_sequential_pass_sees_inference_mode_inputs(rng):
 
 def test_bad_arguments_raise_and_leave_state_alone(rng):
     batches = channel_batches(rng, (3, 3))
-    with pytest.raises(TypeError, match=r"layers\[0\] must be a BatchNorm"):
+    with pytest.raises(TypeError, match=r"layers\[0\] must be a layer with running"):
         normkit.reestimate_population_statistics(normkit.GroupNorm(1, 3), batches)
     with pytest.raises(ValueError, match="track_running_stats=False"):
         normkit.reestimate_population_statistics(normkit.InstanceNorm(3), batches)
@@ -142,6 +142,22 @@ def test_bad_arguments_raise_and_leave_state_alone(rng):
     np.testing.assert_array_equal(used.running_mean, np.zeros(3))
     np.testing.assert_array_equal(used.running_var, np.ones(3))
     assert used.num_batches_tracked == 0 and "_forward" not in vars(used)
-    with pytest.raises(ValueError, match="more than one value per channel"):
+    layer = normkit.BatchNorm(3).eval()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
         normkit.reestimate_population_statistics(
-            normkit.BatchNorm(3).eval(), [np.ones((1, 3))], sequential=True)
+            layer, [np.ones((4, 3)), np.ones((1, 3))], sequential=True)
+    np.testing.assert_array_equal(layer.running_var, np.ones(3))
+    assert not layer.training
+
+
+def test_ghost_batch_norm_pools_its_virtual_batches(rng):
+    """Runs once Ghost BatchNorm (another branch) is part of normkit."""
+    if not hasattr(normkit, "GhostBatchNorm"):
+        pytest.skip("normkit.GhostBatchNorm is not available")
+    batches = channel_batches(rng, (6, 4), dtype=np.float64)
+    layer = normkit.GhostBatchNorm(3, virtual_batch_size=2)
+    normkit.reestimate_population_statistics(layer, batches)
+    ghosts = [b[i:i + 2] for b in batches for i in range(0, len(b), 2)]
+    mean, var = pooled(ghosts)
+    np.testing.assert_allclose(layer.running_mean, mean, rtol=1e-12)
+    np.testing.assert_allclose(layer.running_var, var, rtol=1e-12)

@@ -30,7 +30,8 @@ import copy
 
 import numpy as np
 
-from .. import reestimate_population_statistics
+from ..population import (has_running_statistics,
+                          reestimate_population_statistics)
 from .variants import VARIANTS, check_variants
 
 #: Ways of obtaining inference statistics: name -> momentum while training
@@ -53,13 +54,6 @@ class _Features:
         z = self.rng.standard_normal((n,) + self.shape)
         std = 1.0 + progress * (self.std - 1.0)
         return progress * self.mean + std * z
-
-
-def _running_spread(layer):
-    name = getattr(layer, "spread_name", None)
-    if name is None or getattr(layer, name, None) is None:
-        return None
-    return name
 
 
 def _rms(a, b):
@@ -97,15 +91,14 @@ def mismatch_study(variants=tuple(VARIANTS), batch_sizes=(2, 4, 8, 16, 32, 64),
             rng = np.random.default_rng([seed, v_index, batch_size])
             features = _Features(shape, rng)
             probe = VARIANTS[variant].conv(shape)
-            if probe is None or _running_spread(probe) is None:
+            if probe is None or not has_running_statistics(probe):
                 rows.append(_mismatch_row(variant, batch_size, "batch", "none",
                                           probe, features, eval_batches))
                 continue
             for method, momentum in METHODS.items():
                 layer = _trained(variant, shape, features, batch_size, steps,
                                  method, momentum)
-                spread = _running_spread(layer)
-                variances = (("running_std",) if spread == "running_std"
+                variances = (("running_std",) if layer.spread_name == "running_std"
                              else ("unbiased", "biased"))
                 m = batch_size * int(np.prod(shape[1:]))
                 for variance in variances:

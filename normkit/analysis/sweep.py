@@ -39,6 +39,7 @@ import numba
 import numpy as np
 
 import normkit
+from normkit.population import has_running_statistics
 
 from . import trainer
 from .variants import VARIANTS
@@ -154,8 +155,7 @@ def _train(variant, batch_size, seed, settings):
             break
     network.eval()
     accuracy = trainer.accuracy(network, x_test, y_test)
-    with_running = [layer for layer in norms if hasattr(layer, "spread_name")
-                    and getattr(layer, layer.spread_name) is not None]
+    with_running = [layer for layer in norms if has_running_statistics(layer)]
     population = accuracy
     if with_running and not diverged:
         batches = [x_train[order[b * batch_size:(b + 1) * batch_size]]
