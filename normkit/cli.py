@@ -227,8 +227,12 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv.insert(0, "check")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "compare":
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            parser.error(f"argument --out: {args.out!r} exists and is not a "
+                         f"folder")
         return compare(args)
     cases = default_cases(args.variant or _bench.VARIANTS,
                           args.dtype or DTYPES)

@@ -50,6 +50,15 @@ def test_bad_options_exit_2_with_a_message(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_out_must_be_a_folder(tmp_path, capsys):
+    taken = tmp_path / "file"
+    taken.write_text("")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["compare", "--out", str(taken)] + TINY)
+    assert exc.value.code == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+
+
 def test_missing_extra_is_explained(monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

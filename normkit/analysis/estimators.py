@@ -30,6 +30,8 @@ from scipy import stats
 
 from normkit import engine
 
+from ._threads import single_threaded
+
 #: Degrees of freedom of the heavy-tailed Student t (finite 8th moment, so
 #: the spread of the variance estimates is itself well estimated).
 T_DOF = 10
@@ -105,6 +107,7 @@ def _population_mean(distribution):
     return 1.0 if distribution == "exponential" else 0.0
 
 
+@single_threaded
 def estimator_study(batch_sizes=(2, 4, 8, 16, 32, 64),
                     distributions=tuple(DISTRIBUTIONS), draws=20000, seed=0):
     """Empirical against theoretical bias and variance of batch statistics.

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..population import (has_running_statistics,
                           reestimate_population_statistics)
+from ._threads import single_threaded
 from .variants import VARIANTS, check_variants
 
 #: Ways of obtaining inference statistics: name -> momentum while training
@@ -70,6 +71,7 @@ def _summary(values):
     return float(values.mean()), float(values.std(ddof=1) / np.sqrt(values.size))
 
 
+@single_threaded
 def mismatch_study(variants=tuple(VARIANTS), batch_sizes=(2, 4, 8, 16, 32, 64),
                    shape=(8, 4, 4), steps=200, eval_batches=20, seed=0):
     """Distance between training-mode and inference-mode outputs.
@@ -138,6 +140,7 @@ def _mismatch_row(variant, batch_size, method, variance, layer, features,
             "variance": variance, "mismatch": mean, "mismatch_se": se}
 
 
+@single_threaded
 def batch_dependence(variants=tuple(VARIANTS), batch_sizes=(2, 4, 8, 16, 32, 64),
                      shape=(8, 4, 4), trials=20, warmup=100, seed=0):
     """RMS change of sample 0's training-mode output when samples

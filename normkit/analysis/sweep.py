@@ -35,13 +35,13 @@ import os
 from pathlib import Path
 import tempfile
 
-import numba
 import numpy as np
 
 import normkit
 from normkit.population import has_running_statistics
 
 from . import trainer
+from ._threads import single_threaded
 from .variants import VARIANTS
 
 #: Seed of the train/test split (fixed across seeds, so seeds vary only the
@@ -92,18 +92,7 @@ def cell_key(variant, batch_size, seed, settings):
     return f"{variant}-b{batch_size}-s{seed}-{digest}"
 
 
-class _single_thread:
-    """Context: Numba kernels on one thread (restored afterwards), so a
-    cell's result does not depend on how many run side by side."""
-
-    def __enter__(self):
-        self.threads = numba.get_num_threads()
-        numba.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        numba.set_num_threads(self.threads)
-
-
+@single_threaded
 def train_cell(variant, batch_size, seed, settings=Settings()):
     """Train the study's network once and evaluate it.
 
@@ -116,11 +105,6 @@ def train_cell(variant, batch_size, seed, settings=Settings()):
         re-estimate), ``train_loss`` (mean over the last epoch), ``steps``
         and ``diverged`` (a non-finite loss stopped it).
     """
-    with _single_thread():
-        return _train(variant, batch_size, seed, settings)
-
-
-def _train(variant, batch_size, seed, settings):
     x_train, y_train, x_test, y_test = load_digits_split()
     rng = np.random.default_rng(seed)
     network, norms = trainer.build_network(variant, rng, x_train.shape[1:],
