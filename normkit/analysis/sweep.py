@@ -102,8 +102,9 @@ def train_cell(variant, batch_size, seed, settings=Settings()):
         The cell's coordinates and settings, ``test_accuracy``,
         ``test_accuracy_population`` (with ``population_reestimated``
         telling whether the network had running statistics to
-        re-estimate), ``train_loss`` (mean over the last epoch), ``steps``
-        and ``diverged`` (a non-finite loss stopped it).
+        re-estimate), ``train_loss`` (mean over the steps of the last
+        epoch; None if a non-finite loss came first), ``steps`` and
+        ``diverged`` (a non-finite loss stopped the run).
     """
     x_train, y_train, x_test, y_test = load_digits_split()
     rng = np.random.default_rng(seed)
@@ -150,7 +151,7 @@ def train_cell(variant, batch_size, seed, settings=Settings()):
             "settings": asdict(settings), "test_accuracy": accuracy,
             "test_accuracy_population": population,
             "population_reestimated": bool(with_running) and not diverged,
-            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "train_loss": float(np.mean(losses)) if losses else None,
             "steps": step, "diverged": diverged}
 
 
