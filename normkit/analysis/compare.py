@@ -12,6 +12,7 @@ Output folder layout::
 from dataclasses import asdict
 from pathlib import Path
 import sys
+import time
 
 from . import report, sweep
 from .estimators import estimator_study
@@ -51,6 +52,7 @@ def run_compare(out, variants, batch_sizes, seeds, settings=sweep.Settings(),
         ``estimators``, ``mismatch``, ``batch_dependence``.
     """
     stream = sys.stdout if stream is None else stream
+    start = time.monotonic()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     bar = report.ProgressBar(len(variants) * len(batch_sizes) * len(seeds)) if progress else None
@@ -84,7 +86,8 @@ def run_compare(out, variants, batch_sizes, seeds, settings=sweep.Settings(),
         written += _plot(results, out)
     print_tables(results, stream)
     print(f"\n{sum(reused)} of {len(cells)} cells reused from {out / 'cells'}; "
-          f"wrote {', '.join(str(p) for p in written)}", file=stream)
+          f"wrote {', '.join(str(p) for p in written)}; "
+          f"{time.monotonic() - start:.0f} s", file=stream)
     return results
 
 
@@ -107,6 +110,8 @@ def print_tables(results, stream):
           file=stream)
     print(report.grid_table(summary, ("variant",), report.accuracy_cell("accuracy")),
           file=stream)
+    if any(row["diverged"] for row in summary):
+        print("(! : some runs stopped at a non-finite loss)", file=stream)
     reestimated = [row for row in summary if row["population_reestimated"]]
     if reestimated:
         print("\nSame networks after population re-estimation of the running "
@@ -118,10 +123,18 @@ def print_tables(results, stream):
           "on synthetic conv features:", file=stream)
     print(report.grid_table(results["mismatch"], ("variant", "method", "variance"),
                             lambda row: f"{row['mismatch']:.3f}"), file=stream)
+    print("(method batch: no running statistics, inference uses the input's "
+          "own; cumulative: momentum=None, which remembers the drift of the "
+          "inputs early in training)", file=stream)
     print("\nBatch dependence, RMS change of one sample's training-mode output "
           "when the rest of its batch is replaced:", file=stream)
     print(report.grid_table(results["batch_dependence"], ("variant",),
                             lambda row: f"{row['change']:.3f}"), file=stream)
+    if "batch_renorm" in settings["variants"]:
+        print("(batch_renorm: while r and d stay inside their clipping "
+              "bounds, its training output is (x - running_mean) / "
+              "running_std, the inference output, whatever the rest of the "
+              "batch; the batch still enters its gradients)", file=stream)
 
 
 def estimator_line(rows):

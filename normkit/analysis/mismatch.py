@@ -3,7 +3,8 @@
 Both studies feed a variant's conv normalizer (the ``conv`` builder of
 :data:`~normkit.analysis.variants.VARIANTS`, features ``(N, C, H, W)``)
 synthetic features: channel ``c`` is ``mu_c + sd_c * z`` with Gaussian
-``z`` and per-channel ``mu_c``, ``sd_c`` drawn once per study.  The layers
+``z`` and per-channel ``mu_c``, ``sd_c`` drawn once per seed (the same for
+every variant and batch size).  The layers
 keep their initial weight 1 and bias 0, so outputs are on a unit scale and
 distances are comparable across variants.
 
@@ -41,13 +42,19 @@ METHODS = {"ema": 0.1, "cumulative": None, "population": 0.1}
 
 
 class _Features:
-    """Synthetic conv features with fixed per-channel mean and spread."""
+    """Synthetic conv features with fixed per-channel mean and spread.
 
-    def __init__(self, shape, rng):
+    The means and spreads depend on ``seed`` only, so every variant and
+    batch size sees the same distribution; the samples come from their own
+    stream, ``stream`` (a tuple of ints).
+    """
+
+    def __init__(self, shape, seed, stream):
         self.shape = tuple(shape)
-        self.rng = rng
-        self.mean = rng.normal(0.0, 2.0, (shape[0], 1, 1))
-        self.std = rng.uniform(0.5, 2.0, (shape[0], 1, 1))
+        channels = np.random.default_rng(seed)
+        self.mean = channels.normal(0.0, 2.0, (shape[0], 1, 1))
+        self.std = channels.uniform(0.5, 2.0, (shape[0], 1, 1))
+        self.rng = np.random.default_rng([seed, *stream])
 
     def batch(self, n, progress=1.0):
         """``n`` samples; ``progress`` in [0, 1] moves them from N(0, 1) to
@@ -90,8 +97,7 @@ def mismatch_study(variants=tuple(VARIANTS), batch_sizes=(2, 4, 8, 16, 32, 64),
     rows = []
     for v_index, variant in enumerate(check_variants(variants)):
         for batch_size in batch_sizes:
-            rng = np.random.default_rng([seed, v_index, batch_size])
-            features = _Features(shape, rng)
+            features = _Features(shape, seed, (v_index, batch_size))
             probe = VARIANTS[variant].conv(shape)
             if probe is None or not has_running_statistics(probe):
                 rows.append(_mismatch_row(variant, batch_size, "batch", "none",
@@ -159,8 +165,7 @@ def batch_dependence(variants=tuple(VARIANTS), batch_sizes=(2, 4, 8, 16, 32, 64)
             if batch_size < 2:
                 raise ValueError(f"batch_dependence: batch sizes must be >= 2, "
                                  f"got {batch_size}")
-            rng = np.random.default_rng([seed, v_index, batch_size])
-            features = _Features(shape, rng)
+            features = _Features(shape, seed, (v_index, batch_size))
             layer = VARIANTS[variant].conv(shape)
             changes = []
             if layer is not None:
