@@ -127,6 +127,9 @@ def test_renorm_schedule_scales_to_the_run():
     assert variants.renorm_schedule(400, total) == {"rmax": 3.0, "dmax": 5.0}
 
 
+PARAMS = {trainer.Conv2d: ("weight", "bias"), trainer.Dense: ("weight", "bias")}
+
+
 def _check_layer_gradients(layer, x, rng):
     """Finite differences of ``sum(y * w)`` for the input and parameters."""
     w = rng.normal(size=layer(x).shape)
@@ -139,7 +142,7 @@ def _check_layer_gradients(layer, x, rng):
     if dx is not None:
         np.testing.assert_allclose(dx, numerical_grad(loss_of_input, x),
                                    rtol=1e-6, atol=1e-8)
-    for name in layer.params:
+    for name in PARAMS.get(type(layer), ()):
         analytic = layer.grads[name]
         original = getattr(layer, name)
 
@@ -160,7 +163,7 @@ def _check_layer_gradients(layer, x, rng):
 ], ids=["conv", "dense", "pool", "relu"])
 def test_trainer_layer_gradients(make, shape, rng):
     layer = make(rng)
-    for name in layer.params:
+    for name in PARAMS.get(type(layer), ()):
         setattr(layer, name, getattr(layer, name).astype(np.float64)
                 + rng.normal(0, 0.1, getattr(layer, name).shape))
     x = rng.normal(size=shape)

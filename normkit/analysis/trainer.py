@@ -26,7 +26,6 @@ class _Layer:
     """Protocol shared by the trainer's own layers (no state by default)."""
 
     training = True
-    params = ()
 
     def train(self, mode=True):
         self.training = bool(mode)
@@ -52,8 +51,6 @@ class Conv2d(_Layer):
         Whether :meth:`backward` returns the input gradient (False for a
         first layer, whose input needs none).
     """
-
-    params = ("weight", "bias")
 
     def __init__(self, in_channels, out_channels, kernel, rng, input_grad=True):
         fan_in = in_channels * kernel * kernel
@@ -94,8 +91,6 @@ class Conv2d(_Layer):
 
 class Dense(_Layer):
     """``y = x @ W.T + b`` (He-normal ``W``, zero ``b``)."""
-
-    params = ("weight", "bias")
 
     def __init__(self, in_features, out_features, rng):
         self.weight = rng.normal(0.0, math.sqrt(2.0 / in_features),
