@@ -55,7 +55,8 @@ def run_compare(out, variants, batch_sizes, seeds, settings=sweep.Settings(),
     start = time.monotonic()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    bar = report.ProgressBar(len(variants) * len(batch_sizes) * len(seeds)) if progress else None
+    n_cells = len(variants) * len(batch_sizes) * len(seeds)
+    bar = report.ProgressBar(n_cells) if progress else None
     reused = []
 
     def advance(cell, was_reused):
@@ -72,6 +73,9 @@ def run_compare(out, variants, batch_sizes, seeds, settings=sweep.Settings(),
     finally:
         if bar is not None:
             bar.close()
+    if progress:
+        print("estimator, mismatch and batch-dependence studies...",
+              file=sys.stderr, flush=True)
     results = {"settings": {"variants": list(variants),
                             "batch_sizes": list(batch_sizes),
                             "seeds": list(seeds), **asdict(settings),
