@@ -213,6 +213,8 @@ def reestimate_population_statistics(layers, batches, forward=None, *,
         raise ValueError(f"{func}: layers must not be empty")
     for index, layer in enumerate(layers):
         _check_layer(layer, index)
+        if any(layer is other for other in layers[:index]):
+            raise ValueError(f"{func}: layers[{index}] is listed twice")
     if forward is None:
         def forward(batch):
             for layer in layers:

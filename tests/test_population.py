@@ -137,6 +137,8 @@ def test_bad_arguments_raise_and_leave_state_alone(rng):
         normkit.reestimate_population_statistics(
             normkit.BatchNorm(3), iter(batches), sequential=True)
     unused, used = normkit.BatchNorm(3), normkit.BatchNorm(3)
+    with pytest.raises(ValueError, match=r"layers\[1\] is listed twice"):
+        normkit.reestimate_population_statistics([used, used], batches)
     with pytest.raises(ValueError, match="received no input"):
         normkit.reestimate_population_statistics([used, unused], batches, used)
     np.testing.assert_array_equal(used.running_mean, np.zeros(3))
