@@ -20,6 +20,7 @@ from .schemes import (GhostBatchNorm, Reparametrization, RMSNorm, SpectralNorm,
                       rms_norm, rms_norm_backward, spectral_norm,
                       spectral_norm_backward, weight_norm,
                       weight_norm_backward)
+from .population import reestimate_population_statistics
 from .registry import available, create, register
 from .registry import PluginWarning, refresh
 
@@ -39,4 +40,5 @@ __all__ = [
     "weight_norm_backward", "spectral_norm", "spectral_norm_backward",
     "RMSNorm", "GhostBatchNorm", "Reparametrization", "WeightNorm",
     "SpectralNorm", "PluginWarning", "refresh",
+    "reestimate_population_statistics",
 ]

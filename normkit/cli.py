@@ -1,17 +1,30 @@
-"""Command line of normkit: ``normkit [check] [options]``.
+"""Command line of normkit: ``normkit [check | compare] [options]``.
 
-``check`` (also what runs without a subcommand) runs every variant's
-training forward and backward on a few small and medium shapes, compares
-``y``, ``dx``, ``dweight`` and ``dbias`` with the float64 reference and
-times both.  It exits with 0 when every comparison passes, 1 otherwise.
+``check`` (also what runs without a subcommand: a quick self-check that
+writes no files) runs every variant's training forward and backward on a
+few small and medium shapes, compares ``y``, ``dx``, ``dweight`` and
+``dbias`` with the float64 reference and times both.  It exits with 0 when
+every comparison passes, 1 otherwise.
+
+``compare`` runs the small-batch study (:mod:`normkit.analysis`): every
+variant trained on scikit-learn's digits at batch sizes 2 to 64 over
+several seeds, plus the estimator, mismatch and batch-dependence studies;
+it prints tables and writes results JSON and PNG plots to ``--out``.  A
+rerun with the same folder reuses finished runs.  It needs the
+``experiments`` extra (scikit-learn, matplotlib).
+
+Bad options exit with status 2 and a message naming the option.
 """
 
 import argparse
+import importlib.util
+import os
 import sys
 
 import numpy as np
 
 from . import _bench
+from .analysis import variants as study_variants
 
 #: Default shapes of ``check``: (shape, channel axis) per layout.
 CHANNEL_SHAPES = (((16, 32, 28, 28), 1), ((16, 28, 28, 32), -1))
@@ -98,6 +111,86 @@ def check(cases, repeat):
     return n_failed == 0
 
 
+def _int_list(what, minimum):
+    """argparse type: comma-separated distinct integers >= ``minimum``."""
+    def parse(text):
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{what} must be comma-separated integers, got {text!r}") from None
+        too_small = [v for v in values if v < minimum]
+        if too_small:
+            raise argparse.ArgumentTypeError(
+                f"{what} must be >= {minimum}, got {too_small}")
+        if len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"{what} repeat a value: {text!r}")
+        return values
+    return parse
+
+
+def _variant_list(text):
+    """argparse type: comma-separated names of the study's variants."""
+    try:
+        return list(study_variants.check_variants(
+            v.strip() for v in text.split(",") if v.strip()))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _add_compare_parser(commands):
+    parser = commands.add_parser(
+        "compare", help="the small-batch study: train every variant on "
+                        "digits at batch sizes 2-64, tables and plots",
+        description="Train the same small network with every normalizer at "
+                    "every batch size over several seeds (scikit-learn's "
+                    "digits), measure estimator quality, train/inference "
+                    "mismatch and batch dependence; print tables and write "
+                    "results.json and PNG plots to --out.  Finished runs in "
+                    "--out are reused, so an interrupted run resumes.")
+    parser.add_argument("--out", default="normkit-results",
+                        help="output folder (default: normkit-results)")
+    parser.add_argument("--variants", type=_variant_list,
+                        default=list(study_variants.VARIANTS),
+                        help="comma-separated (default: all: "
+                             + ",".join(study_variants.VARIANTS) + ")")
+    parser.add_argument("--batch-sizes", type=_int_list("batch sizes", 2),
+                        default=[2, 4, 8, 16, 32, 64],
+                        help="comma-separated, each >= 2 (default: "
+                             "2,4,8,16,32,64)")
+    parser.add_argument("--seeds", type=_int_list("seeds", 0), default=[0, 1, 2],
+                        help="comma-separated seeds (default: 0,1,2)")
+    parser.add_argument("--epochs", type=_bench.positive_int, default=20,
+                        help="epochs at every batch size (default: 20)")
+    parser.add_argument("--jobs", type=_bench.positive_int,
+                        default=min(2, os.cpu_count() or 1),
+                        help="worker processes (default: min(2, cores))")
+    parser.add_argument("--no-plots", action="store_true",
+                        help="skip the PNG plots (no matplotlib needed)")
+
+
+def compare(args):
+    """Run ``normkit compare``; returns the exit status."""
+    from .analysis import run_compare, sweep
+    needed = ["sklearn"] + ([] if args.no_plots else ["matplotlib"])
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"normkit compare: needs {' and '.join(missing)}; install the "
+              f"experiments extra: python -m pip install 'normkit[experiments]'",
+              file=sys.stderr)
+        return 1
+    try:
+        run_compare(args.out, args.variants, args.batch_sizes, args.seeds,
+                    sweep.Settings(epochs=args.epochs), jobs=args.jobs,
+                    plots=not args.no_plots)
+    except KeyboardInterrupt:
+        print(f"\nnormkit compare: interrupted; finished runs are saved in "
+              f"{args.out}; run the same command again to resume.",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
 def build_parser():
     """The argument parser; ``check`` is also the default subcommand."""
     parser = argparse.ArgumentParser(
@@ -117,6 +210,7 @@ def build_parser():
     check_parser.add_argument(
         "--repeat", type=_bench.positive_int, default=5,
         help="timed runs per measurement, median reported (default: 5)")
+    _add_compare_parser(commands)
     return parser
 
 
@@ -126,13 +220,20 @@ def main(argv=None):
     Returns
     -------
     int
-        Exit status: 0 when every check passes, 1 otherwise.  Bad options
-        exit with status 2 (argparse).
+        Exit status: 0 when every check passes (``compare``: when it
+        finishes), 1 otherwise, 130 when ``compare`` is interrupted.  Bad
+        options exit with status 2 (argparse).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv.insert(0, "check")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "compare":
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            parser.error(f"argument --out: {args.out!r} exists and is not a "
+                         f"folder")
+        return compare(args)
     cases = default_cases(args.variant or _bench.VARIANTS,
                           args.dtype or DTYPES)
     return 0 if check(cases, args.repeat) else 1

@@ -1,0 +1,29 @@
+"""Small-batch behaviour of the normalizers: the study behind ``normkit compare``.
+
+- :func:`estimator_study`: bias and variance of batch statistics against
+  theory, for Gaussian, heavy-tailed, skewed and correlated batches;
+- :func:`mismatch_study`: distance between training-mode and inference-mode
+  outputs with EMA, cumulative and population inference statistics;
+- :func:`batch_dependence`: how one sample's output depends on the rest of
+  its batch;
+- :func:`run_sweep` / :func:`train_cell`: a NumPy network on scikit-learn's
+  digits trained with each normalizer at each batch size and seed
+  (resumable);
+- :func:`run_compare`: all of the above with results JSON and plots.
+
+Every function returns plain dicts; :mod:`normkit.analysis.plots` draws
+them (matplotlib).  The variants compared are the rows of
+:data:`VARIANTS`.  The training sweep needs scikit-learn (the
+``experiments`` extra).
+"""
+
+from .compare import run_compare
+from .estimators import estimator_study
+from .mismatch import batch_dependence, mismatch_study
+from .report import summarize
+from .sweep import Settings, run_sweep, train_cell
+from .variants import VARIANTS, Variant
+
+__all__ = ["VARIANTS", "Variant", "Settings", "estimator_study",
+           "mismatch_study", "batch_dependence", "train_cell", "run_sweep",
+           "summarize", "run_compare"]

@@ -1,0 +1,259 @@
+"""The training sweep: every variant at every batch size over several seeds.
+
+One *cell* is one training run, ``(variant, batch_size, seed)`` with the
+sweep's shared settings (epochs, learning-rate rule, data split, network).
+:func:`train_cell` runs one; :func:`run_sweep` runs many, writing each
+finished cell atomically into a folder (a temporary file renamed over the
+final name) and skipping cells already there, so an interrupted sweep
+resumes where it stopped and loses at most the cells in progress.
+
+Protocol (the same for every cell):
+
+- data: scikit-learn's digits (1797 8x8 images, shipped with the package),
+  pixels scaled to [0, 1] and standardized with the training set's mean and
+  standard deviation; a fixed stratified split (``SPLIT_SEED``) of 75 %
+  training and 25 % test images;
+- the same number of epochs for every batch size, shuffled each epoch,
+  dropping the last incomplete batch (a batch of one has no batch variance);
+- learning rate ``base_lr * batch_size / 32``, the linear scaling rule
+  (Goyal et al. 2017; Wu and He 2018 use 0.1 * N / 32), cosine-decayed to
+  zero over the run; SGD with momentum 0.9 and weight decay 5e-4;
+- the seed fixes the initial weights and the order of the batches, so
+  every variant at a given seed starts from the same draw;
+- test accuracy in inference mode (running statistics as training left
+  them), and again after :func:`normkit.reestimate_population_statistics`
+  over the training set at the cell's batch size (``test_accuracy_population``;
+  equal to ``test_accuracy`` for variants without running statistics).
+"""
+
+from dataclasses import asdict, dataclass
+import functools
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+import tempfile
+
+import numpy as np
+
+import normkit
+from normkit.population import has_running_statistics
+
+from . import trainer
+from ._threads import single_threaded
+from .variants import VARIANTS
+
+#: Seed of the train/test split (fixed across seeds, so seeds vary only the
+#: initialization and the batch order).
+SPLIT_SEED = 0
+
+#: Bumped whenever the protocol changes what a cell computes.
+PROTOCOL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything besides the cell's own coordinates that shapes its result."""
+
+    epochs: int = 10
+    base_lr: float = 0.1
+    reference_batch: int = 32
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    width: int = 8
+    hidden: int = 32
+    protocol: int = PROTOCOL_VERSION
+
+    def learning_rate(self, batch_size):
+        """Peak learning rate at ``batch_size`` (linear scaling rule)."""
+        return self.base_lr * batch_size / self.reference_batch
+
+
+@functools.lru_cache(maxsize=1)
+def load_digits_split():
+    """``(x_train, y_train, x_test, y_test)``, images as (N, 1, 8, 8) float32."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[:, None]
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, digits.target, test_size=0.25, stratify=digits.target,
+        random_state=SPLIT_SEED)
+    mean, std = x_train.mean(), x_train.std()
+    return ((x_train - mean) / std, y_train, (x_test - mean) / std, y_test)
+
+
+def cell_key(variant, batch_size, seed, settings):
+    """Stable name of a cell: its coordinates and a hash of its settings."""
+    blob = json.dumps({"variant": variant, "batch_size": batch_size,
+                       "seed": seed, **asdict(settings)}, sort_keys=True)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return f"{variant}-b{batch_size}-s{seed}-{digest}"
+
+
+@single_threaded
+def train_cell(variant, batch_size, seed, settings=Settings()):
+    """Train the study's network once and evaluate it.
+
+    Returns
+    -------
+    dict
+        The cell's coordinates and settings, ``test_accuracy``,
+        ``test_accuracy_population`` (with ``population_reestimated``
+        telling whether the network had running statistics to
+        re-estimate), ``train_loss`` (mean over the steps of the last
+        epoch; None if a non-finite loss came first), ``steps`` and
+        ``diverged`` (a non-finite loss stopped the run).
+    """
+    x_train, y_train, x_test, y_test = load_digits_split()
+    rng = np.random.default_rng(seed)
+    network, norms = trainer.build_network(variant, rng, x_train.shape[1:],
+                                           settings.width, settings.hidden)
+    optimizer = trainer.SGD(network.parameters(), 0.0, settings.momentum,
+                            settings.weight_decay)
+    schedule = VARIANTS[variant].schedule
+    per_epoch = len(y_train) // batch_size
+    total = per_epoch * settings.epochs
+    peak = settings.learning_rate(batch_size)
+    step, losses, diverged = 0, [], False
+    for _ in range(settings.epochs):
+        order = rng.permutation(len(y_train))
+        losses = []
+        for b in range(per_epoch):
+            index = order[b * batch_size:(b + 1) * batch_size]
+            if schedule is not None:
+                for layer in norms:
+                    for name, value in schedule(step, total).items():
+                        setattr(layer, name, value)
+            optimizer.lr = 0.5 * peak * (1.0 + math.cos(math.pi * step / total))
+            loss, grad = trainer.softmax_cross_entropy(network(x_train[index]),
+                                                       y_train[index])
+            if not math.isfinite(loss):
+                diverged = True
+                break
+            network.backward(grad)
+            optimizer.step()
+            losses.append(loss)
+            step += 1
+        if diverged:
+            break
+    network.eval()
+    accuracy = trainer.accuracy(network, x_test, y_test)
+    with_running = [layer for layer in norms if has_running_statistics(layer)]
+    population = accuracy
+    if with_running and not diverged:
+        batches = [x_train[order[b * batch_size:(b + 1) * batch_size]]
+                   for b in range(per_epoch)]
+        normkit.reestimate_population_statistics(with_running, batches, network)
+        population = trainer.accuracy(network, x_test, y_test)
+    return {"variant": variant, "batch_size": batch_size, "seed": seed,
+            "settings": asdict(settings), "test_accuracy": accuracy,
+            "test_accuracy_population": population,
+            "population_reestimated": bool(with_running) and not diverged,
+            "train_loss": float(np.mean(losses)) if losses else None,
+            "steps": step, "diverged": diverged}
+
+
+def write_atomic(path, data):
+    """Write ``data`` as JSON to ``path`` via a temporary file and
+    :func:`os.replace`, so ``path`` is either absent or complete."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-",
+                                         suffix=".json")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(data, stream, indent=1)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def load_cell(path, variant, batch_size, seed, settings):
+    """A finished cell from ``path``, or None when it is absent, unreadable
+    or was computed with other settings."""
+    try:
+        cell = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    expected = (variant, batch_size, seed, asdict(settings))
+    found = (cell.get("variant"), cell.get("batch_size"), cell.get("seed"),
+             cell.get("settings"))
+    return cell if found == expected else None
+
+
+def _train_task(task):
+    variant, batch_size, seed, settings = task
+    return train_cell(variant, batch_size, seed, settings)
+
+
+def run_sweep(variants, batch_sizes, seeds, settings=Settings(), out=None,
+              jobs=1, on_cell=None):
+    """Train every ``(variant, batch_size, seed)`` cell; resumable.
+
+    Parameters
+    ----------
+    variants, batch_sizes, seeds : sequences
+    settings : Settings
+    out : path, optional
+        Folder of the cell files (``cells/<key>.json``).  Cells found there
+        with the same coordinates and settings are reused, not recomputed.
+    jobs : int
+        Worker processes (1: in this process).  Each cell runs Numba on one
+        thread either way, so results do not depend on ``jobs``.
+    on_cell : callable, optional
+        ``on_cell(cell, reused)`` after each cell is available (in
+        completion order); an exception from it stops the sweep, with the
+        cells finished so far already saved.
+
+    Returns
+    -------
+    list of dict
+        The cells, in the order of the loops variant > batch size > seed.
+    """
+    folder = None if out is None else Path(out) / "cells"
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    tasks = [(v, b, s, settings) for v in variants for b in batch_sizes
+             for s in seeds]
+    done, todo = {}, []
+    for task in tasks:
+        path = None if folder is None else folder / f"{cell_key(*task)}.json"
+        cell = None if path is None else load_cell(path, *task)
+        if cell is None:
+            todo.append((task, path))
+        else:
+            done[task[:3]] = cell
+            if on_cell is not None:
+                on_cell(cell, True)
+
+    def finish(path, cell):
+        if path is not None:
+            write_atomic(path, cell)
+        done[(cell["variant"], cell["batch_size"], cell["seed"])] = cell
+        if on_cell is not None:
+            on_cell(cell, False)
+
+    if jobs <= 1 or len(todo) <= 1:
+        for task, path in todo:
+            finish(path, _train_task(task))
+    else:
+        _run_parallel(todo, jobs, finish)
+    return [done[task[:3]] for task in tasks]
+
+
+def _run_parallel(todo, jobs, finish):
+    """Run ``todo`` on ``jobs`` spawned workers, finishing cells as they come."""
+    import concurrent.futures
+    import multiprocessing
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        futures = {pool.submit(_train_task, task): path for task, path in todo}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                finish(futures[future], future.result())
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise

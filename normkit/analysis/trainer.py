@@ -1,0 +1,245 @@
+"""A small NumPy trainer whose normalization layers are normkit's own.
+
+Layers follow the normkit layer protocol (``y = layer(x)``,
+``dx = layer.backward(dy)`` filling ``layer.grads``, ``train()`` /
+``eval()``), so a :class:`Sequential` network mixes them freely with
+normkit's normalizers: no deep-learning framework is involved.
+
+The network of the study (:func:`build_network`) for 8x8 digits::
+
+    conv 3x3, 1 -> 8, pad 1 -> norm -> ReLU -> 2x2 average pool
+    -> dense 128 -> 32 -> norm -> ReLU -> dense 32 -> 10
+
+trained with softmax cross-entropy and SGD with momentum (:class:`SGD`).
+"""
+
+import math
+
+import numpy as np
+
+from .variants import VARIANTS
+
+DTYPE = np.float32
+
+
+class _Layer:
+    """Protocol shared by the trainer's own layers (no state by default)."""
+
+    training = True
+
+    def train(self, mode=True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+
+class Conv2d(_Layer):
+    """Convolution with stride 1 and zero padding ``k // 2`` via im2col.
+
+    ``cols[n, (c, i, j), p]`` holds input ``c`` at offset ``(i, j)`` of
+    output position ``p``; then ``y[n] = W @ cols[n] + b`` with ``W`` of
+    shape ``(out, in * k * k)``.
+
+    Parameters
+    ----------
+    in_channels, out_channels, kernel : int
+    rng : numpy.random.Generator
+        He-normal initialization of the weight; the bias starts at zero.
+    input_grad : bool
+        Whether :meth:`backward` returns the input gradient (False for a
+        first layer, whose input needs none).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel, rng, input_grad=True):
+        fan_in = in_channels * kernel * kernel
+        self.kernel = kernel
+        self.weight = rng.normal(0.0, math.sqrt(2.0 / fan_in),
+                                 (out_channels, fan_in)).astype(DTYPE)
+        self.bias = np.zeros(out_channels, DTYPE)
+        self.input_grad = input_grad
+        self.grads = {}
+
+    def _offsets(self):
+        return [(i, j) for i in range(self.kernel) for j in range(self.kernel)]
+
+    def __call__(self, x):
+        N, C, H, W = x.shape
+        pad = self.kernel // 2
+        xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+        cols = np.stack([xp[:, :, i:i + H, j:j + W] for i, j in self._offsets()],
+                        axis=2).reshape(N, C * self.kernel ** 2, H * W)
+        self._cols, self._shape = cols, x.shape
+        y = np.matmul(self.weight, cols) + self.bias[:, None]
+        return y.reshape(N, -1, H, W)
+
+    def backward(self, dy):
+        N, C, H, W = self._shape
+        dy = dy.reshape(N, -1, H * W)
+        self.grads = {"weight": np.tensordot(dy, self._cols, axes=([0, 2], [0, 2])),
+                      "bias": dy.sum(axis=(0, 2))}
+        if not self.input_grad:
+            return None
+        dcols = np.matmul(self.weight.T, dy).reshape(N, C, self.kernel ** 2, H, W)
+        pad = self.kernel // 2
+        dxp = np.zeros((N, C, H + 2 * pad, W + 2 * pad), dy.dtype)
+        for index, (i, j) in enumerate(self._offsets()):
+            dxp[:, :, i:i + H, j:j + W] += dcols[:, :, index]
+        return dxp[:, :, pad:pad + H, pad:pad + W]
+
+
+class Dense(_Layer):
+    """``y = x @ W.T + b`` (He-normal ``W``, zero ``b``)."""
+
+    def __init__(self, in_features, out_features, rng):
+        self.weight = rng.normal(0.0, math.sqrt(2.0 / in_features),
+                                 (out_features, in_features)).astype(DTYPE)
+        self.bias = np.zeros(out_features, DTYPE)
+        self.grads = {}
+
+    def __call__(self, x):
+        self._x = x
+        return x @ self.weight.T + self.bias
+
+    def backward(self, dy):
+        self.grads = {"weight": dy.T @ self._x, "bias": dy.sum(axis=0)}
+        return dy @ self.weight
+
+
+class ReLU(_Layer):
+    def __call__(self, x):
+        self._mask = x > 0
+        return x * self._mask
+
+    def backward(self, dy):
+        return dy * self._mask
+
+
+class AvgPool2(_Layer):
+    """2x2 average pooling with stride 2 over (N, C, H, W), H and W even."""
+
+    def __call__(self, x):
+        N, C, H, W = x.shape
+        return x.reshape(N, C, H // 2, 2, W // 2, 2).mean(axis=(3, 5))
+
+    def backward(self, dy):
+        return np.repeat(np.repeat(dy, 2, axis=2), 2, axis=3) * DTYPE(0.25)
+
+
+class Flatten(_Layer):
+    def __call__(self, x):
+        self._shape = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dy):
+        return dy.reshape(self._shape)
+
+
+class Sequential:
+    """Layers applied in order; the backward runs them in reverse."""
+
+    def __init__(self, layers):
+        self.layers = list(layers)
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def backward(self, dy):
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+            if dy is None:
+                break
+
+    def train(self, mode=True):
+        for layer in self.layers:
+            layer.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def parameters(self):
+        """``(layer, name)`` of every weight and bias, normkit layers included."""
+        found = []
+        for layer in self.layers:
+            for name in ("weight", "bias"):
+                if getattr(layer, name, None) is not None:
+                    found.append((layer, name))
+        return found
+
+
+def build_network(variant, rng, image_shape=(1, 8, 8), width=8, hidden=32,
+                  classes=10):
+    """The study's network with ``variant``'s normalizers (see module doc).
+
+    Returns
+    -------
+    network : Sequential
+    norms : list
+        The normalization layers in network order (empty for ``"none"``).
+    """
+    row = VARIANTS[variant]
+    channels, height, width_px = image_shape
+    conv_norm = row.conv((width, height, width_px))
+    dense_norm = row.dense((hidden,))
+    pooled = width * (height // 2) * (width_px // 2)
+    layers = [Conv2d(channels, width, 3, rng, input_grad=False), conv_norm,
+              ReLU(), AvgPool2(), Flatten(), Dense(pooled, hidden, rng),
+              dense_norm, ReLU(), Dense(hidden, classes, rng)]
+    norms = [layer for layer in (conv_norm, dense_norm) if layer is not None]
+    return Sequential(layer for layer in layers if layer is not None), norms
+
+
+def softmax_cross_entropy(logits, labels):
+    """Mean cross-entropy of ``softmax(logits)`` and its gradient.
+
+    ``loss = mean_n (logsumexp(z_n) - z_n[y_n])``,
+    ``dloss/dz = (softmax(z) - onehot(y)) / N``.
+    """
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    total = exp.sum(axis=1, keepdims=True)
+    rows = np.arange(len(labels))
+    loss = float(np.mean(np.log(total[:, 0]) - shifted[rows, labels]))
+    grad = exp / total
+    grad[rows, labels] -= 1.0
+    return loss, grad / len(labels)
+
+
+class SGD:
+    """SGD with momentum and weight decay on the weights.
+
+    ``v <- mu * v + g + wd * w`` (weights; ``g`` alone for biases and
+    normalizer parameters), ``w <- w - lr * v``, as PyTorch's SGD.
+    """
+
+    def __init__(self, parameters, lr, momentum=0.9, weight_decay=5e-4):
+        self.parameters = parameters
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.velocity = [np.zeros_like(getattr(layer, name))
+                         for layer, name in parameters]
+
+    def step(self):
+        for (layer, name), velocity in zip(self.parameters, self.velocity):
+            value = getattr(layer, name)
+            grad = layer.grads[name]
+            if name == "weight" and isinstance(layer, (Conv2d, Dense)):
+                grad = grad + self.weight_decay * value
+            velocity *= self.momentum
+            velocity += grad
+            value -= self.lr * velocity
+
+
+def accuracy(network, images, labels, batch=512):
+    """Fraction of ``images`` classified as ``labels`` by ``network`` as it
+    is (call ``network.eval()`` first for inference mode)."""
+    correct = 0
+    for start in range(0, len(labels), batch):
+        logits = network(images[start:start + batch])
+        correct += int((logits.argmax(axis=1) == labels[start:start + batch]).sum())
+    return correct / len(labels)
