@@ -1,0 +1,732 @@
+"""CUDA backend of the normkit engine (``numba.cuda``, optional extra ``cuda``).
+
+The same four kernels as :mod:`normkit._cpu` over the same canonical view
+``(P, A, K, J, B)`` (see :mod:`normkit.engine`), written for the GPU rather
+than ported from the CPU loops.  For one ``p`` the data is a matrix of ``A``
+rows by ``W = K * L`` columns (``L = J * B``), row ``a`` starting at
+``(p * A + a) * W``; group ``k`` owns columns ``[k * L, (k + 1) * L)``.
+
+Tiles and launch configuration
+------------------------------
+Every kernel walks the same tiles, chosen from the shape by
+:func:`grid_for` (the one place where launch configuration is decided):
+
+- *column tiles* (narrow groups, ``A > 1`` and ``2 * L <= threads``:
+  channels-last BatchNorm / InstanceNorm / GroupNorm, tiny spatial extents):
+  a block covers ``k_per`` whole groups (``k_per * L <= threads`` adjacent
+  columns) and a chunk of rows.  Thread ``t`` keeps column ``t % width`` and
+  walks rows ``t // width, + threads // width, ...``, so a warp reads
+  consecutive addresses of consecutive rows;
+- *segment tiles* (everything else: channels-first BatchNorm and GroupNorm,
+  InstanceNorm, LayerNorm): a block covers one group, a chunk of rows and a
+  chunk of its ``L`` columns, and its threads walk that tile in row-major
+  order, consecutive threads on consecutive addresses.
+
+When there are fewer tiles than :attr:`Settings.target_blocks` (few channels
+over a huge batch; one long row), each group's rows are split into chunks,
+then, for segment tiles, its columns, as long as every thread keeps at least
+:attr:`Settings.values_per_thread` values.  Each block writes its own
+partial ``(count, mean, M2)`` per group; partials are merged in chunk order
+with the same Chan merge as the CPU partials (:func:`normkit._cpu._chan_merge`),
+so a given shape and configuration gives the same bits on every run.
+
+Precision
+---------
+Values are read in the storage dtype (float16, float32, float64) and
+accumulated per thread in float32 (float64 for float64 input): moments as
+sums of deviations from the thread's first value and of their squares (the
+corrected two-pass formulas, exact when ``|mean| >> std``).  Thread summaries
+are merged through shared memory in float64 (the simulator executes this
+path; there is no warp-shuffle path), and partials, statistics and backward
+sums are float64 device arrays.  Elementwise maps run in the accumulation
+precision, with the mean split as on the CPU so that ``x - mean`` does not
+cancel.
+
+Nothing here copies data to the host: statistics, coefficients and the small
+per-channel updates of the functional API (:func:`channel_op`,
+:func:`update_running`, :func:`renorm`) are device kernels too.
+"""
+
+from dataclasses import dataclass
+import functools
+import math
+from typing import NamedTuple
+
+import numpy as np
+from numba import cuda, float64
+
+from . import _cpu
+
+#: Largest block; the shared-memory scratch of the reductions is this long.
+MAX_THREADS = 512
+
+#: Reduction modes of :func:`_kernels`' ``reduce`` kernel.
+MOMENTS, GRADS = 0, 1
+
+#: Operations of :func:`channel_op`.
+RSTD, RECIPROCAL, PRODUCT, RENORM_DWEIGHT, COPY = range(5)
+
+#: Columns of the packed coefficient table of the elementwise kernel:
+#: ``out = (x - mc) * (a*g + h) + dy * (e*g) + (beta + q*g + w)``.
+N_PACKED = 6
+
+_chan_merge = cuda.jit(device=True)(_cpu._chan_merge.py_func)
+
+
+@dataclass
+class Settings:
+    """Launch parameters (tests shrink them to make the simulator feasible).
+
+    Attributes
+    ----------
+    threads : int
+        Threads per block at most (<= :data:`MAX_THREADS`).
+    min_threads : int
+        Fewest threads per block (a warp on a GPU).
+    target_blocks : int
+        Blocks that keep the device busy: an H100 has 132 SMs with room
+        for 8 blocks of 256 threads each.
+    values_per_thread : int
+        Do not split work so finely that a thread gets fewer values.
+    """
+
+    threads: int = 256
+    min_threads: int = 32
+    target_blocks: int = 132 * 8
+    values_per_thread: int = 16
+
+
+SETTINGS = Settings()
+
+
+class Grid(NamedTuple):
+    """How a view is cut into blocks (see the module docstring).
+
+    There are ``P * n_ktile * n_ach * n_lch`` blocks of ``threads`` threads;
+    ``columns`` selects column tiles of ``k_per`` groups, else segment
+    tiles of one group; rows are split in ``n_ach`` chunks of ``a_per`` and
+    (segment tiles) columns in ``n_lch`` chunks of ``l_per``.
+    """
+
+    threads: int
+    columns: bool
+    k_per: int
+    n_ktile: int
+    a_per: int
+    n_ach: int
+    l_per: int
+    n_lch: int
+
+    @property
+    def n_chunks(self):
+        """Partials per group."""
+        return self.n_ach * self.n_lch
+
+    def blocks(self, P):
+        return P * self.n_ktile * self.n_ach * self.n_lch
+
+    def args(self):
+        return (int(self.columns), self.k_per, self.n_ktile, self.a_per,
+                self.n_ach, self.l_per, self.n_lch)
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def _pow2_at_least(n):
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def grid_for(view, settings=None):
+    """Tiles and block size for ``view`` (see the module docstring)."""
+    s = SETTINGS if settings is None else settings
+    return _grid(view.dims, s.threads, s.min_threads, s.target_blocks,
+                 s.values_per_thread)
+
+
+@functools.lru_cache(maxsize=512)
+def _grid(dims, threads, min_threads, target_blocks, values_per_thread):
+    P, A, K, J, B = dims
+    L = J * B
+    threads = min(threads, MAX_THREADS)
+    columns = A > 1 and 2 * L <= threads
+    k_per = min(K, threads // L) if columns else 1
+    width = k_per * L
+    n_ktile = _ceil_div(K, k_per)
+    tiles = P * n_ktile
+    split = 1
+    if tiles < target_blocks:
+        split = max(1, min(_ceil_div(target_blocks, tiles),
+                           A * width // (threads * values_per_thread)))
+    n_ach = min(A, split)
+    a_per = _ceil_div(A, n_ach)
+    n_ach = _ceil_div(A, a_per)
+    n_lch = 1
+    if not columns and n_ach < split:
+        n_lch = min(L, _ceil_div(split, n_ach))
+    l_per = _ceil_div(L, n_lch)
+    n_lch = _ceil_div(L, l_per)
+    values = a_per * (width if columns else l_per)
+    block = min(threads, max(min_threads, _pow2_at_least(
+        _ceil_div(values, values_per_thread))))
+    if columns:
+        block = max(block, min(threads, _pow2_at_least(width)))
+    return Grid(block, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch)
+
+
+# --------------------------------------------------------------------------
+# shared device functions
+# --------------------------------------------------------------------------
+
+@cuda.jit(device=True)
+def _tile(block, A, K, L, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch):
+    """A block's ``p``, first group ``k0``, rows ``[a0, a1)``, first column
+    ``c0`` and ``width`` of its tile, and its chunk index."""
+    l_chunk = block % n_lch
+    rest = block // n_lch
+    a_chunk = rest % n_ach
+    rest //= n_ach
+    k0 = rest % n_ktile * k_per
+    p = rest // n_ktile
+    a0 = a_chunk * a_per
+    l0 = l_chunk * l_per
+    if columns:
+        width = (min(K, k0 + k_per) - k0) * L
+    else:
+        width = min(L, l0 + l_per) - l0
+    return (p, k0, a0, min(A, a0 + a_per), k0 * L + l0, width,
+            a_chunk * n_lch + l_chunk)
+
+
+@cuda.jit(device=True)
+def _active_threads(columns, width):
+    """Threads that take part: whole rows of the tile for column tiles."""
+    threads = cuda.blockDim.x
+    if columns:
+        return threads // width * width
+    return threads
+
+
+@cuda.jit(device=True)
+def _combine(mode, s0, s1, s2, i, j):
+    """Fold slot ``j`` of the shared scratch into slot ``i``."""
+    if mode == MOMENTS:
+        s0[i], s1[i], s2[i] = _chan_merge(s0[i], s1[i], s2[i], s0[j], s1[j],
+                                          s2[j])
+    else:
+        s0[i] += s0[j]
+        s1[i] += s1[j]
+
+
+@cuda.jit(device=True)
+def _block_reduce(mode, s0, s1, s2, columns, width, L, n_act):
+    """Merge the block's thread summaries (in shared memory) per group.
+
+    Column tiles first merge the rows of each column, then the ``L``
+    columns of each group; segment tiles merge all threads.  Returns the
+    thread's position in the first row and the group length in positions:
+    slot ``t`` holds a group's result where ``row == 0`` and
+    ``pos % span == 0``.
+    """
+    t = cuda.threadIdx.x
+    row_width = width if columns else cuda.blockDim.x
+    rows = n_act // row_width
+    row = t // row_width
+    pos = t % row_width
+    span = L if columns else cuda.blockDim.x
+    step = 1
+    while step < rows:
+        cuda.syncthreads()
+        if row % (2 * step) == 0 and row + step < rows:
+            _combine(mode, s0, s1, s2, t, t + step * row_width)
+        step *= 2
+    step = 1
+    while step < span:
+        cuda.syncthreads()
+        j = pos % span
+        if row == 0 and j % (2 * step) == 0 and j + step < span:
+            _combine(mode, s0, s1, s2, t, t + step)
+        step *= 2
+    cuda.syncthreads()
+    return row, pos, span
+
+
+@cuda.jit(device=True)
+def _column(k, col, L, J, B):
+    """Affine index ``k * J + j`` of tile column ``col`` in group ``k``."""
+    if J == 1:
+        return k
+    return k * J + (col - k * L) // B
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(acc):
+    """The reduction and elementwise kernels accumulating in ``acc``
+    (``np.float32`` for float16/float32 storage, ``np.float64`` for
+    float64)."""
+
+    @cuda.jit
+    def reduce(x, dy, mean, rstd, weight, mode, A, K, J, B, stat_rows,
+               stat_group, columns, k_per, n_ktile, a_per, n_ach, l_per,
+               n_lch, part):
+        """Partials ``part[p, chunk, k]`` over each block's tile.
+
+        ``MOMENTS``: ``(count, mean, M2)`` of ``x``.  ``GRADS``: with
+        ``xhat = (x - mean[ps, ks]) * rstd[ps, ks]`` and ``w = weight[k*J+j]``,
+        ``(sum w*dy, sum w*dy*xhat, 0)``; the statistics row is ``ps = p``
+        (``stat_rows == 0``) or ``(p*A + a) // stat_rows``, the statistics
+        group ``ks = k // stat_group`` (a row of one statistic broadcasts).
+        """
+        s0 = cuda.shared.array(MAX_THREADS, float64)
+        s1 = cuda.shared.array(MAX_THREADS, float64)
+        s2 = cuda.shared.array(MAX_THREADS, float64)
+        t = cuda.threadIdx.x
+        L = J * B
+        W = K * L
+        p, k0, a0, a1, c0, width, chunk = _tile(
+            cuda.blockIdx.x, A, K, L, columns, k_per, n_ktile, a_per, n_ach,
+            l_per, n_lch)
+        n_act = _active_threads(columns, width)
+        step_a = n_act // width
+        step_c = n_act % width
+        a = a0 + t // width
+        c = t % width
+        k = (c0 + c) // L
+        zero = acc(0.0)
+        shift = zero
+        sum1 = zero
+        sum2 = zero
+        count = 0
+        if t >= n_act:
+            a = a1
+        if mode == MOMENTS and a < a1:
+            shift = acc(x[(p * A + a) * W + c0 + c])
+        while a < a1:
+            i = (p * A + a) * W + c0 + c
+            if mode == MOMENTS:
+                d = acc(x[i]) - shift
+                sum1 += d
+                sum2 += d * d
+            else:
+                ps = p if stat_rows == 0 else (p * A + a) // stat_rows
+                if mean.shape[0] == 1:
+                    ps = 0
+                ks = k // stat_group
+                g = acc(weight[_column(k, c0 + c, L, J, B)]) * acc(dy[i])
+                sum1 += g
+                sum2 += g * (acc(x[i]) - acc(mean[ps, ks])) * acc(rstd[ps, ks])
+            count += 1
+            c += step_c
+            a += step_a
+            if c >= width:
+                c -= width
+                a += 1
+        if mode == MOMENTS:
+            n = float64(count)
+            s0[t] = n
+            s1[t] = 0.0
+            s2[t] = 0.0
+            if count > 0:
+                d1 = float64(sum1)
+                s1[t] = float64(shift) + d1 / n
+                s2[t] = max(float64(sum2) - d1 * d1 / n, 0.0)
+        else:
+            s0[t] = float64(sum1)
+            s1[t] = float64(sum2)
+            s2[t] = 0.0
+        row, pos, span = _block_reduce(mode, s0, s1, s2, columns, width, L,
+                                       n_act)
+        if row == 0 and pos % span == 0 and t < n_act:
+            kk = k0 + pos // span
+            part[p, chunk, kk, 0] = s0[t]
+            part[p, chunk, kk, 1] = s1[t]
+            part[p, chunk, kk, 2] = s2[t]
+
+    @cuda.jit
+    def apply(x, dy, out, use_dy, coef, gamma, has_gamma, beta, has_beta, A,
+              K, J, B, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch):
+        """``out = (x - mc) * (a*g + h) + dy * (e*g) + (beta + q*g + w)``
+        with the packed per-(p, k) ``coef`` (see :func:`_pack`) and
+        per-(k, j) ``g = gamma`` and ``beta`` (1 and 0 when absent); the
+        ``dy`` term only when ``use_dy``."""
+        t = cuda.threadIdx.x
+        L = J * B
+        W = K * L
+        p, k0, a0, a1, c0, width, chunk = _tile(
+            cuda.blockIdx.x, A, K, L, columns, k_per, n_ktile, a_per, n_ach,
+            l_per, n_lch)
+        n_act = _active_threads(columns, width)
+        step_a = n_act // width
+        step_c = n_act % width
+        a = a0 + t // width
+        c = t % width
+        if t >= n_act:
+            a = a1
+        k = (c0 + c) // L
+        mc = coef[p, k, 0]
+        sx = coef[p, k, 1]
+        h = coef[p, k, 2]
+        e = coef[p, k, 3]
+        q = coef[p, k, 4]
+        w = coef[p, k, 5]
+        while a < a1:
+            i = (p * A + a) * W + c0 + c
+            col = _column(k, c0 + c, L, J, B)
+            g = acc(1.0)
+            if has_gamma:
+                g = acc(gamma[col])
+            b = w + q * g
+            if has_beta:
+                b += acc(beta[col])
+            value = (acc(x[i]) - mc) * (sx * g + h) + b
+            if use_dy:
+                value += acc(dy[i]) * (e * g)
+            out[i] = value
+            c += step_c
+            a += step_a
+            if c >= width:
+                c -= width
+                a += 1
+
+    @cuda.jit
+    def pack(backward, mean, scale, sum_g, sum_gx, gscale, scale_sums, n,
+             coef):
+        """Packed coefficients ``(mc, a, h, e, q, w)`` per ``(p, k)``.
+
+        Forward: ``a = scale`` (``rstd``, or ``r / sigma``), ``h = e = c =
+        0``.  Backward (:func:`normkit._cpu.finish_backward_p`): ``a = 0``,
+        ``e = rstd``, ``h = -rstd**2 * G2 / n``, ``c = -rstd * G1 / n`` with
+        the group sums ``G1 = sum_g``, ``G2 = sum_gx`` (times ``gscale[k]`` when
+        ``scale_sums``), ``n = inf`` for fixed statistics.  Then ``mc`` is
+        the mean rounded to the accumulation precision, ``q = -(m - mc) * a``
+        and ``w = c - (m - mc) * h``.  ``mean`` and ``scale`` may have one
+        row for all ``p``.
+        """
+        i = cuda.grid(1)
+        P = coef.shape[0]
+        K = coef.shape[1]
+        if i >= P * K:
+            return
+        p = i // K
+        k = i % K
+        pm = p if mean.shape[0] > 1 else 0
+        m = float64(mean[pm, k])
+        rs = float64(scale[pm, k])
+        a_k = rs
+        h = 0.0
+        e = 0.0
+        c = 0.0
+        if backward:
+            a_k = 0.0
+            e = rs
+            if n < math.inf:
+                f = float64(gscale[k]) if scale_sums else 1.0
+                h = -rs * rs * f * sum_gx[p, k] / n
+                c = -rs * f * sum_g[p, k] / n
+        mc = acc(m)
+        rest = m - float64(mc)
+        coef[p, k, 0] = mc
+        coef[p, k, 1] = a_k
+        coef[p, k, 2] = h
+        coef[p, k, 3] = e
+        coef[p, k, 4] = -rest * a_k
+        coef[p, k, 5] = c - rest * h
+
+    return reduce, apply, pack
+
+
+@cuda.jit
+def _merge(part, mode, out0, out1):
+    """Merge partials ``(P, chunks, K, 3)`` in chunk order per ``(p, k)``:
+    ``MOMENTS`` gives ``out0 = mean``, ``out1 = M2 / n``; ``GRADS`` the two
+    sums."""
+    i = cuda.grid(1)
+    P = part.shape[0]
+    K = part.shape[2]
+    if i >= P * K:
+        return
+    p = i // K
+    k = i % K
+    n = 0.0
+    m = 0.0
+    m2 = 0.0
+    for ch in range(part.shape[1]):
+        if mode == MOMENTS:
+            n, m, m2 = _chan_merge(n, m, m2, part[p, ch, k, 0],
+                                   part[p, ch, k, 1], part[p, ch, k, 2])
+        else:
+            n += part[p, ch, k, 0]
+            m += part[p, ch, k, 1]
+    if mode == MOMENTS:
+        out0[p, k] = m
+        out1[p, k] = m2 / n
+    else:
+        out0[p, k] = n
+        out1[p, k] = m
+
+
+@cuda.jit
+def _channel_op(op, a, b, c, d, eps, out):
+    """Per-element maps of small (per-channel) flat arrays, in float64:
+    ``RSTD`` ``1/sqrt(a + eps)``, ``RECIPROCAL`` ``1/a``, ``PRODUCT``
+    ``a*b``, ``RENORM_DWEIGHT`` ``a*b + c*d``, ``COPY`` ``a`` (cast to
+    ``out``'s dtype)."""
+    i = cuda.grid(1)
+    if i >= out.size:
+        return
+    v = float64(a[i])
+    if op == RSTD:
+        v = 1.0 / math.sqrt(v + eps)
+    elif op == RECIPROCAL:
+        v = 1.0 / v
+    elif op == PRODUCT:
+        v = v * b[i]
+    elif op == RENORM_DWEIGHT:
+        v = v * b[i] + float64(c[i]) * d[i]
+    out[i] = v
+
+
+@cuda.jit
+def _update_running(running, rows, factor, scale):
+    """``running <- (1 - factor) * running + factor * scale * mean_p(rows)``
+    per channel; ``rows`` is ``(P, C)``."""
+    ch = cuda.grid(1)
+    if ch >= running.size:
+        return
+    total = 0.0
+    for p in range(rows.shape[0]):
+        total += rows[p, ch] * scale
+    running[ch] = (1.0 - factor) * running[ch] + factor * (total / rows.shape[0])
+
+
+@cuda.jit
+def _renorm(mean, var, running_mean, running_std, weight, has_weight, bias,
+            has_bias, eps, rmax, dmax, factor, alpha, rstd, beta, r_out,
+            d_out):
+    """Batch Renormalization's per-channel corrections and running update
+    (see :func:`normkit.functional.batch_renorm`)."""
+    ch = cuda.grid(1)
+    if ch >= running_mean.size:
+        return
+    mu = mean[0, ch]
+    sigma = math.sqrt(var[0, ch] + eps)
+    rm = float64(running_mean[ch])
+    rs = float64(running_std[ch])
+    r = min(max(sigma / rs, 1.0 / rmax), rmax)
+    d = min(max((mu - rm) / rs, -dmax), dmax)
+    g = float64(weight[ch]) if has_weight else 1.0
+    beta[ch] = g * d + (float64(bias[ch]) if has_bias else 0.0)
+    alpha[0, ch] = r / sigma
+    rstd[0, ch] = 1.0 / sigma
+    r_out[ch] = r
+    d_out[ch] = d
+    running_mean[ch] = rm + factor * (mu - rm)
+    running_std[ch] = rs + factor * (sigma - rs)
+
+
+# --------------------------------------------------------------------------
+# host drivers
+# --------------------------------------------------------------------------
+
+def _accumulator(dtype):
+    return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+
+
+def _flat(x, name="x"):
+    """``x`` as a flat device array (no copy; C-contiguous required)."""
+    if not x.is_c_contiguous():
+        raise ValueError(f"{name} must be C-contiguous on the device, got a "
+                         f"strided array of shape {tuple(x.shape)}")
+    return x.reshape(x.size)
+
+
+def _optional(values):
+    """``(array, present)`` kernel arguments for an optional array."""
+    if values is None:
+        return _placeholder(), False
+    return _flat(values, "parameter"), True
+
+
+@functools.lru_cache(maxsize=None)
+def _placeholder_cached():
+    return cuda.device_array(1, np.float64)
+
+
+def _placeholder():
+    """A one-element stand-in for an absent optional kernel argument."""
+    return _placeholder_cached()
+
+
+def _launch(n, threads=128):
+    """``(blocks, threads)`` for a one-thread-per-item kernel."""
+    return max(1, _ceil_div(n, threads)), threads
+
+
+def _reduce(x, dy, view, grid, mode, mean=None, rstd=None, weight=None,
+            stat_rows=0, stat_group=1):
+    """Partials ``(P, chunks, K, 3)`` of the ``reduce`` kernel."""
+    reduce, _, _ = _kernels(_accumulator(x.dtype))
+    none = _placeholder()
+    part = cuda.device_array((view.P, grid.n_chunks, view.K, 3), np.float64)
+    reduce[grid.blocks(view.P), grid.threads](
+        x, none if dy is None else dy,
+        none.reshape(1, 1) if mean is None else mean,
+        none.reshape(1, 1) if rstd is None else rstd,
+        none if weight is None else weight, mode, view.A, view.K, view.J,
+        view.B, stat_rows, stat_group, *grid.args(), part)
+    return part
+
+
+def _merged(part, mode):
+    P, _, K, _ = part.shape
+    out0 = cuda.device_array((P, K), np.float64)
+    out1 = cuda.device_array((P, K), np.float64)
+    _merge[_launch(P * K)](part, mode, out0, out1)
+    return out0, out1
+
+
+def moments(x, view):
+    """Per-group mean and biased variance, ``(P, K)`` float64 device arrays."""
+    flat = _flat(x)
+    return _merged(_reduce(flat, None, view, grid_for(view), MOMENTS), MOMENTS)
+
+
+def _apply(flat, dy, view, grid, coef, gamma, beta):
+    _, apply, _ = _kernels(_accumulator(flat.dtype))
+    out = cuda.device_array(flat.size, flat.dtype)
+    gamma, has_gamma = _optional(gamma)
+    beta, has_beta = _optional(beta)
+    apply[grid.blocks(view.P), grid.threads](
+        flat, flat if dy is None else dy, out, dy is not None, coef, gamma,
+        has_gamma, beta, has_beta, view.A, view.K, view.J, view.B,
+        *grid.args())
+    return out
+
+
+def _coefficients(dtype, view, mean, scale, backward=False, sums=None,
+                  gscale=None, scale_sums=False, n=math.inf):
+    _, _, pack = _kernels(_accumulator(dtype))
+    acc = _accumulator(dtype)
+    coef = cuda.device_array((view.P, view.K, N_PACKED), acc)
+    none = _placeholder()
+    sum_g, sum_gx = (none.reshape(1, 1),) * 2 if sums is None else sums
+    pack[_launch(view.P * view.K)](
+        backward, mean, scale, sum_g, sum_gx,
+        none if gscale is None else gscale, scale_sums, float(n), coef)
+    return coef
+
+
+def _as_rows(values, view):
+    """Per-group values as a ``(rows, K)`` device array (rows 1 or P)."""
+    return values.reshape(values.size // view.K, view.K)
+
+
+def apply_affine(x, view, mean, alpha, gamma=None, beta=None):
+    """Device version of :func:`normkit.engine.apply_affine`; ``mean`` and
+    ``alpha`` are device arrays of ``P * K`` or ``K`` values."""
+    flat = _flat(x)
+    grid = grid_for(view)
+    coef = _coefficients(flat.dtype, view, _as_rows(mean, view),
+                         _as_rows(alpha, view))
+    return _apply(flat, None, view, grid, coef, gamma, beta).reshape(x.shape)
+
+
+def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5):
+    """Device version of :func:`normkit.engine.normalize_batch`."""
+    mean, var = moments(x, view)
+    rstd = channel_op(RSTD, var, eps=eps)
+    return apply_affine(x, view, mean, rstd, gamma, beta), mean, var
+
+
+def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
+             need_affine=True):
+    """Device version of :func:`normkit.engine.backward`.
+
+    With one affine column per group (``J == 1``) one reduction gives the
+    unweighted per-(p, k) sums, from which both the group sums (times
+    ``gscale``) and the affine sums (summed over ``p``) follow; otherwise
+    the group sums are reduced with the ``gscale`` weights over the view and
+    the affine sums over the view ``(1, P*A, K*J, 1, B)`` of the same data.
+    """
+    flat_x = _flat(x)
+    flat_dy = _flat(dy, "dy")
+    grid = grid_for(view)
+    mean = _as_rows(mean, view)
+    rstd = _as_rows(rstd, view)
+    gscale = None if gscale is None else _flat(gscale, "gscale")
+    sums = sum_dy = sum_dy_xhat = None
+    scale_sums = False
+    if view.J == 1 and (batch_stats or need_affine):
+        part = _reduce(flat_x, flat_dy, view, grid, GRADS, mean, rstd,
+                       _ones(view.K))
+        if batch_stats:
+            sums = _merged(part, GRADS)
+            scale_sums = gscale is not None
+        if need_affine:
+            total = _merged(part.reshape(1, view.P * grid.n_chunks, view.K, 3),
+                            GRADS)
+            sum_dy, sum_dy_xhat = total[0][0], total[1][0]
+    else:
+        if batch_stats:
+            weights = _ones(view.K * view.J) if gscale is None else gscale
+            sums = _merged(_reduce(flat_x, flat_dy, view, grid, GRADS, mean,
+                                   rstd, weights), GRADS)
+        if need_affine:
+            affine = type(view)(1, view.P * view.A, view.K * view.J, 1, view.B)
+            total = _merged(_reduce(flat_x, flat_dy, affine, grid_for(affine),
+                                    GRADS, mean, rstd, _ones(view.K * view.J),
+                                    stat_rows=view.A, stat_group=view.J),
+                            GRADS)
+            sum_dy, sum_dy_xhat = total[0][0], total[1][0]
+    n = float(view.group_size) if batch_stats else math.inf
+    coef = _coefficients(flat_x.dtype, view, mean, rstd, True, sums, gscale,
+                         scale_sums, n)
+    dx = _apply(flat_x, flat_dy, view, grid, coef, gscale, None)
+    return dx.reshape(x.shape), sum_dy, sum_dy_xhat
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(n):
+    return cuda.to_device(np.ones(n))
+
+
+# --------------------------------------------------------------------------
+# per-channel helpers for the functional API
+# --------------------------------------------------------------------------
+
+def channel_op(op, a, b=None, c=None, d=None, eps=0.0, out=None):
+    """Run :func:`_channel_op`; returns ``out`` (float64 like ``a`` when not
+    given)."""
+    if out is None:
+        out = cuda.device_array(a.shape, np.float64)
+    none = _placeholder()
+    flat = [none if v is None else _flat(v, "statistic") for v in (a, b, c, d)]
+    _channel_op[_launch(out.size)](op, *flat, float(eps), _flat(out, "out"))
+    return out
+
+
+def update_running(running, rows, factor, scale=1.0):
+    """``running <- (1 - factor) * running + factor * scale * mean_p(rows)``
+    in place on the device."""
+    _update_running[_launch(running.size)](running, rows, float(factor),
+                                           float(scale))
+
+
+def renorm(mean, var, running_mean, running_std, weight, bias, eps, rmax,
+           dmax, factor):
+    """Batch Renormalization on the device: returns ``(alpha, rstd, beta, r,
+    d)`` (``(1, C)``, ``(1, C)``, ``(C,)``, ``(C,)``, ``(C,)``) and updates
+    the running statistics in place."""
+    C = running_mean.size
+    alpha = cuda.device_array((1, C), np.float64)
+    rstd = cuda.device_array((1, C), np.float64)
+    beta = cuda.device_array(C, np.float64)
+    r = cuda.device_array(C, np.float64)
+    d = cuda.device_array(C, np.float64)
+    weight, has_weight = _optional(weight)
+    bias, has_bias = _optional(bias)
+    _renorm[_launch(C)](mean, var, running_mean, running_std, weight,
+                        has_weight, bias, has_bias, float(eps), float(rmax),
+                        float(dmax), float(factor), alpha, rstd, beta, r, d)
+    return alpha, rstd, beta, r, d
