@@ -558,8 +558,9 @@ def _placeholder():
     return _placeholder_cached()
 
 
-def _launch(n, threads=128):
+def _launch(n):
     """``(blocks, threads)`` for a one-thread-per-item kernel."""
+    threads = min(SETTINGS.threads, MAX_THREADS)
     return max(1, _ceil_div(n, threads)), threads
 
 

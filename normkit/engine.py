@@ -39,7 +39,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from . import _cpu, _half
+from . import _cpu, _device, _half
 
 #: Items with fewer elements than this are not worth a thread of their own.
 MIN_ITEM_ELEMENTS = 32768
@@ -231,11 +231,24 @@ def _params(values, size, default, dtype=np.float64):
 # engine entry points
 # --------------------------------------------------------------------------
 
+def _device_backend(x):
+    """The CUDA backend (:mod:`normkit._cuda`, imported on first use) for
+    arrays on a GPU, None for host arrays: the one backend dispatch."""
+    if not _device.is_device_array(x):
+        return None
+    from . import _cuda
+    return _cuda
+
+
 def moments(x, view):
     """Per-group mean and biased variance, both ``(P, K)`` float64.
 
     ``var = 1/n * sum (x - mean)**2`` over each group of ``n`` values.
+    For a CUDA device ``x`` both are float64 device arrays.
     """
+    gpu = _device_backend(x)
+    if gpu:
+        return gpu.moments(x, view)
     flat = as_kernel_array(x)
     plan = make_plan(view)
     shape = (view.P, plan.n_chunks, view.K)
@@ -250,8 +263,12 @@ def apply_affine(x, view, mean, alpha, gamma=None, beta=None):
     """``y = (x - mean) * alpha * gamma + beta``, returned in ``x.dtype``.
 
     ``mean`` and ``alpha`` are per group ``(P, K)``; ``gamma`` and ``beta``
-    per ``(K, J)`` (or None for 1 and 0).
+    per ``(K, J)`` (or None for 1 and 0).  Device arrays in, device
+    array out.
     """
+    gpu = _device_backend(x)
+    if gpu:
+        return gpu.apply_affine(x, view, mean, alpha, gamma, beta)
     flat = as_kernel_array(x)
     plan = make_plan(view)
     coef = np.zeros((view.P, view.K, _cpu.N_COEF))
@@ -275,7 +292,12 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5):
     -------
     y : ndarray, same shape and dtype as ``x``
     mean, var : ndarray, ``(P, K)`` float64
+
+    For a CUDA device ``x`` all three are device arrays.
     """
+    gpu = _device_backend(x)
+    if gpu:
+        return gpu.normalize_batch(x, view, gamma, beta, eps)
     flat = as_kernel_array(x)
     plan = make_plan(view)
     kj = view.K * view.J
@@ -318,7 +340,13 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     -------
     dx : ndarray, shape and dtype of ``x``
     sum_dy, sum_dy_xhat : ndarray ``(K * J,)`` float64, or None
+
+    For a CUDA device ``x`` all arrays in and out are device arrays.
     """
+    gpu = _device_backend(x)
+    if gpu:
+        return gpu.backward(dy, x, view, mean, rstd, gscale, batch_stats,
+                            need_affine)
     flat_x = as_kernel_array(x)
     flat_dy = as_kernel_array(dy).astype(flat_x.dtype, copy=False)
     plan = make_plan(view)
