@@ -11,8 +11,9 @@ Tiles and launch configuration
 Every kernel walks the same tiles, chosen from the shape by
 :func:`grid_for` (the one place where launch configuration is decided):
 
-- *column tiles* (narrow groups, ``A > 1`` and ``2 * L <= threads``:
-  channels-last BatchNorm / InstanceNorm / GroupNorm, tiny spatial extents):
+- *column tiles* (narrow groups, ``2 * L <= threads``, unless a single
+  row holds a single group: channels-last BatchNorm / InstanceNorm /
+  GroupNorm, tiny spatial extents, the affine sums of LayerNorm):
   a block covers ``k_per`` whole groups (``k_per * L <= threads`` adjacent
   columns) and a chunk of rows.  Thread ``t`` keeps column ``t % width`` and
   walks rows ``t // width, + threads // width, ...``, so a warp reads
@@ -150,7 +151,7 @@ def _grid(dims, threads, min_threads, target_blocks, values_per_thread):
     P, A, K, J, B = dims
     L = J * B
     threads = min(threads, MAX_THREADS)
-    columns = A > 1 and 2 * L <= threads
+    columns = 2 * L <= threads and (A > 1 or K > 1)
     k_per = min(K, threads // L) if columns else 1
     width = k_per * L
     n_ktile = _ceil_div(K, k_per)
