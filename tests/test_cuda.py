@@ -188,6 +188,28 @@ def test_grid_for_large_shapes_uses_many_blocks():
     assert cl.columns and cl.blocks(1) >= enough
 
 
+@pytest.mark.skipif(SIMULATOR, reason="full-size blocks need a real GPU")
+@pytest.mark.parametrize("name", ["batch_norm", "instance_norm", "layer_norm",
+                                  "group_norm", "batch_renorm"])
+@pytest.mark.parametrize("layout", ["first", "last"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_default_launch_settings_on_gpu(name, layout, dtype, monkeypatch, rng):
+    monkeypatch.setattr(_cuda, "SETTINGS", _cuda.Settings())
+    shape = (32, 64, 28, 28) if layout == "first" else (32, 28, 28, 64)
+    if name == "layer_norm":
+        shape = (512, 1024)
+    x = (3 + 2 * rng.standard_normal(shape)).astype(dtype)
+    case = make_case(name, x=x, layout=layout, rng=rng)
+    (y_cpu, saved_cpu), _ = nk_forward(case, return_saved=True)
+    dy = rng.normal(size=shape).astype(dtype)
+    dx_cpu = nk_backward(case, dy, saved_cpu)[0]
+    y, saved = gpu_forward(case, device_kwargs(case))
+    dx = getattr(normkit, name + "_backward")(on_device(dy), on_device(x),
+                                              saved)[0]
+    assert_close_scaled(host(y), y_cpu, dtype, what="y")
+    assert_close_scaled(host(dx), dx_cpu, dtype, what="dx")
+
+
 # --------------------------------------------------------------------------
 # layers: state follows the input, state_dict is on the host
 # --------------------------------------------------------------------------
