@@ -263,32 +263,26 @@ def _column(k, col, L, J, B):
 
 @functools.lru_cache(maxsize=None)
 def _kernels(acc):
-    """The reduction and elementwise kernels accumulating in ``acc``
+    """The reduction, elementwise and fused kernels accumulating in ``acc``
     (``np.float32`` for float16/float32 storage, ``np.float64`` for
-    float64)."""
+    float64), as a dict by name."""
 
-    @cuda.jit
-    def reduce(x, dy, mean, rstd, weight, mode, A, K, J, B, stat_rows,
-               stat_group, columns, k_per, n_ktile, a_per, n_ach, l_per,
-               n_lch, part):
-        """Partials ``part[p, chunk, k]`` over each block's tile.
+    @cuda.jit(device=True)
+    def accumulate(x, dy, mean, rstd, weight, mode, p, A, K, J, B,
+                   stat_rows, stat_group, a0, a1, c0, width, n_act, s0, s1,
+                   s2):
+        """This thread's summary of its values of the tile, in slot ``t``.
 
         ``MOMENTS``: ``(count, mean, M2)`` of ``x``.  ``GRADS``: with
         ``xhat = (x - mean[ps, ks]) * rstd[ps, ks]`` and ``w = weight[k*J+j]``,
         ``(sum w*dy, sum w*dy*xhat, 0)``; the statistics row is ``ps = p``
         (``stat_rows == 0``) or ``(p*A + a) // stat_rows``, the statistics
-        group ``ks = k // stat_group`` (a row of one statistic broadcasts).
+        group ``ks = k // stat_group`` (a single row of statistics
+        broadcasts over ``p``).
         """
-        s0 = cuda.shared.array(MAX_THREADS, float64)
-        s1 = cuda.shared.array(MAX_THREADS, float64)
-        s2 = cuda.shared.array(MAX_THREADS, float64)
         t = cuda.threadIdx.x
         L = J * B
         W = K * L
-        p, k0, a0, a1, c0, width, chunk = _tile(
-            cuda.blockIdx.x, A, K, L, columns, k_per, n_ktile, a_per, n_ach,
-            l_per, n_lch)
-        n_act = _active_threads(columns, width)
         step_a = n_act // width
         step_c = n_act % width
         a = a0 + t // width
@@ -336,41 +330,25 @@ def _kernels(acc):
             s0[t] = float64(sum1)
             s1[t] = float64(sum2)
             s2[t] = 0.0
-        row, pos, span = _block_reduce(mode, s0, s1, s2, columns, width, L,
-                                       n_act)
-        if row == 0 and pos % span == 0 and t < n_act:
-            kk = k0 + pos // span
-            part[p, chunk, kk, 0] = s0[t]
-            part[p, chunk, kk, 1] = s1[t]
-            part[p, chunk, kk, 2] = s2[t]
 
-    @cuda.jit
-    def apply(x, dy, out, use_dy, coef, gamma, has_gamma, beta, has_beta, A,
-              K, J, B, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch):
-        """``out = (x - mc) * (a*g + h) + dy * (e*g) + (beta + q*g + w)``
-        with the packed per-(p, k) ``coef`` (see :func:`_pack`) and
-        per-(k, j) ``g = gamma`` and ``beta`` (1 and 0 when absent); the
-        ``dy`` term only when ``use_dy``."""
+    @cuda.jit(device=True)
+    def transform(x, dy, out, use_dy, gamma, has_gamma, beta, has_beta, p, A,
+                  K, J, B, a0, a1, c0, width, n_act, mc, sx, h, e, q, w):
+        """This thread's values of the tile through
+        ``out = (x - mc) * (sx*g + h) + dy * (e*g) + (beta + q*g + w)``
+        with per-(k, j) ``g = gamma`` and ``beta`` (1 and 0 when absent) and
+        this thread's group's coefficients; the ``dy`` term only when
+        ``use_dy``."""
         t = cuda.threadIdx.x
         L = J * B
         W = K * L
-        p, k0, a0, a1, c0, width, chunk = _tile(
-            cuda.blockIdx.x, A, K, L, columns, k_per, n_ktile, a_per, n_ach,
-            l_per, n_lch)
-        n_act = _active_threads(columns, width)
         step_a = n_act // width
         step_c = n_act % width
         a = a0 + t // width
         c = t % width
+        k = (c0 + c) // L
         if t >= n_act:
             a = a1
-        k = (c0 + c) // L
-        mc = coef[p, k, 0]
-        sx = coef[p, k, 1]
-        h = coef[p, k, 2]
-        e = coef[p, k, 3]
-        q = coef[p, k, 4]
-        w = coef[p, k, 5]
         while a < a1:
             i = (p * A + a) * W + c0 + c
             col = _column(k, c0 + c, L, J, B)
@@ -389,6 +367,82 @@ def _kernels(acc):
             if c >= width:
                 c -= width
                 a += 1
+
+    @cuda.jit
+    def reduce(x, dy, mean, rstd, weight, mode, A, K, J, B, stat_rows,
+               stat_group, columns, k_per, n_ktile, a_per, n_ach, l_per,
+               n_lch, part):
+        """Partials ``part[p, chunk, k]`` of :func:`accumulate` over each
+        block's tile."""
+        s0 = cuda.shared.array(MAX_THREADS, float64)
+        s1 = cuda.shared.array(MAX_THREADS, float64)
+        s2 = cuda.shared.array(MAX_THREADS, float64)
+        t = cuda.threadIdx.x
+        L = J * B
+        p, k0, a0, a1, c0, width, chunk = _tile(
+            cuda.blockIdx.x, A, K, L, columns, k_per, n_ktile, a_per, n_ach,
+            l_per, n_lch)
+        n_act = _active_threads(columns, width)
+        accumulate(x, dy, mean, rstd, weight, mode, p, A, K, J, B, stat_rows,
+                   stat_group, a0, a1, c0, width, n_act, s0, s1, s2)
+        row, pos, span = _block_reduce(mode, s0, s1, s2, columns, width, L,
+                                       n_act)
+        if row == 0 and pos % span == 0 and t < n_act:
+            kk = k0 + pos // span
+            part[p, chunk, kk, 0] = s0[t]
+            part[p, chunk, kk, 1] = s1[t]
+            part[p, chunk, kk, 2] = s2[t]
+
+    @cuda.jit
+    def apply(x, dy, out, use_dy, coef, gamma, has_gamma, beta, has_beta, A,
+              K, J, B, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch):
+        """:func:`transform` of every tile with the packed per-(p, k)
+        coefficients ``coef`` (see ``pack``)."""
+        t = cuda.threadIdx.x
+        L = J * B
+        p, k0, a0, a1, c0, width, chunk = _tile(
+            cuda.blockIdx.x, A, K, L, columns, k_per, n_ktile, a_per, n_ach,
+            l_per, n_lch)
+        n_act = _active_threads(columns, width)
+        k = (c0 + t % width) // L
+        transform(x, dy, out, use_dy, gamma, has_gamma, beta, has_beta, p, A,
+                  K, J, B, a0, a1, c0, width, n_act, coef[p, k, 0],
+                  coef[p, k, 1], coef[p, k, 2], coef[p, k, 3], coef[p, k, 4],
+                  coef[p, k, 5])
+
+    @cuda.jit
+    def forward_fused(x, out, gamma, has_gamma, beta, has_beta, eps, A, K, J,
+                      B, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch,
+                      mean_out, var_out):
+        """Moments and normalization of whole groups in one block: the
+        tile is read a second time right after its reduction, from cache.
+        Only for grids without splits (``n_chunks == 1``); writes the
+        mean and biased variance per ``(p, k)``."""
+        s0 = cuda.shared.array(MAX_THREADS, float64)
+        s1 = cuda.shared.array(MAX_THREADS, float64)
+        s2 = cuda.shared.array(MAX_THREADS, float64)
+        t = cuda.threadIdx.x
+        L = J * B
+        p, k0, a0, a1, c0, width, chunk = _tile(
+            cuda.blockIdx.x, A, K, L, columns, k_per, n_ktile, a_per, n_ach,
+            l_per, n_lch)
+        n_act = _active_threads(columns, width)
+        accumulate(x, x, mean_out, mean_out, gamma, MOMENTS, p, A, K, J, B, 0,
+                   1, a0, a1, c0, width, n_act, s0, s1, s2)
+        row, pos, span = _block_reduce(MOMENTS, s0, s1, s2, columns, width, L,
+                                       n_act)
+        slot = (t % width) // L * L if columns else 0
+        m = s1[slot]
+        var = s2[slot] / s0[slot]
+        if row == 0 and pos % span == 0 and t < n_act:
+            kk = k0 + pos // span
+            mean_out[p, kk] = m
+            var_out[p, kk] = var
+        rs = 1.0 / math.sqrt(var + eps)
+        mc = acc(m)
+        transform(x, x, out, False, gamma, has_gamma, beta, has_beta, p, A, K,
+                  J, B, a0, a1, c0, width, n_act, mc, acc(rs), acc(0.0),
+                  acc(0.0), acc(-(m - float64(mc)) * rs), acc(0.0))
 
     @cuda.jit
     def pack(backward, mean, scale, sum_g, sum_gx, gscale, scale_sums, n,
@@ -434,7 +488,8 @@ def _kernels(acc):
         coef[p, k, 4] = -rest * a_k
         coef[p, k, 5] = c - rest * h
 
-    return reduce, apply, pack
+    return {"reduce": reduce, "apply": apply, "pack": pack,
+            "forward_fused": forward_fused}
 
 
 @cuda.jit
@@ -568,7 +623,7 @@ def _launch(n):
 def _reduce(x, dy, view, grid, mode, mean=None, rstd=None, weight=None,
             stat_rows=0, stat_group=1):
     """Partials ``(P, chunks, K, 3)`` of the ``reduce`` kernel."""
-    reduce, _, _ = _kernels(_accumulator(x.dtype))
+    reduce = _kernels(_accumulator(x.dtype))["reduce"]
     none = _placeholder()
     part = cuda.device_array((view.P, grid.n_chunks, view.K, 3), np.float64)
     reduce[grid.blocks(view.P), grid.threads](
@@ -595,7 +650,7 @@ def moments(x, view):
 
 
 def _apply(flat, dy, view, grid, coef, gamma, beta):
-    _, apply, _ = _kernels(_accumulator(flat.dtype))
+    apply = _kernels(_accumulator(flat.dtype))["apply"]
     out = cuda.device_array(flat.size, flat.dtype)
     gamma, has_gamma = _optional(gamma)
     beta, has_beta = _optional(beta)
@@ -608,8 +663,8 @@ def _apply(flat, dy, view, grid, coef, gamma, beta):
 
 def _coefficients(dtype, view, mean, scale, backward=False, sums=None,
                   gscale=None, scale_sums=False, n=math.inf):
-    _, _, pack = _kernels(_accumulator(dtype))
     acc = _accumulator(dtype)
+    pack = _kernels(acc)["pack"]
     coef = cuda.device_array((view.P, view.K, N_PACKED), acc)
     none = _placeholder()
     sum_g, sum_gx = (none.reshape(1, 1),) * 2 if sums is None else sums
@@ -635,10 +690,25 @@ def apply_affine(x, view, mean, alpha, gamma=None, beta=None):
 
 
 def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5):
-    """Device version of :func:`normkit.engine.normalize_batch`."""
-    mean, var = moments(x, view)
-    rstd = channel_op(RSTD, var, eps=eps)
-    return apply_affine(x, view, mean, rstd, gamma, beta), mean, var
+    """Device version of :func:`normkit.engine.normalize_batch`: one fused
+    kernel when every block holds whole groups, else moments, then the
+    elementwise map."""
+    grid = grid_for(view)
+    if grid.n_chunks > 1:
+        mean, var = moments(x, view)
+        rstd = channel_op(RSTD, var, eps=eps)
+        return apply_affine(x, view, mean, rstd, gamma, beta), mean, var
+    flat = _flat(x)
+    fused = _kernels(_accumulator(flat.dtype))["forward_fused"]
+    out = cuda.device_array(flat.size, flat.dtype)
+    mean = cuda.device_array((view.P, view.K), np.float64)
+    var = cuda.device_array((view.P, view.K), np.float64)
+    gamma, has_gamma = _optional(gamma)
+    beta, has_beta = _optional(beta)
+    fused[grid.blocks(view.P), grid.threads](
+        flat, out, gamma, has_gamma, beta, has_beta, float(eps), view.A,
+        view.K, view.J, view.B, *grid.args(), mean, var)
+    return out.reshape(x.shape), mean, var
 
 
 def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
