@@ -305,12 +305,12 @@ def _kernels(acc):
                 sum2 += d * d
             else:
                 ps = p if stat_rows == 0 else (p * A + a) // stat_rows
-                if mean.shape[0] == 1:
-                    ps = 0
                 ks = k // stat_group
+                m = mean[ps if mean.shape[0] > 1 else 0, ks]
+                rs = rstd[ps if rstd.shape[0] > 1 else 0, ks]
                 g = acc(weight[_column(k, c0 + c, L, J, B)]) * acc(dy[i])
                 sum1 += g
-                sum2 += g * (acc(x[i]) - acc(mean[ps, ks])) * acc(rstd[ps, ks])
+                sum2 += g * (acc(x[i]) - acc(m)) * acc(rs)
             count += 1
             c += step_c
             a += step_a
@@ -446,14 +446,15 @@ def _kernels(acc):
 
     @cuda.jit
     def pack(backward, mean, scale, sum_g, sum_gx, gscale, scale_sums, n,
-             coef):
+             centered, coef):
         """Packed coefficients ``(mc, a, h, e, q, w)`` per ``(p, k)``.
 
         Forward: ``a = scale`` (``rstd``, or ``r / sigma``), ``h = e = c =
         0``.  Backward (:func:`normkit._cpu.finish_backward_p`): ``a = 0``,
         ``e = rstd``, ``h = -rstd**2 * G2 / n``, ``c = -rstd * G1 / n`` with
         the group sums ``G1 = sum_g``, ``G2 = sum_gx`` (times ``gscale[k]`` when
-        ``scale_sums``), ``n = inf`` for fixed statistics.  Then ``mc`` is
+        ``scale_sums``), ``n = inf`` for fixed statistics, and ``c = 0``
+        for statistics about zero (not ``centered``).  Then ``mc`` is
         the mean rounded to the accumulation precision, ``q = -(m - mc) * a``
         and ``w = c - (m - mc) * h``.  ``mean`` and ``scale`` may have one
         row for all ``p``.
@@ -465,9 +466,8 @@ def _kernels(acc):
             return
         p = i // K
         k = i % K
-        pm = p if mean.shape[0] > 1 else 0
-        m = float64(mean[pm, k])
-        rs = float64(scale[pm, k])
+        m = float64(mean[p if mean.shape[0] > 1 else 0, k])
+        rs = float64(scale[p if scale.shape[0] > 1 else 0, k])
         a_k = rs
         h = 0.0
         e = 0.0
@@ -478,7 +478,8 @@ def _kernels(acc):
             if n < math.inf:
                 f = float64(gscale[k]) if scale_sums else 1.0
                 h = -rs * rs * f * sum_gx[p, k] / n
-                c = -rs * f * sum_g[p, k] / n
+                if centered:
+                    c = -rs * f * sum_g[p, k] / n
         mc = acc(m)
         rest = m - float64(mc)
         coef[p, k, 0] = mc
@@ -493,9 +494,10 @@ def _kernels(acc):
 
 
 @cuda.jit
-def _merge(part, mode, out0, out1):
+def _merge(part, mode, centered, out0, out1):
     """Merge partials ``(P, chunks, K, 3)`` in chunk order per ``(p, k)``:
-    ``MOMENTS`` gives ``out0 = mean``, ``out1 = M2 / n``; ``GRADS`` the two
+    ``MOMENTS`` gives ``out0 = mean``, ``out1 = M2 / n`` (not ``centered``:
+    ``0`` and the mean square ``M2 / n + mean**2``); ``GRADS`` the two
     sums."""
     i = cuda.grid(1)
     P = part.shape[0]
@@ -514,9 +516,12 @@ def _merge(part, mode, out0, out1):
         else:
             n += part[p, ch, k, 0]
             m += part[p, ch, k, 1]
-    if mode == MOMENTS:
+    if mode == MOMENTS and centered:
         out0[p, k] = m
         out1[p, k] = m2 / n
+    elif mode == MOMENTS:
+        out0[p, k] = 0.0
+        out1[p, k] = m2 / n + m * m
     else:
         out0[p, k] = n
         out1[p, k] = m
@@ -635,18 +640,21 @@ def _reduce(x, dy, view, grid, mode, mean=None, rstd=None, weight=None,
     return part
 
 
-def _merged(part, mode):
+def _merged(part, mode, centered=True):
     P, _, K, _ = part.shape
     out0 = cuda.device_array((P, K), np.float64)
     out1 = cuda.device_array((P, K), np.float64)
-    _merge[_launch(P * K)](part, mode, out0, out1)
+    _merge[_launch(P * K)](part, mode, centered, out0, out1)
     return out0, out1
 
 
-def moments(x, view):
-    """Per-group mean and biased variance, ``(P, K)`` float64 device arrays."""
+def moments(x, view, centered=True):
+    """Per-group mean and biased variance, ``(P, K)`` float64 device arrays
+    (``centered=False``: zero and the mean square, as
+    :func:`normkit.engine.moments`)."""
     flat = _flat(x)
-    return _merged(_reduce(flat, None, view, grid_for(view), MOMENTS), MOMENTS)
+    return _merged(_reduce(flat, None, view, grid_for(view), MOMENTS), MOMENTS,
+                   centered)
 
 
 def _apply(flat, dy, view, grid, coef, gamma, beta):
@@ -662,7 +670,7 @@ def _apply(flat, dy, view, grid, coef, gamma, beta):
 
 
 def _coefficients(dtype, view, mean, scale, backward=False, sums=None,
-                  gscale=None, scale_sums=False, n=math.inf):
+                  gscale=None, scale_sums=False, n=math.inf, centered=True):
     acc = _accumulator(dtype)
     pack = _kernels(acc)["pack"]
     coef = cuda.device_array((view.P, view.K, N_PACKED), acc)
@@ -670,7 +678,8 @@ def _coefficients(dtype, view, mean, scale, backward=False, sums=None,
     sum_g, sum_gx = (none.reshape(1, 1),) * 2 if sums is None else sums
     pack[_launch(view.P * view.K)](
         backward, mean, scale, sum_g, sum_gx,
-        none if gscale is None else gscale, scale_sums, float(n), coef)
+        none if gscale is None else gscale, scale_sums, float(n), centered,
+        coef)
     return coef
 
 
@@ -689,13 +698,13 @@ def apply_affine(x, view, mean, alpha, gamma=None, beta=None):
     return _apply(flat, None, view, grid, coef, gamma, beta).reshape(x.shape)
 
 
-def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5):
+def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True):
     """Device version of :func:`normkit.engine.normalize_batch`: one fused
     kernel when every block holds whole groups, else moments, then the
     elementwise map."""
     grid = grid_for(view)
-    if grid.n_chunks > 1:
-        mean, var = moments(x, view)
+    if grid.n_chunks > 1 or not centered:
+        mean, var = moments(x, view, centered)
         rstd = channel_op(RSTD, var, eps=eps)
         return apply_affine(x, view, mean, rstd, gamma, beta), mean, var
     flat = _flat(x)
@@ -712,7 +721,7 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5):
 
 
 def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
-             need_affine=True):
+             need_affine=True, centered=True):
     """Device version of :func:`normkit.engine.backward`.
 
     With one affine column per group (``J == 1``) one reduction gives the
@@ -724,14 +733,14 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     flat_x = _flat(x)
     flat_dy = _flat(dy, "dy")
     grid = grid_for(view)
-    mean = _as_rows(mean, view)
+    mean = _as_rows(mean if centered else _constant(0.0, view.K), view)
     rstd = _as_rows(rstd, view)
     gscale = None if gscale is None else _flat(gscale, "gscale")
     sums = sum_dy = sum_dy_xhat = None
     scale_sums = False
     if view.J == 1 and (batch_stats or need_affine):
         part = _reduce(flat_x, flat_dy, view, grid, GRADS, mean, rstd,
-                       _ones(view.K))
+                       _constant(1.0, view.K))
         if batch_stats:
             sums = _merged(part, GRADS)
             scale_sums = gscale is not None
@@ -741,26 +750,27 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
             sum_dy, sum_dy_xhat = total[0][0], total[1][0]
     else:
         if batch_stats:
-            weights = _ones(view.K * view.J) if gscale is None else gscale
+            weights = _constant(1.0, view.K * view.J) if gscale is None else gscale
             sums = _merged(_reduce(flat_x, flat_dy, view, grid, GRADS, mean,
                                    rstd, weights), GRADS)
         if need_affine:
             affine = type(view)(1, view.P * view.A, view.K * view.J, 1, view.B)
             total = _merged(_reduce(flat_x, flat_dy, affine, grid_for(affine),
-                                    GRADS, mean, rstd, _ones(view.K * view.J),
+                                    GRADS, mean, rstd, _constant(1.0, view.K * view.J),
                                     stat_rows=view.A, stat_group=view.J),
                             GRADS)
             sum_dy, sum_dy_xhat = total[0][0], total[1][0]
     n = float(view.group_size) if batch_stats else math.inf
     coef = _coefficients(flat_x.dtype, view, mean, rstd, True, sums, gscale,
-                         scale_sums, n)
+                         scale_sums, n, centered)
     dx = _apply(flat_x, flat_dy, view, grid, coef, gscale, None)
     return dx.reshape(x.shape), sum_dy, sum_dy_xhat
 
 
 @functools.lru_cache(maxsize=64)
-def _ones(n):
-    return cuda.to_device(np.ones(n))
+def _constant(value, n):
+    """A cached float64 device array of ``n`` copies of ``value``."""
+    return cuda.to_device(np.full(n, value))
 
 
 # --------------------------------------------------------------------------

@@ -210,6 +210,37 @@ def test_default_launch_settings_on_gpu(name, layout, dtype, monkeypatch, rng):
     assert_close_scaled(host(dx), dx_cpu, dtype, what="dx")
 
 
+@pytest.mark.parametrize("dims", [(3, 1, 1, 16, 1), (1, 4, 3, 1, 5)])
+def test_statistics_about_zero(dims, rng):
+    """``centered=False`` (RMSNorm-style) moments, forward and backward
+    against float64 NumPy over the grouped view."""
+    view = engine.View(*dims)
+    x = rng.normal(1.0, 2.0, size=view.dims)
+    dy = rng.normal(size=view.dims)
+    g = rng.uniform(0.5, 2.0, size=(1, 1, view.K, view.J, 1))
+    axes = (1, 3, 4)
+    rstd = 1.0 / np.sqrt((x * x).mean(axis=axes, keepdims=True) + 1e-5)
+    xhat = x * rstd
+    gdy = g * dy
+    dx_ref = rstd * (gdy - xhat * (gdy * xhat).mean(axis=axes, keepdims=True))
+    flat, flat_dy = cuda.to_device(x.reshape(-1)), cuda.to_device(dy.reshape(-1))
+    zero, ms = _cuda.moments(flat, view, centered=False)
+    y, _, _ = _cuda.normalize_batch(flat, view, centered=False)
+    dx, sum_dy, sum_dy_xhat = _cuda.backward(
+        flat_dy, flat, view, zero, cuda.to_device(rstd.reshape(view.P, view.K)),
+        cuda.to_device(g.reshape(-1)), True, True, centered=False)
+    np.testing.assert_array_equal(host(zero), 0.0)
+    np.testing.assert_allclose(host(ms), 1 / rstd.reshape(view.P, view.K) ** 2
+                               - 1e-5, rtol=1e-12)
+    np.testing.assert_allclose(host(y), xhat.reshape(-1), rtol=1e-10)
+    np.testing.assert_allclose(host(dx), dx_ref.reshape(-1), atol=1e-10)
+    np.testing.assert_allclose(host(sum_dy), dy.sum(axis=(0, 1, 4)).reshape(-1),
+                               atol=1e-10)
+    np.testing.assert_allclose(host(sum_dy_xhat),
+                               (dy * xhat).sum(axis=(0, 1, 4)).reshape(-1),
+                               atol=1e-10)
+
+
 # --------------------------------------------------------------------------
 # layers: state follows the input, state_dict is on the host
 # --------------------------------------------------------------------------
