@@ -181,9 +181,11 @@ def _grid(dims, threads, min_threads, target_blocks, values_per_thread):
 # --------------------------------------------------------------------------
 
 @cuda.jit(device=True)
-def _tile(block, A, K, L, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch):
-    """A block's ``p``, first group ``k0``, rows ``[a0, a1)``, first column
-    ``c0`` and ``width`` of its tile, and its chunk index."""
+def _tile(A, K, L, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch):
+    """This block's ``p``, first group ``k0``, rows ``[a0, a1)``, first
+    column ``c0`` and ``width`` of its tile, its chunk index, and the number
+    of threads that take part (whole rows of the tile for column tiles)."""
+    block = cuda.blockIdx.x
     l_chunk = block % n_lch
     rest = block // n_lch
     a_chunk = rest % n_ach
@@ -192,21 +194,14 @@ def _tile(block, A, K, L, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch):
     p = rest // n_ktile
     a0 = a_chunk * a_per
     l0 = l_chunk * l_per
+    n_act = cuda.blockDim.x
     if columns:
         width = (min(K, k0 + k_per) - k0) * L
+        n_act = n_act // width * width
     else:
         width = min(L, l0 + l_per) - l0
     return (p, k0, a0, min(A, a0 + a_per), k0 * L + l0, width,
-            a_chunk * n_lch + l_chunk)
-
-
-@cuda.jit(device=True)
-def _active_threads(columns, width):
-    """Threads that take part: whole rows of the tile for column tiles."""
-    threads = cuda.blockDim.x
-    if columns:
-        return threads // width * width
-    return threads
+            a_chunk * n_lch + l_chunk, n_act)
 
 
 @cuda.jit(device=True)
@@ -261,6 +256,27 @@ def _column(k, col, L, J, B):
     return k * J + (col - k * L) // B
 
 
+@cuda.jit(device=True)
+def _walk_start(a0, a1, width, n_act):
+    """This thread's first ``(row, column)`` of a tile of ``width`` columns
+    walked in row-major order, ``n_act`` values per step (``row = a1``:
+    nothing to do), and the step in rows and columns."""
+    t = cuda.threadIdx.x
+    a = a0 + t // width if t < n_act else a1
+    return a, t % width, n_act // width, n_act % width
+
+
+@cuda.jit(device=True)
+def _walk_next(a, c, step_a, step_c, width):
+    """The next ``(row, column)`` of the walk of :func:`_walk_start`."""
+    c += step_c
+    a += step_a
+    if c >= width:
+        c -= width
+        a += 1
+    return a, c
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels(acc):
     """The reduction, elementwise and fused kernels accumulating in ``acc``
@@ -283,18 +299,13 @@ def _kernels(acc):
         t = cuda.threadIdx.x
         L = J * B
         W = K * L
-        step_a = n_act // width
-        step_c = n_act % width
-        a = a0 + t // width
-        c = t % width
+        a, c, step_a, step_c = _walk_start(a0, a1, width, n_act)
         k = (c0 + c) // L
         zero = acc(0.0)
         shift = zero
         sum1 = zero
         sum2 = zero
         count = 0
-        if t >= n_act:
-            a = a1
         if mode == MOMENTS and a < a1:
             shift = acc(x[(p * A + a) * W + c0 + c])
         while a < a1:
@@ -312,11 +323,7 @@ def _kernels(acc):
                 sum1 += g
                 sum2 += g * (acc(x[i]) - acc(m)) * acc(rs)
             count += 1
-            c += step_c
-            a += step_a
-            if c >= width:
-                c -= width
-                a += 1
+            a, c = _walk_next(a, c, step_a, step_c, width)
         if mode == MOMENTS:
             n = float64(count)
             s0[t] = n
@@ -339,16 +346,10 @@ def _kernels(acc):
         with per-(k, j) ``g = gamma`` and ``beta`` (1 and 0 when absent) and
         this thread's group's coefficients; the ``dy`` term only when
         ``use_dy``."""
-        t = cuda.threadIdx.x
         L = J * B
         W = K * L
-        step_a = n_act // width
-        step_c = n_act % width
-        a = a0 + t // width
-        c = t % width
+        a, c, step_a, step_c = _walk_start(a0, a1, width, n_act)
         k = (c0 + c) // L
-        if t >= n_act:
-            a = a1
         while a < a1:
             i = (p * A + a) * W + c0 + c
             col = _column(k, c0 + c, L, J, B)
@@ -362,11 +363,28 @@ def _kernels(acc):
             if use_dy:
                 value += acc(dy[i]) * (e * g)
             out[i] = value
-            c += step_c
-            a += step_a
-            if c >= width:
-                c -= width
-                a += 1
+            a, c = _walk_next(a, c, step_a, step_c, width)
+
+    @cuda.jit(device=True)
+    def summarize(x, dy, mean, rstd, weight, mode, A, K, J, B, stat_rows,
+                  stat_group, columns, k_per, n_ktile, a_per, n_ach, l_per,
+                  n_lch, s0, s1, s2):
+        """:func:`accumulate` over this block's tile and
+        :func:`_block_reduce`; returns the tile (:func:`_tile`) and, for
+        this thread, whether its slot holds a group's result, that group,
+        and the slot of its own group's result."""
+        t = cuda.threadIdx.x
+        L = J * B
+        p, k0, a0, a1, c0, width, chunk, n_act = _tile(
+            A, K, L, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch)
+        accumulate(x, dy, mean, rstd, weight, mode, p, A, K, J, B, stat_rows,
+                   stat_group, a0, a1, c0, width, n_act, s0, s1, s2)
+        row, pos, span = _block_reduce(mode, s0, s1, s2, columns, width, L,
+                                       n_act)
+        holder = row == 0 and pos % span == 0 and t < n_act
+        own = (t % width) // L * L if columns else 0
+        return (p, a0, a1, c0, width, chunk, n_act, holder, k0 + pos // span,
+                own)
 
     @cuda.jit
     def reduce(x, dy, mean, rstd, weight, mode, A, K, J, B, stat_rows,
@@ -378,17 +396,11 @@ def _kernels(acc):
         s1 = cuda.shared.array(MAX_THREADS, float64)
         s2 = cuda.shared.array(MAX_THREADS, float64)
         t = cuda.threadIdx.x
-        L = J * B
-        p, k0, a0, a1, c0, width, chunk = _tile(
-            cuda.blockIdx.x, A, K, L, columns, k_per, n_ktile, a_per, n_ach,
-            l_per, n_lch)
-        n_act = _active_threads(columns, width)
-        accumulate(x, dy, mean, rstd, weight, mode, p, A, K, J, B, stat_rows,
-                   stat_group, a0, a1, c0, width, n_act, s0, s1, s2)
-        row, pos, span = _block_reduce(mode, s0, s1, s2, columns, width, L,
-                                       n_act)
-        if row == 0 and pos % span == 0 and t < n_act:
-            kk = k0 + pos // span
+        p, _, _, _, _, chunk, _, holder, kk, _ = summarize(
+            x, dy, mean, rstd, weight, mode, A, K, J, B, stat_rows,
+            stat_group, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch,
+            s0, s1, s2)
+        if holder:
             part[p, chunk, kk, 0] = s0[t]
             part[p, chunk, kk, 1] = s1[t]
             part[p, chunk, kk, 2] = s2[t]
@@ -398,13 +410,10 @@ def _kernels(acc):
               K, J, B, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch):
         """:func:`transform` of every tile with the packed per-(p, k)
         coefficients ``coef`` (see ``pack``)."""
-        t = cuda.threadIdx.x
         L = J * B
-        p, k0, a0, a1, c0, width, chunk = _tile(
-            cuda.blockIdx.x, A, K, L, columns, k_per, n_ktile, a_per, n_ach,
-            l_per, n_lch)
-        n_act = _active_threads(columns, width)
-        k = (c0 + t % width) // L
+        p, _, a0, a1, c0, width, _, n_act = _tile(
+            A, K, L, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch)
+        k = (c0 + cuda.threadIdx.x % width) // L
         transform(x, dy, out, use_dy, gamma, has_gamma, beta, has_beta, p, A,
                   K, J, B, a0, a1, c0, width, n_act, coef[p, k, 0],
                   coef[p, k, 1], coef[p, k, 2], coef[p, k, 3], coef[p, k, 4],
@@ -421,21 +430,12 @@ def _kernels(acc):
         s0 = cuda.shared.array(MAX_THREADS, float64)
         s1 = cuda.shared.array(MAX_THREADS, float64)
         s2 = cuda.shared.array(MAX_THREADS, float64)
-        t = cuda.threadIdx.x
-        L = J * B
-        p, k0, a0, a1, c0, width, chunk = _tile(
-            cuda.blockIdx.x, A, K, L, columns, k_per, n_ktile, a_per, n_ach,
-            l_per, n_lch)
-        n_act = _active_threads(columns, width)
-        accumulate(x, x, mean_out, mean_out, gamma, MOMENTS, p, A, K, J, B, 0,
-                   1, a0, a1, c0, width, n_act, s0, s1, s2)
-        row, pos, span = _block_reduce(MOMENTS, s0, s1, s2, columns, width, L,
-                                       n_act)
-        slot = (t % width) // L * L if columns else 0
-        m = s1[slot]
-        var = s2[slot] / s0[slot]
-        if row == 0 and pos % span == 0 and t < n_act:
-            kk = k0 + pos // span
+        p, a0, a1, c0, width, _, n_act, holder, kk, own = summarize(
+            x, x, mean_out, mean_out, gamma, MOMENTS, A, K, J, B, 0, 1,
+            columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch, s0, s1, s2)
+        m = s1[own]
+        var = s2[own] / s0[own]
+        if holder:
             mean_out[p, kk] = m
             var_out[p, kk] = var
         rs = 1.0 / math.sqrt(var + eps)
