@@ -57,6 +57,7 @@ import numpy as np
 from numba import cuda, float64
 
 from . import _cpu
+from ._device import as_device_array
 
 #: Largest block; the shared-memory scratch of the reductions is this long.
 MAX_THREADS = 512
@@ -254,6 +255,16 @@ def _column(k, col, L, J, B):
     if J == 1:
         return k
     return k * J + (col - k * L) // B
+
+
+@cuda.jit(device=True)
+def _group_of_thread(P, K):
+    """``(p, k)`` of this thread in a one-thread-per-group launch, ``p = -1``
+    for threads past the last group."""
+    i = cuda.grid(1)
+    if i >= P * K:
+        return -1, 0
+    return i // K, i % K
 
 
 @cuda.jit(device=True)
@@ -459,13 +470,9 @@ def _kernels(acc):
         and ``w = c - (m - mc) * h``.  ``mean`` and ``scale`` may have one
         row for all ``p``.
         """
-        i = cuda.grid(1)
-        P = coef.shape[0]
-        K = coef.shape[1]
-        if i >= P * K:
+        p, k = _group_of_thread(coef.shape[0], coef.shape[1])
+        if p < 0:
             return
-        p = i // K
-        k = i % K
         m = float64(mean[p if mean.shape[0] > 1 else 0, k])
         rs = float64(scale[p if scale.shape[0] > 1 else 0, k])
         a_k = rs
@@ -499,13 +506,9 @@ def _merge(part, mode, centered, out0, out1):
     ``MOMENTS`` gives ``out0 = mean``, ``out1 = M2 / n`` (not ``centered``:
     ``0`` and the mean square ``M2 / n + mean**2``); ``GRADS`` the two
     sums."""
-    i = cuda.grid(1)
-    P = part.shape[0]
-    K = part.shape[2]
-    if i >= P * K:
+    p, k = _group_of_thread(part.shape[0], part.shape[2])
+    if p < 0:
         return
-    p = i // K
-    k = i % K
     n = 0.0
     m = 0.0
     m2 = 0.0
@@ -595,7 +598,9 @@ def _accumulator(dtype):
 
 
 def _flat(x, name="x"):
-    """``x`` as a flat device array (no copy; C-contiguous required)."""
+    """``x`` (any device array) as a flat Numba device array (no copy;
+    C-contiguous required)."""
+    x = as_device_array(x)
     if not x.is_c_contiguous():
         raise ValueError(f"{name} must be C-contiguous on the device, got a "
                          f"strided array of shape {tuple(x.shape)}")
@@ -685,7 +690,7 @@ def _coefficients(dtype, view, mean, scale, backward=False, sums=None,
 
 def _as_rows(values, view):
     """Per-group values as a ``(rows, K)`` device array (rows 1 or P)."""
-    return values.reshape(values.size // view.K, view.K)
+    return _flat(values, "statistics").reshape(-1, view.K)
 
 
 def apply_affine(x, view, mean, alpha, gamma=None, beta=None):
