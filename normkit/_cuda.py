@@ -288,6 +288,28 @@ def _walk_next(a, c, step_a, step_c, width):
     return a, c
 
 
+@cuda.jit(device=True)
+def _store_partial(part, p, chunk, k, s0, s1, s2, slot):
+    """Copy the block result in ``slot`` of the shared scratch to
+    ``part[p, chunk, k]``."""
+    part[p, chunk, k, 0] = s0[slot]
+    part[p, chunk, k, 1] = s1[slot]
+    part[p, chunk, k, 2] = s2[slot]
+
+
+@cuda.jit(device=True)
+def _dx_terms(rs, f, sum_g, sum_gx, n, centered):
+    """``(h, c)`` of ``dx = e*g*dy + h*(x - m) + c`` with ``e = rstd``
+    (:func:`normkit._cpu.finish_backward_p`): ``h = -rstd**2 * G2 / n``,
+    ``c = -rstd * G1 / n`` (0 for statistics about zero), with the group
+    sums ``G = f * (sum_g, sum_gx)``."""
+    h = -rs * rs * f * sum_gx / n
+    c = 0.0
+    if centered:
+        c = -rs * f * sum_g / n
+    return h, c
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels(acc):
     """The reduction, elementwise and fused kernels accumulating in ``acc``
@@ -377,6 +399,17 @@ def _kernels(acc):
             a, c = _walk_next(a, c, step_a, step_c, width)
 
     @cuda.jit(device=True)
+    def packed(m, a_k, h, e, c):
+        """The coefficients ``(mc, a, h, e, q, w)`` of :func:`transform`
+        from float64 ``out = (x - m) * (a*g + h) + dy * (e*g) + (beta + c)``:
+        ``mc`` is ``m`` rounded to the accumulation precision (so that
+        ``x - mc`` does not cancel), and the rest of ``m`` is folded into
+        ``q = -(m - mc) * a`` and ``w = c - (m - mc) * h``."""
+        mc = acc(m)
+        rest = m - float64(mc)
+        return mc, acc(a_k), acc(h), acc(e), acc(-rest * a_k), acc(c - rest * h)
+
+    @cuda.jit(device=True)
     def summarize(x, dy, mean, rstd, weight, mode, A, K, J, B, stat_rows,
                   stat_group, columns, k_per, n_ktile, a_per, n_ach, l_per,
                   n_lch, s0, s1, s2):
@@ -412,9 +445,7 @@ def _kernels(acc):
             stat_group, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch,
             s0, s1, s2)
         if holder:
-            part[p, chunk, kk, 0] = s0[t]
-            part[p, chunk, kk, 1] = s1[t]
-            part[p, chunk, kk, 2] = s2[t]
+            _store_partial(part, p, chunk, kk, s0, s1, s2, t)
 
     @cuda.jit
     def apply(x, dy, out, use_dy, coef, gamma, has_gamma, beta, has_beta, A,
@@ -449,55 +480,66 @@ def _kernels(acc):
         if holder:
             mean_out[p, kk] = m
             var_out[p, kk] = var
-        rs = 1.0 / math.sqrt(var + eps)
-        mc = acc(m)
+        mc, a_x, h_x, e_x, q_x, w_x = packed(m, 1.0 / math.sqrt(var + eps),
+                                             0.0, 0.0, 0.0)
         transform(x, x, out, False, gamma, has_gamma, beta, has_beta, p, A, K,
-                  J, B, a0, a1, c0, width, n_act, mc, acc(rs), acc(0.0),
-                  acc(0.0), acc(-(m - float64(mc)) * rs), acc(0.0))
+                  J, B, a0, a1, c0, width, n_act, mc, a_x, h_x, e_x, q_x, w_x)
+
+    @cuda.jit
+    def backward_fused(x, dy, out, mean, rstd, weight, gscale, has_gscale,
+                       scale_sums, n, centered, A, K, J, B, columns, k_per,
+                       n_ktile, a_per, n_ach, l_per, n_lch, part):
+        """Backward of batch statistics for whole groups in one block: the
+        group sums of :func:`accumulate` (``GRADS``, also stored in
+        ``part[p, 0, k]``), then ``dx`` of the same tile from cache.  Only
+        for grids without splits (``n_chunks == 1``)."""
+        s0 = cuda.shared.array(MAX_THREADS, float64)
+        s1 = cuda.shared.array(MAX_THREADS, float64)
+        s2 = cuda.shared.array(MAX_THREADS, float64)
+        t = cuda.threadIdx.x
+        p, a0, a1, c0, width, _, n_act, holder, kk, own = summarize(
+            x, dy, mean, rstd, weight, GRADS, A, K, J, B, 0, 1, columns, k_per,
+            n_ktile, a_per, n_ach, l_per, n_lch, s0, s1, s2)
+        if holder:
+            _store_partial(part, p, 0, kk, s0, s1, s2, t)
+        k = (c0 + t % width) // (J * B)
+        m = float64(mean[p if mean.shape[0] > 1 else 0, k])
+        rs = float64(rstd[p if rstd.shape[0] > 1 else 0, k])
+        f = float64(gscale[k]) if scale_sums else 1.0
+        h, c = _dx_terms(rs, f, s0[own], s1[own], n, centered)
+        mc, a_x, h_x, e_x, q_x, w_x = packed(m, 0.0, h, rs, c)
+        transform(x, dy, out, True, gscale, has_gscale, gscale, False, p, A, K,
+                  J, B, a0, a1, c0, width, n_act, mc, a_x, h_x, e_x, q_x, w_x)
 
     @cuda.jit
     def pack(backward, mean, scale, sum_g, sum_gx, gscale, scale_sums, n,
              centered, coef):
-        """Packed coefficients ``(mc, a, h, e, q, w)`` per ``(p, k)``.
+        """Packed coefficients (:func:`packed`) per ``(p, k)``.
 
-        Forward: ``a = scale`` (``rstd``, or ``r / sigma``), ``h = e = c =
-        0``.  Backward (:func:`normkit._cpu.finish_backward_p`): ``a = 0``,
-        ``e = rstd``, ``h = -rstd**2 * G2 / n``, ``c = -rstd * G1 / n`` with
-        the group sums ``G1 = sum_g``, ``G2 = sum_gx`` (times ``gscale[k]`` when
-        ``scale_sums``), ``n = inf`` for fixed statistics, and ``c = 0``
-        for statistics about zero (not ``centered``).  Then ``mc`` is
-        the mean rounded to the accumulation precision, ``q = -(m - mc) * a``
-        and ``w = c - (m - mc) * h``.  ``mean`` and ``scale`` may have one
-        row for all ``p``.
+        Forward: ``a = scale`` (``rstd``, or ``r / sigma``).  Backward:
+        ``a = 0``, ``e = rstd`` and ``h``, ``c`` of :func:`_dx_terms` from
+        the group sums ``sum_g``, ``sum_gx`` (times ``gscale[k]`` when
+        ``scale_sums``); ``n = inf`` for fixed statistics (``h = c = 0``).
+        ``mean`` and ``scale`` may have one row for all ``p``.
         """
         p, k = _group_of_thread(coef.shape[0], coef.shape[1])
         if p < 0:
             return
         m = float64(mean[p if mean.shape[0] > 1 else 0, k])
         rs = float64(scale[p if scale.shape[0] > 1 else 0, k])
-        a_k = rs
-        h = 0.0
-        e = 0.0
-        c = 0.0
-        if backward:
-            a_k = 0.0
-            e = rs
-            if n < math.inf:
-                f = float64(gscale[k]) if scale_sums else 1.0
-                h = -rs * rs * f * sum_gx[p, k] / n
-                if centered:
-                    c = -rs * f * sum_g[p, k] / n
-        mc = acc(m)
-        rest = m - float64(mc)
-        coef[p, k, 0] = mc
-        coef[p, k, 1] = a_k
-        coef[p, k, 2] = h
-        coef[p, k, 3] = e
-        coef[p, k, 4] = -rest * a_k
-        coef[p, k, 5] = c - rest * h
+        if not backward:
+            values = packed(m, rs, 0.0, 0.0, 0.0)
+        elif n < math.inf:
+            f = float64(gscale[k]) if scale_sums else 1.0
+            h, c = _dx_terms(rs, f, sum_g[p, k], sum_gx[p, k], n, centered)
+            values = packed(m, 0.0, h, rs, c)
+        else:
+            values = packed(m, 0.0, 0.0, rs, 0.0)
+        for i in range(N_PACKED):
+            coef[p, k, i] = values[i]
 
     return {"reduce": reduce, "apply": apply, "pack": pack,
-            "forward_fused": forward_fused}
+            "forward_fused": forward_fused, "backward_fused": backward_fused}
 
 
 @cuda.jit
@@ -729,11 +771,13 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
              need_affine=True, centered=True):
     """Device version of :func:`normkit.engine.backward`.
 
-    With one affine column per group (``J == 1``) one reduction gives the
-    unweighted per-(p, k) sums, from which both the group sums (times
-    ``gscale``) and the affine sums (summed over ``p``) follow; otherwise
-    the group sums are reduced with the ``gscale`` weights over the view and
-    the affine sums over the view ``(1, P*A, K*J, 1, B)`` of the same data.
+    The group sums are reduced with the ``gscale`` weights, except with one
+    affine column per group (``J == 1``): then the unweighted per-(p, k)
+    sums give both the group sums (times ``gscale[k]``) and the affine sums
+    (summed over ``p``) from one pass.  Otherwise the affine sums are
+    reduced over the view ``(1, P*A, K*J, 1, B)`` of the same data.  With
+    batch statistics and blocks holding whole groups, sums and ``dx`` come
+    from one fused kernel.
     """
     flat_x = _flat(x)
     flat_dy = _flat(dy, "dy")
@@ -741,35 +785,49 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     mean = _as_rows(mean if centered else _constant(0.0, view.K), view)
     rstd = _as_rows(rstd, view)
     gscale = None if gscale is None else _flat(gscale, "gscale")
-    sums = sum_dy = sum_dy_xhat = None
-    scale_sums = False
-    if view.J == 1 and (batch_stats or need_affine):
-        part = _reduce(flat_x, flat_dy, view, grid, GRADS, mean, rstd,
-                       _constant(1.0, view.K))
-        if batch_stats:
-            sums = _merged(part, GRADS)
-            scale_sums = gscale is not None
-        if need_affine:
-            total = _merged(part.reshape(1, view.P * grid.n_chunks, view.K, 3),
-                            GRADS)
-            sum_dy, sum_dy_xhat = total[0][0], total[1][0]
-    else:
-        if batch_stats:
-            weights = _constant(1.0, view.K * view.J) if gscale is None else gscale
-            sums = _merged(_reduce(flat_x, flat_dy, view, grid, GRADS, mean,
-                                   rstd, weights), GRADS)
-        if need_affine:
-            affine = type(view)(1, view.P * view.A, view.K * view.J, 1, view.B)
-            total = _merged(_reduce(flat_x, flat_dy, affine, grid_for(affine),
-                                    GRADS, mean, rstd, _constant(1.0, view.K * view.J),
-                                    stat_rows=view.A, stat_group=view.J),
-                            GRADS)
-            sum_dy, sum_dy_xhat = total[0][0], total[1][0]
+    ones = _constant(1.0, view.K * view.J)
+    per_group = view.J == 1 or gscale is None
+    weights = ones if per_group else gscale
+    scale_sums = per_group and gscale is not None
     n = float(view.group_size) if batch_stats else math.inf
-    coef = _coefficients(flat_x.dtype, view, mean, rstd, True, sums, gscale,
-                         scale_sums, n, centered)
-    dx = _apply(flat_x, flat_dy, view, grid, coef, gscale, None)
-    return dx.reshape(x.shape), sum_dy, sum_dy_xhat
+    part = None
+    if batch_stats and grid.n_chunks == 1:
+        dx, part = _backward_fused(flat_x, flat_dy, view, grid, mean, rstd,
+                                   weights, gscale, scale_sums, n, centered)
+    else:
+        if batch_stats or (need_affine and view.J == 1):
+            part = _reduce(flat_x, flat_dy, view, grid, GRADS, mean, rstd,
+                           weights)
+        sums = _merged(part, GRADS) if batch_stats else None
+        coef = _coefficients(flat_x.dtype, view, mean, rstd, True, sums,
+                             gscale, scale_sums, n, centered)
+        dx = _apply(flat_x, flat_dy, view, grid, coef, gscale, None)
+    if not need_affine:
+        return dx.reshape(x.shape), None, None
+    if view.J == 1:
+        total = _merged(part.reshape(1, view.P * grid.n_chunks, view.K, 3),
+                        GRADS)
+    else:
+        affine = type(view)(1, view.P * view.A, view.K * view.J, 1, view.B)
+        total = _merged(_reduce(flat_x, flat_dy, affine, grid_for(affine),
+                                GRADS, mean, rstd, ones, stat_rows=view.A,
+                                stat_group=view.J), GRADS)
+    return dx.reshape(x.shape), total[0][0], total[1][0]
+
+
+def _backward_fused(flat_x, flat_dy, view, grid, mean, rstd, weights, gscale,
+                    scale_sums, n, centered):
+    """``dx`` and the group partials ``(P, 1, K, 3)`` from the fused
+    backward kernel."""
+    fused = _kernels(_accumulator(flat_x.dtype))["backward_fused"]
+    dx = cuda.device_array(flat_x.size, flat_x.dtype)
+    part = cuda.device_array((view.P, 1, view.K, 3), np.float64)
+    gscale, has_gscale = _optional(gscale)
+    fused[grid.blocks(view.P), grid.threads](
+        flat_x, flat_dy, dx, mean, rstd, weights, gscale, has_gscale,
+        scale_sums, n, centered, view.A, view.K, view.J, view.B, *grid.args(),
+        part)
+    return dx, part
 
 
 @functools.lru_cache(maxsize=64)

@@ -143,6 +143,18 @@ def test_few_channels_big_batch_split_across_blocks(shape, axis, columns, rng):
     ref_mean, ref_var = reference_moments(x, view)
     np.testing.assert_allclose(first[0], ref_mean, rtol=1e-6)
     np.testing.assert_allclose(first[1], ref_var, rtol=1e-4)
+    w = rng.uniform(0.5, 2.0, size=2)
+    dy = rng.normal(size=shape).astype(np.float32)
+    y_cpu, saved_cpu = normkit.batch_norm(x, weight=w, axis=axis,
+                                          return_saved=True)
+    grads_cpu = normkit.batch_norm_backward(dy, x, saved_cpu)
+    y, saved = normkit.batch_norm(cuda.to_device(x), weight=cuda.to_device(w),
+                                  axis=axis, return_saved=True)
+    grads = normkit.batch_norm_backward(cuda.to_device(dy), cuda.to_device(x),
+                                        saved)
+    assert_close_scaled(host(y), y_cpu, np.float32, what="y")
+    for what, got, expected in zip(("dx", "dweight"), grads, grads_cpu):
+        assert_close_scaled(host(got), expected, np.float32, 10, what=what)
 
 
 def test_one_long_row_split_across_blocks(rng):
