@@ -31,6 +31,13 @@ partial ``(count, mean, M2)`` per group; partials are merged in chunk order
 with the same Chan merge as the CPU partials (:func:`normkit._cpu._chan_merge`),
 so a given shape and configuration gives the same bits on every run.
 
+When no group is split (every block holds whole groups), the forward and
+the batch-statistics backward are each one fused kernel: the block reduces
+its tile, keeps the group results in shared memory and transforms the same
+tile right away, so the second read comes from cache (L1/L2) rather than
+device memory.  Otherwise the forward is a reduction, a merge and the
+elementwise map (three passes over ``x``'s memory in all).
+
 Precision
 ---------
 Values are read in the storage dtype (float16, float32, float64) and
@@ -62,13 +69,13 @@ from ._device import as_device_array
 #: Largest block; the shared-memory scratch of the reductions is this long.
 MAX_THREADS = 512
 
-#: Reduction modes of :func:`_kernels`' ``reduce`` kernel.
+#: Reduction modes of the ``reduce`` kernel (:func:`_kernels`).
 MOMENTS, GRADS = 0, 1
 
 #: Operations of :func:`channel_op`.
 RSTD, RECIPROCAL, PRODUCT, RENORM_DWEIGHT, COPY = range(5)
 
-#: Columns of the packed coefficient table of the elementwise kernel:
+#: Columns of the packed per-group coefficients of the elementwise map:
 #: ``out = (x - mc) * (a*g + h) + dy * (e*g) + (beta + q*g + w)``.
 N_PACKED = 6
 
@@ -125,9 +132,11 @@ class Grid(NamedTuple):
         return self.n_ach * self.n_lch
 
     def blocks(self, P):
+        """Blocks of a launch over ``P`` values of ``p``."""
         return P * self.n_ktile * self.n_ach * self.n_lch
 
     def args(self):
+        """The tiling as plain kernel arguments."""
         return (int(self.columns), self.k_per, self.n_ktile, self.a_per,
                 self.n_ach, self.l_per, self.n_lch)
 
