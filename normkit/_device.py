@@ -13,6 +13,7 @@ arrays, so statistics never leave the device.
 """
 
 import functools
+import inspect
 import itertools
 import sys
 
@@ -70,7 +71,6 @@ def accepts_device_arrays(fn):
     """Decorator: device-array arguments of ``fn`` become Numba device arrays,
     and mixing them with host arrays raises TypeError (see
     :func:`same_device`).  Calls with host arrays only pass straight through."""
-    import inspect
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
