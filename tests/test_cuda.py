@@ -253,6 +253,22 @@ def test_statistics_about_zero(dims, rng):
                                atol=1e-10)
 
 
+@pytest.mark.skipif(SIMULATOR, reason="foreign device arrays need a GPU")
+def test_torch_cuda_tensors_in_device_arrays_out(rng):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    case = make_case("batch_norm", 4, "first", "train", True,
+                     dtype=np.float32, rng=rng)
+    (y_cpu, _), kw_cpu = nk_forward(case, return_saved=True)
+    tensors = {k: torch.as_tensor(v, device="cuda") if isinstance(v, np.ndarray)
+               else v for k, v in case.copied_kwargs().items()}
+    y = normkit.batch_norm(torch.as_tensor(case.x, device="cuda"), **tensors)
+    assert_close_scaled(host(y), y_cpu, np.float32, what="y")
+    assert_close_scaled(tensors["running_var"].cpu().numpy(),
+                        kw_cpu["running_var"], np.float32, what="in place")
+
+
 # --------------------------------------------------------------------------
 # layers: state follows the input, state_dict is on the host
 # --------------------------------------------------------------------------
