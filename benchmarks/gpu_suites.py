@@ -208,29 +208,38 @@ class TorchRatio(_Suite):
 
 
 def table(repeat=REPEAT):
-    """Every configuration's numbers as a text table."""
+    """Every configuration's numbers as a text table; a configuration that
+    fails shows its error in place of its numbers."""
     headers = ["case", "dtype", "copy ms", "fwd ms", "fwd+bwd ms",
                "fwd/copy bw", "fwd+bwd/copy bw", "torch fwd x",
                "torch fwd+bwd x"]
     rows = []
     for name in CASES:
         for dtype in DTYPES:
-            c = DeviceCase(name, dtype)
-            copy_s, fwd, fb = (median_seconds(f, repeat)
-                               for f in (c.copy, c.forward, c.forward_backward))
-            ratios = ["-", "-"]
             try:
-                torch_fwd, torch_fb = c.torch_pair()
-                ratios = [f"{median_seconds(torch_fwd, repeat) / fwd:.2f}",
-                          f"{median_seconds(torch_fb, repeat) / fb:.2f}"]
-            except NotImplementedError:
-                pass
-            rows.append([name, dtype, f"{copy_s * 1e3:.3f}", f"{fwd * 1e3:.3f}",
-                         f"{fb * 1e3:.3f}",
-                         f"{FORWARD_TRAFFIC / 2 * copy_s / fwd:.2f}",
-                         f"{FORWARD_BACKWARD_TRAFFIC / 2 * copy_s / fb:.2f}",
-                         *ratios])
+                rows.append([name, dtype, *_row(DeviceCase(name, dtype),
+                                                repeat)])
+            except Exception as error:  # report it, go on with the others
+                rows.append([name, dtype, f"{type(error).__name__}: {error}"]
+                            + [""] * (len(headers) - 3))
     return _bench.format_table(headers, rows)
+
+
+def _row(c, repeat):
+    """The timing cells of one :class:`DeviceCase`."""
+    copy_s, fwd, fb = (median_seconds(f, repeat)
+                       for f in (c.copy, c.forward, c.forward_backward))
+    ratios = ["-", "-"]
+    try:
+        torch_fwd, torch_fb = c.torch_pair()
+    except NotImplementedError:
+        pass
+    else:
+        ratios = [f"{median_seconds(torch_fwd, repeat) / fwd:.2f}",
+                  f"{median_seconds(torch_fb, repeat) / fb:.2f}"]
+    return [f"{copy_s * 1e3:.3f}", f"{fwd * 1e3:.3f}", f"{fb * 1e3:.3f}",
+            f"{FORWARD_TRAFFIC / 2 * copy_s / fwd:.2f}",
+            f"{FORWARD_BACKWARD_TRAFFIC / 2 * copy_s / fb:.2f}", *ratios]
 
 
 def main(argv=None):
