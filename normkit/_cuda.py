@@ -648,13 +648,15 @@ def _accumulator(dtype):
     return np.float64 if np.dtype(dtype) == np.float64 else np.float32
 
 
-def _flat(x, name="x"):
-    """``x`` (any device array) as a flat Numba device array (no copy;
-    C-contiguous required)."""
+def _flat(x):
+    """``x`` (any device array) as a flat Numba device array: no copy when
+    it is C-contiguous, else one copy on the device (Numba's strided
+    assignment kernel), as the CPU backend copies other layouts once."""
     x = as_device_array(x)
     if not x.is_c_contiguous():
-        raise ValueError(f"{name} must be C-contiguous on the device, got a "
-                         f"strided array of shape {tuple(x.shape)}")
+        contiguous = cuda.device_array(x.shape, x.dtype)
+        contiguous[...] = x
+        x = contiguous
     return x.reshape(x.size)
 
 
@@ -662,7 +664,7 @@ def _optional(values):
     """``(array, present)`` kernel arguments for an optional array."""
     if values is None:
         return _placeholder(), False
-    return _flat(values, "parameter"), True
+    return _flat(values), True
 
 
 @functools.lru_cache(maxsize=None)
@@ -741,7 +743,7 @@ def _coefficients(dtype, view, mean, scale, backward=False, sums=None,
 
 def _as_rows(values, view):
     """Per-group values as a ``(rows, K)`` device array (rows 1 or P)."""
-    return _flat(values, "statistics").reshape(-1, view.K)
+    return _flat(values).reshape(-1, view.K)
 
 
 def apply_affine(x, view, mean, alpha, gamma=None, beta=None):
@@ -789,11 +791,11 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     from one fused kernel.
     """
     flat_x = _flat(x)
-    flat_dy = _flat(dy, "dy")
+    flat_dy = _flat(dy)
     grid = grid_for(view)
     mean = _as_rows(mean if centered else _constant(0.0, view.K), view)
     rstd = _as_rows(rstd, view)
-    gscale = None if gscale is None else _flat(gscale, "gscale")
+    gscale = None if gscale is None else _flat(gscale)
     ones = _constant(1.0, view.K * view.J)
     per_group = view.J == 1 or gscale is None
     weights = ones if per_group else gscale
@@ -855,8 +857,8 @@ def channel_op(op, a, b=None, c=None, d=None, eps=0.0, out=None):
     if out is None:
         out = cuda.device_array(a.shape, np.float64)
     none = _placeholder()
-    flat = [none if v is None else _flat(v, "statistic") for v in (a, b, c, d)]
-    _channel_op[_launch(out.size)](op, *flat, float(eps), _flat(out, "out"))
+    flat = [none if v is None else _flat(v) for v in (a, b, c, d)]
+    _channel_op[_launch(out.size)](op, *flat, float(eps), _flat(out))
     return out
 
 

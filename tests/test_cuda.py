@@ -177,6 +177,15 @@ def test_one_long_row_split_across_blocks(rng):
     assert_close_scaled(host(dw), dw_cpu, np.float32, 10, what="dweight")
 
 
+def test_strided_device_input_is_copied_once_on_the_device(rng):
+    x = rng.normal(size=(3, 5, 4)).astype(np.float32)       # (N, S, C)
+    transposed = cuda.to_device(x).transpose((0, 2, 1))     # (N, C, S) view
+    assert not transposed.is_c_contiguous()
+    expected = normkit.batch_norm(np.transpose(x, (0, 2, 1)), training=True)
+    y = normkit.batch_norm(transposed, training=True)
+    assert_close_scaled(host(y), expected, np.float32, what="y")
+
+
 def test_large_mean_small_spread_float32(rng):
     """No E[x^2] - E[x]^2 cancellation: mean 1e4, std 1e-2."""
     x = (1e4 + 1e-2 * rng.standard_normal((8, 3, 4))).astype(np.float32)
