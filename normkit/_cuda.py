@@ -645,6 +645,7 @@ def _renorm(mean, var, running_mean, running_std, weight, has_weight, bias,
 # --------------------------------------------------------------------------
 
 def _accumulator(dtype):
+    """Per-thread accumulation type of a storage dtype."""
     return np.float64 if np.dtype(dtype) == np.float64 else np.float32
 
 
@@ -668,13 +669,10 @@ def _optional(values):
 
 
 @functools.lru_cache(maxsize=None)
-def _placeholder_cached():
-    return cuda.device_array(1, np.float64)
-
-
 def _placeholder():
-    """A one-element stand-in for an absent optional kernel argument."""
-    return _placeholder_cached()
+    """A one-element stand-in for an absent optional kernel argument (never
+    read: a flag or the mode tells the kernel it is absent)."""
+    return cuda.device_array(1, np.float64)
 
 
 def _launch(n):
@@ -699,6 +697,7 @@ def _reduce(x, dy, view, grid, mode, mean=None, rstd=None, weight=None,
 
 
 def _merged(part, mode, centered=True):
+    """The ``_merge`` of partials ``part`` as two ``(P, K)`` arrays."""
     P, _, K, _ = part.shape
     out0 = cuda.device_array((P, K), np.float64)
     out1 = cuda.device_array((P, K), np.float64)
@@ -716,6 +715,7 @@ def moments(x, view, centered=True):
 
 
 def _apply(flat, dy, view, grid, coef, gamma, beta):
+    """The ``apply`` kernel over ``flat`` (and ``dy`` unless None)."""
     apply = _kernels(_accumulator(flat.dtype))["apply"]
     out = cuda.device_array(flat.size, flat.dtype)
     gamma, has_gamma = _optional(gamma)
@@ -729,6 +729,7 @@ def _apply(flat, dy, view, grid, coef, gamma, beta):
 
 def _coefficients(dtype, view, mean, scale, backward=False, sums=None,
                   gscale=None, scale_sums=False, n=math.inf, centered=True):
+    """Packed coefficients ``(P, K, 6)`` from the ``pack`` kernel."""
     acc = _accumulator(dtype)
     pack = _kernels(acc)["pack"]
     coef = cuda.device_array((view.P, view.K, N_PACKED), acc)
