@@ -174,11 +174,11 @@ def reference_forward_backward(variant, inputs):
     return (y, *backward(inputs.dy, inputs.x, **inputs.kwargs))
 
 
-def _torch_tensor(array, channels_last):
-    """``array`` as a tensor; channels-last data becomes an (N, C, ...)
-    tensor whose memory stays channels-last (``torch.channels_last`` for
-    4-D)."""
-    t = torch.from_numpy(array)
+def _torch_tensor(array, channels_last, device="cpu"):
+    """``array`` as a tensor on ``device``; channels-last data becomes an
+    (N, C, ...) tensor whose memory stays channels-last
+    (``torch.channels_last`` for 4-D)."""
+    t = torch.from_numpy(array).to(device)
     if channels_last:
         t = t.movedim(-1, 1)
         if t.ndim == 4:
@@ -186,8 +186,9 @@ def _torch_tensor(array, channels_last):
     return t
 
 
-def torch_callables(case, inputs):
-    """torch forward and forward+backward (autograd) of ``case``.
+def torch_callables(case, inputs, device="cpu"):
+    """torch forward and forward+backward (autograd) of ``case``, with the
+    tensors on ``device`` (``"cuda"`` for the GPU benchmarks).
 
     Returns
     -------
@@ -197,12 +198,13 @@ def torch_callables(case, inputs):
     if torch is None or case.variant not in TORCH_VARIANTS:
         return None
     channels_last = case.layout == "last"
-    x = _torch_tensor(inputs.x, channels_last).requires_grad_()
-    dy = _torch_tensor(inputs.dy, channels_last)
+    x = _torch_tensor(inputs.x, channels_last, device).requires_grad_()
+    dy = _torch_tensor(inputs.dy, channels_last, device)
     kwargs = {}
     for name, value in inputs.kwargs.items():
         if isinstance(value, np.ndarray):
-            value = torch.tensor(value, requires_grad=name in ("weight", "bias"))
+            value = torch.tensor(value, device=device,
+                                 requires_grad=name in ("weight", "bias"))
         if name != "axis":
             kwargs[name] = value
     leaves = [x] + [t for t in kwargs.values()

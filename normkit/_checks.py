@@ -9,6 +9,8 @@ import numbers
 
 import numpy as np
 
+from ._device import is_device_array
+
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -28,10 +30,11 @@ def is_real(value):
 
 
 def check_input(x, name, func):
-    """Return ``x`` as a float16/32/64 ndarray or raise TypeError."""
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{func}: {name} must be a NumPy array, got "
-                        f"{type(x).__name__}")
+    """Return ``x`` if it is a float16/32/64 ndarray or CUDA device array,
+    else raise TypeError."""
+    if not isinstance(x, np.ndarray) and not is_device_array(x):
+        raise TypeError(f"{func}: {name} must be a NumPy array (or a CUDA "
+                        f"device array), got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{func}: {name} must have dtype float16, float32 or "
                         f"float64, got {x.dtype}")
@@ -103,7 +106,7 @@ def check_param(value, name, shape, func):
 def check_running(value, name, shape, func):
     """Check a running-statistics buffer: right shape, float, writeable."""
     check_param(value, name, shape, func)
-    if value is not None and not value.flags.writeable:
+    if isinstance(value, np.ndarray) and not value.flags.writeable:
         raise ValueError(f"{func}: {name} is updated in place and must be "
                          f"writeable")
     return value

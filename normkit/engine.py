@@ -39,7 +39,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from . import _cpu, _half
+from . import _cpu, _device, _half
 
 #: Items with fewer elements than this are not worth a thread of their own.
 MIN_ITEM_ELEMENTS = 32768
@@ -231,6 +231,15 @@ def _params(values, size, default, dtype=np.float64):
 # engine entry points
 # --------------------------------------------------------------------------
 
+def _device_backend(x):
+    """The CUDA backend (:mod:`normkit._cuda`, imported on first use) for
+    arrays on a GPU, None for host arrays: the one backend dispatch."""
+    if not _device.is_device_array(x):
+        return None
+    from . import _cuda
+    return _cuda
+
+
 def moments(x, view, centered=True):
     """Per-group mean and biased variance, both ``(P, K)`` float64.
 
@@ -239,7 +248,11 @@ def moments(x, view, centered=True):
     the mean returned is 0 and the "variance" is the mean square
     ``1/n * sum x**2``, computed as ``var + mean**2`` from the stable
     moments (a sum of two non-negative terms: no cancellation).
+    For a CUDA device ``x`` both are float64 device arrays.
     """
+    gpu = _device_backend(x)
+    if gpu:
+        return gpu.moments(x, view, centered)
     if not centered:
         mean, var = moments(x, view)
         return np.zeros_like(mean), var + mean * mean
@@ -257,8 +270,12 @@ def apply_affine(x, view, mean, alpha, gamma=None, beta=None):
     """``y = (x - mean) * alpha * gamma + beta``, returned in ``x.dtype``.
 
     ``mean`` and ``alpha`` are per group ``(P, K)``; ``gamma`` and ``beta``
-    per ``(K, J)`` (or None for 1 and 0).
+    per ``(K, J)`` (or None for 1 and 0).  Device arrays in, device
+    array out.
     """
+    gpu = _device_backend(x)
+    if gpu:
+        return gpu.apply_affine(x, view, mean, alpha, gamma, beta)
     flat = as_kernel_array(x)
     plan = make_plan(view)
     coef = np.zeros((view.P, view.K, _cpu.N_COEF))
@@ -285,7 +302,12 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True):
     -------
     y : ndarray, same shape and dtype as ``x``
     mean, var : ndarray, ``(P, K)`` float64
+
+    For a CUDA device ``x`` all three are device arrays.
     """
+    gpu = _device_backend(x)
+    if gpu:
+        return gpu.normalize_batch(x, view, gamma, beta, eps, centered)
     flat = as_kernel_array(x)
     plan = make_plan(view)
     kj = view.K * view.J
@@ -332,7 +354,13 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     -------
     dx : ndarray, shape and dtype of ``x``
     sum_dy, sum_dy_xhat : ndarray ``(K * J,)`` float64, or None
+
+    For a CUDA device ``x`` all arrays in and out are device arrays.
     """
+    gpu = _device_backend(x)
+    if gpu:
+        return gpu.backward(dy, x, view, mean, rstd, gscale, batch_stats,
+                            need_affine, centered)
     flat_x = as_kernel_array(x)
     flat_dy = as_kernel_array(dy).astype(flat_x.dtype, copy=False)
     plan = make_plan(view)

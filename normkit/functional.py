@@ -20,6 +20,14 @@ pass the same, unmodified ``x``::
 
     y, saved = batch_norm(x, rm, rv, w, b, training=True, return_saved=True)
     dx, dw, db = batch_norm_backward(dy, x, saved)
+
+CUDA device arrays
+------------------
+Every function also takes CUDA device arrays (Numba device arrays, CuPy
+arrays, PyTorch CUDA tensors; see :mod:`normkit._device`): then all array
+arguments must be on the device (mixing raises TypeError), results and
+``saved``'s statistics are Numba device arrays, and running statistics are
+updated in place on the device.
 """
 
 from dataclasses import dataclass
@@ -27,7 +35,7 @@ import math
 
 import numpy as np
 
-from . import engine
+from . import _device, engine
 from ._checks import (check_axis, check_eps, check_input, check_momentum,
                       check_ndim, check_param, check_positive_int,
                       check_running, is_int, is_real)
@@ -111,15 +119,11 @@ def _check_channel_input(func, x, axis, weight, bias, min_axis=0,
     return ax, C
 
 
-def _update_running(running, batch, factor):
-    """``running <- (1 - factor) * running + factor * batch``, in place."""
-    running[...] = (1.0 - factor) * running + factor * batch
-
-
 # --------------------------------------------------------------------------
 # the generic path: any view, statistics of the input itself
 # --------------------------------------------------------------------------
 
+@_device.accepts_device_arrays
 def normalize(x, view, weight=None, bias=None, eps=1e-5, *, return_saved=False,
               variant="normalize", centered=True):
     """Normalize ``x`` over an engine :class:`~normkit.engine.View`.
@@ -152,11 +156,12 @@ def _normalize_batch(x, view, weight, bias, eps, variant, centered=True):
     """:func:`normalize`, also returning the biased variance ``(P, K)``
     (the mean square when not ``centered``)."""
     y, mean, var = engine.normalize_batch(x, view, weight, bias, eps, centered)
-    saved = Saved(variant, view, x.shape, mean, 1.0 / np.sqrt(var + eps), True,
+    saved = Saved(variant, view, x.shape, mean, _device.rstd(var, eps), True,
                   weight, bias is not None, centered=centered)
     return y, saved, var
 
 
+@_device.accepts_device_arrays
 def normalize_backward(dy, x, saved, variant=None):
     """Backward of any forward pass: ``(dx, dweight, dbias)``.
 
@@ -181,6 +186,7 @@ def normalize_backward(dy, x, saved, variant=None):
     if variant is not None and saved.variant != variant:
         raise ValueError(f"{func}: saved comes from {saved.variant}, not "
                          f"{variant}")
+    _device.same_device(func, {"x": x, "saved.mean": saved.mean})
     check_input(x, "x", func)
     check_input(dy, "dy", func)
     if x.shape != saved.shape:
@@ -191,21 +197,20 @@ def normalize_backward(dy, x, saved, variant=None):
                          f"{dy.shape}")
     weight = saved.weight
     need_affine = weight is not None or saved.has_bias
-    gscale = None if weight is None else np.asarray(weight, np.float64).reshape(-1)
-    if saved.r is not None:
-        gscale = saved.r if gscale is None else gscale * saved.r
     dx, sum_dy, sum_dy_xhat = engine.backward(
-        dy, x, saved.view, saved.mean, saved.rstd, gscale, saved.batch_stats,
-        need_affine, saved.centered)
+        dy, x, saved.view, saved.mean, saved.rstd,
+        _device.gscale(weight, saved.r), saved.batch_stats, need_affine,
+        saved.centered)
     dweight = dbias = None
     if weight is not None:
         if saved.r is not None:
-            sum_dy_xhat = sum_dy_xhat * saved.r + sum_dy * saved.d
-        dweight = sum_dy_xhat.reshape(weight.shape).astype(weight.dtype)
+            sum_dy_xhat = _device.renorm_dweight(sum_dy_xhat, sum_dy, saved.r,
+                                                 saved.d)
+        dweight = _device.cast(sum_dy_xhat, weight.shape, weight.dtype)
     if saved.has_bias:
         shape = weight.shape if weight is not None else (sum_dy.size,)
         dtype = weight.dtype if weight is not None else x.dtype
-        dbias = sum_dy.reshape(shape).astype(dtype)
+        dbias = _device.cast(sum_dy, shape, dtype)
     return dx, dweight, dbias
 
 
@@ -213,6 +218,7 @@ def normalize_backward(dy, x, saved, variant=None):
 # BatchNorm
 # --------------------------------------------------------------------------
 
+@_device.accepts_device_arrays
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                training=False, momentum=0.1, eps=1e-5, axis=1, *,
                num_batches_tracked=None, return_saved=False):
@@ -264,11 +270,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     if training or running_mean is None:
         y, saved, var = _normalize_batch(x, view, weight, bias, eps, func)
         if updating:
-            _update_running(running_mean, saved.mean[0], factor)
-            _update_running(running_var, var[0] * n / (n - 1), factor)
+            _device.update_running(running_mean, saved.mean, factor)
+            _device.update_running(running_var, var, factor, n)
     else:
-        mean = np.asarray(running_mean, np.float64).reshape(1, C)
-        rstd = 1.0 / np.sqrt(np.asarray(running_var, np.float64).reshape(1, C) + eps)
+        mean = _device.as_float64(running_mean).reshape(1, C)
+        rstd = _device.rstd(running_var, eps).reshape(1, C)
         y = engine.apply_affine(x, view, mean, rstd, weight, bias)
         saved = Saved(func, view, x.shape, mean, rstd, False, weight,
                       bias is not None)
@@ -288,6 +294,7 @@ def batch_norm_backward(dy, x, saved):
 # InstanceNorm
 # --------------------------------------------------------------------------
 
+@_device.accepts_device_arrays
 def instance_norm(x, running_mean=None, running_var=None, weight=None,
                   bias=None, use_input_stats=True, momentum=0.1, eps=1e-5,
                   axis=1, *, num_batches_tracked=None, return_saved=False):
@@ -318,13 +325,11 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None,
     if use_input_stats:
         y, saved, var = _normalize_batch(x, view, weight, bias, eps, func)
         if updating:
-            _update_running(running_mean, saved.mean.mean(axis=0), factor)
-            _update_running(running_var, (var * n / (n - 1)).mean(axis=0),
-                            factor)
+            _device.update_running(running_mean, saved.mean, factor)
+            _device.update_running(running_var, var, factor, n)
     else:
-        mean = np.broadcast_to(np.asarray(running_mean, np.float64), (view.P, C))
-        rstd = np.broadcast_to(
-            1.0 / np.sqrt(np.asarray(running_var, np.float64) + eps), (view.P, C))
+        mean = _device.rows(_device.as_float64(running_mean), view.P)
+        rstd = _device.rows(_device.rstd(running_var, eps), view.P)
         y = engine.apply_affine(x, view, mean, rstd, weight, bias)
         saved = Saved(func, view, x.shape, mean, rstd, False, weight,
                       bias is not None)
@@ -354,6 +359,7 @@ def _normalized_shape(normalized_shape, func):
     return shape
 
 
+@_device.accepts_device_arrays
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
                return_saved=False):
     """Layer normalization (Ba, Kiros and Hinton 2016).
@@ -385,6 +391,7 @@ def layer_norm_backward(dy, x, saved):
 # GroupNorm
 # --------------------------------------------------------------------------
 
+@_device.accepts_device_arrays
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, axis=1, *,
                return_saved=False):
     """Group normalization (Wu and He 2018).
@@ -416,6 +423,7 @@ def group_norm_backward(dy, x, saved):
 # Batch Renormalization
 # --------------------------------------------------------------------------
 
+@_device.accepts_device_arrays
 def batch_renorm(x, running_mean, running_std, weight=None, bias=None,
                  training=False, momentum=0.1, eps=1e-5, rmax=3.0, dmax=5.0,
                  axis=1, *, num_batches_tracked=None, return_saved=False):
@@ -447,11 +455,9 @@ def batch_renorm(x, running_mean, running_std, weight=None, bias=None,
                              f"got {value!r}")
     factor = check_momentum(momentum, func, num_batches_tracked, bool(training))
     view = engine.channel_view(x.shape, ax, per_sample=False)
-    rm = np.asarray(running_mean, np.float64)
-    rs = np.asarray(running_std, np.float64)
     if not training:
-        rstd = (1.0 / rs).reshape(1, C)
-        mean = rm.reshape(1, C)
+        rstd = _device.reciprocal(running_std).reshape(1, C)
+        mean = _device.as_float64(running_mean).reshape(1, C)
         y = engine.apply_affine(x, view, mean, rstd, weight, bias)
         saved = Saved(func, view, x.shape, mean, rstd, False, weight,
                       bias is not None)
@@ -459,17 +465,12 @@ def batch_renorm(x, running_mean, running_std, weight=None, bias=None,
     if x.size // C <= 1:
         raise _values_per_channel_error(x)
     mean, var = engine.moments(x, view)
-    mu, sigma = mean[0], np.sqrt(var[0] + eps)
-    r = np.clip(sigma / rs, 1.0 / rmax, rmax)
-    d = np.clip((mu - rm) / rs, -dmax, dmax)
-    gamma = np.ones(C) if weight is None else np.asarray(weight, np.float64)
-    beta = gamma * d if bias is None else np.asarray(bias, np.float64) + gamma * d
-    y = engine.apply_affine(x, view, mean, (r / sigma).reshape(1, C), weight,
-                            beta)
-    saved = Saved(func, view, x.shape, mean, (1.0 / sigma).reshape(1, C), True,
-                  weight, bias is not None, r, d)
-    running_mean += factor * (mu - rm)
-    running_std += factor * (sigma - rs)
+    alpha, rstd, beta, r, d = _device.renorm(mean, var, running_mean,
+                                             running_std, weight, bias, eps,
+                                             rmax, dmax, factor)
+    y = engine.apply_affine(x, view, mean, alpha, weight, beta)
+    saved = Saved(func, view, x.shape, mean, rstd, True, weight,
+                  bias is not None, r, d)
     return (y, saved) if return_saved else y
 
 

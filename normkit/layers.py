@@ -13,11 +13,16 @@ a scheme with its own use of the statistics implements
 :meth:`Normalizer._forward` and, when its gradient is not that of
 :func:`normkit.normalize_backward`, :meth:`Normalizer._backward`.  See
 ``docs/extending.rst``.
+
+Layers keep their parameters and running statistics where their input
+lives: a forward with a CUDA device array moves them to the device (a
+forward with a host array moves them back), and :meth:`Normalizer.state_dict`
+always returns host NumPy copies.
 """
 
 import numpy as np
 
-from . import functional as F
+from . import _device, functional as F
 from ._checks import (check_axis, check_eps, check_input, check_momentum,
                       check_ndim, check_positive_int)
 
@@ -101,6 +106,9 @@ class Normalizer:
 
     def forward(self, x):
         """Normalize ``x``; remembers what the backward needs."""
+        if _device.is_device_array(x):
+            x = _device.as_device_array(x)
+        self._follow(x)
         y, saved = self._forward(x)
         self._tape = (x, saved)
         return y
@@ -122,6 +130,16 @@ class Normalizer:
         dx, self.grads = self._backward(dy, x, saved)
         return dx
 
+    def _follow(self, x):
+        """Move the state arrays to where ``x`` lives (device or host)."""
+        on_device = _device.is_device_array(x)
+        move = _device.to_device if on_device else _device.to_host
+        for name in self.state_names:
+            value = getattr(self, name)
+            if (value is not None and not isinstance(value, int)
+                    and _device.is_device_array(value) != on_device):
+                setattr(self, name, move(value))
+
     def train(self, mode=True):
         """Switch to training mode (``mode=False``: inference); returns self."""
         self.training = bool(mode)
@@ -132,12 +150,12 @@ class Normalizer:
         return self.train(False)
 
     def state_dict(self):
-        """Copies of the state arrays, keyed by name."""
+        """Host NumPy copies of the state arrays, keyed by name."""
         state = {}
         for name in self.state_names:
             value = getattr(self, name)
             if value is not None:
-                state[name] = np.array(value, copy=True)  # ints become 0-d
+                state[name] = _device.to_host(value)  # ints become 0-d
         return state
 
     def load_state_dict(self, state):
@@ -166,7 +184,11 @@ class Normalizer:
                                  f"compatible dtype, got {value.dtype}")
             loaded[name] = value.astype(current.dtype)
         for name, value in loaded.items():
-            setattr(self, name, int(value) if value.ndim == 0 else value)
+            if value.ndim == 0:
+                value = int(value)
+            elif _device.is_device_array(getattr(self, name)):
+                value = _device.to_device(value)
+            setattr(self, name, value)
 
     def extra_repr(self):
         return f"eps={self.eps}"

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from . import engine
+from . import _device, engine
 from . import functional as F
 from ._checks import (check_axis, check_eps, check_input, check_momentum,
                       check_ndim, check_param, check_positive_int,
@@ -51,6 +51,7 @@ def _rms_eps(eps, dtype, func):
     return float(np.finfo(dtype).eps) if eps is None else check_eps(eps, func)
 
 
+@_device.accepts_device_arrays
 def rms_norm(x, normalized_shape, weight=None, eps=None, *, return_saved=False):
     """Root mean square layer normalization (Zhang and Sennrich 2019).
 
@@ -149,6 +150,7 @@ def ghost_view(shape, axis, virtual_batch_size):
     return View(ghosts, whole.A // ghosts, whole.K, whole.J, whole.B)
 
 
+@_device.accepts_device_arrays
 def ghost_batch_norm(x, virtual_batch_size, running_mean=None,
                      running_var=None, weight=None, bias=None, training=False,
                      momentum=0.1, eps=1e-5, axis=1, *,
@@ -209,9 +211,8 @@ def ghost_batch_norm(x, virtual_batch_size, running_mean=None,
                          f"{tuple(x.shape)}, virtual_batch_size={v})")
     y, saved, var = F._normalize_batch(x, view, weight, bias, eps, func)
     if updating:
-        F._update_running(running_mean, saved.mean.mean(axis=0), factor)
-        F._update_running(running_var, (var * n / (n - 1)).mean(axis=0),
-                          factor)
+        _device.update_running(running_mean, saved.mean, factor)
+        _device.update_running(running_var, var, factor, n)
     return (y, saved) if return_saved else y
 
 
@@ -265,6 +266,7 @@ def _unit_view(v, axis, func):
     return ax, engine.channel_view(v.shape, ax, per_sample=False)
 
 
+@_device.accepts_device_arrays
 def weight_norm(v, g, axis=0, *, return_saved=False):
     """Weight Normalization (Salimans and Kingma 2016).
 

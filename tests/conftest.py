@@ -9,7 +9,14 @@ then call :func:`nk_forward`, :func:`nk_backward`, :func:`ref_forward` and
 
 import copy
 import dataclasses
+import os
 import zlib
+
+# The CUDA tests (tests/test_cuda*.py) run on Numba's CUDA simulator where
+# there is no NVIDIA driver (CI); on a GPU machine they run natively.  Numba
+# reads this when it is first imported, hence before any other import.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 import numpy as np
 import pytest

@@ -1,0 +1,889 @@
+"""CUDA backend of the normkit engine (``numba.cuda``, optional extra ``cuda``).
+
+The same four kernels as :mod:`normkit._cpu` over the same canonical view
+``(P, A, K, J, B)`` (see :mod:`normkit.engine`), written for the GPU rather
+than ported from the CPU loops.  For one ``p`` the data is a matrix of ``A``
+rows by ``W = K * L`` columns (``L = J * B``), row ``a`` starting at
+``(p * A + a) * W``; group ``k`` owns columns ``[k * L, (k + 1) * L)``.
+
+Tiles and launch configuration
+------------------------------
+Every kernel walks the same tiles, chosen from the shape by
+:func:`grid_for` (the one place where launch configuration is decided):
+
+- *column tiles* (narrow groups, ``2 * L <= threads``, unless a single
+  row holds a single group: channels-last BatchNorm / InstanceNorm /
+  GroupNorm, tiny spatial extents, the affine sums of LayerNorm):
+  a block covers ``k_per`` whole groups (``k_per * L <= threads`` adjacent
+  columns) and a chunk of rows.  Thread ``t`` keeps column ``t % width`` and
+  walks rows ``t // width, + threads // width, ...``, so a warp reads
+  consecutive addresses of consecutive rows;
+- *segment tiles* (everything else: channels-first BatchNorm and GroupNorm,
+  InstanceNorm, LayerNorm): a block covers one group, a chunk of rows and a
+  chunk of its ``L`` columns, and its threads walk that tile in row-major
+  order, consecutive threads on consecutive addresses.
+
+When there are fewer tiles than :attr:`Settings.target_blocks` (few channels
+over a huge batch; one long row), each group's rows are split into chunks,
+then, for segment tiles, its columns, as long as every thread keeps at least
+:attr:`Settings.values_per_thread` values.  Each block writes its own
+partial ``(count, mean, M2)`` per group; partials are merged in chunk order
+with the same Chan merge as the CPU partials (:func:`normkit._cpu._chan_merge`),
+so a given shape and configuration gives the same bits on every run.
+
+When no group is split (every block holds whole groups), the forward and
+the batch-statistics backward are each one fused kernel: the block reduces
+its tile, keeps the group results in shared memory and transforms the same
+tile right away, so the second read comes from cache (L1/L2) rather than
+device memory.  Otherwise the forward is a reduction, a merge and the
+elementwise map (three passes over ``x``'s memory in all).
+
+Precision
+---------
+Values are read in the storage dtype (float16, float32, float64) and
+accumulated per thread in float32 (float64 for float64 input): moments as
+sums of deviations from the thread's first value and of their squares (the
+corrected two-pass formulas, exact when ``|mean| >> std``).  Thread summaries
+are merged through shared memory in float64 (the simulator executes this
+path; there is no warp-shuffle path), and partials, statistics and backward
+sums are float64 device arrays.  Elementwise maps run in the accumulation
+precision, with the mean split as on the CPU so that ``x - mean`` does not
+cancel.
+
+Nothing here copies data to the host: statistics, coefficients and the small
+per-channel updates of the functional API (:func:`channel_op`,
+:func:`update_running`, :func:`renorm`) are device kernels too.
+"""
+
+from dataclasses import dataclass
+import functools
+import math
+from typing import NamedTuple
+
+import numpy as np
+from numba import cuda, float64
+
+from . import _cpu
+from ._device import as_device_array
+
+#: Largest block; the shared-memory scratch of the reductions is this long.
+MAX_THREADS = 512
+
+#: Reduction modes of the ``reduce`` kernel (:func:`_kernels`).
+MOMENTS, GRADS = 0, 1
+
+#: Operations of :func:`channel_op`.
+RSTD, RECIPROCAL, PRODUCT, RENORM_DWEIGHT, COPY = range(5)
+
+#: Columns of the packed per-group coefficients of the elementwise map:
+#: ``out = (x - mc) * (a*g + h) + dy * (e*g) + (beta + q*g + w)``.
+N_PACKED = 6
+
+_chan_merge = cuda.jit(device=True)(_cpu._chan_merge.py_func)
+
+
+@dataclass
+class Settings:
+    """Launch parameters (tests shrink them to make the simulator feasible).
+
+    Attributes
+    ----------
+    threads : int
+        Threads per block at most (<= :data:`MAX_THREADS`).
+    min_threads : int
+        Fewest threads per block (a warp on a GPU).
+    target_blocks : int
+        Blocks that keep the device busy: an H100 has 132 SMs with room
+        for 8 blocks of 256 threads each.
+    values_per_thread : int
+        Do not split work so finely that a thread gets fewer values.
+    """
+
+    threads: int = 256
+    min_threads: int = 32
+    target_blocks: int = 132 * 8
+    values_per_thread: int = 16
+
+
+SETTINGS = Settings()
+
+
+class Grid(NamedTuple):
+    """How a view is cut into blocks (see the module docstring).
+
+    There are ``P * n_ktile * n_ach * n_lch`` blocks of ``threads`` threads;
+    ``columns`` selects column tiles of ``k_per`` groups, else segment
+    tiles of one group; rows are split in ``n_ach`` chunks of ``a_per`` and
+    (segment tiles) columns in ``n_lch`` chunks of ``l_per``.
+    """
+
+    threads: int
+    columns: bool
+    k_per: int
+    n_ktile: int
+    a_per: int
+    n_ach: int
+    l_per: int
+    n_lch: int
+
+    @property
+    def n_chunks(self):
+        """Partials per group."""
+        return self.n_ach * self.n_lch
+
+    def blocks(self, P):
+        """Blocks of a launch over ``P`` values of ``p``."""
+        return P * self.n_ktile * self.n_ach * self.n_lch
+
+    def args(self):
+        """The tiling as plain kernel arguments."""
+        return (int(self.columns), self.k_per, self.n_ktile, self.a_per,
+                self.n_ach, self.l_per, self.n_lch)
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def _pow2_at_least(n):
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def grid_for(view, settings=None):
+    """Tiles and block size for ``view`` (see the module docstring)."""
+    s = SETTINGS if settings is None else settings
+    return _grid(view.dims, s.threads, s.min_threads, s.target_blocks,
+                 s.values_per_thread)
+
+
+@functools.lru_cache(maxsize=512)
+def _grid(dims, threads, min_threads, target_blocks, values_per_thread):
+    P, A, K, J, B = dims
+    L = J * B
+    threads = min(threads, MAX_THREADS)
+    columns = 2 * L <= threads and (A > 1 or K > 1)
+    k_per = min(K, threads // L) if columns else 1
+    width = k_per * L
+    n_ktile = _ceil_div(K, k_per)
+    tiles = P * n_ktile
+    split = 1
+    if tiles < target_blocks:
+        split = max(1, min(_ceil_div(target_blocks, tiles),
+                           A * width // (threads * values_per_thread)))
+    n_ach = min(A, split)
+    a_per = _ceil_div(A, n_ach)
+    n_ach = _ceil_div(A, a_per)
+    n_lch = 1
+    if not columns and n_ach < split:
+        n_lch = min(L, _ceil_div(split, n_ach))
+    l_per = _ceil_div(L, n_lch)
+    n_lch = _ceil_div(L, l_per)
+    values = a_per * (width if columns else l_per)
+    block = min(threads, max(min_threads, _pow2_at_least(
+        _ceil_div(values, values_per_thread))))
+    if columns:
+        block = max(block, min(threads, _pow2_at_least(width)))
+    return Grid(block, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch)
+
+
+# --------------------------------------------------------------------------
+# shared device functions
+# --------------------------------------------------------------------------
+
+@cuda.jit(device=True)
+def _tile(A, K, L, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch):
+    """This block's ``p``, first group ``k0``, rows ``[a0, a1)``, first
+    column ``c0`` and ``width`` of its tile, its chunk index, and the number
+    of threads that take part (whole rows of the tile for column tiles)."""
+    block = cuda.blockIdx.x
+    l_chunk = block % n_lch
+    rest = block // n_lch
+    a_chunk = rest % n_ach
+    rest //= n_ach
+    k0 = rest % n_ktile * k_per
+    p = rest // n_ktile
+    a0 = a_chunk * a_per
+    l0 = l_chunk * l_per
+    n_act = cuda.blockDim.x
+    if columns:
+        width = (min(K, k0 + k_per) - k0) * L
+        n_act = n_act // width * width
+    else:
+        width = min(L, l0 + l_per) - l0
+    return (p, k0, a0, min(A, a0 + a_per), k0 * L + l0, width,
+            a_chunk * n_lch + l_chunk, n_act)
+
+
+@cuda.jit(device=True)
+def _combine(mode, s0, s1, s2, i, j):
+    """Fold slot ``j`` of the shared scratch into slot ``i``."""
+    if mode == MOMENTS:
+        s0[i], s1[i], s2[i] = _chan_merge(s0[i], s1[i], s2[i], s0[j], s1[j],
+                                          s2[j])
+    else:
+        s0[i] += s0[j]
+        s1[i] += s1[j]
+
+
+@cuda.jit(device=True)
+def _block_reduce(mode, s0, s1, s2, columns, width, L, n_act):
+    """Merge the block's thread summaries (in shared memory) per group.
+
+    Column tiles first merge the rows of each column, then the ``L``
+    columns of each group; segment tiles merge all threads.  Returns the
+    thread's position in the first row and the group length in positions:
+    slot ``t`` holds a group's result where ``row == 0`` and
+    ``pos % span == 0``.
+    """
+    t = cuda.threadIdx.x
+    row_width = width if columns else cuda.blockDim.x
+    rows = n_act // row_width
+    row = t // row_width
+    pos = t % row_width
+    span = L if columns else cuda.blockDim.x
+    step = 1
+    while step < rows:
+        cuda.syncthreads()
+        if row % (2 * step) == 0 and row + step < rows:
+            _combine(mode, s0, s1, s2, t, t + step * row_width)
+        step *= 2
+    step = 1
+    while step < span:
+        cuda.syncthreads()
+        j = pos % span
+        if row == 0 and j % (2 * step) == 0 and j + step < span:
+            _combine(mode, s0, s1, s2, t, t + step)
+        step *= 2
+    cuda.syncthreads()
+    return row, pos, span
+
+
+@cuda.jit(device=True)
+def _column(k, col, L, J, B):
+    """Affine index ``k * J + j`` of tile column ``col`` in group ``k``."""
+    if J == 1:
+        return k
+    return k * J + (col - k * L) // B
+
+
+@cuda.jit(device=True)
+def _group_of_thread(P, K):
+    """``(p, k)`` of this thread in a one-thread-per-group launch, ``p = -1``
+    for threads past the last group."""
+    i = cuda.grid(1)
+    if i >= P * K:
+        return -1, 0
+    return i // K, i % K
+
+
+@cuda.jit(device=True)
+def _walk_start(a0, a1, width, n_act):
+    """This thread's first ``(row, column)`` of a tile of ``width`` columns
+    walked in row-major order, ``n_act`` values per step (``row = a1``:
+    nothing to do), and the step in rows and columns."""
+    t = cuda.threadIdx.x
+    a = a0 + t // width if t < n_act else a1
+    return a, t % width, n_act // width, n_act % width
+
+
+@cuda.jit(device=True)
+def _walk_next(a, c, step_a, step_c, width):
+    """The next ``(row, column)`` of the walk of :func:`_walk_start`."""
+    c += step_c
+    a += step_a
+    if c >= width:
+        c -= width
+        a += 1
+    return a, c
+
+
+@cuda.jit(device=True)
+def _store_partial(part, p, chunk, k, s0, s1, s2, slot):
+    """Copy the block result in ``slot`` of the shared scratch to
+    ``part[p, chunk, k]``."""
+    part[p, chunk, k, 0] = s0[slot]
+    part[p, chunk, k, 1] = s1[slot]
+    part[p, chunk, k, 2] = s2[slot]
+
+
+@cuda.jit(device=True)
+def _dx_terms(rs, f, sum_g, sum_gx, n, centered):
+    """``(h, c)`` of ``dx = e*g*dy + h*(x - m) + c`` with ``e = rstd``
+    (:func:`normkit._cpu.finish_backward_p`): ``h = -rstd**2 * G2 / n``,
+    ``c = -rstd * G1 / n`` (0 for statistics about zero), with the group
+    sums ``G = f * (sum_g, sum_gx)``."""
+    h = -rs * rs * f * sum_gx / n
+    c = 0.0
+    if centered:
+        c = -rs * f * sum_g / n
+    return h, c
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(acc):
+    """The reduction, elementwise and fused kernels accumulating in ``acc``
+    (``np.float32`` for float16/float32 storage, ``np.float64`` for
+    float64), as a dict by name."""
+
+    @cuda.jit(device=True)
+    def accumulate(x, dy, mean, rstd, weight, mode, p, A, K, J, B,
+                   stat_rows, stat_group, a0, a1, c0, width, n_act, s0, s1,
+                   s2):
+        """This thread's summary of its values of the tile, in slot ``t``.
+
+        ``MOMENTS``: ``(count, mean, M2)`` of ``x``.  ``GRADS``: with
+        ``xhat = (x - mean[ps, ks]) * rstd[ps, ks]`` and ``w = weight[k*J+j]``,
+        ``(sum w*dy, sum w*dy*xhat, 0)``; the statistics row is ``ps = p``
+        (``stat_rows == 0``) or ``(p*A + a) // stat_rows``, the statistics
+        group ``ks = k // stat_group`` (a single row of statistics
+        broadcasts over ``p``).
+        """
+        t = cuda.threadIdx.x
+        L = J * B
+        W = K * L
+        a, c, step_a, step_c = _walk_start(a0, a1, width, n_act)
+        k = (c0 + c) // L
+        zero = acc(0.0)
+        shift = zero
+        sum1 = zero
+        sum2 = zero
+        count = 0
+        if mode == MOMENTS and a < a1:
+            shift = acc(x[(p * A + a) * W + c0 + c])
+        while a < a1:
+            i = (p * A + a) * W + c0 + c
+            if mode == MOMENTS:
+                d = acc(x[i]) - shift
+                sum1 += d
+                sum2 += d * d
+            else:
+                ps = p if stat_rows == 0 else (p * A + a) // stat_rows
+                ks = k // stat_group
+                m = mean[ps if mean.shape[0] > 1 else 0, ks]
+                rs = rstd[ps if rstd.shape[0] > 1 else 0, ks]
+                g = acc(weight[_column(k, c0 + c, L, J, B)]) * acc(dy[i])
+                sum1 += g
+                sum2 += g * (acc(x[i]) - acc(m)) * acc(rs)
+            count += 1
+            a, c = _walk_next(a, c, step_a, step_c, width)
+        if mode == MOMENTS:
+            n = float64(count)
+            s0[t] = n
+            s1[t] = 0.0
+            s2[t] = 0.0
+            if count > 0:
+                d1 = float64(sum1)
+                s1[t] = float64(shift) + d1 / n
+                s2[t] = max(float64(sum2) - d1 * d1 / n, 0.0)
+        else:
+            s0[t] = float64(sum1)
+            s1[t] = float64(sum2)
+            s2[t] = 0.0
+
+    @cuda.jit(device=True)
+    def transform(x, dy, out, use_dy, gamma, has_gamma, beta, has_beta, p, A,
+                  K, J, B, a0, a1, c0, width, n_act, mc, sx, h, e, q, w):
+        """This thread's values of the tile through
+        ``out = (x - mc) * (sx*g + h) + dy * (e*g) + (beta + q*g + w)``
+        with per-(k, j) ``g = gamma`` and ``beta`` (1 and 0 when absent) and
+        this thread's group's coefficients; the ``dy`` term only when
+        ``use_dy``."""
+        L = J * B
+        W = K * L
+        a, c, step_a, step_c = _walk_start(a0, a1, width, n_act)
+        k = (c0 + c) // L
+        while a < a1:
+            i = (p * A + a) * W + c0 + c
+            col = _column(k, c0 + c, L, J, B)
+            g = acc(1.0)
+            if has_gamma:
+                g = acc(gamma[col])
+            b = w + q * g
+            if has_beta:
+                b += acc(beta[col])
+            value = (acc(x[i]) - mc) * (sx * g + h) + b
+            if use_dy:
+                value += acc(dy[i]) * (e * g)
+            out[i] = value
+            a, c = _walk_next(a, c, step_a, step_c, width)
+
+    @cuda.jit(device=True)
+    def packed(m, a_k, h, e, c):
+        """The coefficients ``(mc, a, h, e, q, w)`` of :func:`transform`
+        from float64 ``out = (x - m) * (a*g + h) + dy * (e*g) + (beta + c)``:
+        ``mc`` is ``m`` rounded to the accumulation precision (so that
+        ``x - mc`` does not cancel), and the rest of ``m`` is folded into
+        ``q = -(m - mc) * a`` and ``w = c - (m - mc) * h``."""
+        mc = acc(m)
+        rest = m - float64(mc)
+        return mc, acc(a_k), acc(h), acc(e), acc(-rest * a_k), acc(c - rest * h)
+
+    @cuda.jit(device=True)
+    def summarize(x, dy, mean, rstd, weight, mode, A, K, J, B, stat_rows,
+                  stat_group, columns, k_per, n_ktile, a_per, n_ach, l_per,
+                  n_lch, s0, s1, s2):
+        """:func:`accumulate` over this block's tile and
+        :func:`_block_reduce`; returns the tile (:func:`_tile`) and, for
+        this thread, whether its slot holds a group's result, that group,
+        and the slot of its own group's result."""
+        t = cuda.threadIdx.x
+        L = J * B
+        p, k0, a0, a1, c0, width, chunk, n_act = _tile(
+            A, K, L, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch)
+        accumulate(x, dy, mean, rstd, weight, mode, p, A, K, J, B, stat_rows,
+                   stat_group, a0, a1, c0, width, n_act, s0, s1, s2)
+        row, pos, span = _block_reduce(mode, s0, s1, s2, columns, width, L,
+                                       n_act)
+        holder = row == 0 and pos % span == 0 and t < n_act
+        own = (t % width) // L * L if columns else 0
+        return (p, a0, a1, c0, width, chunk, n_act, holder, k0 + pos // span,
+                own)
+
+    @cuda.jit
+    def reduce(x, dy, mean, rstd, weight, mode, A, K, J, B, stat_rows,
+               stat_group, columns, k_per, n_ktile, a_per, n_ach, l_per,
+               n_lch, part):
+        """Partials ``part[p, chunk, k]`` of :func:`accumulate` over each
+        block's tile."""
+        s0 = cuda.shared.array(MAX_THREADS, float64)
+        s1 = cuda.shared.array(MAX_THREADS, float64)
+        s2 = cuda.shared.array(MAX_THREADS, float64)
+        t = cuda.threadIdx.x
+        p, _, _, _, _, chunk, _, holder, kk, _ = summarize(
+            x, dy, mean, rstd, weight, mode, A, K, J, B, stat_rows,
+            stat_group, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch,
+            s0, s1, s2)
+        if holder:
+            _store_partial(part, p, chunk, kk, s0, s1, s2, t)
+
+    @cuda.jit
+    def apply(x, dy, out, use_dy, coef, gamma, has_gamma, beta, has_beta, A,
+              K, J, B, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch):
+        """:func:`transform` of every tile with the packed per-(p, k)
+        coefficients ``coef`` (see ``pack``)."""
+        L = J * B
+        p, _, a0, a1, c0, width, _, n_act = _tile(
+            A, K, L, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch)
+        k = (c0 + cuda.threadIdx.x % width) // L
+        transform(x, dy, out, use_dy, gamma, has_gamma, beta, has_beta, p, A,
+                  K, J, B, a0, a1, c0, width, n_act, coef[p, k, 0],
+                  coef[p, k, 1], coef[p, k, 2], coef[p, k, 3], coef[p, k, 4],
+                  coef[p, k, 5])
+
+    @cuda.jit
+    def forward_fused(x, out, gamma, has_gamma, beta, has_beta, eps, A, K, J,
+                      B, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch,
+                      mean_out, var_out):
+        """Moments and normalization of whole groups in one block: the
+        tile is read a second time right after its reduction, from cache.
+        Only for grids without splits (``n_chunks == 1``); writes the
+        mean and biased variance per ``(p, k)``."""
+        s0 = cuda.shared.array(MAX_THREADS, float64)
+        s1 = cuda.shared.array(MAX_THREADS, float64)
+        s2 = cuda.shared.array(MAX_THREADS, float64)
+        p, a0, a1, c0, width, _, n_act, holder, kk, own = summarize(
+            x, x, mean_out, mean_out, gamma, MOMENTS, A, K, J, B, 0, 1,
+            columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch, s0, s1, s2)
+        m = s1[own]
+        var = s2[own] / s0[own]
+        if holder:
+            mean_out[p, kk] = m
+            var_out[p, kk] = var
+        mc, a_x, h_x, e_x, q_x, w_x = packed(m, 1.0 / math.sqrt(var + eps),
+                                             0.0, 0.0, 0.0)
+        transform(x, x, out, False, gamma, has_gamma, beta, has_beta, p, A, K,
+                  J, B, a0, a1, c0, width, n_act, mc, a_x, h_x, e_x, q_x, w_x)
+
+    @cuda.jit
+    def backward_fused(x, dy, out, mean, rstd, weight, gscale, has_gscale,
+                       scale_sums, n, centered, A, K, J, B, columns, k_per,
+                       n_ktile, a_per, n_ach, l_per, n_lch, part):
+        """Backward of batch statistics for whole groups in one block: the
+        group sums of :func:`accumulate` (``GRADS``, also stored in
+        ``part[p, 0, k]``), then ``dx`` of the same tile from cache.  Only
+        for grids without splits (``n_chunks == 1``)."""
+        s0 = cuda.shared.array(MAX_THREADS, float64)
+        s1 = cuda.shared.array(MAX_THREADS, float64)
+        s2 = cuda.shared.array(MAX_THREADS, float64)
+        t = cuda.threadIdx.x
+        p, a0, a1, c0, width, _, n_act, holder, kk, own = summarize(
+            x, dy, mean, rstd, weight, GRADS, A, K, J, B, 0, 1, columns, k_per,
+            n_ktile, a_per, n_ach, l_per, n_lch, s0, s1, s2)
+        if holder:
+            _store_partial(part, p, 0, kk, s0, s1, s2, t)
+        k = (c0 + t % width) // (J * B)
+        m = float64(mean[p if mean.shape[0] > 1 else 0, k])
+        rs = float64(rstd[p if rstd.shape[0] > 1 else 0, k])
+        f = float64(gscale[k]) if scale_sums else 1.0
+        h, c = _dx_terms(rs, f, s0[own], s1[own], n, centered)
+        mc, a_x, h_x, e_x, q_x, w_x = packed(m, 0.0, h, rs, c)
+        transform(x, dy, out, True, gscale, has_gscale, gscale, False, p, A, K,
+                  J, B, a0, a1, c0, width, n_act, mc, a_x, h_x, e_x, q_x, w_x)
+
+    @cuda.jit
+    def pack(backward, mean, scale, sum_g, sum_gx, gscale, scale_sums, n,
+             centered, coef):
+        """Packed coefficients (:func:`packed`) per ``(p, k)``.
+
+        Forward: ``a = scale`` (``rstd``, or ``r / sigma``).  Backward:
+        ``a = 0``, ``e = rstd`` and ``h``, ``c`` of :func:`_dx_terms` from
+        the group sums ``sum_g``, ``sum_gx`` (times ``gscale[k]`` when
+        ``scale_sums``); ``n = inf`` for fixed statistics (``h = c = 0``).
+        ``mean`` and ``scale`` may have one row for all ``p``.
+        """
+        p, k = _group_of_thread(coef.shape[0], coef.shape[1])
+        if p < 0:
+            return
+        m = float64(mean[p if mean.shape[0] > 1 else 0, k])
+        rs = float64(scale[p if scale.shape[0] > 1 else 0, k])
+        if not backward:
+            values = packed(m, rs, 0.0, 0.0, 0.0)
+        elif n < math.inf:
+            f = float64(gscale[k]) if scale_sums else 1.0
+            h, c = _dx_terms(rs, f, sum_g[p, k], sum_gx[p, k], n, centered)
+            values = packed(m, 0.0, h, rs, c)
+        else:
+            values = packed(m, 0.0, 0.0, rs, 0.0)
+        for i in range(N_PACKED):
+            coef[p, k, i] = values[i]
+
+    return {"reduce": reduce, "apply": apply, "pack": pack,
+            "forward_fused": forward_fused, "backward_fused": backward_fused}
+
+
+@cuda.jit
+def _merge(part, mode, centered, out0, out1):
+    """Merge partials ``(P, chunks, K, 3)`` in chunk order per ``(p, k)``:
+    ``MOMENTS`` gives ``out0 = mean``, ``out1 = M2 / n`` (not ``centered``:
+    ``0`` and the mean square ``M2 / n + mean**2``); ``GRADS`` the two
+    sums."""
+    p, k = _group_of_thread(part.shape[0], part.shape[2])
+    if p < 0:
+        return
+    n = 0.0
+    m = 0.0
+    m2 = 0.0
+    for ch in range(part.shape[1]):
+        if mode == MOMENTS:
+            n, m, m2 = _chan_merge(n, m, m2, part[p, ch, k, 0],
+                                   part[p, ch, k, 1], part[p, ch, k, 2])
+        else:
+            n += part[p, ch, k, 0]
+            m += part[p, ch, k, 1]
+    if mode == MOMENTS and centered:
+        out0[p, k] = m
+        out1[p, k] = m2 / n
+    elif mode == MOMENTS:
+        out0[p, k] = 0.0
+        out1[p, k] = m2 / n + m * m
+    else:
+        out0[p, k] = n
+        out1[p, k] = m
+
+
+@cuda.jit
+def _channel_op(op, a, b, c, d, eps, out):
+    """Per-element maps of small (per-channel) flat arrays, in float64:
+    ``RSTD`` ``1/sqrt(a + eps)``, ``RECIPROCAL`` ``1/a``, ``PRODUCT``
+    ``a*b``, ``RENORM_DWEIGHT`` ``a*b + c*d``, ``COPY`` ``a`` (cast to
+    ``out``'s dtype)."""
+    i = cuda.grid(1)
+    if i >= out.size:
+        return
+    v = float64(a[i])
+    if op == RSTD:
+        v = 1.0 / math.sqrt(v + eps)
+    elif op == RECIPROCAL:
+        v = 1.0 / v
+    elif op == PRODUCT:
+        v = v * b[i]
+    elif op == RENORM_DWEIGHT:
+        v = v * b[i] + float64(c[i]) * d[i]
+    out[i] = v
+
+
+@cuda.jit
+def _update_running(running, rows, factor, scale):
+    """``running <- (1 - factor) * running + factor * scale * mean_p(rows)``
+    per channel; ``rows`` is ``(P, C)``."""
+    ch = cuda.grid(1)
+    if ch >= running.size:
+        return
+    total = 0.0
+    for p in range(rows.shape[0]):
+        total += rows[p, ch] * scale
+    running[ch] = (1.0 - factor) * running[ch] + factor * (total / rows.shape[0])
+
+
+@cuda.jit
+def _renorm(mean, var, running_mean, running_std, weight, has_weight, bias,
+            has_bias, eps, rmax, dmax, factor, alpha, rstd, beta, r_out,
+            d_out):
+    """Batch Renormalization's per-channel corrections and running update
+    (see :func:`normkit.functional.batch_renorm`)."""
+    ch = cuda.grid(1)
+    if ch >= running_mean.size:
+        return
+    mu = mean[0, ch]
+    sigma = math.sqrt(var[0, ch] + eps)
+    rm = float64(running_mean[ch])
+    rs = float64(running_std[ch])
+    r = min(max(sigma / rs, 1.0 / rmax), rmax)
+    d = min(max((mu - rm) / rs, -dmax), dmax)
+    g = float64(weight[ch]) if has_weight else 1.0
+    beta[ch] = g * d + (float64(bias[ch]) if has_bias else 0.0)
+    alpha[0, ch] = r / sigma
+    rstd[0, ch] = 1.0 / sigma
+    r_out[ch] = r
+    d_out[ch] = d
+    running_mean[ch] = rm + factor * (mu - rm)
+    running_std[ch] = rs + factor * (sigma - rs)
+
+
+# --------------------------------------------------------------------------
+# host drivers
+# --------------------------------------------------------------------------
+
+def _accumulator(dtype):
+    """Per-thread accumulation type of a storage dtype."""
+    return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+
+
+def _flat(x):
+    """``x`` (any device array) as a flat Numba device array: no copy when
+    it is C-contiguous, else one copy on the device (Numba's strided
+    assignment kernel), as the CPU backend copies other layouts once."""
+    x = as_device_array(x)
+    if not x.is_c_contiguous():
+        contiguous = cuda.device_array(x.shape, x.dtype)
+        contiguous[...] = x
+        x = contiguous
+    return x.reshape(x.size)
+
+
+def _optional(values):
+    """``(array, present)`` kernel arguments for an optional array."""
+    if values is None:
+        return _placeholder(), False
+    return _flat(values), True
+
+
+@functools.lru_cache(maxsize=None)
+def _placeholder():
+    """A one-element stand-in for an absent optional kernel argument (never
+    read: a flag or the mode tells the kernel it is absent)."""
+    return cuda.device_array(1, np.float64)
+
+
+def _launch(n):
+    """``(blocks, threads)`` for a one-thread-per-item kernel."""
+    threads = min(SETTINGS.threads, MAX_THREADS)
+    return max(1, _ceil_div(n, threads)), threads
+
+
+def _reduce(x, dy, view, grid, mode, mean=None, rstd=None, weight=None,
+            stat_rows=0, stat_group=1):
+    """Partials ``(P, chunks, K, 3)`` of the ``reduce`` kernel."""
+    reduce = _kernels(_accumulator(x.dtype))["reduce"]
+    none = _placeholder()
+    part = cuda.device_array((view.P, grid.n_chunks, view.K, 3), np.float64)
+    reduce[grid.blocks(view.P), grid.threads](
+        x, none if dy is None else dy,
+        none.reshape(1, 1) if mean is None else mean,
+        none.reshape(1, 1) if rstd is None else rstd,
+        none if weight is None else weight, mode, view.A, view.K, view.J,
+        view.B, stat_rows, stat_group, *grid.args(), part)
+    return part
+
+
+def _merged(part, mode, centered=True):
+    """The ``_merge`` of partials ``part`` as two ``(P, K)`` arrays."""
+    P, _, K, _ = part.shape
+    out0 = cuda.device_array((P, K), np.float64)
+    out1 = cuda.device_array((P, K), np.float64)
+    _merge[_launch(P * K)](part, mode, centered, out0, out1)
+    return out0, out1
+
+
+def moments(x, view, centered=True):
+    """Per-group mean and biased variance, ``(P, K)`` float64 device arrays
+    (``centered=False``: zero and the mean square, as
+    :func:`normkit.engine.moments`)."""
+    flat = _flat(x)
+    return _merged(_reduce(flat, None, view, grid_for(view), MOMENTS), MOMENTS,
+                   centered)
+
+
+def _apply(flat, dy, view, grid, coef, gamma, beta):
+    """The ``apply`` kernel over ``flat`` (and ``dy`` unless None)."""
+    apply = _kernels(_accumulator(flat.dtype))["apply"]
+    out = cuda.device_array(flat.size, flat.dtype)
+    gamma, has_gamma = _optional(gamma)
+    beta, has_beta = _optional(beta)
+    apply[grid.blocks(view.P), grid.threads](
+        flat, flat if dy is None else dy, out, dy is not None, coef, gamma,
+        has_gamma, beta, has_beta, view.A, view.K, view.J, view.B,
+        *grid.args())
+    return out
+
+
+def _coefficients(dtype, view, mean, scale, backward=False, sums=None,
+                  gscale=None, scale_sums=False, n=math.inf, centered=True):
+    """Packed coefficients ``(P, K, 6)`` from the ``pack`` kernel."""
+    acc = _accumulator(dtype)
+    pack = _kernels(acc)["pack"]
+    coef = cuda.device_array((view.P, view.K, N_PACKED), acc)
+    none = _placeholder()
+    sum_g, sum_gx = (none.reshape(1, 1),) * 2 if sums is None else sums
+    pack[_launch(view.P * view.K)](
+        backward, mean, scale, sum_g, sum_gx,
+        none if gscale is None else gscale, scale_sums, float(n), centered,
+        coef)
+    return coef
+
+
+def _as_rows(values, view):
+    """Per-group values as a ``(rows, K)`` device array (rows 1 or P)."""
+    return _flat(values).reshape(-1, view.K)
+
+
+def apply_affine(x, view, mean, alpha, gamma=None, beta=None):
+    """Device version of :func:`normkit.engine.apply_affine`; ``mean`` and
+    ``alpha`` are device arrays of ``P * K`` or ``K`` values."""
+    flat = _flat(x)
+    grid = grid_for(view)
+    coef = _coefficients(flat.dtype, view, _as_rows(mean, view),
+                         _as_rows(alpha, view))
+    return _apply(flat, None, view, grid, coef, gamma, beta).reshape(x.shape)
+
+
+def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True):
+    """Device version of :func:`normkit.engine.normalize_batch`: one fused
+    kernel when every block holds whole groups, else moments, then the
+    elementwise map."""
+    grid = grid_for(view)
+    if grid.n_chunks > 1 or not centered:
+        mean, var = moments(x, view, centered)
+        rstd = channel_op(RSTD, var, eps=eps)
+        return apply_affine(x, view, mean, rstd, gamma, beta), mean, var
+    flat = _flat(x)
+    fused = _kernels(_accumulator(flat.dtype))["forward_fused"]
+    out = cuda.device_array(flat.size, flat.dtype)
+    mean = cuda.device_array((view.P, view.K), np.float64)
+    var = cuda.device_array((view.P, view.K), np.float64)
+    gamma, has_gamma = _optional(gamma)
+    beta, has_beta = _optional(beta)
+    fused[grid.blocks(view.P), grid.threads](
+        flat, out, gamma, has_gamma, beta, has_beta, float(eps), view.A,
+        view.K, view.J, view.B, *grid.args(), mean, var)
+    return out.reshape(x.shape), mean, var
+
+
+def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
+             need_affine=True, centered=True):
+    """Device version of :func:`normkit.engine.backward`.
+
+    The group sums are reduced with the ``gscale`` weights, except with one
+    affine column per group (``J == 1``): then the unweighted per-(p, k)
+    sums give both the group sums (times ``gscale[k]``) and the affine sums
+    (summed over ``p``) from one pass.  Otherwise the affine sums are
+    reduced over the view ``(1, P*A, K*J, 1, B)`` of the same data.  With
+    batch statistics and blocks holding whole groups, sums and ``dx`` come
+    from one fused kernel.
+    """
+    flat_x = _flat(x)
+    flat_dy = _flat(dy)
+    grid = grid_for(view)
+    mean = _as_rows(mean if centered else _constant(0.0, view.K), view)
+    rstd = _as_rows(rstd, view)
+    gscale = None if gscale is None else _flat(gscale)
+    ones = _constant(1.0, view.K * view.J)
+    per_group = view.J == 1 or gscale is None
+    weights = ones if per_group else gscale
+    scale_sums = per_group and gscale is not None
+    n = float(view.group_size) if batch_stats else math.inf
+    part = None
+    if batch_stats and grid.n_chunks == 1:
+        dx, part = _backward_fused(flat_x, flat_dy, view, grid, mean, rstd,
+                                   weights, gscale, scale_sums, n, centered)
+    else:
+        if batch_stats or (need_affine and view.J == 1):
+            part = _reduce(flat_x, flat_dy, view, grid, GRADS, mean, rstd,
+                           weights)
+        sums = _merged(part, GRADS) if batch_stats else None
+        coef = _coefficients(flat_x.dtype, view, mean, rstd, True, sums,
+                             gscale, scale_sums, n, centered)
+        dx = _apply(flat_x, flat_dy, view, grid, coef, gscale, None)
+    if not need_affine:
+        return dx.reshape(x.shape), None, None
+    if view.J == 1:
+        total = _merged(part.reshape(1, view.P * grid.n_chunks, view.K, 3),
+                        GRADS)
+    else:
+        affine = type(view)(1, view.P * view.A, view.K * view.J, 1, view.B)
+        total = _merged(_reduce(flat_x, flat_dy, affine, grid_for(affine),
+                                GRADS, mean, rstd, ones, stat_rows=view.A,
+                                stat_group=view.J), GRADS)
+    return dx.reshape(x.shape), total[0][0], total[1][0]
+
+
+def _backward_fused(flat_x, flat_dy, view, grid, mean, rstd, weights, gscale,
+                    scale_sums, n, centered):
+    """``dx`` and the group partials ``(P, 1, K, 3)`` from the fused
+    backward kernel."""
+    fused = _kernels(_accumulator(flat_x.dtype))["backward_fused"]
+    dx = cuda.device_array(flat_x.size, flat_x.dtype)
+    part = cuda.device_array((view.P, 1, view.K, 3), np.float64)
+    gscale, has_gscale = _optional(gscale)
+    fused[grid.blocks(view.P), grid.threads](
+        flat_x, flat_dy, dx, mean, rstd, weights, gscale, has_gscale,
+        scale_sums, n, centered, view.A, view.K, view.J, view.B, *grid.args(),
+        part)
+    return dx, part
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(value, n):
+    """A cached float64 device array of ``n`` copies of ``value``."""
+    return cuda.to_device(np.full(n, value))
+
+
+# --------------------------------------------------------------------------
+# per-channel helpers for the functional API
+# --------------------------------------------------------------------------
+
+def channel_op(op, a, b=None, c=None, d=None, eps=0.0, out=None):
+    """Run :func:`_channel_op`; returns ``out`` (float64 like ``a`` when not
+    given)."""
+    if out is None:
+        out = cuda.device_array(a.shape, np.float64)
+    none = _placeholder()
+    flat = [none if v is None else _flat(v) for v in (a, b, c, d)]
+    _channel_op[_launch(out.size)](op, *flat, float(eps), _flat(out))
+    return out
+
+
+def update_running(running, rows, factor, scale=1.0):
+    """``running <- (1 - factor) * running + factor * scale * mean_p(rows)``
+    in place on the device."""
+    _update_running[_launch(running.size)](running, rows, float(factor),
+                                           float(scale))
+
+
+def renorm(mean, var, running_mean, running_std, weight, bias, eps, rmax,
+           dmax, factor):
+    """Batch Renormalization on the device: returns ``(alpha, rstd, beta, r,
+    d)`` (``(1, C)``, ``(1, C)``, ``(C,)``, ``(C,)``, ``(C,)``) and updates
+    the running statistics in place."""
+    C = running_mean.size
+    alpha = cuda.device_array((1, C), np.float64)
+    rstd = cuda.device_array((1, C), np.float64)
+    beta = cuda.device_array(C, np.float64)
+    r = cuda.device_array(C, np.float64)
+    d = cuda.device_array(C, np.float64)
+    weight, has_weight = _optional(weight)
+    bias, has_bias = _optional(bias)
+    _renorm[_launch(C)](mean, var, running_mean, running_std, weight,
+                        has_weight, bias, has_bias, float(eps), float(rmax),
+                        float(dmax), float(factor), alpha, rstd, beta, r, d)
+    return alpha, rstd, beta, r, d
