@@ -1,8 +1,8 @@
 """asv suites of the CPU engine: time, peak memory, bandwidth, torch ratio.
 
-Every suite is a class whose ``params`` span variant, shape family, layout
-(channels-first or channels-last), dtype and batch size; asv runs each
-method once per combination.  ``setup`` builds the inputs with
+Every suite is a class whose ``params`` are drawn from variant, shape
+family, layout (channels-first or channels-last), dtype and batch size;
+asv runs each method once per combination, each in a fresh process.  ``setup`` builds the inputs with
 :func:`normkit._bench.make_inputs` (the data ``normkit check`` and
 ``benchmarks/compare.py`` use) and calls every timed function once, so
 that Numba compilation (or loading from its on-disk cache) is never
@@ -10,10 +10,10 @@ timed.  Combinations that do not apply raise ``NotImplementedError`` in
 ``setup``, which asv reports as skipped.
 
 - :class:`Training` and :class:`Inference`: ``time_forward``,
-  ``time_backward`` and ``time_forward_backward``, and
-  ``peakmem_forward_backward``.  Inference uses fixed (running)
-  statistics, so it covers the variants that have them
+  ``time_backward`` and ``time_forward_backward``.  Inference uses fixed
+  (running) statistics, so it covers the variants that have them
   (:data:`INFERENCE_VARIANTS`).
+- :class:`Memory`: ``peakmem_forward_backward`` in training mode.
 - :class:`Bandwidth`: effective bandwidth of the training forward and
   forward+backward as a fraction of ``x.copy()``'s on the same array.
 - :class:`TorchRatio`: torch CPU time over normkit time (above 1: normkit
@@ -102,9 +102,10 @@ class _Grid:
     param_names = ["variant", "family", "layout", "dtype", "batch"]
 
 
-class _Passes(_Grid):
-    """Forward, backward and forward+backward in one mode (set by subclasses)."""
+class _Prepared(_Grid):
+    """Inputs of one combination in one mode, every kernel already compiled."""
 
+    training = True
     timeout = 120
 
     def setup(self, variant, family, layout, dtype, batch):
@@ -117,7 +118,14 @@ class _Passes(_Grid):
         self.backward_fn = getattr(normkit, f"{variant}_backward")
         _, self.saved = getattr(normkit, variant)(inputs.x, **inputs.kwargs,
                                                   return_saved=True)
-        self.time_forward_backward()  # compiles or loads every kernel used
+        self._forward_backward()  # compiles or loads every kernel used
+
+    def _forward_backward(self):
+        _bench.normkit_forward_backward(self.variant, self.inputs)
+
+
+class _Passes(_Prepared):
+    """Forward, backward and forward+backward, timed."""
 
     def time_forward(self, *params):
         _bench.normkit_forward(self.variant, self.inputs)
@@ -126,16 +134,11 @@ class _Passes(_Grid):
         self.backward_fn(self.inputs.dy, self.inputs.x, self.saved)
 
     def time_forward_backward(self, *params):
-        _bench.normkit_forward_backward(self.variant, self.inputs)
-
-    def peakmem_forward_backward(self, *params):
-        _bench.normkit_forward_backward(self.variant, self.inputs)
+        self._forward_backward()
 
 
 class Training(_Passes):
     """Training mode: batch statistics, running statistics updated."""
-
-    training = True
 
 
 class Inference(_Passes):
@@ -145,6 +148,20 @@ class Inference(_Passes):
     params = [INFERENCE_VARIANTS, tuple(FAMILIES), LAYOUTS, ("float32",),
               BATCHES]
     training = False
+
+
+class Memory(_Prepared):
+    """Peak memory of a training forward and backward at batch 32.
+
+    asv reports the peak resident memory of the whole benchmark process,
+    imports included (numpy, Numba and, when installed, torch: some 360 MB
+    here), so compare rows with each other rather than with array sizes.
+    """
+
+    params = [_bench.VARIANTS, ("image",), LAYOUTS, DTYPES, (32,)]
+
+    def peakmem_forward_backward(self, *params):
+        self._forward_backward()
 
 
 class _Measured(_Grid):
@@ -172,8 +189,11 @@ class Bandwidth(_Measured):
     The effective bandwidth of a pass is the least memory traffic it needs
     (:data:`FORWARD_TRAFFIC`, :data:`FORWARD_BACKWARD_TRAFFIC` arrays) over
     its time; ``x.copy()`` moves 2 arrays.  1.0 means as fast as the copy
-    per byte; above 1 is possible when data stays in cache.
+    per byte.  Batch 32 only: batch-2 arrays fit in cache, where the ratio
+    says little about memory bandwidth.
     """
+
+    params = [_bench.VARIANTS, tuple(FAMILIES), LAYOUTS, (32,)]
 
     def setup(self, variant, family, layout, batch):
         self.t = self._median_times(variant, family, layout, batch,
