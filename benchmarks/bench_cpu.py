@@ -36,6 +36,9 @@ FAMILIES = {
     "sequence": lambda n: ((n, 512, 128), (n, 128, 512)),
 }
 
+#: Variants benchmarked (those of ``normkit check``).
+VARIANTS = _bench.VARIANTS
+
 LAYOUTS = ("channels_first", "channels_last")
 DTYPES = ("float32", "float16")
 BATCHES = (2, 32)
@@ -98,7 +101,7 @@ def inference_kwargs(variant, kwargs):
 class _Grid:
     """Parameter grid shared by the suites."""
 
-    params = [_bench.VARIANTS, tuple(FAMILIES), LAYOUTS, DTYPES, BATCHES]
+    params = [VARIANTS, tuple(FAMILIES), LAYOUTS, DTYPES, BATCHES]
     param_names = ["variant", "family", "layout", "dtype", "batch"]
 
 
@@ -158,7 +161,7 @@ class Memory(_Prepared):
     here), so compare rows with each other rather than with array sizes.
     """
 
-    params = [_bench.VARIANTS, ("image",), LAYOUTS, DTYPES, (32,)]
+    params = [VARIANTS, ("image",), LAYOUTS, DTYPES, (32,)]
 
     def peakmem_forward_backward(self, *params):
         self._forward_backward()
@@ -167,7 +170,7 @@ class Memory(_Prepared):
 class _Measured(_Grid):
     """Median times of the implementations of one float32 training case."""
 
-    params = [_bench.VARIANTS, tuple(FAMILIES), LAYOUTS, BATCHES]
+    params = [VARIANTS, tuple(FAMILIES), LAYOUTS, BATCHES]
     param_names = ["variant", "family", "layout", "batch"]
     unit = "ratio"
     #: Timed runs per implementation (after two warm-ups, interleaved).
@@ -193,7 +196,7 @@ class Bandwidth(_Measured):
     says little about memory bandwidth.
     """
 
-    params = [_bench.VARIANTS, tuple(FAMILIES), LAYOUTS, (32,)]
+    params = [VARIANTS, tuple(FAMILIES), LAYOUTS, (32,)]
 
     def setup(self, variant, family, layout, batch):
         self.t = self._median_times(variant, family, layout, batch,
