@@ -58,6 +58,16 @@ class View:
 
     Statistics are per ``(p, k)`` over ``A * J * B`` values; affine
     parameters are per ``(k, j)``, ``K * J`` of them.
+
+    Examples
+    --------
+    GroupNorm with 4 groups of an ``(N, C, H, W) = (2, 8, 3, 3)`` input:
+    2 x 4 groups of 2 * 9 values, 8 affine parameters.
+
+    >>> from normkit.engine import View
+    >>> view = View(P=2, A=1, K=4, J=2, B=9)
+    >>> view.group_size, view.K * view.J
+    (18, 8)
     """
 
     P: int

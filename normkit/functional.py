@@ -255,6 +255,18 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     Returns
     -------
     y : ndarray, or (y, saved)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> x = np.random.default_rng(0).normal(3.0, 2.0, (8, 4, 5, 5))
+    >>> running_mean, running_var = np.zeros(4), np.ones(4)
+    >>> y = normkit.batch_norm(x, running_mean, running_var, training=True)
+    >>> bool(np.allclose(y.mean(axis=(0, 2, 3)), 0.0))
+    True
+    >>> bool(np.allclose(running_mean, 0.1 * x.mean(axis=(0, 2, 3))))
+    True
     """
     func = "batch_norm"
     ax, C = _check_channel_input(
@@ -306,6 +318,15 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None,
     own and given running statistics are updated in place with their mean
     over the batch (variance unbiased per instance); otherwise the running
     statistics normalize.  Parameters as in :func:`batch_norm`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> x = np.random.default_rng(0).normal(3.0, 2.0, (2, 4, 6, 6))
+    >>> y = normkit.instance_norm(x)
+    >>> bool(np.allclose(y.mean(axis=(2, 3)), 0.0))   # per sample and channel
+    True
     """
     func = "instance_norm"
     ax, C = _check_channel_input(
@@ -401,6 +422,18 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, axis=1, *,
     channels and all non-batch axes, then ``gamma_c`` and ``beta_c`` are
     applied per channel.  One group is LayerNorm over (C, spatial...) with a
     per-channel affine; ``C`` groups is InstanceNorm.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> x = np.random.default_rng(0).standard_normal((2, 8, 4, 4))
+    >>> y = normkit.group_norm(x, num_groups=2)
+    >>> groups = y.reshape(2, 2, -1)          # (sample, group, values)
+    >>> bool(np.allclose(groups.mean(axis=-1), 0.0))
+    True
+    >>> bool(np.allclose(normkit.group_norm(x, 8), normkit.instance_norm(x)))
+    True
     """
     func = "group_norm"
     ax, C = _check_channel_input(func, x, axis, weight, bias, min_axis=1)
@@ -443,6 +476,19 @@ def batch_renorm(x, running_mean, running_std, weight=None, bias=None,
     ``running_std += momentum * (sigma_B - running_std)``.  In inference
     ``y = gamma * (x - running_mean) / running_std + beta``.  With
     ``rmax=1, dmax=0`` training is plain batch normalization.
+
+    Examples
+    --------
+    With the running statistics equal to the batch's, ``r = 1`` and
+    ``d = 0`` and the output is batch normalization's:
+
+    >>> import numpy as np
+    >>> import normkit
+    >>> x = np.random.default_rng(0).normal(3.0, 2.0, (16, 4))
+    >>> mean, std = x.mean(axis=0), np.sqrt(x.var(axis=0) + 1e-5)
+    >>> y = normkit.batch_renorm(x, mean.copy(), std.copy(), training=True)
+    >>> bool(np.allclose(y, normkit.batch_norm(x, training=True)))
+    True
     """
     func = "batch_renorm"
     ax, C = _check_channel_input(
@@ -492,6 +538,16 @@ def batch_renorm_schedule(step, warmup=5000, rmax_step=40000, dmax_step=25000,
     then linear relaxation reaching ``rmax`` at ``rmax_step`` and ``dmax`` at
     ``dmax_step``, constant afterwards.  Use it as
     ``layer.rmax, layer.dmax = batch_renorm_schedule(step)``.
+
+    Examples
+    --------
+    >>> import normkit
+    >>> normkit.batch_renorm_schedule(0)
+    (1.0, 0.0)
+    >>> normkit.batch_renorm_schedule(15000)
+    (1.5714285714285714, 2.5)
+    >>> normkit.batch_renorm_schedule(10**6)
+    (3.0, 5.0)
     """
     if step < warmup:
         return 1.0, 0.0

@@ -353,7 +353,19 @@ class LayerNorm(Normalizer):
 
 
 class GroupNorm(Normalizer):
-    """Group normalization; see :func:`normkit.group_norm`."""
+    """Group normalization; see :func:`normkit.group_norm`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> layer = normkit.GroupNorm(num_groups=4, num_channels=16)
+    >>> x = np.random.default_rng(0).standard_normal((2, 16, 8, 8))
+    >>> y = layer(x)
+    >>> dx = layer.backward(np.ones_like(y))
+    >>> dx.shape, layer.grads["weight"].shape
+    ((2, 16, 8, 8), (16,))
+    """
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, axis=1):
         self.num_groups = check_positive_int(num_groups, "num_groups", "GroupNorm")
