@@ -108,8 +108,9 @@ def train_cell(variant, batch_size, seed, settings=Settings()):
     """
     x_train, y_train, x_test, y_test = load_digits_split()
     rng = np.random.default_rng(seed)
-    network, norms = trainer.build_network(variant, rng, x_train.shape[1:],
-                                           settings.width, settings.hidden)
+    network, norms = trainer.build_network(variant, rng, batch_size,
+                                           x_train.shape[1:], settings.width,
+                                           settings.hidden)
     optimizer = trainer.SGD(network.parameters(), 0.0, settings.momentum,
                             settings.weight_decay)
     schedule = VARIANTS[variant].schedule

@@ -171,9 +171,10 @@ class Sequential:
         return found
 
 
-def build_network(variant, rng, image_shape=(1, 8, 8), width=8, hidden=32,
-                  classes=10):
-    """The study's network with ``variant``'s normalizers (see module doc).
+def build_network(variant, rng, batch_size, image_shape=(1, 8, 8), width=8,
+                  hidden=32, classes=10):
+    """The study's network with ``variant``'s normalizers (see module doc),
+    built for training batches of ``batch_size``.
 
     Returns
     -------
@@ -183,8 +184,8 @@ def build_network(variant, rng, image_shape=(1, 8, 8), width=8, hidden=32,
     """
     row = VARIANTS[variant]
     channels, height, width_px = image_shape
-    conv_norm = row.conv((width, height, width_px))
-    dense_norm = row.dense((hidden,))
+    conv_norm = row.conv((width, height, width_px), batch_size)
+    dense_norm = row.dense((hidden,), batch_size)
     pooled = width * (height // 2) * (width_px // 2)
     layers = [Conv2d(channels, width, 3, rng, input_grad=False), conv_norm,
               ReLU(), AvgPool2(), Flatten(), Dense(pooled, hidden, rng),

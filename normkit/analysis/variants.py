@@ -3,10 +3,17 @@
 Each row of :data:`VARIANTS` says how to build the normalizer that follows a
 convolution (features ``(N, C, H, W)``, built from the per-sample shape
 ``(C, H, W)``) and the one that follows a dense layer (features ``(N, F)``,
-built from ``(F,)``); a builder returning None means no normalization there.
-Adding a scheme to the study is one row, e.g. for a registered scheme::
+built from ``(F,)``), given also the training batch size ``N``; a builder
+returning None means no normalization there.  Adding a scheme to the study
+is one row, e.g. for a registered scheme::
 
-    "rms_norm": Variant.same(lambda shape: normkit.create("rms_norm", ...)),
+    "my_norm": Variant.same(
+        lambda shape, batch_size: normkit.create("my_norm", ...)),
+
+Ghost BatchNorm normalizes virtual batches of ``gcd(GHOST_BATCH, N)``
+samples: the whole batch up to :data:`GHOST_BATCH` (where it is BatchNorm),
+ghost batches of :data:`GHOST_BATCH` in larger batches, the regime of
+Hoffer et al. (2017).
 
 Batch Renormalization uses the ``(rmax, dmax)`` schedule of Ioffe (2017)
 with the paper's step counts (plain BatchNorm for 5k steps, ``dmax``
@@ -16,6 +23,7 @@ so a short run at batch 64 and a long one at batch 2 relax it alike.
 """
 
 from dataclasses import dataclass
+import math
 from typing import Callable
 
 import normkit
@@ -23,8 +31,8 @@ import normkit
 #: Groups of GroupNorm (channels or features per group: C / GROUPS).
 GROUPS = 4
 
-#: Samples per virtual batch of Ghost BatchNorm.
-GHOST_BATCH = 2
+#: Samples per virtual batch of Ghost BatchNorm in batches larger than it.
+GHOST_BATCH = 8
 
 #: The paper's schedule points as fractions of a 100k-step run.
 RENORM_WARMUP, RENORM_DMAX_AT, RENORM_RMAX_AT = 0.05, 0.25, 0.40
@@ -37,8 +45,9 @@ class Variant:
     Attributes
     ----------
     conv, dense : callable
-        ``builder(shape) -> layer or None``, with ``shape`` the per-sample
-        feature shape, ``(C, H, W)`` or ``(F,)``.
+        ``builder(shape, batch_size) -> layer or None``, with ``shape`` the
+        per-sample feature shape, ``(C, H, W)`` or ``(F,)``, and
+        ``batch_size`` the training batch size.
     schedule : callable, optional
         ``schedule(step, total_steps) -> {attribute: value}`` set on every
         layer of the variant before each training step.
@@ -65,24 +74,28 @@ def renorm_schedule(step, total_steps):
     return {"rmax": rmax, "dmax": dmax}
 
 
-def _no_norm(shape):
+def _no_norm(shape, batch_size):
     return None
 
 
 VARIANTS = {
     "none": Variant.same(_no_norm),
-    "batch_norm": Variant.same(lambda shape: normkit.BatchNorm(shape[0])),
-    "batch_renorm": Variant.same(lambda shape: normkit.BatchRenorm(shape[0]),
-                                 renorm_schedule),
-    "group_norm": Variant.same(lambda shape: normkit.GroupNorm(GROUPS, shape[0])),
-    "layer_norm": Variant.same(lambda shape: normkit.LayerNorm(shape)),
+    "batch_norm": Variant.same(
+        lambda shape, batch_size: normkit.BatchNorm(shape[0])),
+    "batch_renorm": Variant.same(
+        lambda shape, batch_size: normkit.BatchRenorm(shape[0]), renorm_schedule),
+    "group_norm": Variant.same(
+        lambda shape, batch_size: normkit.GroupNorm(GROUPS, shape[0])),
+    "layer_norm": Variant.same(
+        lambda shape, batch_size: normkit.LayerNorm(shape)),
     # a dense feature has no spatial extent to normalize an instance over
-    "instance_norm": Variant(lambda shape: normkit.InstanceNorm(shape[0], affine=True),
-                             _no_norm),
-    "rms_norm": Variant.same(lambda shape: normkit.RMSNorm(shape)),
-    # the virtual batch must divide every batch size of the sweep (2 .. 64)
+    "instance_norm": Variant(
+        lambda shape, batch_size: normkit.InstanceNorm(shape[0], affine=True),
+        _no_norm),
+    "rms_norm": Variant.same(lambda shape, batch_size: normkit.RMSNorm(shape)),
     "ghost_batch_norm": Variant.same(
-        lambda shape: normkit.GhostBatchNorm(shape[0], virtual_batch_size=GHOST_BATCH)),
+        lambda shape, batch_size: normkit.GhostBatchNorm(
+            shape[0], virtual_batch_size=math.gcd(GHOST_BATCH, batch_size))),
 }
 
 
