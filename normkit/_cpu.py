@@ -160,10 +160,16 @@ def _rows_moments(rows, col_mean, col_m2, center, s1, sq):
     """Per-column (mean, M2) over the rows of a C-contiguous 2-D ``rows``;
     returns the common count.
 
-    Rows are taken in tiles of about :data:`TILE` elements, two passes per
-    tile vectorised across columns as in :func:`_segment_moments`
-    (``center``, ``s1``, ``sq`` are per-column scratch in the input's dtype),
-    then a float64 Chan merge into the running column summaries.
+    Rows are taken in tiles of about :data:`TILE` elements, vectorised
+    across columns (``center``, ``s1``, ``sq`` are per-column scratch in the
+    input's dtype): sums of deviations from a provisional center and of
+    their squares, then a float64 Chan merge into the running column
+    summaries.  The first tile's center is its own mean (a pass of its
+    own); every later tile's is the running column mean of the tiles
+    before it, which is already close to the tile's mean, so one pass
+    suffices.  A tile far from that center (data that drifts along the
+    rows) loses only digits that are small next to the spread between
+    tiles, which the float64 merge adds exactly.
     """
     n_rows, width = rows.shape
     rows_per_tile = max(1, TILE // width)
@@ -171,12 +177,16 @@ def _rows_moments(rows, col_mean, col_m2, center, s1, sq):
     for r0 in range(0, n_rows, rows_per_tile):
         tile = rows[r0:min(r0 + rows_per_tile, n_rows)]
         nt = tile.shape[0]
-        center[:] = 0.0
-        for r in range(nt):
+        if n == 0.0:
+            center[:] = 0.0
+            for r in range(nt):
+                for c in range(width):
+                    center[c] += tile[r, c]
             for c in range(width):
-                center[c] += tile[r, c]
-        for c in range(width):
-            center[c] = _cast_like(float(center[c]) / nt, center[c])
+                center[c] = _cast_like(float(center[c]) / nt, center[c])
+        else:
+            for c in range(width):
+                center[c] = _cast_like(col_mean[c], center[c])
         s1[:] = 0.0
         sq[:] = 0.0
         for r in range(nt):
