@@ -33,6 +33,8 @@ import json
 import math
 import os
 from pathlib import Path
+import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -156,6 +158,58 @@ def train_cell(variant, batch_size, seed, settings=Settings()):
             "steps": step, "diverged": diverged}
 
 
+@single_threaded
+def compile_kernels(variants, batch_sizes, settings=Settings()):
+    """Take every kernel path that the sweep's cells take, once.
+
+    For each variant and batch size, one training step (forward and
+    backward) of the study's network on one batch, population
+    re-estimation over that batch and inference on the test set: the
+    kernels are compiled (or loaded from Numba's on-disk cache) and nothing
+    is trained.  :func:`warm_kernel_cache` runs this in a separate process.
+    """
+    x_train, y_train, x_test, y_test = load_digits_split()
+    for variant in variants:
+        for batch_size in batch_sizes:
+            network, norms = trainer.build_network(
+                variant, np.random.default_rng(0), batch_size,
+                x_train.shape[1:], settings.width, settings.hidden)
+            batch = x_train[:batch_size]
+            _, grad = trainer.softmax_cross_entropy(network(batch),
+                                                    y_train[:batch_size])
+            network.backward(grad)
+            with_running = [layer for layer in norms
+                            if has_running_statistics(layer)]
+            if with_running:
+                normkit.reestimate_population_statistics(with_running, [batch],
+                                                         network)
+            network.eval()
+            trainer.accuracy(network, x_test, y_test)
+
+
+def warm_kernel_cache(variants, batch_sizes, settings=Settings()):
+    """Fill Numba's on-disk cache with the sweep's kernels from a separate
+    process (:func:`compile_kernels`), before any cell runs.
+
+    Numba's cached machine code for a ``parallel=True`` kernel can round
+    differently, in the last bits, from the code that the compiling process
+    itself runs (Numba issue 10617).  Training amplifies such bits, so
+    cells computed by a process that compiled the kernels could differ
+    from cells computed by one that loaded them: a resumed run, or another
+    worker.  With the cache filled first, every process of the sweep that
+    has not compiled these kernels itself loads the same cached code.
+    """
+    args = json.dumps({"variants": list(variants),
+                       "batch_sizes": list(batch_sizes),
+                       "settings": asdict(settings)})
+    code = ("import json, sys\n"
+            "from normkit.analysis import sweep\n"
+            "a = json.loads(sys.argv[1])\n"
+            "sweep.compile_kernels(a['variants'], a['batch_sizes'], "
+            "sweep.Settings(**a['settings']))\n")
+    subprocess.run([sys.executable, "-c", code, args], check=True)
+
+
 def write_atomic(path, data):
     """Write ``data`` as JSON to ``path`` via a temporary file and
     :func:`os.replace`, so ``path`` is either absent or complete."""
@@ -190,7 +244,7 @@ def _train_task(task):
 
 
 def run_sweep(variants, batch_sizes, seeds, settings=Settings(), out=None,
-              jobs=1, on_cell=None):
+              jobs=1, on_cell=None, warm=True):
     """Train every ``(variant, batch_size, seed)`` cell; resumable.
 
     Parameters
@@ -207,6 +261,13 @@ def run_sweep(variants, batch_sizes, seeds, settings=Settings(), out=None,
         ``on_cell(cell, reused)`` after each cell is available (in
         completion order); an exception from it stops the sweep, with the
         cells finished so far already saved.
+    warm : bool
+        Before computing any cell, fill Numba's on-disk cache from a
+        separate process (:func:`warm_kernel_cache`), so that cells do not
+        depend on which process compiled the kernels.  This holds for every
+        process that has not compiled them itself: the worker processes,
+        and this one unless it ran the study's kernels before (a fresh
+        ``normkit compare`` has not).
 
     Returns
     -------
@@ -236,6 +297,9 @@ def run_sweep(variants, batch_sizes, seeds, settings=Settings(), out=None,
         if on_cell is not None:
             on_cell(cell, False)
 
+    if todo and warm:
+        warm_kernel_cache(sorted({task[0] for task, _ in todo}),
+                          sorted({task[1] for task, _ in todo}), settings)
     if jobs <= 1 or len(todo) <= 1:
         for task, path in todo:
             finish(path, _train_task(task))
