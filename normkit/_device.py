@@ -145,8 +145,10 @@ def update_running(running, batch, factor, n=None):
         _gpu().update_running(running, batch, factor,
                               1.0 if n is None else n / (n - 1))
         return
-    values = batch if n is None else batch * n / (n - 1)
-    running[...] = (1.0 - factor) * running + factor * values.mean(axis=0)
+    values = batch[0] if len(batch) == 1 else batch.mean(axis=0)
+    if n is not None:
+        values = values * (n / (n - 1))
+    running[...] = (1.0 - factor) * running + factor * values
 
 
 def renorm(mean, var, running_mean, running_std, weight, bias, eps, rmax,
