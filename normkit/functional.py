@@ -380,6 +380,19 @@ def _normalized_shape(normalized_shape, func):
     return shape
 
 
+def _trailing_input(func, x, normalized_shape, weight, bias=None):
+    """Validate the input of a variant over the trailing ``normalized_shape``
+    axes and its per-element ``weight`` and ``bias``; return its view."""
+    check_input(x, "x", func)
+    shape = _normalized_shape(normalized_shape, func)
+    if x.ndim < len(shape) or x.shape[x.ndim - len(shape):] != shape:
+        raise ValueError(f"{func}: normalized_shape {shape} must match the "
+                         f"trailing dimensions of x, got input shape {x.shape}")
+    for name, value in (("weight", weight), ("bias", bias)):
+        check_param(value, name, shape, func)
+    return engine.trailing_view(x.shape, len(shape))
+
+
 @_device.accepts_device_arrays
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
                return_saved=False):
@@ -390,15 +403,8 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
     ``beta`` of shape ``normalized_shape`` (elementwise affine).
     """
     func = "layer_norm"
-    check_input(x, "x", func)
-    shape = _normalized_shape(normalized_shape, func)
-    if x.ndim < len(shape) or x.shape[x.ndim - len(shape):] != shape:
-        raise ValueError(f"{func}: normalized_shape {shape} must match the "
-                         f"trailing dimensions of x, got input shape {x.shape}")
-    for name, value in (("weight", weight), ("bias", bias)):
-        check_param(value, name, shape, func)
+    view = _trailing_input(func, x, normalized_shape, weight, bias)
     eps = check_eps(eps, func)
-    view = engine.trailing_view(x.shape, len(shape))
     return normalize(x, view, weight, bias, eps, return_saved=return_saved,
                      variant=func)
 

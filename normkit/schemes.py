@@ -82,14 +82,8 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, return_saved=False):
     y : ndarray, or (y, saved)
     """
     func = "rms_norm"
-    check_input(x, "x", func)
-    shape = F._normalized_shape(normalized_shape, func)
-    if x.ndim < len(shape) or x.shape[x.ndim - len(shape):] != shape:
-        raise ValueError(f"{func}: normalized_shape {shape} must match the "
-                         f"trailing dimensions of x, got input shape {x.shape}")
-    check_param(weight, "weight", shape, func)
+    view = F._trailing_input(func, x, normalized_shape, weight)
     eps = _rms_eps(eps, x.dtype, func)
-    view = engine.trailing_view(x.shape, len(shape))
     return F.normalize(x, view, weight, None, eps, return_saved=return_saved,
                        variant=func, centered=False)
 
