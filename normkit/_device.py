@@ -97,7 +97,8 @@ def to_device(a):
     return cuda.to_device(np.ascontiguousarray(a))
 
 
-def _gpu():
+def cuda_backend():
+    """:mod:`normkit._cuda`, imported on first use (it needs numba.cuda)."""
     from . import _cuda
     return _cuda
 
@@ -115,7 +116,7 @@ def as_float64(a):
 def rstd(var, eps):
     """``1 / sqrt(var + eps)`` in float64."""
     if is_device_array(var):
-        gpu = _gpu()
+        gpu = cuda_backend()
         return gpu.channel_op(gpu.RSTD, var, eps=eps)
     return 1.0 / np.sqrt(np.asarray(var, np.float64) + eps)
 
@@ -123,7 +124,7 @@ def rstd(var, eps):
 def reciprocal(a):
     """``1 / a`` in float64."""
     if is_device_array(a):
-        gpu = _gpu()
+        gpu = cuda_backend()
         return gpu.channel_op(gpu.RECIPROCAL, a)
     return 1.0 / np.asarray(a, np.float64)
 
@@ -142,7 +143,7 @@ def update_running(running, batch, factor, n=None):
     place, ``batch`` ``(P, C)``, ``s = n / (n - 1)`` (``n`` values per
     group, the unbiased correction) or 1 when ``n`` is None."""
     if is_device_array(running):
-        _gpu().update_running(running, batch, factor,
+        cuda_backend().update_running(running, batch, factor,
                               1.0 if n is None else n / (n - 1))
         return
     values = batch[0] if len(batch) == 1 else batch.mean(axis=0)
@@ -162,7 +163,7 @@ def renorm(mean, var, running_mean, running_std, weight, bias, eps, rmax,
     ``running_std`` in place (see :func:`normkit.functional.batch_renorm`).
     """
     if is_device_array(mean):
-        return _gpu().renorm(mean, var, running_mean, running_std, weight,
+        return cuda_backend().renorm(mean, var, running_mean, running_std, weight,
                              bias, eps, rmax, dmax, factor)
     C = running_mean.size
     rm = np.asarray(running_mean, np.float64)
@@ -186,7 +187,7 @@ def gscale(weight, r):
     if is_device_array(weight):
         if r is None:
             return flat
-        gpu = _gpu()
+        gpu = cuda_backend()
         return gpu.channel_op(gpu.PRODUCT, flat, r)
     flat = np.asarray(flat, np.float64)
     return flat if r is None else flat * r
@@ -195,7 +196,7 @@ def gscale(weight, r):
 def renorm_dweight(sum_dy_xhat, sum_dy, r, d):
     """``sum(dy * (xhat * r + d)) = sum_dy_xhat * r + sum_dy * d``."""
     if is_device_array(sum_dy):
-        gpu = _gpu()
+        gpu = cuda_backend()
         return gpu.channel_op(gpu.RENORM_DWEIGHT, sum_dy_xhat, r, sum_dy, d)
     return sum_dy_xhat * r + sum_dy * d
 
@@ -204,7 +205,7 @@ def cast(a, shape, dtype):
     """``a`` reshaped to ``shape`` and converted to ``dtype``."""
     if is_device_array(a):
         from numba import cuda
-        gpu = _gpu()
+        gpu = cuda_backend()
         return gpu.channel_op(gpu.COPY, a,
                               out=cuda.device_array(shape, dtype))
     return a.reshape(shape).astype(dtype)

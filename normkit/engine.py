@@ -244,10 +244,7 @@ def _params(values, size, default, dtype=np.float64):
 def _device_backend(x):
     """The CUDA backend (:mod:`normkit._cuda`, imported on first use) for
     arrays on a GPU, None for host arrays: the one backend dispatch."""
-    if not _device.is_device_array(x):
-        return None
-    from . import _cuda
-    return _cuda
+    return _device.cuda_backend() if _device.is_device_array(x) else None
 
 
 def moments(x, view, centered=True):
