@@ -141,21 +141,31 @@ def train_cell(variant, batch_size, seed, settings=Settings()):
             step += 1
         if diverged:
             break
-    network.eval()
-    accuracy = trainer.accuracy(network, x_test, y_test)
-    with_running = [layer for layer in norms if has_running_statistics(layer)]
-    population = accuracy
-    if with_running and not diverged:
-        batches = [x_train[order[b * batch_size:(b + 1) * batch_size]]
-                   for b in range(per_epoch)]
-        normkit.reestimate_population_statistics(with_running, batches, network)
-        population = trainer.accuracy(network, x_test, y_test)
+    batches = None if diverged else [
+        x_train[order[b * batch_size:(b + 1) * batch_size]]
+        for b in range(per_epoch)]
+    accuracy, population, reestimated = _evaluate(network, norms, batches,
+                                                  x_test, y_test)
     return {"variant": variant, "batch_size": batch_size, "seed": seed,
             "settings": asdict(settings), "test_accuracy": accuracy,
             "test_accuracy_population": population,
-            "population_reestimated": bool(with_running) and not diverged,
+            "population_reestimated": reestimated,
             "train_loss": float(np.mean(losses)) if losses else None,
             "steps": step, "diverged": diverged}
+
+
+def _evaluate(network, norms, batches, x_test, y_test):
+    """Test accuracy in inference mode, then again after population
+    re-estimation over ``batches`` of the normalizers ``norms`` that keep
+    running statistics (skipped when there are none, or ``batches`` is
+    None).  Returns ``(accuracy, population_accuracy, reestimated)``."""
+    network.eval()
+    accuracy = trainer.accuracy(network, x_test, y_test)
+    with_running = [layer for layer in norms if has_running_statistics(layer)]
+    if not with_running or batches is None:
+        return accuracy, accuracy, False
+    normkit.reestimate_population_statistics(with_running, batches, network)
+    return accuracy, trainer.accuracy(network, x_test, y_test), True
 
 
 @single_threaded
@@ -178,13 +188,7 @@ def compile_kernels(variants, batch_sizes, settings=Settings()):
             _, grad = trainer.softmax_cross_entropy(network(batch),
                                                     y_train[:batch_size])
             network.backward(grad)
-            with_running = [layer for layer in norms
-                            if has_running_statistics(layer)]
-            if with_running:
-                normkit.reestimate_population_statistics(with_running, [batch],
-                                                         network)
-            network.eval()
-            trainer.accuracy(network, x_test, y_test)
+            _evaluate(network, norms, [batch], x_test, y_test)
 
 
 def warm_kernel_cache(variants, batch_sizes, settings=Settings()):
