@@ -1,25 +1,29 @@
 """normkit: a research framework for normalization layers.
 
-One Numba reduction engine (:mod:`normkit.engine`) behind BatchNorm,
-LayerNorm, InstanceNorm, GroupNorm and Batch Renormalization, forward and
-backward, with PyTorch's semantics.
+One set of reductions (:mod:`normkit.engine`, on the CPU and CUDA backends
+of :mod:`normkit.backend`) behind every scheme of :mod:`normkit.schemes`:
+BatchNorm, LayerNorm, InstanceNorm, GroupNorm, Batch Renormalization,
+RMSNorm, Ghost BatchNorm, Weight and Spectral Normalization, forward and
+backward, with PyTorch's semantics, and the same extension API for yours.
 """
 
-from .engine import View
+from . import engine
+from .backend import channelwise
+from .view import View
 from .functional import (Saved, batch_norm, batch_norm_backward, batch_renorm,
                          batch_renorm_backward, batch_renorm_schedule,
+                         ghost_batch_norm, ghost_batch_norm_backward,
                          group_norm, group_norm_backward, instance_norm,
                          instance_norm_backward, layer_norm,
-                         layer_norm_backward, normalize, normalize_backward)
-from .layers import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d,
-                     BatchRenorm, GroupNorm, InstanceNorm, LayerNorm,
-                     Normalizer)
-from .layers import RunningStatsNormalizer
-from .schemes import (GhostBatchNorm, Reparametrization, RMSNorm, SpectralNorm,
-                      WeightNorm, ghost_batch_norm, ghost_batch_norm_backward,
-                      rms_norm, rms_norm_backward, spectral_norm,
-                      spectral_norm_backward, weight_norm,
-                      weight_norm_backward)
+                         layer_norm_backward, normalize, normalize_backward,
+                         rms_norm, rms_norm_backward, spectral_norm,
+                         spectral_norm_backward, weight_norm,
+                         weight_norm_backward)
+from .schemes import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d,
+                      BatchRenorm, GhostBatchNorm, GroupNorm, InstanceNorm,
+                      LayerNorm, Normalizer, Reparametrization, RMSNorm,
+                      RunningStatsNormalizer, SpectralNorm, WeightNorm,
+                      normalize_with_statistics, update_running)
 from .population import reestimate_population_statistics
 from .registry import available, create, register
 from .registry import PluginWarning, refresh
@@ -40,5 +44,6 @@ __all__ = [
     "weight_norm_backward", "spectral_norm", "spectral_norm_backward",
     "RMSNorm", "GhostBatchNorm", "Reparametrization", "WeightNorm",
     "SpectralNorm", "PluginWarning", "refresh",
-    "reestimate_population_statistics",
+    "reestimate_population_statistics", "normalize_with_statistics",
+    "update_running", "channelwise",
 ]

@@ -8,6 +8,11 @@ of the new batch, ``new = (1 - momentum) * old + momentum * batch``, and
 number of batches already averaged in).  Running statistics are updated in
 place, and only after every argument has been checked.
 
+Each function is the scheme of the same name (:mod:`normkit.schemes`) run
+on the caller's arrays: it checks its arguments, binds them to the scheme
+(:meth:`normkit.Normalizer.bound`, no copies) and runs the scheme's
+forward.  There is no second definition of any variant here.
+
 Forward and backward
 --------------------
 Every forward accepts ``return_saved=True`` and then returns ``(y, saved)``.
@@ -24,201 +29,49 @@ pass the same, unmodified ``x``::
 CUDA device arrays
 ------------------
 Every function also takes CUDA device arrays (Numba device arrays, CuPy
-arrays, PyTorch CUDA tensors; see :mod:`normkit._device`): then all array
+arrays, PyTorch CUDA tensors; see :mod:`normkit.backend`): then all array
 arguments must be on the device (mixing raises TypeError), results and
 ``saved``'s statistics are Numba device arrays, and running statistics are
 updated in place on the device.
 """
 
-from dataclasses import dataclass
-import math
-
-import numpy as np
-
-from . import _device, engine
-from ._checks import (check_axis, check_eps, check_input, check_momentum,
-                      check_ndim, check_param, check_positive_int,
-                      check_running, is_int, is_real)
+from .backend import accepts_device_arrays
+from .checks import (check_axis, check_channel_input, check_eps, check_input,
+                     check_momentum, check_ndim, check_normalized_shape,
+                     check_param, check_positive_int, check_running)
+from .schemes.base import Saved, check_backward, normalize, normalize_backward
+from .schemes.batch import BatchNorm, BatchRenorm, GhostBatchNorm
+from .schemes.per_sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from .schemes.reparam import SpectralNorm, SpectralSaved, WeightNorm, unit_view
 
 __all__ = [
     "Saved", "batch_norm", "batch_norm_backward", "instance_norm",
     "instance_norm_backward", "layer_norm", "layer_norm_backward",
     "group_norm", "group_norm_backward", "batch_renorm",
     "batch_renorm_backward", "batch_renorm_schedule", "normalize",
-    "normalize_backward",
+    "normalize_backward", "rms_norm", "rms_norm_backward",
+    "ghost_batch_norm", "ghost_batch_norm_backward", "weight_norm",
+    "weight_norm_backward", "spectral_norm", "spectral_norm_backward",
 ]
 
 
-@dataclass(frozen=True)
-class Saved:
-    """What a forward pass hands its backward pass.
-
-    Attributes
-    ----------
-    variant : str
-        Name of the forward function that produced it.
-    view : engine.View
-        The canonical view of the input.
-    shape : tuple of int
-        Shape of the input.
-    mean, rstd : ndarray, ``(P, K)`` float64
-        Statistics used to normalize: ``xhat = (x - mean) * rstd``.
-    batch_stats : bool
-        True when ``mean`` and ``rstd`` came from the input itself, so the
-        gradient flows through them.
-    weight : ndarray or None
-        The weight used (a reference, not a copy).
-    has_bias : bool
-        Whether a bias was used (its gradient is returned then).
-    r, d : ndarray ``(K * J,)`` or None
-        Batch Renormalization's corrections, constants of the backward.
-    centered : bool
-        False when the statistics were taken about zero (RMS
-        normalization): ``mean`` is 0 and ``xhat = x * rstd``.
-    """
-
-    variant: str
-    view: engine.View
-    shape: tuple
-    mean: np.ndarray
-    rstd: np.ndarray
-    batch_stats: bool
-    weight: np.ndarray | None
-    has_bias: bool
-    r: np.ndarray | None = None
-    d: np.ndarray | None = None
-    centered: bool = True
-
-
-def _values_per_channel_error(x):
-    return ValueError("Expected more than 1 value per channel when training, "
-                      f"got input size {tuple(x.shape)}")
-
-
-def _check_channel_input(func, x, axis, weight, bias, min_axis=0,
-                         running=(), running_required=False):
-    """Validate a channel-axis variant's input and per-channel arrays.
-
-    ``running`` holds ``(name, array)`` pairs of running statistics: all or
-    none must be given (all when ``running_required``).  Returns the
-    normalized axis and the number of channels.
-    """
-    check_input(x, "x", func)
-    check_ndim(x, func, min_ndim=2)
-    ax = check_axis(axis, x.ndim, func, min_axis=min_axis)
-    C = x.shape[ax]
-    for name, value in (("weight", weight), ("bias", bias)):
-        check_param(value, name, (C,), func)
-    for name, value in running:
-        if value is None and running_required:
-            raise ValueError(f"{func}: {name} is required, got None")
-        check_running(value, name, (C,), func)
-    if len({value is None for _, value in running}) > 1:
-        names = " and ".join(name for name, _ in running)
-        raise ValueError(f"{func}: give both {names} or neither")
-    return ax, C
-
-
-# --------------------------------------------------------------------------
-# the generic path: any view, statistics of the input itself
-# --------------------------------------------------------------------------
-
-@_device.accepts_device_arrays
-def normalize(x, view, weight=None, bias=None, eps=1e-5, *, return_saved=False,
-              variant="normalize", centered=True):
-    """Normalize ``x`` over an engine :class:`~normkit.engine.View`.
-
-    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` with the mean and
-    biased variance of each ``(p, k)`` group of the view, and ``weight`` and
-    ``bias`` of ``K * J`` values (any shape of that size).  This is the
-    building block of every variant and the entry point for new schemes
-    that only declare a view.
-
-    Parameters
-    ----------
-    x : ndarray
-        float16, float32 or float64 input of ``view.P * ... * view.B`` values.
-    view : engine.View
-    weight, bias : ndarray, optional
-    eps : float
-    return_saved : bool
-        Also return the :class:`Saved` record for :func:`normalize_backward`.
-    centered : bool
-        False normalizes by the root mean square about zero instead,
-        ``y = x / sqrt(mean(x**2) + eps) * weight + bias`` (RMSNorm).
-    """
-    y, saved, _ = _normalize_batch(x, view, weight, bias, eps, variant,
-                                   centered)
+def _run(scheme, x, return_saved):
+    y, saved = scheme._forward(x)
     return (y, saved) if return_saved else y
 
 
-def _normalize_batch(x, view, weight, bias, eps, variant, centered=True):
-    """:func:`normalize`, also returning the biased variance ``(P, K)``
-    (the mean square when not ``centered``)."""
-    y, mean, var = engine.normalize_batch(x, view, weight, bias, eps, centered)
-    saved = Saved(variant, view, x.shape, mean, _device.rstd(var, eps), True,
-                  weight, bias is not None, centered=centered)
-    return y, saved, var
-
-
-@_device.accepts_device_arrays
-def normalize_backward(dy, x, saved, variant=None):
-    """Backward of any forward pass: ``(dx, dweight, dbias)``.
-
-    With ``g = weight * r * dy`` (``r = 1`` except in Batch Renormalization)
-    and ``n`` values per group, when the statistics came from the batch
-
-    .. math::
-
-        dx = rstd \\, (g - \\overline{g} - \\hat{x} \\, \\overline{g \\hat{x}})
-
-    (without the ``mean(g)`` term when the statistics were taken
-    about zero, ``saved.centered`` false) and ``dx = g * rstd`` for fixed
-    statistics; ``dweight = sum(dy * xhat)``
-    (Batch Renormalization: ``sum(dy * (xhat * r + d))``) and
-    ``dbias = sum(dy)`` over everything but the parameters' axes.
-    """
-    func = f"{variant or saved.variant}_backward"
-    if not isinstance(saved, Saved):
-        raise TypeError(f"{func}: saved must be the Saved record returned by "
-                        f"the forward with return_saved=True, got "
-                        f"{type(saved).__name__}")
-    if variant is not None and saved.variant != variant:
-        raise ValueError(f"{func}: saved comes from {saved.variant}, not "
-                         f"{variant}")
-    _device.same_device(func, {"x": x, "saved.mean": saved.mean})
-    check_input(x, "x", func)
-    check_input(dy, "dy", func)
-    if x.shape != saved.shape:
-        raise ValueError(f"{func}: x must have the forward input's shape "
-                         f"{saved.shape}, got {x.shape}")
-    if dy.shape != saved.shape:
-        raise ValueError(f"{func}: dy must have shape {saved.shape}, got "
-                         f"{dy.shape}")
-    weight = saved.weight
-    need_affine = weight is not None or saved.has_bias
-    dx, sum_dy, sum_dy_xhat = engine.backward(
-        dy, x, saved.view, saved.mean, saved.rstd,
-        _device.gscale(weight, saved.r), saved.batch_stats, need_affine,
-        saved.centered)
-    dweight = dbias = None
-    if weight is not None:
-        if saved.r is not None:
-            sum_dy_xhat = _device.renorm_dweight(sum_dy_xhat, sum_dy, saved.r,
-                                                 saved.d)
-        dweight = _device.cast(sum_dy_xhat, weight.shape, weight.dtype)
-    if saved.has_bias:
-        shape = weight.shape if weight is not None else (sum_dy.size,)
-        dtype = weight.dtype if weight is not None else x.dtype
-        dbias = _device.cast(sum_dy, shape, dtype)
-    return dx, dweight, dbias
+def _running_state(func, momentum, num_batches_tracked, updating, running_mean):
+    """The bound scheme's running-statistics settings (momentum checked)."""
+    check_momentum(momentum, func, num_batches_tracked, updating)
+    return {"momentum": momentum, "track_running_stats": running_mean is not None,
+            "num_batches_tracked": (num_batches_tracked or 0) if updating else 0}
 
 
 # --------------------------------------------------------------------------
 # BatchNorm
 # --------------------------------------------------------------------------
 
-@_device.accepts_device_arrays
+@accepts_device_arrays
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                training=False, momentum=0.1, eps=1e-5, axis=1, *,
                num_batches_tracked=None, return_saved=False):
@@ -269,28 +122,17 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     True
     """
     func = "batch_norm"
-    ax, C = _check_channel_input(
+    ax, C = check_channel_input(
         func, x, axis, weight, bias,
         running=(("running_mean", running_mean), ("running_var", running_var)))
     eps = check_eps(eps, func)
     updating = bool(training) and running_mean is not None
-    factor = check_momentum(momentum, func, num_batches_tracked, updating)
-    n = x.size // C
-    if training and n <= 1:
-        raise _values_per_channel_error(x)
-    view = engine.channel_view(x.shape, ax, per_sample=False)
-    if training or running_mean is None:
-        y, saved, var = _normalize_batch(x, view, weight, bias, eps, func)
-        if updating:
-            _device.update_running(running_mean, saved.mean, factor)
-            _device.update_running(running_var, var, factor, n)
-    else:
-        mean = _device.as_float64(running_mean).reshape(1, C)
-        rstd = _device.rstd(running_var, eps).reshape(1, C)
-        y = engine.apply_affine(x, view, mean, rstd, weight, bias)
-        saved = Saved(func, view, x.shape, mean, rstd, False, weight,
-                      bias is not None)
-    return (y, saved) if return_saved else y
+    scheme = BatchNorm.bound(
+        func, training, num_features=C, axis=ax, eps=eps, weight=weight,
+        bias=bias, running_mean=running_mean, running_var=running_var,
+        **_running_state(func, momentum, num_batches_tracked, updating,
+                         running_mean))
+    return _run(scheme, x, return_saved)
 
 
 def batch_norm_backward(dy, x, saved):
@@ -306,7 +148,7 @@ def batch_norm_backward(dy, x, saved):
 # InstanceNorm
 # --------------------------------------------------------------------------
 
-@_device.accepts_device_arrays
+@accepts_device_arrays
 def instance_norm(x, running_mean=None, running_var=None, weight=None,
                   bias=None, use_input_stats=True, momentum=0.1, eps=1e-5,
                   axis=1, *, num_batches_tracked=None, return_saved=False):
@@ -329,7 +171,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None,
     True
     """
     func = "instance_norm"
-    ax, C = _check_channel_input(
+    ax, C = check_channel_input(
         func, x, axis, weight, bias, min_axis=1,
         running=(("running_mean", running_mean), ("running_var", running_var)))
     if not use_input_stats and running_mean is None:
@@ -337,24 +179,13 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None,
                          f"and running_var")
     eps = check_eps(eps, func)
     updating = bool(use_input_stats) and running_mean is not None
-    factor = check_momentum(momentum, func, num_batches_tracked, updating)
-    view = engine.channel_view(x.shape, ax, per_sample=True)
-    n = view.group_size
-    if use_input_stats and n <= 1:
-        raise ValueError("Expected more than 1 spatial element when training, "
-                         f"got input size {tuple(x.shape)}")
-    if use_input_stats:
-        y, saved, var = _normalize_batch(x, view, weight, bias, eps, func)
-        if updating:
-            _device.update_running(running_mean, saved.mean, factor)
-            _device.update_running(running_var, var, factor, n)
-    else:
-        mean = _device.rows(_device.as_float64(running_mean), view.P)
-        rstd = _device.rows(_device.rstd(running_var, eps), view.P)
-        y = engine.apply_affine(x, view, mean, rstd, weight, bias)
-        saved = Saved(func, view, x.shape, mean, rstd, False, weight,
-                      bias is not None)
-    return (y, saved) if return_saved else y
+    scheme = InstanceNorm.bound(
+        func, use_input_stats, num_features=C, axis=ax, eps=eps,
+        weight=weight, bias=bias, running_mean=running_mean,
+        running_var=running_var,
+        **_running_state(func, momentum, num_batches_tracked, updating,
+                         running_mean))
+    return _run(scheme, x, return_saved)
 
 
 def instance_norm_backward(dy, x, saved):
@@ -363,37 +194,19 @@ def instance_norm_backward(dy, x, saved):
 
 
 # --------------------------------------------------------------------------
-# LayerNorm
+# LayerNorm and RMSNorm
 # --------------------------------------------------------------------------
 
-def _normalized_shape(normalized_shape, func):
-    if is_int(normalized_shape):
-        normalized_shape = (normalized_shape,)
-    try:
-        shape = tuple(int(d) for d in normalized_shape)
-    except TypeError:
-        raise TypeError(f"{func}: normalized_shape must be an int or a tuple "
-                        f"of ints, got {normalized_shape!r}") from None
-    if not shape or any(d <= 0 for d in shape):
-        raise ValueError(f"{func}: normalized_shape must be a non-empty tuple "
-                         f"of positive ints, got {normalized_shape!r}")
-    return shape
-
-
-def _trailing_input(func, x, normalized_shape, weight, bias=None):
-    """Validate the input of a variant over the trailing ``normalized_shape``
-    axes and its per-element ``weight`` and ``bias``; return its view."""
+def _trailing_scheme(cls, func, x, normalized_shape, weight, bias, eps):
     check_input(x, "x", func)
-    shape = _normalized_shape(normalized_shape, func)
-    if x.ndim < len(shape) or x.shape[x.ndim - len(shape):] != shape:
-        raise ValueError(f"{func}: normalized_shape {shape} must match the "
-                         f"trailing dimensions of x, got input shape {x.shape}")
+    shape = check_normalized_shape(normalized_shape, func)
     for name, value in (("weight", weight), ("bias", bias)):
         check_param(value, name, shape, func)
-    return engine.trailing_view(x.shape, len(shape))
+    return cls.bound(func, True, normalized_shape=shape, weight=weight,
+                     bias=bias, eps=eps)
 
 
-@_device.accepts_device_arrays
+@accepts_device_arrays
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
                return_saved=False):
     """Layer normalization (Ba, Kiros and Hinton 2016).
@@ -403,10 +216,10 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
     ``beta`` of shape ``normalized_shape`` (elementwise affine).
     """
     func = "layer_norm"
-    view = _trailing_input(func, x, normalized_shape, weight, bias)
     eps = check_eps(eps, func)
-    return normalize(x, view, weight, bias, eps, return_saved=return_saved,
-                     variant=func)
+    scheme = _trailing_scheme(LayerNorm, func, x, normalized_shape, weight,
+                              bias, eps)
+    return _run(scheme, x, return_saved)
 
 
 def layer_norm_backward(dy, x, saved):
@@ -414,11 +227,59 @@ def layer_norm_backward(dy, x, saved):
     return normalize_backward(dy, x, saved, "layer_norm")
 
 
+@accepts_device_arrays
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, return_saved=False):
+    """Root mean square layer normalization (Zhang and Sennrich 2019).
+
+    Over the trailing ``len(normalized_shape)`` axes of each sample, with no
+    mean subtraction and no bias,
+
+    .. math::
+
+        y = \\frac{x}{\\sqrt{\\overline{x^2} + \\epsilon}} \\, \\gamma
+
+    with ``gamma`` (``weight``) of shape ``normalized_shape``.  As in
+    ``torch.nn.functional.rms_norm``, ``eps=None`` means the machine
+    epsilon of ``x.dtype`` (``np.finfo(x.dtype).eps``).
+
+    Parameters
+    ----------
+    x : ndarray
+        float16, float32 or float64.
+    normalized_shape : int or tuple of int
+        The trailing shape of ``x`` to normalize over.
+    weight : ndarray of shape ``normalized_shape``, optional
+    eps : float or None
+    return_saved : bool
+        Also return the :class:`~normkit.Saved` record for the backward.
+
+    Returns
+    -------
+    y : ndarray, or (y, saved)
+    """
+    func = "rms_norm"
+    eps = None if eps is None else check_eps(eps, func)
+    scheme = _trailing_scheme(RMSNorm, func, x, normalized_shape, weight,
+                              None, eps)
+    return _run(scheme, x, return_saved)
+
+
+def rms_norm_backward(dy, x, saved):
+    """Backward of :func:`rms_norm`: ``(dx, dweight)``.
+
+    With ``g = weight * dy`` and ``xhat = x * rstd`` over each row of ``n``
+    values, ``dx = rstd * (g - xhat * mean(g * xhat))`` and
+    ``dweight = sum(dy * xhat)`` over the leading axes.
+    """
+    dx, dweight, _ = normalize_backward(dy, x, saved, "rms_norm")
+    return dx, dweight
+
+
 # --------------------------------------------------------------------------
 # GroupNorm
 # --------------------------------------------------------------------------
 
-@_device.accepts_device_arrays
+@accepts_device_arrays
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, axis=1, *,
                return_saved=False):
     """Group normalization (Wu and He 2018).
@@ -442,15 +303,15 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, axis=1, *,
     True
     """
     func = "group_norm"
-    ax, C = _check_channel_input(func, x, axis, weight, bias, min_axis=1)
+    ax, C = check_channel_input(func, x, axis, weight, bias, min_axis=1)
     groups = check_positive_int(num_groups, "num_groups", func)
     if C % groups:
         raise ValueError(f"{func}: num_groups must divide the number of "
                          f"channels {C}, got num_groups={groups}")
     eps = check_eps(eps, func)
-    view = engine.channel_view(x.shape, ax, per_sample=True, groups=groups)
-    return normalize(x, view, weight, bias, eps, return_saved=return_saved,
-                     variant=func)
+    scheme = GroupNorm.bound(func, True, num_groups=groups, num_channels=C,
+                             axis=ax, eps=eps, weight=weight, bias=bias)
+    return _run(scheme, x, return_saved)
 
 
 def group_norm_backward(dy, x, saved):
@@ -462,7 +323,7 @@ def group_norm_backward(dy, x, saved):
 # Batch Renormalization
 # --------------------------------------------------------------------------
 
-@_device.accepts_device_arrays
+@accepts_device_arrays
 def batch_renorm(x, running_mean, running_std, weight=None, bias=None,
                  training=False, momentum=0.1, eps=1e-5, rmax=3.0, dmax=5.0,
                  axis=1, *, num_batches_tracked=None, return_saved=False):
@@ -497,33 +358,18 @@ def batch_renorm(x, running_mean, running_std, weight=None, bias=None,
     True
     """
     func = "batch_renorm"
-    ax, C = _check_channel_input(
+    ax, C = check_channel_input(
         func, x, axis, weight, bias, running_required=True,
         running=(("running_mean", running_mean), ("running_std", running_std)))
     eps = check_eps(eps, func)
-    for name, value, low in (("rmax", rmax, 1.0), ("dmax", dmax, 0.0)):
-        if not is_real(value) or not math.isfinite(value) or value < low:
-            raise ValueError(f"{func}: {name} must be a finite number >= {low}, "
-                             f"got {value!r}")
-    factor = check_momentum(momentum, func, num_batches_tracked, bool(training))
-    view = engine.channel_view(x.shape, ax, per_sample=False)
-    if not training:
-        rstd = _device.reciprocal(running_std).reshape(1, C)
-        mean = _device.as_float64(running_mean).reshape(1, C)
-        y = engine.apply_affine(x, view, mean, rstd, weight, bias)
-        saved = Saved(func, view, x.shape, mean, rstd, False, weight,
-                      bias is not None)
-        return (y, saved) if return_saved else y
-    if x.size // C <= 1:
-        raise _values_per_channel_error(x)
-    mean, var = engine.moments(x, view)
-    alpha, rstd, beta, r, d = _device.renorm(mean, var, running_mean,
-                                             running_std, weight, bias, eps,
-                                             rmax, dmax, factor)
-    y = engine.apply_affine(x, view, mean, alpha, weight, beta)
-    saved = Saved(func, view, x.shape, mean, rstd, True, weight,
-                  bias is not None, r, d)
-    return (y, saved) if return_saved else y
+    scheme = BatchRenorm.bound(
+        func, training, num_features=C, axis=ax, eps=eps, weight=weight,
+        bias=bias, running_mean=running_mean, running_std=running_std,
+        rmax=rmax, dmax=dmax,
+        **_running_state(func, momentum, num_batches_tracked, bool(training),
+                         running_mean))
+    scheme.check_limits()
+    return _run(scheme, x, return_saved)
 
 
 def batch_renorm_backward(dy, x, saved):
@@ -565,3 +411,183 @@ def batch_renorm_schedule(step, warmup=5000, rmax_step=40000, dmax_step=25000,
         return bottom + frac * (top - bottom)
 
     return ramp(rmax_step, rmax, 1.0), ramp(dmax_step, dmax, 0.0)
+
+
+# --------------------------------------------------------------------------
+# Ghost BatchNorm
+# --------------------------------------------------------------------------
+
+@accepts_device_arrays
+def ghost_batch_norm(x, virtual_batch_size, running_mean=None,
+                     running_var=None, weight=None, bias=None, training=False,
+                     momentum=0.1, eps=1e-5, axis=1, *,
+                     num_batches_tracked=None, return_saved=False):
+    """Ghost Batch Normalization (Hoffer, Hubara and Soudry 2017).
+
+    The batch (axis 0) is split into ``N / v`` virtual ("ghost") batches of
+    ``v = virtual_batch_size`` consecutive samples, and each is batch
+    normalized with its own statistics, per channel ``c`` along ``axis``:
+
+    .. math::
+
+        y = \\frac{x - \\mu_{g,c}}{\\sqrt{\\sigma_{g,c}^2 + \\epsilon}}
+            \\gamma_c + \\beta_c
+
+    with the mean and biased variance of ghost batch ``g`` (``n = v * S``
+    values per channel, ``S`` the spatial size).  This is done in training,
+    and whenever no running statistics are given; ``v`` must then divide
+    ``N`` (else ValueError: no ragged last ghost batch).
+
+    Running statistics get **one** update per call, with the mean over the
+    ghost batches of their means and of their unbiased variances::
+
+        running_mean <- (1 - f) * running_mean + f * mean_g(mu_g)
+        running_var  <- (1 - f) * running_var  + f * mean_g(n/(n-1) sigma_g^2)
+
+    with ``f = momentum`` (``momentum=None``: ``f = 1 / (num_batches_tracked
+    + 1)``, a cumulative average over calls).  Inference with running
+    statistics is exactly BatchNorm inference, for any batch size:
+    ``y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta``.
+    (To our knowledge Keras' ``BatchNormalization(virtual_batch_size=...)``
+    also updates its moving statistics once per step from the ghost
+    statistics averaged, but with biased variances.)  Other parameters as in
+    :func:`normkit.batch_norm`.
+
+    Returns
+    -------
+    y : ndarray, or (y, saved)
+    """
+    func = "ghost_batch_norm"
+    ax, C = check_channel_input(
+        func, x, axis, weight, bias, min_axis=1,
+        running=(("running_mean", running_mean), ("running_var", running_var)))
+    v = check_positive_int(virtual_batch_size, "virtual_batch_size", func)
+    eps = check_eps(eps, func)
+    updating = bool(training) and running_mean is not None
+    scheme = GhostBatchNorm.bound(
+        func, training, num_features=C, axis=ax, eps=eps,
+        virtual_batch_size=v, weight=weight, bias=bias,
+        running_mean=running_mean, running_var=running_var,
+        **_running_state(func, momentum, num_batches_tracked, updating,
+                         running_mean))
+    return _run(scheme, x, return_saved)
+
+
+def ghost_batch_norm_backward(dy, x, saved):
+    """Backward of :func:`ghost_batch_norm`: ``(dx, dweight, dbias)``.
+
+    In training each ghost batch is a statistics group of
+    :func:`normkit.normalize_backward`; in inference ``dx = gamma * dy *
+    rstd``.
+    """
+    return normalize_backward(dy, x, saved, "ghost_batch_norm")
+
+
+# --------------------------------------------------------------------------
+# Weight and Spectral Normalization
+# --------------------------------------------------------------------------
+
+@accepts_device_arrays
+def weight_norm(v, g, axis=0, *, return_saved=False):
+    """Weight Normalization (Salimans and Kingma 2016).
+
+    .. math::
+
+        w = g \\, \\frac{v}{\\lVert v \\rVert}
+
+    with the norm per output unit: over all axes of ``v`` but ``axis``
+    (``axis=0``: the rows of a dense weight ``(out, in)`` or the filters of
+    a convolution ``(out, in, kh, kw)``), and one ``g`` per unit.  Computed
+    as RMS normalization over that view, ``||v|| = sqrt(n * mean(v**2))``
+    (``n`` values per unit), with gain ``g / sqrt(n)`` and ``eps = 0``: a
+    unit whose ``v`` is all zero gives NaN.
+
+    Parameters
+    ----------
+    v : ndarray
+        The direction parameter, float16, float32 or float64.
+    g : ndarray ``(v.shape[axis],)``
+        The magnitude per unit.
+    axis : int
+    return_saved : bool
+        Also return the record for :func:`weight_norm_backward`.
+
+    Returns
+    -------
+    w : ndarray, or (w, saved)
+    """
+    func = "weight_norm"
+    ax, _ = unit_view(v, axis, func)
+    check_param(g, "g", (v.shape[ax],), func)
+    return _run(WeightNorm.bound(func, True, g=g, axis=ax), v, return_saved)
+
+
+def weight_norm_backward(dw, v, saved):
+    """Backward of :func:`weight_norm`: ``(dv, dg)``.
+
+    With ``vhat = v / ||v||`` per unit, ``dg = sum(dw * vhat)`` and
+    ``dv = g / ||v|| * (dw - vhat * sum(dw * vhat))``: the engine's
+    uncentered backward with gain ``g / sqrt(n)``.
+    """
+    return WeightNorm.gradients(dw, v, saved, "weight_norm")
+
+
+def spectral_norm(w, u, v, n_power_iterations=1, eps=1e-12, training=True,
+                  axis=0, *, return_saved=False):
+    """Spectral Normalization (Miyato et al. 2018): ``w / sigma(w)``.
+
+    ``w`` is seen as the matrix ``W`` of ``w.shape[axis]`` rows (its other
+    axes flattened) and ``sigma = u^T W v`` estimates its largest singular
+    value.  In training, ``n_power_iterations`` steps of the power method
+    first update ``u`` and ``v`` **in place**::
+
+        v <- W^T u / max(||W^T u||, eps);   u <- W v / max(||W v||, eps)
+
+    In inference the stored ``u`` and ``v`` are used as they are.
+
+    Parameters
+    ----------
+    w : ndarray
+        The raw weight, float16, float32 or float64, at least 1-D.
+    u : ndarray ``(w.shape[axis],)``
+        The power iteration's left vector (float, writeable in training).
+    v : ndarray ``(w.size / w.shape[axis],)``
+        Its right vector (float, writeable in training).
+    n_power_iterations : int >= 1
+    eps : float > 0
+    training : bool
+    axis : int
+    return_saved : bool
+        Also return the record for :func:`spectral_norm_backward`.
+
+    Returns
+    -------
+    y : ndarray, ``w / sigma`` in ``w.dtype``, or (y, saved)
+    """
+    func = "spectral_norm"
+    check_input(w, "w", func)
+    check_ndim(w, func, min_ndim=1, name="w")
+    ax = check_axis(axis, w.ndim, func)
+    rows = w.shape[ax]
+    check_vector = check_running if training else check_param
+    check_vector(u, "u", (rows,), func)
+    check_vector(v, "v", (w.size // rows,), func)
+    n_iter = check_positive_int(n_power_iterations, "n_power_iterations", func)
+    eps = check_eps(eps, func)
+    if eps == 0.0:
+        raise ValueError(f"{func}: eps must be > 0, got 0.0")
+    scheme = SpectralNorm.bound(func, training, weight_shape=w.shape, axis=ax,
+                                u=u, v=v, n_power_iterations=n_iter, eps=eps)
+    return _run(scheme, w, return_saved)
+
+
+def spectral_norm_backward(dy, w, saved):
+    """Backward of :func:`spectral_norm`: ``dw``.
+
+    ``u`` and ``v`` are constants (as in the paper and in PyTorch), so with
+    ``sigma = u^T W v`` and ``W_sn = W / sigma``::
+
+        dW = (dY - <dY, W_sn> u v^T) / sigma
+    """
+    check_backward("spectral_norm_backward", dy, w, saved, SpectralSaved)
+    return SpectralNorm.gradients(dy, w, saved)

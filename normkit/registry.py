@@ -28,17 +28,17 @@ import importlib
 from importlib import metadata
 import warnings
 
-from . import layers, schemes
+from . import schemes
 
 #: The entry-point group scanned for plug-ins.
 ENTRY_POINT_GROUP = "normkit.normalizers"
 
 _BUILTIN = {
-    "batch_norm": layers.BatchNorm,
-    "instance_norm": layers.InstanceNorm,
-    "layer_norm": layers.LayerNorm,
-    "group_norm": layers.GroupNorm,
-    "batch_renorm": layers.BatchRenorm,
+    "batch_norm": schemes.BatchNorm,
+    "instance_norm": schemes.InstanceNorm,
+    "layer_norm": schemes.LayerNorm,
+    "group_norm": schemes.GroupNorm,
+    "batch_renorm": schemes.BatchRenorm,
     "rms_norm": schemes.RMSNorm,
     "ghost_batch_norm": schemes.GhostBatchNorm,
     "weight_norm": schemes.WeightNorm,

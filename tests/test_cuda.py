@@ -24,7 +24,8 @@ SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 if not SIMULATOR and not cuda.is_available():
     pytest.skip("no CUDA device and the simulator is off", allow_module_level=True)
 
-from normkit import _cuda  # noqa: E402  (needs numba.cuda)
+from normkit.backend import cuda as _cuda  # noqa: E402  (needs numba.cuda)
+from normkit.backend import plan  # noqa: E402
 
 SMALL = dict(threads=8, min_threads=4, target_blocks=4, values_per_thread=2)
 
@@ -32,7 +33,7 @@ SMALL = dict(threads=8, min_threads=4, target_blocks=4, values_per_thread=2)
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     for key, value in SMALL.items():
-        monkeypatch.setattr(_cuda.SETTINGS, key, value)
+        monkeypatch.setattr(plan.SETTINGS, key, value)
 
 
 def on_device(value):
@@ -133,7 +134,7 @@ def reference_moments(x, view):
 def test_few_channels_big_batch_split_across_blocks(shape, axis, columns, rng):
     x = (1e3 + rng.normal(size=shape)).astype(np.float32)
     view = engine.channel_view(shape, axis % len(shape), per_sample=False)
-    grid = _cuda.grid_for(view)
+    grid = plan.grid_for(view)
     assert grid.columns == columns and grid.n_chunks > 1
     mean, var = _cuda.moments(cuda.to_device(x), view)
     first = host(mean), host(var)
@@ -161,7 +162,7 @@ def test_one_long_row_split_across_blocks(rng):
     x = rng.normal(5.0, 0.01, size=(1, 160)).astype(np.float32)
     w = rng.uniform(0.5, 2, size=160)
     view = engine.trailing_view(x.shape, 1)
-    grid = _cuda.grid_for(view)
+    grid = plan.grid_for(view)
     assert not grid.columns and grid.n_lch > 1
     y, saved = normkit.layer_norm(cuda.to_device(x), 160, cuda.to_device(w),
                                   return_saved=True)
@@ -197,11 +198,11 @@ def test_large_mean_small_spread_float32(rng):
 
 def test_grid_for_large_shapes_uses_many_blocks():
     """Default launch settings split few groups and long rows (no launch)."""
-    settings = _cuda.Settings()
-    bn = _cuda.grid_for(engine.channel_view((256, 64, 56, 56), 1, False),
+    settings = plan.Settings()
+    bn = plan.grid_for(engine.channel_view((256, 64, 56, 56), 1, False),
                         settings)
-    row = _cuda.grid_for(engine.trailing_view((1, 1_000_000), 1), settings)
-    cl = _cuda.grid_for(engine.channel_view((64, 56, 56, 256), 3, False),
+    row = plan.grid_for(engine.trailing_view((1, 1_000_000), 1), settings)
+    cl = plan.grid_for(engine.channel_view((64, 56, 56, 256), 3, False),
                         settings)
     enough = settings.target_blocks // 2     # chunks are rounded
     assert bn.blocks(1) >= enough and not bn.columns
@@ -215,7 +216,7 @@ def test_grid_for_large_shapes_uses_many_blocks():
 @pytest.mark.parametrize("layout", ["first", "last"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_default_launch_settings_on_gpu(name, layout, dtype, monkeypatch, rng):
-    monkeypatch.setattr(_cuda, "SETTINGS", _cuda.Settings())
+    monkeypatch.setattr(plan, "SETTINGS", plan.Settings())
     shape = (32, 64, 28, 28) if layout == "first" else (32, 28, 28, 64)
     if name == "layer_norm":
         shape = (512, 1024)

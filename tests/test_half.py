@@ -1,9 +1,9 @@
-"""Bit-exactness of normkit._half (float16 <-> float32) against NumPy."""
+"""Bit-exactness of normkit.backend.half (float16 <-> float32) against NumPy."""
 
 import numpy as np
 import pytest
 
-from normkit._half import CHUNK, narrow, widen
+from normkit.backend.half import CHUNK, narrow, widen
 
 ALL_HALF_BITS = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
 ALL_HALVES = ALL_HALF_BITS.view(np.float16)

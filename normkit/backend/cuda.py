@@ -1,7 +1,9 @@
-"""CUDA backend of the normkit engine (``numba.cuda``, optional extra ``cuda``).
+"""CUDA backend: ``numba.cuda`` kernels and their launch (optional extra
+``cuda``).
 
-The same four kernels as :mod:`normkit._cpu` over the same canonical view
-``(P, A, K, J, B)`` (see :mod:`normkit.engine`), written for the GPU rather
+Implements :class:`normkit.backend.protocol.Backend` for device arrays: the
+same operations as :mod:`normkit.backend.cpu` over the same canonical view
+``(P, A, K, J, B)`` (see :mod:`normkit.view`), written for the GPU rather
 than ported from the CPU loops.  For one ``p`` the data is a matrix of ``A``
 rows by ``W = K * L`` columns (``L = J * B``), row ``a`` starting at
 ``(p * A + a) * W``; group ``k`` owns columns ``[k * L, (k + 1) * L)``.
@@ -9,7 +11,8 @@ rows by ``W = K * L`` columns (``L = J * B``), row ``a`` starting at
 Tiles and launch configuration
 ------------------------------
 Every kernel walks the same tiles, chosen from the shape by
-:func:`grid_for` (the one place where launch configuration is decided):
+:func:`normkit.backend.plan.grid_for` (the one place where launch
+configuration is decided):
 
 - *column tiles* (narrow groups, ``2 * L <= threads``, unless a single
   row holds a single group: channels-last BatchNorm / InstanceNorm /
@@ -28,7 +31,8 @@ over a huge batch; one long row), each group's rows are split into chunks,
 then, for segment tiles, its columns, as long as every thread keeps at least
 :attr:`Settings.values_per_thread` values.  Each block writes its own
 partial ``(count, mean, M2)`` per group; partials are merged in chunk order
-with the same Chan merge as the CPU partials (:func:`normkit._cpu._chan_merge`),
+with the same Chan merge as the CPU partials
+(:func:`normkit.backend.protocol.chan_merge`),
 so a given shape and configuration gives the same bits on every run.
 
 When no group is split (every block holds whole groups), the forward and
@@ -50,140 +54,30 @@ sums are float64 device arrays.  Elementwise maps run in the accumulation
 precision, with the mean split as on the CPU so that ``x - mean`` does not
 cancel.
 
-Nothing here copies data to the host: statistics, coefficients and the small
-per-channel updates of the functional API (:func:`channel_op`,
-:func:`update_running`, :func:`renorm`) are device kernels too.
+Nothing here copies data to the host: statistics, coefficients and the
+per-channel arithmetic of the schemes (:func:`map_channels`, which compiles
+:class:`~normkit.backend.protocol.channelwise` functions into kernels) stay
+on the device.
 """
 
-from dataclasses import dataclass
 import functools
 import math
-from typing import NamedTuple
 
 import numpy as np
 from numba import cuda, float64
 
-from . import _cpu
-from ._device import as_device_array
-
-#: Largest block; the shared-memory scratch of the reductions is this long.
-MAX_THREADS = 512
+from . import as_device_array, protocol
+from .plan import MAX_THREADS, SETTINGS, Settings, ceil_div, grid_for  # noqa: F401
 
 #: Reduction modes of the ``reduce`` kernel (:func:`_kernels`).
 MOMENTS, GRADS = 0, 1
-
-#: Operations of :func:`channel_op`.
-RSTD, RECIPROCAL, PRODUCT, RENORM_DWEIGHT, COPY = range(5)
 
 #: Columns of the packed per-group coefficients of the elementwise map:
 #: ``out = (x - mc) * (a*g + h) + dy * (e*g) + (beta + q*g + w)``.
 N_PACKED = 6
 
-_chan_merge = cuda.jit(device=True)(_cpu._chan_merge.py_func)
-
-
-@dataclass
-class Settings:
-    """Launch parameters (tests shrink them to make the simulator feasible).
-
-    Attributes
-    ----------
-    threads : int
-        Threads per block at most (<= :data:`MAX_THREADS`).
-    min_threads : int
-        Fewest threads per block (a warp on a GPU).
-    target_blocks : int
-        Blocks that keep the device busy: an H100 has 132 SMs with room
-        for 8 blocks of 256 threads each.
-    values_per_thread : int
-        Do not split work so finely that a thread gets fewer values.
-    """
-
-    threads: int = 256
-    min_threads: int = 32
-    target_blocks: int = 132 * 8
-    values_per_thread: int = 16
-
-
-SETTINGS = Settings()
-
-
-class Grid(NamedTuple):
-    """How a view is cut into blocks (see the module docstring).
-
-    There are ``P * n_ktile * n_ach * n_lch`` blocks of ``threads`` threads;
-    ``columns`` selects column tiles of ``k_per`` groups, else segment
-    tiles of one group; rows are split in ``n_ach`` chunks of ``a_per`` and
-    (segment tiles) columns in ``n_lch`` chunks of ``l_per``.
-    """
-
-    threads: int
-    columns: bool
-    k_per: int
-    n_ktile: int
-    a_per: int
-    n_ach: int
-    l_per: int
-    n_lch: int
-
-    @property
-    def n_chunks(self):
-        """Partials per group."""
-        return self.n_ach * self.n_lch
-
-    def blocks(self, P):
-        """Blocks of a launch over ``P`` values of ``p``."""
-        return P * self.n_ktile * self.n_ach * self.n_lch
-
-    def args(self):
-        """The tiling as plain kernel arguments."""
-        return (int(self.columns), self.k_per, self.n_ktile, self.a_per,
-                self.n_ach, self.l_per, self.n_lch)
-
-
-def _ceil_div(a, b):
-    return -(-a // b)
-
-
-def _pow2_at_least(n):
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def grid_for(view, settings=None):
-    """Tiles and block size for ``view`` (see the module docstring)."""
-    s = SETTINGS if settings is None else settings
-    return _grid(view.dims, s.threads, s.min_threads, s.target_blocks,
-                 s.values_per_thread)
-
-
-@functools.lru_cache(maxsize=512)
-def _grid(dims, threads, min_threads, target_blocks, values_per_thread):
-    P, A, K, J, B = dims
-    L = J * B
-    threads = min(threads, MAX_THREADS)
-    columns = 2 * L <= threads and (A > 1 or K > 1)
-    k_per = min(K, threads // L) if columns else 1
-    width = k_per * L
-    n_ktile = _ceil_div(K, k_per)
-    tiles = P * n_ktile
-    split = 1
-    if tiles < target_blocks:
-        split = max(1, min(_ceil_div(target_blocks, tiles),
-                           A * width // (threads * values_per_thread)))
-    n_ach = min(A, split)
-    a_per = _ceil_div(A, n_ach)
-    n_ach = _ceil_div(A, a_per)
-    n_lch = 1
-    if not columns and n_ach < split:
-        n_lch = min(L, _ceil_div(split, n_ach))
-    l_per = _ceil_div(L, n_lch)
-    n_lch = _ceil_div(L, l_per)
-    values = a_per * (width if columns else l_per)
-    block = min(threads, max(min_threads, _pow2_at_least(
-        _ceil_div(values, values_per_thread))))
-    if columns:
-        block = max(block, min(threads, _pow2_at_least(width)))
-    return Grid(block, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch)
+_chan_merge = cuda.jit(device=True)(protocol.chan_merge)
+_dx_coefficients = cuda.jit(device=True)(protocol.dx_coefficients)
 
 
 # --------------------------------------------------------------------------
@@ -304,19 +198,6 @@ def _store_partial(part, p, chunk, k, s0, s1, s2, slot):
     part[p, chunk, k, 0] = s0[slot]
     part[p, chunk, k, 1] = s1[slot]
     part[p, chunk, k, 2] = s2[slot]
-
-
-@cuda.jit(device=True)
-def _dx_terms(rs, f, sum_g, sum_gx, n, centered):
-    """``(h, c)`` of ``dx = e*g*dy + h*(x - m) + c`` with ``e = rstd``
-    (:func:`normkit._cpu.finish_backward_p`): ``h = -rstd**2 * G2 / n``,
-    ``c = -rstd * G1 / n`` (0 for statistics about zero), with the group
-    sums ``G = f * (sum_g, sum_gx)``."""
-    h = -rs * rs * f * sum_gx / n
-    c = 0.0
-    if centered:
-        c = -rs * f * sum_g / n
-    return h, c
 
 
 @functools.lru_cache(maxsize=None)
@@ -515,7 +396,7 @@ def _kernels(acc):
         m = float64(mean[p if mean.shape[0] > 1 else 0, k])
         rs = float64(rstd[p if rstd.shape[0] > 1 else 0, k])
         f = float64(gscale[k]) if scale_sums else 1.0
-        h, c = _dx_terms(rs, f, s0[own], s1[own], n, centered)
+        h, c = _dx_coefficients(rs, f * s0[own], f * s1[own], n, centered)
         mc, a_x, h_x, e_x, q_x, w_x = packed(m, 0.0, h, rs, c)
         transform(x, dy, out, True, gscale, has_gscale, gscale, False, p, A, K,
                   J, B, a0, a1, c0, width, n_act, mc, a_x, h_x, e_x, q_x, w_x)
@@ -526,7 +407,7 @@ def _kernels(acc):
         """Packed coefficients (:func:`packed`) per ``(p, k)``.
 
         Forward: ``a = scale`` (``rstd``, or ``r / sigma``).  Backward:
-        ``a = 0``, ``e = rstd`` and ``h``, ``c`` of :func:`_dx_terms` from
+        ``a = 0``, ``e = rstd`` and ``h``, ``c`` of :func:`normkit.backend.protocol.dx_coefficients` from
         the group sums ``sum_g``, ``sum_gx`` (times ``gscale[k]`` when
         ``scale_sums``); ``n = inf`` for fixed statistics (``h = c = 0``).
         ``mean`` and ``scale`` may have one row for all ``p``.
@@ -540,7 +421,8 @@ def _kernels(acc):
             values = packed(m, rs, 0.0, 0.0, 0.0)
         elif n < math.inf:
             f = float64(gscale[k]) if scale_sums else 1.0
-            h, c = _dx_terms(rs, f, sum_g[p, k], sum_gx[p, k], n, centered)
+            h, c = _dx_coefficients(rs, f * sum_g[p, k], f * sum_gx[p, k], n,
+                                        centered)
             values = packed(m, 0.0, h, rs, c)
         else:
             values = packed(m, 0.0, 0.0, rs, 0.0)
@@ -581,65 +463,6 @@ def _merge(part, mode, centered, out0, out1):
         out1[p, k] = m
 
 
-@cuda.jit
-def _channel_op(op, a, b, c, d, eps, out):
-    """Per-element maps of small (per-channel) flat arrays, in float64:
-    ``RSTD`` ``1/sqrt(a + eps)``, ``RECIPROCAL`` ``1/a``, ``PRODUCT``
-    ``a*b``, ``RENORM_DWEIGHT`` ``a*b + c*d``, ``COPY`` ``a`` (cast to
-    ``out``'s dtype)."""
-    i = cuda.grid(1)
-    if i >= out.size:
-        return
-    v = float64(a[i])
-    if op == RSTD:
-        v = 1.0 / math.sqrt(v + eps)
-    elif op == RECIPROCAL:
-        v = 1.0 / v
-    elif op == PRODUCT:
-        v = v * b[i]
-    elif op == RENORM_DWEIGHT:
-        v = v * b[i] + float64(c[i]) * d[i]
-    out[i] = v
-
-
-@cuda.jit
-def _update_running(running, rows, factor, scale):
-    """``running <- (1 - factor) * running + factor * scale * mean_p(rows)``
-    per channel; ``rows`` is ``(P, C)``."""
-    ch = cuda.grid(1)
-    if ch >= running.size:
-        return
-    total = 0.0
-    for p in range(rows.shape[0]):
-        total += rows[p, ch] * scale
-    running[ch] = (1.0 - factor) * running[ch] + factor * (total / rows.shape[0])
-
-
-@cuda.jit
-def _renorm(mean, var, running_mean, running_std, weight, has_weight, bias,
-            has_bias, eps, rmax, dmax, factor, alpha, rstd, beta, r_out,
-            d_out):
-    """Batch Renormalization's per-channel corrections and running update
-    (see :func:`normkit.functional.batch_renorm`)."""
-    ch = cuda.grid(1)
-    if ch >= running_mean.size:
-        return
-    mu = mean[0, ch]
-    sigma = math.sqrt(var[0, ch] + eps)
-    rm = float64(running_mean[ch])
-    rs = float64(running_std[ch])
-    r = min(max(sigma / rs, 1.0 / rmax), rmax)
-    d = min(max((mu - rm) / rs, -dmax), dmax)
-    g = float64(weight[ch]) if has_weight else 1.0
-    beta[ch] = g * d + (float64(bias[ch]) if has_bias else 0.0)
-    alpha[0, ch] = r / sigma
-    rstd[0, ch] = 1.0 / sigma
-    r_out[ch] = r
-    d_out[ch] = d
-    running_mean[ch] = rm + factor * (mu - rm)
-    running_std[ch] = rs + factor * (sigma - rs)
-
-
 # --------------------------------------------------------------------------
 # host drivers
 # --------------------------------------------------------------------------
@@ -678,7 +501,7 @@ def _placeholder():
 def _launch(n):
     """``(blocks, threads)`` for a one-thread-per-item kernel."""
     threads = min(SETTINGS.threads, MAX_THREADS)
-    return max(1, _ceil_div(n, threads)), threads
+    return max(1, ceil_div(n, threads)), threads
 
 
 def _reduce(x, dy, view, grid, mode, mean=None, rstd=None, weight=None,
@@ -764,7 +587,7 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True):
     grid = grid_for(view)
     if grid.n_chunks > 1 or not centered:
         mean, var = moments(x, view, centered)
-        rstd = channel_op(RSTD, var, eps=eps)
+        rstd = protocol.inverse_std(var, eps)
         return apply_affine(x, view, mean, rstd, gamma, beta), mean, var
     flat = _flat(x)
     fused = _kernels(_accumulator(flat.dtype))["forward_fused"]
@@ -848,42 +671,83 @@ def _constant(value, n):
     return cuda.to_device(np.full(n, value))
 
 
+
+
 # --------------------------------------------------------------------------
-# per-channel helpers for the functional API
+# the rest of the protocol
 # --------------------------------------------------------------------------
 
-def channel_op(op, a, b=None, c=None, d=None, eps=0.0, out=None):
-    """Run :func:`_channel_op`; returns ``out`` (float64 like ``a`` when not
-    given)."""
+def moment_partials(x, view):
+    """See :meth:`normkit.backend.protocol.Backend.moment_partials`."""
+    return _reduce(_flat(x), None, view, grid_for(view), MOMENTS)
+
+
+def merge_partials(partials, centered=True):
+    """See :meth:`normkit.backend.protocol.Backend.merge_partials`."""
+    return _merged(as_device_array(partials), MOMENTS, centered)
+
+
+def _grad_inputs(dy, x, view, mean, rstd, centered):
+    mean = _as_rows(mean if centered else _constant(0.0, view.K), view)
+    return _flat(x), _flat(dy), mean, _as_rows(rstd, view)
+
+
+def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
+    """See :meth:`normkit.backend.protocol.Backend.backward_sums`; the group
+    sums come as two ``(P, K)`` arrays, the affine sums as two ``(K*J,)``."""
+    flat_x, flat_dy, mean, rstd = _grad_inputs(dy, x, view, mean, rstd, centered)
+    ones = _constant(1.0, view.K * view.J)
+    weights = ones if gscale is None else _flat(gscale)
+    grid = grid_for(view)
+    part = _reduce(flat_x, flat_dy, view, grid, GRADS, mean, rstd, weights)
+    group = _merged(part, GRADS)
+    if view.J == 1 and gscale is None:
+        total = _merged(part.reshape(1, view.P * grid.n_chunks, view.K, 3),
+                        GRADS)
+    else:
+        affine = type(view)(1, view.P * view.A, view.K * view.J, 1, view.B)
+        total = _merged(_reduce(flat_x, flat_dy, affine, grid_for(affine),
+                                GRADS, mean, rstd, ones, stat_rows=view.A,
+                                stat_group=view.J), GRADS)
+    return group, (total[0][0], total[1][0])
+
+
+def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True):
+    """See :meth:`normkit.backend.protocol.Backend.dx_from_sums`;
+    ``group_sums`` is the pair of ``(P, K)`` arrays of :func:`backward_sums`."""
+    flat_x, flat_dy, mean, rstd = _grad_inputs(dy, x, view, mean, rstd, centered)
+    sums = tuple(_as_rows(s, view) for s in group_sums)
+    coef = _coefficients(flat_x.dtype, view, mean, rstd, True, sums, None,
+                         False, float(n), centered)
+    gscale = None if gscale is None else _flat(gscale)
+    return _apply(flat_x, flat_dy, view, grid_for(view), coef, gscale,
+                  None).reshape(x.shape)
+
+
+def map_channels(function, args, out):
+    """Run a :class:`~normkit.backend.protocol.channelwise` function over
+    device arrays: one thread per element of a kernel compiled from it
+    (once per pattern of scalar arguments)."""
+    scalars = tuple(protocol.is_number(a) for a in args)
+    kernel = function.compiled.get(("cuda", scalars))
+    if kernel is None:
+        header = "    i = cuda.grid(1)\n    if i < o0.size:\n"
+        source = protocol.channel_loop_source(function.arity, function.outputs,
+                                              scalars, "i", header)
+        namespace = {"f": cuda.jit(device=True)(function.function), "cuda": cuda}
+        exec(source, namespace)
+        kernel = function.compiled[("cuda", scalars)] = cuda.jit(namespace["loop"])
+    flat = [float(a) if scalar else _flat(a)
+            for a, scalar in zip(args, scalars)]
+    size = next(a.size for a, scalar in zip(flat, scalars) if not scalar)
     if out is None:
-        out = cuda.device_array(a.shape, np.float64)
-    none = _placeholder()
-    flat = [none if v is None else _flat(v) for v in (a, b, c, d)]
-    _channel_op[_launch(out.size)](op, *flat, float(eps), _flat(out))
+        out = tuple(cuda.device_array(size, np.float64)
+                    for _ in range(function.outputs))
+    targets = [as_device_array(o).reshape(size) for o in out]
+    kernel[_launch(size)](*flat, *targets)
     return out
 
 
-def update_running(running, rows, factor, scale=1.0):
-    """``running <- (1 - factor) * running + factor * scale * mean_p(rows)``
-    in place on the device."""
-    _update_running[_launch(running.size)](running, rows, float(factor),
-                                           float(scale))
-
-
-def renorm(mean, var, running_mean, running_std, weight, bias, eps, rmax,
-           dmax, factor):
-    """Batch Renormalization on the device: returns ``(alpha, rstd, beta, r,
-    d)`` (``(1, C)``, ``(1, C)``, ``(C,)``, ``(C,)``, ``(C,)``) and updates
-    the running statistics in place."""
-    C = running_mean.size
-    alpha = cuda.device_array((1, C), np.float64)
-    rstd = cuda.device_array((1, C), np.float64)
-    beta = cuda.device_array(C, np.float64)
-    r = cuda.device_array(C, np.float64)
-    d = cuda.device_array(C, np.float64)
-    weight, has_weight = _optional(weight)
-    bias, has_bias = _optional(bias)
-    _renorm[_launch(C)](mean, var, running_mean, running_std, weight,
-                        has_weight, bias, has_bias, float(eps), float(rmax),
-                        float(dmax), float(factor), alpha, rstd, beta, r, d)
-    return alpha, rstd, beta, r, d
+def empty(shape, dtype):
+    """``numba.cuda.device_array``."""
+    return cuda.device_array(shape, dtype)

@@ -1,33 +1,42 @@
-"""CPU kernels of the normkit engine (Numba, ``parallel=True``).
+"""CPU backend: Numba kernels (``parallel=True``) and their launch.
 
-Every kernel works on the canonical view ``(P, A, K, J, B)`` of a contiguous,
-flattened array (see :mod:`normkit.engine`): statistics are per ``(p, k)`` and
-reduced over ``(a, j, b)``; the affine parameters are per ``(k, j)``.  With
-``L = J * B`` the data of one ``(p, a, k)`` is the contiguous segment that
-starts at ``((p * A + a) * K + k) * L``.
+Implements :class:`normkit.backend.protocol.Backend` for NumPy arrays.
+Every kernel works on the canonical view ``(P, A, K, J, B)`` of a
+contiguous, flattened array (see :mod:`normkit.view`): statistics are per
+``(p, k)`` and reduced over ``(a, j, b)``; the affine parameters are per
+``(k, j)``.  With ``L = J * B`` the data of one ``(p, a, k)`` is the
+contiguous segment that starts at ``((p * A + a) * K + k) * L``.
 
-Work is split into *items* by a plan ``(p_per, n_pblk, a_per, n_ach, l_per,
-n_lch)`` made by :func:`normkit.engine.make_plan`: an item is a block of ``p``
-values, a chunk of ``a`` values and a chunk of ``l`` offsets.  Each item
-writes its own partial results (never into a slot that another item writes),
-and partials are merged afterwards with Chan's formula, in a fixed order, so
-a given shape and thread count gives the same bits on every run.
+Work is split into *items* by a :class:`~normkit.backend.plan.Plan`: an item
+is a block of ``p`` values, a block of groups, a chunk of ``a`` values and
+a chunk of ``l`` offsets.  Each item writes its own partial results (never
+into a slot that another item writes), and partials are merged afterwards
+with Chan's formula, in a fixed order, so a given shape and thread count
+gives the same bits on every run.
 
 Moments are computed by two passes over tiles of at most :data:`TILE`
 elements (the tile is in cache for its second pass): a provisional center,
-then sums of deviations from it and of their squares (the corrected two-pass
-algorithm), in the input's precision, which vectorises twice as wide for
-float32.  Tile summaries are merged in float64 with Chan's formula, so the
-variance never suffers the E[x^2] - E[x]^2 cancellation and is never
-negative.  The elementwise maps and the backward sums run in float64.
+then sums of deviations from it and of their squares (the corrected
+two-pass algorithm), in the input's precision, which vectorises twice as
+wide for float32.  Tile summaries are merged in float64 with Chan's
+formula, so the variance never suffers the E[x^2] - E[x]^2 cancellation and
+is never negative.  The elementwise maps and the backward sums run in
+float64.
 
-The kernels are written once; they are specialised by Numba for each input
-dtype (float32 or float64; float16 is widened by the caller).
+Dtype policy: a C-contiguous float32 or float64 input is never copied; any
+other layout is copied once; float16 input is widened to float32 (one
+parallel copy, :mod:`normkit.backend.half`) and the result narrowed back
+(one more).  The kernels are specialised by Numba for float32 and float64.
 """
+
+import math
 
 import numpy as np
 from numba import njit, prange
 from numba.extending import overload
+
+from . import half, protocol
+from .plan import WIDE_GROUP, make_plan
 
 #: Fast-math flags: reassociation lets LLVM vectorise the reductions.  The
 #: flags ``nnan`` and ``ninf`` are deliberately absent so that NaN and Inf
@@ -38,29 +47,18 @@ FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 #: in L1/L2 between the two passes.
 TILE = 4096
 
-#: Groups at least this many columns wide (J, with B == 1) read their affine
-#: parameters directly; narrower ones use per-column coefficient vectors.
-WIDE_GROUP = 16
-
 # Columns of the per-(p, k) coefficient table used by the elementwise kernel.
 COEF_MEAN, COEF_A, COEF_H, COEF_E, COEF_C = 0, 1, 2, 3, 4
 N_COEF = 5
 
-_inner = njit(cache=True, fastmath=FASTMATH, nogil=True)
-_kernel = njit(cache=True, fastmath=FASTMATH, parallel=True, nogil=True)
+#: Division by zero gives inf / NaN as in NumPy (never an exception).
+_inner = njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+_kernel = njit(cache=True, fastmath=FASTMATH, parallel=True, nogil=True,
+               error_model="numpy")
 
 
-@_inner
-def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Merge two (count, mean, M2) summaries (Chan, Golub and LeVeque)."""
-    if n_b == 0.0:
-        return n_a, mean_a, m2_a
-    if n_a == 0.0:
-        return n_b, mean_b, m2_b
-    n = n_a + n_b
-    delta = mean_b - mean_a
-    frac = n_b / n
-    return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
+_chan_merge = _inner(protocol.chan_merge)
+_dx_coefficients = _inner(protocol.dx_coefficients)
 
 
 @_inner
@@ -250,7 +248,7 @@ def _p_moments(x, p, r, A, K, J, B, out_n, out_mean, out_m2, scratch):
 
 
 @_kernel
-def moments(x, P, A, K, J, B, plan, part_n, part_mean, part_m2):
+def moments_kernel(x, P, A, K, J, B, plan, part_n, part_mean, part_m2):
     """Partial moments: ``part_*[p, chunk, k]`` for every item of ``plan``."""
     L = J * B
     for item in prange(_n_items(plan)):
@@ -261,21 +259,26 @@ def moments(x, P, A, K, J, B, plan, part_n, part_mean, part_m2):
                        part_mean[p, chunk], part_m2[p, chunk], scratch)
 
 
-@njit(cache=True, fastmath=FASTMATH)
-def merge_moments(part_n, part_mean, part_m2):
-    """Merge partials ``(P, chunks, K)`` in chunk order into ``(mean, var)``
-    of shape ``(P, K)``; ``var`` is the biased variance M2 / n."""
-    P, n_chunks, K = part_n.shape
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _merge(part, centered):
+    """Merge partials ``(P, chunks, K, 3)`` in chunk order into ``(mean,
+    var)`` of shape ``(P, K)``; ``var`` is the biased variance M2 / n (the
+    mean square ``var + mean**2``, and mean 0, when not ``centered``)."""
+    P, n_chunks, K, _ = part.shape
     mean = np.empty((P, K))
     var = np.empty((P, K))
     for p in range(P):
         for k in range(K):
             n, m, m2 = 0.0, 0.0, 0.0
             for ch in range(n_chunks):
-                n, m, m2 = _chan_merge(n, m, m2, part_n[p, ch, k],
-                                       part_mean[p, ch, k], part_m2[p, ch, k])
-            mean[p, k] = m
-            var[p, k] = m2 / n
+                n, m, m2 = _chan_merge(n, m, m2, part[p, ch, k, 0],
+                                       part[p, ch, k, 1], part[p, ch, k, 2])
+            if centered:
+                mean[p, k] = m
+                var[p, k] = m2 / n
+            else:
+                mean[p, k] = 0.0
+                var[p, k] = m2 / n + m * m
     return mean, var
 
 
@@ -575,33 +578,32 @@ def backward_reduce(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
 
 
 @_inner
-def finish_backward_p(sums, n, mean_p, rstd_p, coef, k0, k1):
+def finish_backward_p(sums, n, mean_p, rstd_p, coef, k0, k1, centered):
     """Coefficients of ``dx`` for groups ``[k0, k1)`` of one ``p`` from the
-    group sums.
-
-    With ``g = gscale * dy`` summed over a group of ``n`` values,
-    ``dx = rstd * (g - sum(g)/n - xhat * sum(g*xhat)/n)``, i.e. in the form
-    of :func:`_p_apply` with ``a = 0``, ``e = rstd``,
-    ``h = -rstd**2 * sum(g*xhat)/n`` and ``c = -rstd * sum(g)/n``.
-    Pass ``n = inf`` for fixed statistics (the sums then drop out).
+    group sums: ``dx = rstd * g*dy + h * (x - mean) + c`` in the form of
+    :func:`_p_apply` with ``a = 0``, ``e = rstd`` and ``(h, c)`` from
+    :func:`normkit.backend.protocol.dx_coefficients`.  Pass ``n = inf``
+    for fixed statistics (the sums then drop out).
     """
     for k in range(k0, k1):
         rs = rstd_p[k]
+        h, c = _dx_coefficients(rs, sums[k, 0], sums[k, 1], n, centered)
         coef[k, COEF_MEAN] = mean_p[k]
         coef[k, COEF_A] = 0.0
-        coef[k, COEF_H] = -rs * rs * sums[k, 1] / n
+        coef[k, COEF_H] = h
         coef[k, COEF_E] = rs
-        coef[k, COEF_C] = -rs * sums[k, 0] / n
+        coef[k, COEF_C] = c
 
 
-@njit(cache=True, fastmath=FASTMATH)
-def backward_coefficients(sums, n, mean, rstd):
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def backward_coefficients(sums, n, mean, rstd, centered):
     """Table ``(P, K, 5)`` of :func:`finish_backward_p` for every ``p``;
     ``sums`` is ``(P, K, 2)``."""
     P, K = mean.shape
     coef = np.empty((P, K, N_COEF))
     for p in range(P):
-        finish_backward_p(sums[p], n, mean[p], rstd[p], coef[p], 0, K)
+        finish_backward_p(sums[p], n, mean[p], rstd[p], coef[p], 0, K,
+                          centered)
     return coef
 
 
@@ -627,6 +629,198 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
         for p in range(p0, p1):
             _p_reduce(dy, x, p, r, A, K, J, B, mean[p], rstd[p],
                       gscale, sums, part_affine[item], scratch)
-            finish_backward_p(sums, n, mean[p], rstd[p], coef, r[2], r[3])
+            finish_backward_p(sums, n, mean[p], rstd[p], coef, r[2], r[3], True)
             _p_apply(x, dy, dx, True, p, r, A, K, J, B, coef,
                      gscale_x, zeros, x_scratch)
+
+
+# --------------------------------------------------------------------------
+# the protocol (normkit.backend.protocol.Backend) for NumPy arrays
+# --------------------------------------------------------------------------
+
+def as_kernel_array(x):
+    """Flat, C-contiguous float32/float64 data for the kernels.
+
+    No copy for contiguous float32/float64; one copy for other layouts, and
+    one parallel widening copy for float16 (:func:`normkit.backend.half.widen`).
+    """
+    if x.dtype == np.float16:
+        return half.widen(x).reshape(-1)
+    return np.ascontiguousarray(x).reshape(-1)
+
+
+def from_kernel_array(flat, shape, dtype):
+    """A kernel result in the caller's ``shape`` and ``dtype`` (float16 is
+    narrowed in parallel by :func:`normkit.backend.half.narrow`, else no
+    copy)."""
+    out = flat.reshape(shape)
+    if dtype == np.float16 and out.dtype != np.float16:
+        return half.narrow(out)
+    return out.astype(dtype, copy=False)
+
+
+def _params(values, size, default, dtype=np.float64):
+    """Affine parameters as a flat ``(size,)`` array of ``dtype``."""
+    if values is None:
+        return np.full(size, default, dtype=dtype)
+    return np.ascontiguousarray(values, dtype=dtype).reshape(size)
+
+
+def _rows(values, view):
+    """Per-group values (``P * K`` or ``K`` of them) as ``(P, K)`` float64."""
+    values = np.asarray(values, np.float64)
+    if values.size == view.K:
+        return np.broadcast_to(values.reshape(1, view.K), (view.P, view.K))
+    return values.reshape(view.P, view.K)
+
+
+def moment_partials(x, view):
+    """See :meth:`normkit.backend.protocol.Backend.moment_partials`."""
+    flat = as_kernel_array(x)
+    plan = make_plan(view)
+    part = np.empty((view.P, plan.n_chunks, view.K, 3))
+    moments_kernel(flat, *view.dims, plan, part[..., 0], part[..., 1],
+                   part[..., 2])
+    return part
+
+
+def merge_partials(partials, centered=True):
+    """See :meth:`normkit.backend.protocol.Backend.merge_partials`."""
+    return _merge(np.ascontiguousarray(partials, np.float64), centered)
+
+
+def moments(x, view, centered=True):
+    """Per-group mean and biased variance (see
+    :func:`normkit.engine.moments`)."""
+    return merge_partials(moment_partials(x, view), centered)
+
+
+def apply_affine(x, view, mean, alpha, gamma=None, beta=None):
+    """See :meth:`normkit.backend.protocol.Backend.apply_affine`."""
+    flat = as_kernel_array(x)
+    plan = make_plan(view)
+    coef = np.zeros((view.P, view.K, N_COEF))
+    coef[..., COEF_MEAN] = _rows(mean, view)
+    coef[..., COEF_A] = _rows(alpha, view)
+    out = np.empty_like(flat)
+    kj = view.K * view.J
+    apply(flat, flat, out, False, *view.dims, plan, coef,
+          _params(gamma, kj, 1.0, flat.dtype), _params(beta, kj, 0.0, flat.dtype))
+    return from_kernel_array(out, x.shape, x.dtype)
+
+
+def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True):
+    """See :meth:`normkit.backend.protocol.Backend.normalize_batch`."""
+    flat = as_kernel_array(x)
+    plan = make_plan(view)
+    kj = view.K * view.J
+    if plan.fused and centered:
+        gamma = _params(gamma, kj, 1.0, flat.dtype)
+        beta = _params(beta, kj, 0.0, flat.dtype)
+        out = np.empty_like(flat)
+        mean = np.empty((view.P, view.K))
+        var = np.empty((view.P, view.K))
+        forward_fused(flat, out, *view.dims, plan, gamma, beta, float(eps),
+                      mean, var)
+        return from_kernel_array(out, x.shape, x.dtype), mean, var
+    mean, var = moments(flat, view, centered)
+    y = apply_affine(flat, view, mean, 1.0 / np.sqrt(var + eps), gamma, beta)
+    return from_kernel_array(y, x.shape, x.dtype), mean, var
+
+
+def _backward_inputs(dy, x, view, mean, rstd, gscale, centered):
+    flat_x = as_kernel_array(x)
+    flat_dy = as_kernel_array(dy).astype(flat_x.dtype, copy=False)
+    rstd = np.ascontiguousarray(_rows(rstd, view))
+    mean = (np.ascontiguousarray(_rows(mean, view)) if centered
+            else np.zeros_like(rstd))
+    return flat_x, flat_dy, mean, rstd, _params(gscale, view.K * view.J, 1.0)
+
+
+def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
+    """See :meth:`normkit.backend.protocol.Backend.backward_sums`."""
+    flat_x, flat_dy, mean, rstd, gscale = _backward_inputs(
+        dy, x, view, mean, rstd, gscale, centered)
+    plan = make_plan(view)
+    part_group = np.empty((view.P, plan.n_chunks, view.K, 2))
+    part_affine = np.empty((plan.n_items, 2, view.K * view.J))
+    backward_reduce(flat_dy, flat_x, *view.dims, plan, mean, rstd, gscale,
+                    part_group, part_affine)
+    return part_group.sum(axis=1), part_affine.sum(axis=0)
+
+
+def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True):
+    """See :meth:`normkit.backend.protocol.Backend.dx_from_sums`."""
+    flat_x, flat_dy, mean, rstd, gscale = _backward_inputs(
+        dy, x, view, mean, rstd, gscale, centered)
+    sums = np.ascontiguousarray(group_sums, np.float64).reshape(view.P, view.K, 2)
+    coef = backward_coefficients(sums, float(n), mean, rstd, centered)
+    dx = np.empty_like(flat_x)
+    apply(flat_x, flat_dy, dx, True, *view.dims, make_plan(view), coef,
+          gscale.astype(flat_x.dtype), np.zeros(view.K * view.J, flat_x.dtype))
+    return from_kernel_array(dx, x.shape, x.dtype)
+
+
+def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
+             need_affine=True, centered=True):
+    """See :meth:`normkit.backend.protocol.Backend.backward`."""
+    flat_x, flat_dy, mean, rstd, gscale = _backward_inputs(
+        dy, x, view, mean, rstd, gscale, centered)
+    plan = make_plan(view)
+    kj = view.K * view.J
+    dx = np.empty_like(flat_x)
+    part_affine = np.empty((plan.n_items, 2, kj))
+    if batch_stats and plan.fused and centered:
+        backward_fused(flat_dy, flat_x, dx, *view.dims, plan, mean, rstd,
+                       gscale, part_affine)
+    else:
+        if batch_stats or need_affine:
+            part_group = np.empty((view.P, plan.n_chunks, view.K, 2))
+            backward_reduce(flat_dy, flat_x, *view.dims, plan, mean, rstd,
+                            gscale, part_group, part_affine)
+        if batch_stats:
+            group_sums, n = part_group.sum(axis=1), float(view.group_size)
+        else:  # fixed statistics: dx = g * dy * rstd, the sums drop out
+            group_sums, n = np.zeros((view.P, view.K, 2)), math.inf
+        coef = backward_coefficients(group_sums, n, mean, rstd, centered)
+        apply(flat_x, flat_dy, dx, True, *view.dims, plan, coef,
+              gscale.astype(flat_x.dtype), np.zeros(kj, flat_x.dtype))
+    dx = from_kernel_array(dx, x.shape, x.dtype)
+    if not need_affine:
+        return dx, None, None
+    sums = part_affine.sum(axis=0)
+    return dx, sums[0], sums[1]
+
+
+# --------------------------------------------------------------------------
+# per-channel arithmetic and small helpers
+# --------------------------------------------------------------------------
+
+def map_channels(function, args, out):
+    """Run a :class:`~normkit.backend.protocol.channelwise` function over
+    host arrays (compiled once per pattern of scalar arguments)."""
+    scalars = tuple(protocol.is_number(a) for a in args)
+    loop = function.compiled.get(("cpu", scalars))
+    if loop is None:
+        header = "    for i in range(o0.size):\n"
+        source = protocol.channel_loop_source(function.arity, function.outputs,
+                                              scalars, "i", header)
+        namespace = {"f": njit(function.function, error_model="numpy")}
+        exec(source, namespace)
+        loop = function.compiled[("cpu", scalars)] = njit(
+            namespace["loop"], error_model="numpy")
+    flat = [float(a) if scalar else np.asarray(a, np.float64).reshape(-1)
+            for a, scalar in zip(args, scalars)]
+    size = next(a.size for a, scalar in zip(flat, scalars) if not scalar)
+    results = [np.empty(size) for _ in range(function.outputs)]
+    loop(*flat, *results)
+    if out is None:
+        return tuple(results)
+    for target, result in zip(out, results):
+        target[...] = result.reshape(target.shape)
+    return out
+
+
+def empty(shape, dtype):
+    """``np.empty``."""
+    return np.empty(shape, dtype)

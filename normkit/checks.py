@@ -1,7 +1,8 @@
-"""Argument validation shared by the functional API and the layers.
+"""Argument validation shared by the functional API and the schemes.
 
 Every check raises before anything is computed or updated, with a message
-that names the argument, what was expected and what was given.
+that names the argument (and the function or layer, ``func``), what was
+expected and what was given.  Plug-in schemes use the same checks.
 """
 
 import math
@@ -9,7 +10,7 @@ import numbers
 
 import numpy as np
 
-from ._device import is_device_array
+from .backend import is_device_array
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -65,6 +66,7 @@ def check_axis(axis, ndim, func, min_axis=0):
 
 
 def check_eps(eps, func):
+    """``eps`` as a float; raises ValueError unless finite and ``>= 0``."""
     if not is_real(eps) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"{func}: eps must be a finite number >= 0, got {eps!r}")
     return float(eps)
@@ -113,6 +115,81 @@ def check_running(value, name, shape, func):
 
 
 def check_positive_int(value, name, func):
+    """``value`` as an int; raises ValueError unless an integer ``> 0``."""
     if not is_int(value) or value <= 0:
         raise ValueError(f"{func}: {name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def values_per_channel_error(x):
+    """PyTorch's error for training with one value per channel."""
+    return ValueError("Expected more than 1 value per channel when training, "
+                      f"got input size {tuple(x.shape)}")
+
+
+def check_channels(func, shape, axis, num_features=None, min_axis=0,
+                   allowed_ndim=None):
+    """Check the channel ``axis`` of an input of ``shape`` (at least 2-D, or
+    one of ``allowed_ndim``) and, when given, that it holds
+    ``num_features`` channels; returns the axis normalized to ``>= 0``."""
+    ndim = len(shape)
+    if allowed_ndim is not None and ndim not in allowed_ndim:
+        want = " or ".join(f"{n}-D" for n in sorted(allowed_ndim))
+        raise ValueError(f"{func}: expected {want} input x, got {ndim}-D input "
+                         f"of shape {tuple(shape)}")
+    if ndim < 2:
+        raise ValueError(f"{func}: expected input x with at least 2 "
+                         f"dimensions, got shape {tuple(shape)}")
+    ax = check_axis(axis, ndim, func, min_axis=min_axis)
+    if num_features is not None and shape[ax] != num_features:
+        raise ValueError(f"{func}: expected {num_features} channels on axis "
+                         f"{axis}, got input shape {tuple(shape)}")
+    return ax
+
+
+def check_channel_input(func, x, axis, weight, bias, min_axis=0, running=(),
+                        running_required=False):
+    """Validate a channel-axis function's input and per-channel arrays.
+
+    ``running`` holds ``(name, array)`` pairs of running statistics: all or
+    none must be given (all when ``running_required``).  Returns the
+    normalized axis and the number of channels.
+    """
+    check_input(x, "x", func)
+    ax = check_channels(func, x.shape, axis, min_axis=min_axis)
+    C = x.shape[ax]
+    for name, value in (("weight", weight), ("bias", bias)):
+        check_param(value, name, (C,), func)
+    for name, value in running:
+        if value is None and running_required:
+            raise ValueError(f"{func}: {name} is required, got None")
+        check_running(value, name, (C,), func)
+    if len({value is None for _, value in running}) > 1:
+        names = " and ".join(name for name, _ in running)
+        raise ValueError(f"{func}: give both {names} or neither")
+    return ax, C
+
+
+def check_normalized_shape(normalized_shape, func):
+    """``normalized_shape`` (an int or a tuple of ints) as a non-empty tuple
+    of positive ints."""
+    if is_int(normalized_shape):
+        normalized_shape = (normalized_shape,)
+    try:
+        shape = tuple(int(d) for d in normalized_shape)
+    except TypeError:
+        raise TypeError(f"{func}: normalized_shape must be an int or a tuple "
+                        f"of ints, got {normalized_shape!r}") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise ValueError(f"{func}: normalized_shape must be a non-empty tuple "
+                         f"of positive ints, got {normalized_shape!r}")
+    return shape
+
+
+def check_trailing(func, shape, normalized_shape):
+    """Raise unless the input ``shape`` ends with ``normalized_shape``."""
+    n = len(normalized_shape)
+    if len(shape) < n or tuple(shape[len(shape) - n:]) != normalized_shape:
+        raise ValueError(f"{func}: normalized_shape {normalized_shape} must "
+                         f"match the trailing dimensions of x, got input "
+                         f"shape {tuple(shape)}")

@@ -1,0 +1,236 @@
+"""How the work of a view is split: items for CPU threads, blocks for CUDA.
+
+Both backends split the same way: whole groups per work item where there
+are enough groups to keep the device busy, and otherwise each group's
+reduced extent in chunks, first along ``a`` (rows), then along the segment
+offsets ``l`` (:func:`split_reduced`, shared).  Each chunk writes its own
+partial results, merged afterwards in a fixed order, so a given shape and
+configuration gives the same bits on every run.
+"""
+
+from dataclasses import dataclass
+import functools
+from typing import NamedTuple
+
+import numba
+
+__all__ = ["Plan", "make_plan", "Grid", "Settings", "SETTINGS", "grid_for",
+           "split_reduced", "MIN_ITEM_ELEMENTS", "ITEMS_PER_THREAD",
+           "FUSED_ELEMENTS", "WIDE_GROUP", "MAX_THREADS"]
+
+#: Items with fewer elements than this are not worth a CPU thread of their own.
+MIN_ITEM_ELEMENTS = 32768
+
+#: Items per thread: more than one evens out unequal items.
+ITEMS_PER_THREAD = 4
+
+#: Values per item when groups are split into blocks: an item's data then
+#: stays in a core's L2 cache between its statistics and its normalization.
+FUSED_ELEMENTS = 1 << 18
+
+#: Groups at least this many columns wide (J, with B == 1) read their affine
+#: parameters directly in the CPU kernels; narrower ones use per-column
+#: coefficient vectors.
+WIDE_GROUP = 16
+
+#: Largest CUDA block; the shared-memory scratch of the reductions is this long.
+MAX_THREADS = 512
+
+
+def ceil_div(a, b):
+    """``ceil(a / b)`` for positive integers."""
+    return -(-a // b)
+
+
+def split_reduced(A, L, pieces, split_l):
+    """Split a group's reduced extent, ``A`` rows of ``L`` offsets, into about
+    ``pieces`` chunks: rows first, then (when ``split_l``) offsets.
+
+    Returns ``(a_per, n_ach, l_per, n_lch)``: ``n_ach`` chunks of ``a_per``
+    rows and ``n_lch`` chunks of ``l_per`` offsets, no chunk empty.
+    """
+    n_ach = min(A, pieces)
+    a_per = ceil_div(A, n_ach)
+    n_ach = ceil_div(A, a_per)
+    n_lch = 1
+    if split_l and n_ach < pieces:
+        n_lch = min(L, ceil_div(pieces, n_ach))
+    l_per = ceil_div(L, n_lch)
+    return a_per, n_ach, l_per, ceil_div(L, l_per)
+
+
+# --------------------------------------------------------------------------
+# CPU: items for threads
+# --------------------------------------------------------------------------
+
+class Plan(NamedTuple):
+    """How the work is split into CPU items (passed to the kernels as is).
+
+    Item ``i`` covers a block of ``p_per`` values of ``p``, a block of
+    ``k_per`` groups, a chunk of ``a_per`` values of ``a`` and a chunk of
+    ``l_per`` segment offsets; there are ``n_pblk * n_kblk * n_ach * n_lch``
+    items.
+    """
+
+    p_per: int
+    n_pblk: int
+    k_per: int
+    n_kblk: int
+    a_per: int
+    n_ach: int
+    l_per: int
+    n_lch: int
+
+    @property
+    def n_items(self):
+        return self.n_pblk * self.n_kblk * self.n_ach * self.n_lch
+
+    @property
+    def n_chunks(self):
+        """Pieces each group's reduced extent is split into."""
+        return self.n_ach * self.n_lch
+
+    @property
+    def fused(self):
+        """True when every item holds whole groups."""
+        return self.n_chunks == 1
+
+
+def make_plan(view, n_threads=None):
+    """Split the work of ``view`` into items for ``n_threads`` (default:
+    Numba's thread count).
+
+    Items holding whole groups are preferred, so that the statistics and the
+    normalization of a group happen while it is in cache: blocks of ``p``,
+    or, for segment-shaped data (``B > 1``, e.g. channels-first BatchNorm),
+    blocks of groups ``k`` of at most :data:`FUSED_ELEMENTS` values.  When
+    there are too few groups to keep every thread busy (BatchNorm with few
+    channels; one long LayerNorm row), the reduced extent is split instead
+    (:func:`split_reduced`; offsets only where ``B > 1``, or for one wide
+    group, ``K == 1`` and ``J >= WIDE_GROUP``, which keeps every item's
+    columns contiguous).  Partials are merged in a fixed order, so results
+    depend only on the shape and the thread count.
+    """
+    return _plan(view, numba.get_num_threads() if n_threads is None else n_threads)
+
+
+def _enough(items, target, n_threads):
+    """Whether ``items`` whole-group items keep ``n_threads`` evenly busy."""
+    return items >= target or (items >= n_threads and items % n_threads == 0)
+
+
+@functools.lru_cache(maxsize=512)
+def _plan(view, n_threads):
+    P, A, K, J, B = view.dims
+    L = J * B
+    total = P * A * K * L
+    target = max(1, min(ITEMS_PER_THREAD * n_threads, total // MIN_ITEM_ELEMENTS))
+    if _enough(P, target, n_threads):
+        p_per = ceil_div(P, min(P, target))
+        return Plan(p_per, ceil_div(P, p_per), K, 1, A, 1, L, 1)
+    if B > 1 and _enough(P * K, target, n_threads):
+        k_per = max(1, min(ceil_div(K, ceil_div(target, P)),
+                           FUSED_ELEMENTS // (A * L)))
+        return Plan(1, P, k_per, ceil_div(K, k_per), A, 1, L, 1)
+    split_l = B > 1 or (K == 1 and J >= WIDE_GROUP)
+    return Plan(1, P, K, 1, *split_reduced(A, L, ceil_div(target, P), split_l))
+
+
+# --------------------------------------------------------------------------
+# CUDA: blocks
+# --------------------------------------------------------------------------
+
+@dataclass
+class Settings:
+    """CUDA launch parameters (tests shrink them to make the simulator
+    feasible).
+
+    Attributes
+    ----------
+    threads : int
+        Threads per block at most (<= :data:`MAX_THREADS`).
+    min_threads : int
+        Fewest threads per block (a warp on a GPU).
+    target_blocks : int
+        Blocks that keep the device busy: an H100 has 132 SMs with room
+        for 8 blocks of 256 threads each.
+    values_per_thread : int
+        Do not split work so finely that a thread gets fewer values.
+    """
+
+    threads: int = 256
+    min_threads: int = 32
+    target_blocks: int = 132 * 8
+    values_per_thread: int = 16
+
+
+#: The settings :func:`grid_for` uses by default.
+SETTINGS = Settings()
+
+
+class Grid(NamedTuple):
+    """How a view is cut into CUDA blocks (see :mod:`normkit.backend.cuda`).
+
+    There are ``P * n_ktile * n_ach * n_lch`` blocks of ``threads`` threads;
+    ``columns`` selects column tiles of ``k_per`` groups, else segment
+    tiles of one group; rows are split in ``n_ach`` chunks of ``a_per`` and
+    (segment tiles) columns in ``n_lch`` chunks of ``l_per``.
+    """
+
+    threads: int
+    columns: bool
+    k_per: int
+    n_ktile: int
+    a_per: int
+    n_ach: int
+    l_per: int
+    n_lch: int
+
+    @property
+    def n_chunks(self):
+        """Partials per group."""
+        return self.n_ach * self.n_lch
+
+    def blocks(self, P):
+        """Blocks of a launch over ``P`` values of ``p``."""
+        return P * self.n_ktile * self.n_ach * self.n_lch
+
+    def args(self):
+        """The tiling as plain kernel arguments."""
+        return (int(self.columns), self.k_per, self.n_ktile, self.a_per,
+                self.n_ach, self.l_per, self.n_lch)
+
+
+def _pow2_at_least(n):
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def grid_for(view, settings=None):
+    """Tiles and block size for ``view`` on CUDA (``settings`` default:
+    :data:`SETTINGS`)."""
+    s = SETTINGS if settings is None else settings
+    return _grid(view.dims, s.threads, s.min_threads, s.target_blocks,
+                 s.values_per_thread)
+
+
+@functools.lru_cache(maxsize=512)
+def _grid(dims, threads, min_threads, target_blocks, values_per_thread):
+    P, A, K, J, B = dims
+    L = J * B
+    threads = min(threads, MAX_THREADS)
+    columns = 2 * L <= threads and (A > 1 or K > 1)
+    k_per = min(K, threads // L) if columns else 1
+    width = k_per * L
+    n_ktile = ceil_div(K, k_per)
+    tiles = P * n_ktile
+    split = 1
+    if tiles < target_blocks:
+        split = max(1, min(ceil_div(target_blocks, tiles),
+                           A * width // (threads * values_per_thread)))
+    a_per, n_ach, l_per, n_lch = split_reduced(A, L, split, not columns)
+    values = a_per * (width if columns else l_per)
+    block = min(threads, max(min_threads, _pow2_at_least(
+        ceil_div(values, values_per_thread))))
+    if columns:
+        block = max(block, min(threads, _pow2_at_least(width)))
+    return Grid(block, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch)

@@ -1,0 +1,237 @@
+"""What every backend provides, and per-channel arithmetic written once.
+
+A backend is a module implementing the operations of :class:`Backend` for
+the arrays that live on its device; :func:`normkit.backend.backend_for`
+picks it from the input.  The operations know no normalizer: they see a
+:class:`~normkit.view.View` ``(P, A, K, J, B)`` of a contiguous input,
+statistics per group ``(p, k)`` reduced over ``(a, j, b)``, and affine
+parameters per ``(k, j)``.  Statistics, partials and sums are float64
+arrays of the backend (NumPy arrays on the CPU, device arrays on CUDA).
+
+Every normalizer (built-in or plug-in) is written with these operations,
+through :mod:`normkit.engine`, which dispatches each call to the input's
+backend, and with :class:`channelwise` functions for the arithmetic on
+per-channel statistic rows (running averages, corrections, clips), which
+compile for both devices from one scalar function.
+"""
+
+import inspect
+import math
+from typing import Protocol
+
+import numpy as np
+
+__all__ = ["Backend", "channelwise", "chan_merge", "dx_coefficients",
+           "inverse_std", "reciprocal", "product", "copy"]
+
+
+class Backend(Protocol):
+    """The operations of a backend (a module: :mod:`normkit.backend.cpu`,
+    :mod:`normkit.backend.cuda`).  ``x`` and ``dy`` are arrays of the
+    backend of any shape with ``view.P * ... * view.B`` values."""
+
+    def moment_partials(self, x, view):
+        """Mergeable moments ``(P, chunks, K, 3)``: ``(n, mean, M2)`` of each
+        chunk of each group, with ``M2 = sum (x - mean)**2`` over the chunk.
+        Partials from several arrays (or processes) concatenated along axis
+        1 merge with :meth:`merge_partials` exactly as one array's do."""
+
+    def merge_partials(self, partials, centered=True):
+        """Merge ``(P, chunks, K, 3)`` partials in chunk order (Chan's
+        formula, :func:`chan_merge`) into the mean and biased variance
+        ``M2 / n``, two ``(P, K)`` arrays; ``centered=False`` gives zero and
+        the mean square ``var + mean**2`` instead."""
+
+    def moments(self, x, view, centered=True):
+        """``merge_partials(moment_partials(x, view), centered)``."""
+
+    def normalize_batch(self, x, view, gamma=None, beta=None, eps=1e-5,
+                        centered=True):
+        """``(y, mean, var)``: ``y = (x - mean) / sqrt(var + eps) * gamma +
+        beta`` with the statistics of ``x`` itself, fused into one pass over
+        memory where every work item holds whole groups."""
+
+    def apply_affine(self, x, view, mean, alpha, gamma=None, beta=None):
+        """``y = (x - mean) * alpha * gamma + beta`` in ``x.dtype``, with
+        ``mean`` and ``alpha`` per group (``P * K`` values, or ``K`` shared
+        by every ``p``) and ``gamma``, ``beta`` per ``(k, j)``."""
+
+    def backward_sums(self, dy, x, view, mean, rstd, gscale=None,
+                      centered=True):
+        """Backward reductions with ``xhat = (x - mean) * rstd``:
+        ``group (P, K, 2)`` holds ``(sum g*dy, sum g*dy*xhat)`` per group
+        (``g = gscale`` per ``(k, j)``, 1 when None) and ``affine (2, K*J)``
+        holds ``(sum dy, sum dy*xhat)`` per ``(k, j)``."""
+
+    def dx_from_sums(self, dy, x, view, mean, rstd, gscale, group_sums, n,
+                     centered=True):
+        """``dx = rstd * (g*dy - S0/n - xhat * S1/n)`` with ``(S0, S1) =
+        group_sums`` per group (``n = inf``: fixed statistics,
+        ``dx = g * dy * rstd``)."""
+
+    def backward(self, dy, x, view, mean, rstd, gscale=None, batch_stats=True,
+                 need_affine=True, centered=True):
+        """``(dx, sum dy, sum dy*xhat)``: :meth:`backward_sums` then
+        :meth:`dx_from_sums` with ``n = A*J*B`` (``inf`` unless
+        ``batch_stats``), fused where groups fit one work item."""
+
+    def map_channels(self, function, args, out):
+        """Run a :class:`channelwise` function elementwise over ``args``."""
+
+    def empty(self, shape, dtype):
+        """An uninitialized array of the backend."""
+
+
+# --------------------------------------------------------------------------
+# scalar functions shared by the kernels of both backends
+# --------------------------------------------------------------------------
+
+def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Merge two ``(count, mean, M2)`` summaries (Chan, Golub and LeVeque):
+    ``n = n_a + n_b``, ``mean = mean_a + delta * n_b / n``,
+    ``M2 = M2_a + M2_b + delta**2 * n_a * n_b / n``, ``delta = mean_b -
+    mean_a``.  Compiled by each backend for its kernels."""
+    if n_b == 0.0:
+        return n_a, mean_a, m2_a
+    if n_a == 0.0:
+        return n_b, mean_b, m2_b
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    frac = n_b / n
+    return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
+
+
+def dx_coefficients(rstd, sum_g, sum_gx, n, centered):
+    """``(h, c)`` of ``dx = rstd * g*dy + h * (x - mean) + c`` for one group
+    from its sums ``sum_g = sum g*dy`` and ``sum_gx = sum g*dy*xhat`` over
+    ``n`` values: ``h = -rstd**2 * sum_gx / n`` and ``c = -rstd * sum_g / n``
+    (0 when not ``centered``: the mean's gradient term drops out).
+    ``n = inf`` (fixed statistics) gives zeros."""
+    h = -rstd * rstd * sum_gx / n
+    c = -rstd * sum_g / n if centered else 0.0
+    return h, c
+
+
+# --------------------------------------------------------------------------
+# per-channel arithmetic, once for both backends
+# --------------------------------------------------------------------------
+
+class channelwise:
+    """Per-channel arithmetic written once as a scalar function.
+
+    Decorate a function of floats that returns one float, or a tuple of
+    ``outputs`` floats; calling the decorated object with arrays applies it
+    elementwise (in float64) on the arrays' backend, compiled with Numba
+    for the CPU and with ``numba.cuda`` for device arrays.  Arguments may be
+    arrays of one common size (any shape) or Python numbers; the results
+    are flat float64 arrays of that size, or are written into ``out`` (an
+    array, or a tuple of ``outputs`` arrays, of that size, any float dtype;
+    ``out`` may be an input, for updates in place).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normkit.backend import channelwise
+    >>> @channelwise(outputs=2)
+    ... def scale_and_shift(mean, var, eps):
+    ...     rstd = 1.0 / (var + eps) ** 0.5
+    ...     return rstd, -mean * rstd
+    >>> a, b = scale_and_shift(np.array([1.0, 2.0]), np.array([4.0, 1.0]), 0.0)
+    >>> a.tolist(), b.tolist()
+    ([0.5, 1.0], [-0.5, -2.0])
+    """
+
+    def __init__(self, function=None, *, outputs=1):
+        if not isinstance(outputs, int) or outputs < 1:
+            raise ValueError(f"channelwise: outputs must be a positive int, "
+                             f"got {outputs!r}")
+        self.outputs = outputs
+        self.function = None
+        if function is not None:
+            self._wrap(function)
+
+    def _wrap(self, function):
+        self.function = function
+        self.arity = len(inspect.signature(function).parameters)
+        self.__name__ = function.__name__
+        self.__doc__ = function.__doc__
+        self.compiled = {}          # backend caches, keyed as they choose
+        return self
+
+    def __call__(self, *args, out=None):
+        if self.function is None:    # @channelwise(outputs=n) form
+            (function,) = args
+            return self._wrap(function)
+        if len(args) != self.arity:
+            raise TypeError(f"{self.__name__}: expected {self.arity} "
+                            f"arguments, got {len(args)}")
+        from . import backend_for
+        arrays = [a for a in args if not is_number(a)]
+        if not arrays:
+            raise TypeError(f"{self.__name__}: at least one argument must be "
+                            f"an array")
+        size = _size(arrays[0])
+        for a in arrays[1:]:
+            if _size(a) != size:
+                raise ValueError(f"{self.__name__}: array arguments must have "
+                                 f"one size, got {_size(arrays[0])} and "
+                                 f"{_size(a)}")
+        if out is not None and not isinstance(out, tuple):
+            out = (out,)
+        if out is not None and len(out) != self.outputs:
+            raise ValueError(f"{self.__name__}: out must hold {self.outputs} "
+                             f"arrays, got {len(out)}")
+        result = backend_for(arrays[0]).map_channels(self, args, out)
+        return result[0] if self.outputs == 1 else result
+
+
+def is_number(a):
+    """True for Python and NumPy numbers, which :class:`channelwise`
+    passes to its function as they are."""
+    return isinstance(a, (int, float, np.number)) and not isinstance(a, bool)
+
+
+def _size(a):
+    return math.prod(a.shape)
+
+
+def channel_loop_source(arity, outputs, scalars, index, header=""):
+    """Python source of the loop body both backends compile for a
+    :class:`channelwise` function named ``f``: argument ``i`` is read as
+    ``a{i}[index]`` unless ``scalars[i]``, outputs are written to
+    ``o{k}[index]``."""
+    reads = ", ".join(f"a{i}" if scalars[i] else f"a{i}[{index}]"
+                      for i in range(arity))
+    writes = "\n".join(f"        o{k}[{index}] = r[{k}]" if outputs > 1
+                       else f"        o{k}[{index}] = r" for k in range(outputs))
+    params = ", ".join([f"a{i}" for i in range(arity)]
+                       + [f"o{k}" for k in range(outputs)])
+    return f"def loop({params}):\n{header}        r = f({reads})\n{writes}\n"
+
+
+# --------------------------------------------------------------------------
+# common per-channel maps
+# --------------------------------------------------------------------------
+
+@channelwise
+def inverse_std(var, eps):
+    """``1 / sqrt(var + eps)`` (inf where ``var + eps`` is 0)."""
+    return 1.0 / math.sqrt(var + eps)
+
+
+@channelwise
+def reciprocal(a):
+    """``1 / a``."""
+    return 1.0 / a
+
+
+@channelwise
+def product(a, b):
+    """``a * b``."""
+    return a * b
+
+
+@channelwise
+def copy(a):
+    """``a`` (with ``out=``: converted to ``out``'s dtype and shape)."""
+    return a

@@ -1,0 +1,678 @@
+"""The extension API: what every scheme, built-in or plug-in, is made of.
+
+A scheme is a :class:`Normalizer` subclass: the :class:`~normkit.view.View`
+its input maps onto, plus what it does with the statistics.  The base class
+owns everything else: checking ``x`` and ``dy`` once, parameters and
+state, device placement, ``train()`` / ``eval()``, ``state_dict()``.
+A scheme is written with
+
+- :func:`normalize` (statistics of the input, one fused pass) and
+  :func:`normalize_with_statistics` (given statistics), which return the
+  :class:`Saved` record the backward needs, and :func:`normalize_backward`;
+- :mod:`normkit.engine` (moments, partials, backward sums, dx from sums)
+  and :class:`~normkit.backend.protocol.channelwise` arithmetic for
+  per-channel steps, which run on every backend;
+- :class:`RunningStatsNormalizer` and :func:`update_running` for running
+  statistics with PyTorch's semantics.
+
+Every built-in (:mod:`normkit.schemes.batch`,
+:mod:`normkit.schemes.per_sample`, :mod:`normkit.schemes.reparam`) is
+written with exactly these names.
+"""
+
+from dataclasses import dataclass, field, replace
+import math
+
+import numpy as np
+
+from .. import backend, engine
+from ..backend.protocol import channelwise, copy, inverse_std
+from ..checks import (check_eps, check_input, check_momentum,
+                      check_positive_int)
+from ..view import View
+
+__all__ = ["Saved", "Normalizer", "RunningStatsNormalizer", "normalize",
+           "normalize_with_statistics", "normalize_backward",
+           "affine_gradients", "check_backward", "cast", "update_running",
+           "momentum_factor"]
+
+
+@dataclass(frozen=True)
+class Saved:
+    """What a forward pass hands its backward pass.
+
+    Attributes
+    ----------
+    variant : str
+        Name of the forward that produced it.
+    view : View
+        The canonical view of the input.
+    shape : tuple of int
+        Shape of the input.
+    mean, rstd : array, ``(P, K)`` float64
+        Statistics used to normalize: ``xhat = (x - mean) * rstd``.
+    batch_stats : bool
+        True when ``mean`` and ``rstd`` came from the input itself, so the
+        gradient flows through them.
+    weight : array or None
+        The weight used (a reference, not a copy).
+    has_bias : bool
+        Whether a bias was used (its gradient is returned then).
+    r, d : array ``(K * J,)`` or None
+        Batch Renormalization's corrections, constants of the backward.
+    centered : bool
+        False when the statistics were taken about zero (RMS
+        normalization): ``mean`` is 0 and ``xhat = x * rstd``.
+    var : array ``(P, K)`` or None
+        The biased variance of each group (the mean square when not
+        ``centered``) when the statistics came from the input.
+    extras : dict
+        Anything else a scheme's backward needs (its own arrays, by name).
+    gradients : callable or None
+        ``gradients(dy, x, saved) -> (dx, dweight, dbias)`` for a scheme
+        whose gradient is not :func:`normalize_backward`'s generic one;
+        :func:`normalize_backward` calls it after its checks.
+    """
+
+    variant: str
+    view: View
+    shape: tuple
+    mean: np.ndarray
+    rstd: np.ndarray
+    batch_stats: bool
+    weight: np.ndarray | None
+    has_bias: bool
+    r: np.ndarray | None = None
+    d: np.ndarray | None = None
+    centered: bool = True
+    var: np.ndarray | None = None
+    extras: dict = field(default_factory=dict)
+    gradients: object = None
+
+    def replace(self, **changes):
+        """A copy with ``changes`` (``dataclasses.replace``)."""
+        return replace(self, **changes)
+
+
+def normalize(x, view, weight=None, bias=None, eps=1e-5, *, return_saved=False,
+              variant="normalize", centered=True):
+    """Normalize ``x`` over a :class:`~normkit.view.View` with its own
+    statistics.
+
+    .. math::
+
+        y = \\frac{x - \\mu_{pk}}{\\sqrt{\\sigma^2_{pk} + \\epsilon}}
+            \\gamma_{kj} + \\beta_{kj}
+
+    with the mean and biased variance of each ``(p, k)`` group of the view,
+    and ``weight`` and ``bias`` of ``K * J`` values (any shape of that
+    size).  This is the building block of every scheme.
+
+    Parameters
+    ----------
+    x : array
+        float16, float32 or float64 input of ``view.P * ... * view.B``
+        values (NumPy or CUDA device array).
+    view : View
+    weight, bias : array, optional
+        ``gamma`` and ``beta``; default 1 and 0.
+    eps : float, default 1e-5
+    return_saved : bool, default False
+        Also return the :class:`Saved` record for :func:`normalize_backward`.
+    variant : str, default "normalize"
+        Name recorded in the :class:`Saved` record.
+    centered : bool, default True
+        False normalizes by the root mean square about zero instead,
+        ``y = x / sqrt(mean(x**2) + eps) * weight + bias`` (RMSNorm).
+
+    Returns
+    -------
+    y : array, shape and dtype of ``x``, or ``(y, saved)``
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> x = np.random.default_rng(0).normal(2.0, 3.0, (4, 6))
+    >>> y, saved = normkit.normalize(x, normkit.View(4, 1, 1, 6, 1),
+    ...                              return_saved=True)
+    >>> bool(np.allclose(y.mean(axis=1), 0.0)), saved.mean.shape
+    (True, (4, 1))
+    """
+    check_input(x, "x", variant)
+    if isinstance(x, np.ndarray) and math.prod(view.dims) != x.size:
+        raise ValueError(f"{variant}: view {view} covers "
+                         f"{math.prod(view.dims)} values but x has {x.size}")
+    y, mean, var = engine.normalize_batch(x, view, weight, bias, eps, centered)
+    if not return_saved:
+        return y
+    saved = Saved(variant, view, x.shape, mean, inverse_std(var, eps), True,
+                  weight, bias is not None, centered=centered, var=var)
+    return y, saved
+
+
+def normalize_with_statistics(x, view, mean, rstd, weight=None, bias=None, *,
+                              variant="normalize"):
+    """``y = (x - mean) * rstd * weight + bias`` with given statistics.
+
+    ``mean`` and ``rstd`` hold one value per group (``P * K``) or per
+    ``k`` shared by every ``p``; the gradient does not flow through them
+    (``saved.batch_stats`` is False).  This is inference with running
+    statistics.
+
+    Returns
+    -------
+    (y, saved)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normkit.schemes import normalize_with_statistics
+    >>> x = np.ones((2, 3))
+    >>> y, _ = normalize_with_statistics(x, normkit.View(1, 2, 3, 1, 1),
+    ...                                  np.zeros(3), np.full(3, 2.0))
+    >>> y.tolist()
+    [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
+    """
+    rows = 1 if _size(mean) == view.K else view.P
+    if not backend.is_device_array(mean):
+        mean = np.asarray(mean, np.float64)
+        rstd = np.asarray(rstd, np.float64)
+    mean = mean.reshape(rows, view.K)
+    rstd = rstd.reshape(rows, view.K)
+    y = engine.apply_affine(x, view, mean, rstd, weight, bias)
+    return y, Saved(variant, view, x.shape, mean, rstd, False, weight,
+                    bias is not None)
+
+
+def _size(a):
+    return math.prod(a.shape)
+
+
+def check_backward(func, dy, x, saved, saved_type=Saved):
+    """Check the arguments of a backward: ``saved`` is a ``saved_type``
+    record, ``x`` and ``dy`` are float arrays of the forward input's shape.
+    Returns ``dy`` and ``x`` as Numba device arrays where they are device
+    arrays."""
+    if not isinstance(saved, saved_type):
+        raise TypeError(f"{func}: saved must be the {saved_type.__name__} "
+                        f"record returned by the forward with "
+                        f"return_saved=True, got {type(saved).__name__}")
+    arrays = {"x": x, "dy": dy}
+    if getattr(saved, "mean", None) is not None:
+        arrays["saved.mean"] = saved.mean
+    arrays = backend.same_device(func, arrays)
+    for name in ("x", "dy"):
+        check_input(arrays[name], name, func)
+        if arrays[name].shape != tuple(saved.shape):
+            raise ValueError(f"{func}: {name} must have the forward input's "
+                             f"shape {tuple(saved.shape)}, got "
+                             f"{arrays[name].shape}")
+    return arrays["dy"], arrays["x"]
+
+
+def normalize_backward(dy, x, saved, variant=None):
+    """Backward of any forward pass: ``(dx, dweight, dbias)``.
+
+    With ``g = weight * dy`` and ``n`` values per group, when the
+    statistics came from the batch
+
+    .. math::
+
+        dx = \\mathrm{rstd} \\, (g - \\overline{g} - \\hat{x} \\,
+             \\overline{g \\hat{x}})
+
+    (without the ``mean(g)`` term when the statistics were taken about
+    zero, ``saved.centered`` false) and ``dx = g * rstd`` for fixed
+    statistics; ``dweight = sum(dy * xhat)`` and ``dbias = sum(dy)`` over
+    everything but the parameters' axes.  A record whose scheme has its
+    own gradient (``saved.gradients``, e.g. Batch Renormalization) is
+    handed to it after the checks.
+
+    Parameters
+    ----------
+    dy, x : array
+        The upstream gradient and the forward's unmodified input.
+    saved : Saved
+        The record of the forward (``return_saved=True``).
+    variant : str, optional
+        Expected ``saved.variant``; a record of another forward raises.
+
+    Returns
+    -------
+    dx : array, shape and dtype of ``x``
+    dweight, dbias : array or None
+        Shaped and typed like the weight (None without weight or bias).
+    """
+    func = f"{variant or getattr(saved, 'variant', 'normalize')}_backward"
+    dy, x = check_backward(func, dy, x, saved)
+    if variant is not None and saved.variant != variant:
+        raise ValueError(f"{func}: saved comes from {saved.variant}, not "
+                         f"{variant}")
+    if saved.gradients is not None:
+        return saved.gradients(dy, x, saved)
+    return affine_gradients(dy, x, saved)
+
+
+def affine_gradients(dy, x, saved, gscale=None, weight_sum=None):
+    """The gradients of ``y = xhat * g + beta`` for checked arguments:
+    ``(dx, dweight, dbias)`` with ``g = gscale`` (default the weight).
+
+    ``dweight`` is ``sum(dy * xhat)`` per ``(k, j)``, or
+    ``weight_sum(sum_dy, sum_dy_xhat)`` for a scheme whose output is not
+    affine in ``xhat`` alone; ``dweight`` and ``dbias`` are cast to the
+    weight's shape and dtype.
+    """
+    weight = saved.weight
+    if gscale is None and weight is not None:
+        gscale = weight.reshape(weight.size)
+    need_affine = weight is not None or saved.has_bias
+    dx, sum_dy, sum_dy_xhat = engine.backward(
+        dy, x, saved.view, saved.mean, saved.rstd, gscale, saved.batch_stats,
+        need_affine, saved.centered)
+    dweight = dbias = None
+    if weight is not None:
+        if weight_sum is not None:
+            sum_dy_xhat = weight_sum(sum_dy, sum_dy_xhat)
+        dweight = cast(sum_dy_xhat, weight.shape, weight.dtype)
+    if saved.has_bias:
+        shape = weight.shape if weight is not None else (sum_dy.size,)
+        dtype = weight.dtype if weight is not None else x.dtype
+        dbias = cast(sum_dy, shape, dtype)
+    return dx, dweight, dbias
+
+
+def cast(a, shape, dtype):
+    """``a`` as a new array of ``shape`` and ``dtype`` on its backend."""
+    if not backend.is_device_array(a):
+        return np.asarray(a).reshape(shape).astype(dtype)
+    return copy(a, out=backend.backend_for(a).empty(shape, dtype))
+
+
+# --------------------------------------------------------------------------
+# running statistics
+# --------------------------------------------------------------------------
+
+def momentum_factor(momentum, num_batches_tracked):
+    """Weight of the new batch in a running update: ``momentum``, or for
+    ``momentum=None`` the cumulative average's ``1 / (num_batches_tracked
+    + 1)``."""
+    if momentum is None:
+        return 1.0 / (int(num_batches_tracked) + 1)
+    return float(momentum)
+
+
+@channelwise
+def _moving_average(running, value, factor, scale):
+    return (1.0 - factor) * running + factor * (scale * value)
+
+
+def update_running(running, rows, factor, n=None):
+    """``running <- (1 - factor) * running + factor * s * mean_p(rows)`` in
+    place.
+
+    ``rows`` is ``(P, C)`` (one row per statistics group along ``p``, e.g.
+    per sample for InstanceNorm; averaged over ``p``), ``s = n / (n - 1)``
+    is the unbiased correction for variances of ``n`` values (1 when ``n``
+    is None).  Host or device arrays alike.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normkit.schemes import update_running
+    >>> running = np.zeros(2)
+    >>> update_running(running, np.array([[1.0, 2.0], [3.0, 4.0]]), 0.5)
+    >>> running.tolist()
+    [1.0, 1.5]
+    """
+    P, C = rows.shape
+    if P > 1:
+        rows = engine.moments(rows, View(1, P, C, 1, 1))[0]
+    scale = 1.0 if n is None else n / (n - 1)
+    _moving_average(running, rows, factor, scale, out=running)
+
+
+# --------------------------------------------------------------------------
+# the base classes
+# --------------------------------------------------------------------------
+
+class Normalizer:
+    """Base class of every scheme, built-in or plug-in.
+
+    ``y = layer(x)`` normalizes, ``dx = layer.backward(dy)`` returns the
+    input gradient of the most recent forward and fills ``layer.grads``
+    (parameter gradients by name); ``train()`` / ``eval()`` switch mode;
+    ``state_dict()`` / ``load_state_dict()`` save and restore the arrays
+    named in :attr:`state_names`.  The layer keeps a reference to its last
+    input (not a copy) for the backward, as an autograd tape would, and
+    keeps its state where its input lives (a forward with a CUDA device
+    array moves the state to the device; one with a host array moves it
+    back).
+
+    A scheme overrides
+
+    - :meth:`view` only, when it normalizes each group of a view with the
+      group's own statistics (set :attr:`centered` false for the root mean
+      square about zero);
+    - :meth:`_forward` ``(x) -> (y, saved)`` when it does more with the
+      statistics, using :func:`normalize`, :func:`normalize_with_statistics`,
+      :mod:`normkit.engine` and :class:`~normkit.backend.protocol.channelwise`
+      functions; ``saved`` is a :class:`Saved` record (its ``extras`` hold
+      the scheme's own arrays);
+    - :meth:`_backward` ``(dy, x, saved) -> (dx, grads)`` when its gradient
+      is not :func:`normalize_backward`'s.
+
+    ``x`` reaching :meth:`_forward` and ``dy`` reaching :meth:`_backward`
+    have been checked once by the base class: float16/32/64 arrays (host or
+    device), ``dy`` of the input's shape.
+
+    Parameters
+    ----------
+    param_shape : tuple of int or None, default None
+        Shape of ``weight`` (ones) and ``bias`` (zeros); None: no affine
+        parameters.
+    eps : float, default 1e-5
+        Added to the variance, ``>= 0``.
+    bias : bool, default True
+        With ``param_shape``, whether there is a ``bias`` besides the
+        ``weight`` (False: a gain only, as in RMSNorm).
+
+    Examples
+    --------
+    A scheme that normalizes each row of a 2-D input (LayerNorm's view):
+
+    >>> import numpy as np
+    >>> import normkit
+    >>> class RowNorm(normkit.Normalizer):
+    ...     def view(self, shape):
+    ...         return normkit.View(P=shape[0], A=1, K=1, J=shape[1], B=1)
+    >>> layer = RowNorm()
+    >>> y = layer(np.arange(6.0).reshape(2, 3))
+    >>> bool(np.allclose(y.mean(axis=1), 0.0))
+    True
+    """
+
+    #: Names of the arrays (and counters) that make up the state; None
+    #: values are skipped.  Subclasses with more state extend it as a class
+    #: attribute, e.g. ``state_names = Normalizer.state_names + ("mix",)``.
+    state_names = ("weight", "bias")
+
+    #: False: the default forward normalizes by the root mean square about
+    #: zero, ``x / sqrt(mean(x**2) + eps)``, instead of centering first.
+    centered = True
+
+    def __init__(self, param_shape=None, eps=1e-5, bias=True):
+        self.eps = check_eps(eps, type(self).__name__)
+        self.weight = None if param_shape is None else np.ones(param_shape)
+        self.bias = (None if param_shape is None or not bias
+                     else np.zeros(param_shape))
+        self.training = True
+        self.grads = {}
+        self._tape = None
+
+    @classmethod
+    def bound(cls, label, training, **state):
+        """A scheme object over the caller's own arrays, for a functional
+        form: no constructor runs, nothing is copied or allocated; ``state``
+        sets its attributes (parameters, running statistics, settings) and
+        ``label`` names it in errors and :class:`Saved` records.  The
+        functional forms (:func:`normkit.batch_norm`, ...) validate their
+        arguments, bind, and run the scheme's :meth:`_forward`.
+        """
+        self = cls.__new__(cls)
+        self._label = label
+        self.training = bool(training)
+        self.grads = {}
+        self._tape = None
+        for name, value in state.items():
+            setattr(self, name, value)
+        return self
+
+    @property
+    def label(self):
+        """The name errors and :class:`Saved` records use: the class name,
+        or the function's name when a functional form runs the scheme."""
+        return getattr(self, "_label", None) or type(self).__name__
+
+    # ---- the extension point -------------------------------------------
+
+    def view(self, shape):
+        """Canonical :class:`~normkit.view.View` of an input of ``shape``.
+
+        Override this (and nothing else) for a scheme that normalizes each
+        group of the view with its own statistics; raise ``ValueError`` for
+        shapes the scheme does not accept.
+        """
+        raise NotImplementedError(f"{self.label} must implement view() or "
+                                  f"_forward()")
+
+    def _forward(self, x):
+        """Return ``(y, saved)``; the default normalizes over :meth:`view`
+        with the input's statistics, :attr:`weight` and :attr:`bias`."""
+        view = self.view(x.shape)
+        size = view.K * view.J
+        if self.weight is not None and self.weight.size != size:
+            raise ValueError(f"{self.label}: weight has {self.weight.size} "
+                             f"values but the input needs {size}")
+        return normalize(x, view, self.weight, self.bias, self.eps,
+                         return_saved=True, variant=self.label,
+                         centered=self.centered)
+
+    def _backward(self, dy, x, saved):
+        """Return ``(dx, grads)`` for the ``saved`` record of
+        :meth:`_forward`.
+
+        The default is :func:`normalize_backward`, with ``grads`` holding
+        ``weight`` and ``bias`` where the layer has them.
+        """
+        dx, dweight, dbias = normalize_backward(dy, x, saved)
+        grads = {name: grad for name, grad in (("weight", dweight),
+                                               ("bias", dbias))
+                 if getattr(self, name) is not None}
+        return dx, grads
+
+    # ---- the protocol ----------------------------------------------------
+
+    def forward(self, x):
+        """Normalize ``x``; remembers what the backward needs."""
+        if backend.is_device_array(x):
+            x = backend.as_device_array(x)
+        check_input(x, "x", self.label)
+        self._follow(x)
+        y, saved = self._forward(x)
+        self._tape = (x, saved)
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy):
+        """Gradient with respect to the input of the most recent forward.
+
+        Sets ``self.grads`` to the parameters' gradients by name (e.g.
+        ``{"weight": dweight, "bias": dbias}``; empty without parameters),
+        and returns ``dx``.  Bad ``dy`` raises and leaves ``grads`` as it
+        was.
+        """
+        if self._tape is None:
+            raise RuntimeError(f"{self.label}.backward called before any "
+                               f"forward")
+        x, saved = self._tape
+        if backend.is_device_array(dy):
+            dy = backend.as_device_array(dy)
+        check_input(dy, "dy", f"{self.label}.backward")
+        if dy.shape != x.shape:
+            raise ValueError(f"{self.label}.backward: dy must have the forward "
+                             f"input's shape {x.shape}, got {dy.shape}")
+        dx, self.grads = self._backward(dy, x, saved)
+        return dx
+
+    def _follow(self, x):
+        """Move the state arrays to where ``x`` lives (device or host)."""
+        on_device = backend.is_device_array(x)
+        move = backend.to_device if on_device else backend.to_host
+        for name in self.state_names:
+            value = getattr(self, name, None)
+            if (value is not None and not isinstance(value, int)
+                    and backend.is_device_array(value) != on_device):
+                setattr(self, name, move(value))
+
+    def train(self, mode=True):
+        """Switch to training mode (``mode=False``: inference); returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Switch to inference mode; returns self."""
+        return self.train(False)
+
+    def state_dict(self):
+        """Host NumPy copies of the state arrays, keyed by name (counters
+        as 0-d integer arrays)."""
+        state = {}
+        for name in self.state_names:
+            value = getattr(self, name, None)
+            if value is not None:
+                state[name] = backend.to_host(value)
+        return state
+
+    def load_state_dict(self, state):
+        """Load arrays saved by :meth:`state_dict`.
+
+        Missing, unexpected or mis-shaped entries raise (KeyError or
+        ValueError naming them) and then nothing is changed.
+        """
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        extra = sorted(set(state) - set(own))
+        if missing or extra:
+            raise KeyError(f"{self.label}.load_state_dict: missing "
+                           f"keys {missing}, unexpected keys {extra}")
+        loaded = {}
+        for name, current in own.items():
+            value = np.asarray(state[name])
+            if value.shape != current.shape:
+                raise ValueError(f"{self.label}.load_state_dict: "
+                                 f"{name} must have shape {current.shape}, got "
+                                 f"{value.shape}")
+            if value.dtype.kind not in "fiu" or (value.dtype.kind != "f"
+                                                  and current.dtype.kind == "f"):
+                raise ValueError(f"{self.label}.load_state_dict: "
+                                 f"{name} must have a {current.dtype} "
+                                 f"compatible dtype, got {value.dtype}")
+            loaded[name] = value.astype(current.dtype)
+        for name, value in loaded.items():
+            if value.ndim == 0:
+                value = int(value)
+            elif backend.is_device_array(getattr(self, name)):
+                value = backend.to_device(value)
+            setattr(self, name, value)
+
+    def extra_repr(self):
+        return f"eps={self.eps}"
+
+    def __repr__(self):
+        return f"{self.label}({self.extra_repr()})"
+
+
+
+class RunningStatsNormalizer(Normalizer):
+    """Base of schemes with per-channel running statistics and a batch
+    counter, with PyTorch's semantics.
+
+    State: ``weight`` and ``bias`` (``(num_features,)``, when ``affine``),
+    ``running_mean`` (zeros) and the running spread named by
+    :attr:`spread_name` (``running_var``, ones; Batch Renormalization's
+    ``running_std``), and ``num_batches_tracked`` (0), the last three when
+    ``track_running_stats``.  :meth:`update_running_stats` is the running
+    update every built-in uses; :meth:`reset_running_stats` restores the
+    initial values.
+
+    Parameters
+    ----------
+    num_features : int
+        Channels ``C`` (the size of ``axis``).
+    eps : float, default 1e-5
+        Added to the variance, ``>= 0``.
+    momentum : float in [0, 1] or None, default 0.1
+        Weight of the new batch, ``running = (1 - momentum) * running +
+        momentum * batch``; None: cumulative average over the batches
+        counted by ``num_batches_tracked``.
+    affine : bool, default True
+        Learnable ``weight`` and ``bias``.
+    track_running_stats : bool, default True
+        Keep running statistics (else None).
+    axis : int, default 1
+        Channel axis: 1 channels-first, -1 channels-last.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> class MeanOnlyBN(normkit.RunningStatsNormalizer):
+    ...     '''Subtract the batch mean; the spread is left alone.'''
+    ...     def _forward(self, x):
+    ...         view = normkit.View(1, x.shape[0], x.shape[1], 1, 1)
+    ...         mean, _ = normkit.engine.moments(x, view)
+    ...         if self.training:
+    ...             self.update_running_stats(mean, None, view.group_size)
+    ...         else:
+    ...             mean = self.running_mean
+    ...         return normkit.normalize_with_statistics(
+    ...             x, view, mean, np.ones(x.shape[1]), variant=self.label)
+    >>> layer = MeanOnlyBN(3, affine=False)
+    >>> _ = layer(np.arange(12.0).reshape(4, 3))
+    >>> layer.running_mean.tolist(), layer.num_batches_tracked
+    ([0.45, 0.55, 0.65], 1)
+    """
+
+    state_names = ("weight", "bias", "running_mean", "running_var",
+                   "num_batches_tracked")
+
+    #: Name of the running spread buffer (``running_var`` or ``running_std``).
+    spread_name = "running_var"
+
+    #: Initial value of the running spread.
+    spread_init = 1.0
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, axis=1):
+        self.num_features = check_positive_int(num_features, "num_features",
+                                               type(self).__name__)
+        super().__init__((self.num_features,) if affine else None, eps)
+        check_momentum(momentum, type(self).__name__)
+        self.momentum = momentum
+        self.axis = axis
+        self.track_running_stats = bool(track_running_stats)
+        self.reset_running_stats()
+
+    def reset_running_stats(self):
+        """Zero mean, initial spread, no batches counted."""
+        track = self.track_running_stats
+        self.running_mean = np.zeros(self.num_features) if track else None
+        setattr(self, self.spread_name,
+                np.full(self.num_features, self.spread_init) if track else None)
+        self.num_batches_tracked = 0 if track else None
+
+    def update_running_stats(self, mean, var, n):
+        """Fold one batch's statistics into the running ones and count it.
+
+        ``mean`` and ``var`` are ``(P, C)`` rows (averaged over ``p``) of
+        the batch mean and biased variance of groups of ``n`` values (either
+        may be None to leave that buffer alone); ``running_var`` receives
+        the unbiased ``n / (n - 1) * var``, with the weight of
+        :func:`momentum_factor`.  Does nothing unless
+        ``track_running_stats``.
+        """
+        if not self.track_running_stats:
+            return
+        factor = momentum_factor(self.momentum, self.num_batches_tracked)
+        if mean is not None:
+            update_running(self.running_mean, mean, factor)
+        if var is not None:
+            update_running(getattr(self, self.spread_name), var, factor, n)
+        self.num_batches_tracked += 1
+
+    def extra_repr(self):
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.weight is not None}, "
+                f"track_running_stats={self.track_running_stats}, axis={self.axis}")

@@ -1,0 +1,255 @@
+"""Schemes with statistics over the batch: BatchNorm, Batch
+Renormalization and Ghost BatchNorm.
+
+Each is a view (:func:`~normkit.view.channel_view` over the batch, or
+:func:`~normkit.view.ghost_view`) plus what it does with the statistics,
+written with the public extension API only (:mod:`normkit.schemes.base`,
+:mod:`normkit.engine`, :class:`~normkit.backend.protocol.channelwise`).
+"""
+
+import math
+
+from .. import engine
+from ..backend.protocol import channelwise, inverse_std, product, reciprocal
+from ..checks import (check_channels, check_positive_int, is_real,
+                      values_per_channel_error)
+from ..view import channel_view, ghost_view
+from .base import (RunningStatsNormalizer, Saved, affine_gradients,
+                   normalize, normalize_with_statistics)
+
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+           "BatchRenorm", "GhostBatchNorm"]
+
+
+class BatchNorm(RunningStatsNormalizer):
+    """Batch normalization (Ioffe and Szegedy 2015) over channel ``axis``;
+    see :func:`normkit.batch_norm` for the formulas.
+
+    Training normalizes with the batch statistics and updates the running
+    ones; inference uses the running statistics (the batch's when
+    ``track_running_stats`` is false).  Parameters as
+    :class:`~normkit.RunningStatsNormalizer`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> bn = normkit.BatchNorm2d(3)
+    >>> x = np.random.default_rng(0).normal(5.0, 2.0, (8, 3, 4, 4))
+    >>> y = bn(x)
+    >>> bool(np.allclose(y.mean(axis=(0, 2, 3)), 0.0)), bn.num_batches_tracked
+    (True, 1)
+    """
+
+    #: Allowed input dimensions (None: any with at least 2).
+    allowed_ndim = None
+
+    def view(self, shape):
+        """Statistics per channel over every other axis."""
+        ax = check_channels(self.label, shape, self.axis, self.num_features,
+                            allowed_ndim=self.allowed_ndim)
+        return channel_view(shape, ax, per_sample=False)
+
+    def _forward(self, x):
+        view = self.view(x.shape)
+        if not self.training and self.running_mean is not None:
+            return normalize_with_statistics(
+                x, view, self.running_mean,
+                inverse_std(self.running_var, self.eps), self.weight,
+                self.bias, variant=self.label)
+        if self.training and view.group_size <= 1:
+            raise values_per_channel_error(x)
+        y, saved = normalize(x, view, self.weight, self.bias, self.eps,
+                             return_saved=True, variant=self.label)
+        if self.training:
+            self.update_running_stats(saved.mean, saved.var, view.group_size)
+        return y, saved
+
+
+class BatchNorm1d(BatchNorm):
+    """:class:`BatchNorm` for (N, C) or (N, C, L) input."""
+
+    allowed_ndim = (2, 3)
+
+
+class BatchNorm2d(BatchNorm):
+    """:class:`BatchNorm` for (N, C, H, W) input."""
+
+    allowed_ndim = (4,)
+
+
+class BatchNorm3d(BatchNorm):
+    """:class:`BatchNorm` for (N, C, D, H, W) input."""
+
+    allowed_ndim = (5,)
+
+
+# --------------------------------------------------------------------------
+# Batch Renormalization
+# --------------------------------------------------------------------------
+
+@channelwise(outputs=5)
+def renorm_corrections(mu, var, running_mean, running_std, eps, rmax, dmax):
+    """Batch Renormalization's per-channel terms (Ioffe 2017, Algorithm 1):
+    ``sigma = sqrt(var + eps)``, ``r = clip(sigma / running_std, 1/rmax,
+    rmax)``, ``d = clip((mu - running_mean) / running_std, -dmax, dmax)``;
+    returns ``(r / sigma, 1 / sigma, sigma, r, d)``."""
+    sigma = math.sqrt(var + eps)
+    r = min(max(sigma / running_std, 1.0 / rmax), rmax)
+    d = min(max((mu - running_mean) / running_std, -dmax), dmax)
+    return r / sigma, 1.0 / sigma, sigma, r, d
+
+
+@channelwise
+def shift(weight, bias, d):
+    """Renormalized bias ``bias + weight * d``."""
+    return weight * d + bias
+
+
+@channelwise
+def renorm_weight_sum(sum_dy_xhat, r, sum_dy, d):
+    """``sum(dy * (xhat * r + d)) = sum_dy_xhat * r + sum_dy * d``."""
+    return sum_dy_xhat * r + sum_dy * d
+
+
+class BatchRenorm(RunningStatsNormalizer):
+    """Batch Renormalization (Ioffe 2017); see :func:`normkit.batch_renorm`.
+
+    The BatchNorm view; in training the output is corrected towards the
+    running statistics by ``r`` and ``d`` (per-channel arithmetic, constants
+    of the backward), and ``running_std`` (not a variance) is updated with
+    ``sigma_B``.  ``rmax`` and ``dmax`` are plain attributes that may change
+    between steps, e.g. ``layer.rmax, layer.dmax =
+    normkit.batch_renorm_schedule(step)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> layer = normkit.BatchRenorm(4, rmax=1.0, dmax=0.0)   # plain BN
+    >>> x = np.random.default_rng(0).normal(3.0, 2.0, (16, 4))
+    >>> bool(np.allclose(layer(x), normkit.batch_norm(x, training=True)))
+    True
+    """
+
+    state_names = ("weight", "bias", "running_mean", "running_std",
+                   "num_batches_tracked")
+    spread_name = "running_std"
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, rmax=3.0,
+                 dmax=5.0, affine=True, axis=1):
+        super().__init__(num_features, eps, momentum, affine, True, axis)
+        self.rmax = rmax
+        self.dmax = dmax
+
+    def view(self, shape):
+        """BatchNorm's view: statistics per channel over every other axis."""
+        ax = check_channels(self.label, shape, self.axis, self.num_features)
+        return channel_view(shape, ax, per_sample=False)
+
+    def check_limits(self):
+        """Raise ValueError unless ``rmax >= 1`` and ``dmax >= 0`` are finite."""
+        for name, low in (("rmax", 1.0), ("dmax", 0.0)):
+            value = getattr(self, name)
+            if not is_real(value) or not math.isfinite(value) or value < low:
+                raise ValueError(f"{self.label}: {name} must be a finite "
+                                 f"number >= {low}, got {value!r}")
+
+    def _forward(self, x):
+        view = self.view(x.shape)
+        self.check_limits()
+        if not self.training:
+            return normalize_with_statistics(
+                x, view, self.running_mean, reciprocal(self.running_std),
+                self.weight, self.bias, variant=self.label)
+        if view.group_size <= 1:
+            raise values_per_channel_error(x)
+        mean, var = engine.moments(x, view)
+        alpha, rstd, sigma, r, d = renorm_corrections(
+            mean, var, self.running_mean, self.running_std, self.eps,
+            float(self.rmax), float(self.dmax))
+        weight = 1.0 if self.weight is None else self.weight
+        beta = shift(weight, 0.0 if self.bias is None else self.bias, d)
+        y = engine.apply_affine(x, view, mean, alpha, self.weight, beta)
+        self.update_running_stats(mean, sigma.reshape(1, view.K), None)
+        return y, Saved(self.label, view, x.shape, mean,
+                        rstd.reshape(1, view.K), True, self.weight,
+                        self.bias is not None, r, d, var=var,
+                        gradients=self.gradients)
+
+    @staticmethod
+    def gradients(dy, x, saved):
+        """Training backward: ``g = weight * r * dy`` in
+        :func:`~normkit.normalize_backward`'s formula and ``dweight =
+        sum(dy * (xhat * r + d))``."""
+        weight = saved.weight
+        gscale = saved.r if weight is None else product(weight, saved.r)
+        return affine_gradients(dy, x, saved, gscale,
+                                lambda sum_dy, sum_dy_xhat: renorm_weight_sum(
+                                    sum_dy_xhat, saved.r, sum_dy, saved.d))
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, rmax={self.rmax}, dmax={self.dmax}"
+
+
+# --------------------------------------------------------------------------
+# Ghost BatchNorm
+# --------------------------------------------------------------------------
+
+class GhostBatchNorm(RunningStatsNormalizer):
+    """Ghost Batch Normalization (Hoffer, Hubara and Soudry 2017); see
+    :func:`normkit.ghost_batch_norm`.
+
+    Training normalizes each virtual batch of ``virtual_batch_size``
+    samples with its own statistics (:func:`~normkit.view.ghost_view`; the
+    batch size must be a multiple of it) and updates the running
+    statistics once per call with the ghost statistics averaged; inference
+    is BatchNorm inference with them, for any batch size.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> layer = normkit.GhostBatchNorm(3, virtual_batch_size=4)
+    >>> y = layer(np.random.default_rng(0).standard_normal((8, 3, 5)))
+    >>> bool(np.allclose(y[:4].mean(axis=(0, 2)), 0.0))   # per ghost batch
+    True
+    """
+
+    def __init__(self, num_features, virtual_batch_size, eps=1e-5,
+                 momentum=0.1, affine=True, track_running_stats=True, axis=1):
+        self.virtual_batch_size = check_positive_int(
+            virtual_batch_size, "virtual_batch_size", "GhostBatchNorm")
+        super().__init__(num_features, eps, momentum, affine,
+                         track_running_stats, axis)
+
+    def view(self, shape):
+        """The ghost-batch view (:func:`~normkit.view.ghost_view`)."""
+        ax = check_channels(self.label, shape, self.axis, self.num_features,
+                            min_axis=1)
+        return ghost_view(shape, ax, self.virtual_batch_size)
+
+    def _forward(self, x):
+        if not self.training and self.running_mean is not None:
+            ax = check_channels(self.label, x.shape, self.axis,
+                                self.num_features, min_axis=1)
+            return normalize_with_statistics(
+                x, channel_view(x.shape, ax, per_sample=False),
+                self.running_mean, inverse_std(self.running_var, self.eps),
+                self.weight, self.bias, variant=self.label)
+        view = self.view(x.shape)
+        n = view.group_size
+        if n <= 1:
+            raise ValueError(f"{self.label}: expected more than 1 value per "
+                             f"channel in each virtual batch, got {n} (input "
+                             f"size {tuple(x.shape)}, virtual_batch_size="
+                             f"{self.virtual_batch_size})")
+        y, saved = normalize(x, view, self.weight, self.bias, self.eps,
+                             return_saved=True, variant=self.label)
+        if self.training:
+            self.update_running_stats(saved.mean, saved.var, n)
+        return y, saved
+
+    def extra_repr(self):
+        return (f"{super().extra_repr()}, "
+                f"virtual_batch_size={self.virtual_batch_size}")
