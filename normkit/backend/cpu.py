@@ -796,24 +796,57 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
 # per-channel arithmetic and small helpers
 # --------------------------------------------------------------------------
 
+def _compiled_loop(function, key, reads, header, params="", parallel=False):
+    """The compiled loop of a channelwise function for one pattern of
+    arguments (cached on the function)."""
+    loop = function.compiled.get(key)
+    if loop is None:
+        source = protocol.loop_source(function.arity, function.outputs, reads,
+                                      header, params)
+        namespace = {"f": njit(function.function, error_model="numpy"),
+                     "float64": np.float64, "prange": prange}
+        exec(source, namespace)
+        loop = function.compiled[key] = njit(
+            namespace["loop"], error_model="numpy", parallel=parallel)
+    return loop
+
+
 def map_channels(function, args, out):
     """Run a :class:`~normkit.backend.protocol.channelwise` function over
-    host arrays (compiled once per pattern of scalar arguments)."""
+    host arrays of one size (compiled once per pattern of scalar arguments)."""
     scalars = tuple(protocol.is_number(a) for a in args)
-    loop = function.compiled.get(("cpu", scalars))
-    if loop is None:
-        header = "    for i in range(o0.size):\n"
-        source = protocol.channel_loop_source(function.arity, function.outputs,
-                                              scalars, "i", header)
-        namespace = {"f": njit(function.function, error_model="numpy")}
-        exec(source, namespace)
-        loop = function.compiled[("cpu", scalars)] = njit(
-            namespace["loop"], error_model="numpy")
+    loop = _compiled_loop(function, ("cpu", scalars),
+                          protocol.plain_reads(scalars),
+                          "    for i in range(o0.size):\n")
     flat = [float(a) if scalar else np.asarray(a, np.float64).reshape(-1)
             for a, scalar in zip(args, scalars)]
     size = next(a.size for a, scalar in zip(flat, scalars) if not scalar)
     results = [np.empty(size) for _ in range(function.outputs)]
     loop(*flat, *results)
+    if out is None:
+        return tuple(results)
+    for target, result in zip(out, results):
+        target[...] = result.reshape(target.shape)
+    return out
+
+
+def map_view(function, view, args, kinds, out):
+    """Run a channelwise function over every element of an input of
+    ``view`` (see :meth:`~normkit.backend.protocol.channelwise.over`), in
+    parallel; float16 arrays are widened and the results narrowed."""
+    reads = [protocol.VIEW_READS[kind].format(n=n) for n, kind in enumerate(kinds)]
+    loop = _compiled_loop(function, ("cpu-view", kinds), reads,
+                          "    for i in prange(o0.size):\n",
+                          protocol.VIEW_PARAMS, parallel=True)
+    flat = [float(a) if kind == "scalar" else
+            as_kernel_array(a) if kind == "full" else
+            np.ascontiguousarray(a, np.float64).reshape(-1)
+            for a, kind in zip(args, kinds)]
+    like = args[kinds.index("full")]
+    work = flat[kinds.index("full")]
+    results = [np.empty(work.size, work.dtype) for _ in range(function.outputs)]
+    loop(*flat, *results, *protocol.view_params(view))
+    results = [from_kernel_array(r, like.shape, like.dtype) for r in results]
     if out is None:
         return tuple(results)
     for target, result in zip(out, results):

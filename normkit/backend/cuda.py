@@ -724,19 +724,27 @@ def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True):
                   None).reshape(x.shape)
 
 
+def _compiled_kernel(function, key, reads, params=""):
+    """The kernel of a channelwise function for one pattern of arguments:
+    one thread per element (cached on the function)."""
+    kernel = function.compiled.get(key)
+    if kernel is None:
+        source = protocol.loop_source(
+            function.arity, function.outputs, reads,
+            "    i = cuda.grid(1)\n    if i < o0.size:\n", params)
+        namespace = {"f": cuda.jit(device=True)(function.function),
+                     "cuda": cuda, "float64": float64}
+        exec(source, namespace)
+        kernel = function.compiled[key] = cuda.jit(namespace["loop"])
+    return kernel
+
+
 def map_channels(function, args, out):
     """Run a :class:`~normkit.backend.protocol.channelwise` function over
-    device arrays: one thread per element of a kernel compiled from it
-    (once per pattern of scalar arguments)."""
+    device arrays of one size."""
     scalars = tuple(protocol.is_number(a) for a in args)
-    kernel = function.compiled.get(("cuda", scalars))
-    if kernel is None:
-        header = "    i = cuda.grid(1)\n    if i < o0.size:\n"
-        source = protocol.channel_loop_source(function.arity, function.outputs,
-                                              scalars, "i", header)
-        namespace = {"f": cuda.jit(device=True)(function.function), "cuda": cuda}
-        exec(source, namespace)
-        kernel = function.compiled[("cuda", scalars)] = cuda.jit(namespace["loop"])
+    kernel = _compiled_kernel(function, ("cuda", scalars),
+                              protocol.plain_reads(scalars))
     flat = [float(a) if scalar else _flat(a)
             for a, scalar in zip(args, scalars)]
     size = next(a.size for a, scalar in zip(flat, scalars) if not scalar)
@@ -745,6 +753,24 @@ def map_channels(function, args, out):
                     for _ in range(function.outputs))
     targets = [as_device_array(o).reshape(size) for o in out]
     kernel[_launch(size)](*flat, *targets)
+    return out
+
+
+def map_view(function, view, args, kinds, out):
+    """Run a channelwise function over every element of an input of
+    ``view`` (see :meth:`~normkit.backend.protocol.channelwise.over`)."""
+    reads = [protocol.VIEW_READS[kind].format(n=n) for n, kind in enumerate(kinds)]
+    kernel = _compiled_kernel(function, ("cuda-view", kinds), reads,
+                              protocol.VIEW_PARAMS)
+    flat = [float(a) if kind == "scalar" else _flat(a)
+            for a, kind in zip(args, kinds)]
+    like = flat[kinds.index("full")]
+    shape = args[kinds.index("full")].shape
+    if out is None:
+        out = tuple(cuda.device_array(shape, like.dtype)
+                    for _ in range(function.outputs))
+    targets = [as_device_array(o).reshape(like.size) for o in out]
+    kernel[_launch(like.size)](*flat, *targets, *protocol.view_params(view))
     return out
 
 

@@ -184,6 +184,44 @@ class channelwise:
         result = backend_for(arrays[0]).map_channels(self, args, out)
         return result[0] if self.outputs == 1 else result
 
+    def over(self, view, *args, out=None):
+        """Apply the function to every element of an input of ``view``.
+
+        Each argument is an array of the input's size (read elementwise),
+        a ``(P, K)`` array (read per statistics group), an array of
+        ``K * J`` values (read per channel, the affine parameters' layout)
+        or a number.  The results have the shape and dtype of the first
+        input-sized argument (float16 included), or are written into
+        ``out``.  Elementwise post-ops (an activation after the
+        normalization, a mask in a backward) are written this way once for
+        both backends.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import normkit
+        >>> @normkit.channelwise
+        ... def clamp_below(y, tau):
+        ...     return max(y, tau)
+        >>> y = np.arange(-2.0, 4.0).reshape(1, 2, 3)      # (N, C, S)
+        >>> view = normkit.View(1, 1, 2, 1, 3)             # channels on axis 1
+        >>> clamp_below.over(view, y, np.array([0.0, 2.5])).tolist()
+        [[[0.0, 0.0, 0.0], [2.5, 2.5, 3.0]]]
+        """
+        if len(args) != self.arity:
+            raise TypeError(f"{self.__name__}: expected {self.arity} "
+                            f"arguments, got {len(args)}")
+        kinds = tuple(view_kind(a, view) for a in args)
+        if "full" not in kinds:
+            raise ValueError(f"{self.__name__}.over: one argument must have "
+                             f"the input's {math.prod(view.dims)} values")
+        from . import backend_for
+        full = args[kinds.index("full")]
+        if out is not None and not isinstance(out, tuple):
+            out = (out,)
+        result = backend_for(full).map_view(self, view, args, kinds, out)
+        return result[0] if self.outputs == 1 else result
+
 
 def is_number(a):
     """True for Python and NumPy numbers, which :class:`channelwise`
@@ -195,18 +233,59 @@ def _size(a):
     return math.prod(a.shape)
 
 
-def channel_loop_source(arity, outputs, scalars, index, header=""):
-    """Python source of the loop body both backends compile for a
-    :class:`channelwise` function named ``f``: argument ``i`` is read as
-    ``a{i}[index]`` unless ``scalars[i]``, outputs are written to
-    ``o{k}[index]``."""
-    reads = ", ".join(f"a{i}" if scalars[i] else f"a{i}[{index}]"
-                      for i in range(arity))
-    writes = "\n".join(f"        o{k}[{index}] = r[{k}]" if outputs > 1
-                       else f"        o{k}[{index}] = r" for k in range(outputs))
-    params = ", ".join([f"a{i}" for i in range(arity)]
-                       + [f"o{k}" for k in range(outputs)])
-    return f"def loop({params}):\n{header}        r = f({reads})\n{writes}\n"
+def loop_source(arity, outputs, reads, header, params=""):
+    """Python source of the loop both backends compile for a
+    :class:`channelwise` function named ``f``: argument ``n`` is read as
+    ``reads[n]`` (an expression of the loop index ``i``), outputs are
+    written to ``o{k}[i]``; ``header`` opens the loop over ``i`` and
+    ``params`` are extra integer parameters the reads use."""
+    arguments = ", ".join(f"float64({read})" for read in reads)
+    writes = "\n".join(f"        o{k}[i] = r[{k}]" if outputs > 1
+                       else f"        o{k}[i] = r" for k in range(outputs))
+    names = ", ".join([f"a{n}" for n in range(arity)]
+                      + [f"o{k}" for k in range(outputs)]
+                      + ([params] if params else []))
+    return f"def loop({names}):\n{header}        r = f({arguments})\n{writes}\n"
+
+
+def plain_reads(scalars):
+    """Reads of :meth:`channelwise.__call__`: element ``i`` of every array."""
+    return [f"a{n}" if scalar else f"a{n}[i]" for n, scalar in enumerate(scalars)]
+
+
+#: Integer parameters of :meth:`channelwise.over` loops.
+VIEW_PARAMS = "B, KJ, PS, JB, K"
+
+#: How :meth:`channelwise.over` reads each kind of argument at flat index
+#: ``i`` of the view ``(P, A, K, J, B)``: ``PS = A*K*J*B`` values per ``p``,
+#: ``JB = J*B`` per ``(p, a, k)``.
+VIEW_READS = {"scalar": "a{n}", "full": "a{n}[i]",
+              "channel": "a{n}[(i // B) % KJ]",
+              "group": "a{n}[(i // PS) * K + (i // JB) % K]"}
+
+
+def view_kind(a, view):
+    """How :meth:`channelwise.over` broadcasts argument ``a`` over ``view``."""
+    if is_number(a):
+        return "scalar"
+    size = _size(a)
+    if size == math.prod(view.dims):
+        return "full"
+    if tuple(a.shape) == (view.P, view.K):
+        return "group"
+    if size == view.K * view.J:
+        return "channel"
+    raise ValueError(f"channelwise.over: an argument of shape "
+                     f"{tuple(a.shape)} fits neither the input "
+                     f"({math.prod(view.dims)} values), nor its groups "
+                     f"({view.P}, {view.K}), nor its {view.K * view.J} "
+                     f"channels (view {view})")
+
+
+def view_params(view):
+    """The values of :data:`VIEW_PARAMS` for ``view``."""
+    P, A, K, J, B = view.dims
+    return B, K * J, A * K * J * B, J * B, K
 
 
 # --------------------------------------------------------------------------
