@@ -724,17 +724,27 @@ def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True):
                   None).reshape(x.shape)
 
 
-def _compiled_kernel(function, key, reads, params=""):
-    """The kernel of a channelwise function for one pattern of arguments:
-    one thread per element (cached on the function)."""
+def kernel_for(function, key):
+    """The kernel of channelwise ``function`` for one pattern of arguments,
+    ``key = ("cuda", scalars)`` (:func:`map_channels`) or ``("cuda-view",
+    kinds)`` (:func:`map_view`): one thread per element, cached on the
+    function.  The generated loop records ``key`` as ``__normkit_key__``
+    (the PTX check recompiles every recorded launch from it)."""
     kernel = function.compiled.get(key)
     if kernel is None:
+        if key[0] == "cuda":
+            reads, params = protocol.plain_reads(key[1]), ""
+        else:
+            reads = [protocol.VIEW_READS[kind].format(n=n)
+                     for n, kind in enumerate(key[1])]
+            params = protocol.VIEW_PARAMS
         source = protocol.loop_source(
             function.arity, function.outputs, reads,
             "    i = cuda.grid(1)\n    if i < o0.size:\n", params)
         namespace = {"f": cuda.jit(device=True)(function.function),
                      "cuda": cuda, "float64": float64}
         exec(source, namespace)
+        namespace["loop"].__normkit_key__ = key
         kernel = function.compiled[key] = cuda.jit(namespace["loop"])
     return kernel
 
@@ -743,8 +753,7 @@ def map_channels(function, args, out):
     """Run a :class:`~normkit.backend.protocol.channelwise` function over
     device arrays of one size."""
     scalars = tuple(protocol.is_number(a) for a in args)
-    kernel = _compiled_kernel(function, ("cuda", scalars),
-                              protocol.plain_reads(scalars))
+    kernel = kernel_for(function, ("cuda", scalars))
     flat = [float(a) if scalar else _flat(a)
             for a, scalar in zip(args, scalars)]
     size = next(a.size for a, scalar in zip(flat, scalars) if not scalar)
@@ -759,9 +768,7 @@ def map_channels(function, args, out):
 def map_view(function, view, args, kinds, out):
     """Run a channelwise function over every element of an input of
     ``view`` (see :meth:`~normkit.backend.protocol.channelwise.over`)."""
-    reads = [protocol.VIEW_READS[kind].format(n=n) for n, kind in enumerate(kinds)]
-    kernel = _compiled_kernel(function, ("cuda-view", kinds), reads,
-                              protocol.VIEW_PARAMS)
+    kernel = kernel_for(function, ("cuda-view", kinds))
     flat = [float(a) if kind == "scalar" else _flat(a)
             for a, kind in zip(args, kinds)]
     like = flat[kinds.index("full")]

@@ -1,0 +1,194 @@
+"""The backend protocol and the extension API, on the CPU backend: partials
+merge like one array, backward sums and dx from sums equal the fused
+backward, channelwise arithmetic, the base classes' checks and state."""
+
+import numpy as np
+import pytest
+
+import normkit
+from normkit import engine
+from normkit.schemes import Saved, update_running
+from normkit.view import channel_view, trailing_view
+
+VIEWS = {
+    "bn-first": lambda: ((6, 3, 10), channel_view((6, 3, 10), 1, False)),
+    "bn-last": lambda: ((6, 10, 3), channel_view((6, 10, 3), 2, False)),
+    "gn": lambda: ((4, 6, 5), channel_view((4, 6, 5), 1, True, 2)),
+    "ln": lambda: ((5, 40), trailing_view((5, 40), 1)),
+}
+
+
+@pytest.mark.parametrize("axis", [1, 2], ids=["first", "last"])
+def test_partials_of_two_halves_merge_to_the_whole(axis, rng):
+    """Two processes' partials, concatenated, merge like one batch's."""
+    x = rng.normal(100.0, 0.5, size=(6, 3, 10) if axis == 1 else (6, 10, 3))
+    parts = [engine.moment_partials(half, channel_view(half.shape, axis, False))
+             for half in (x[:2], x[2:])]
+    mean, var = engine.merge_partials(np.concatenate(parts, axis=1))
+    axes = tuple(a for a in range(x.ndim) if a != axis)
+    np.testing.assert_allclose(mean[0], x.mean(axis=axes), rtol=1e-13)
+    np.testing.assert_allclose(var[0], x.var(axis=axes), rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", VIEWS)
+def test_partials_hold_counts_means_and_m2(name, rng):
+    shape, view = VIEWS[name]()
+    x = rng.standard_normal(shape)
+    part = engine.moment_partials(x, view)
+    assert part.shape[0] == view.P and part.shape[2:] == (view.K, 3)
+    np.testing.assert_array_equal(part[..., 0].sum(axis=1), view.group_size)
+    mean, var = engine.merge_partials(part)
+    ref_mean, ref_var = engine.moments(x, view)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-12)
+    np.testing.assert_allclose(var, ref_var, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", VIEWS)
+@pytest.mark.parametrize("centered", [True, False])
+@pytest.mark.parametrize("with_gscale", [True, False])
+def test_backward_sums_and_dx_from_sums_equal_the_fused_backward(
+        name, centered, with_gscale, rng):
+    shape, view = VIEWS[name]()
+    x = rng.normal(1.0, 2.0, size=shape)
+    dy = rng.standard_normal(shape)
+    gscale = rng.uniform(0.5, 2.0, view.K * view.J) if with_gscale else None
+    mean, var = engine.moments(x, view, centered)
+    rstd = 1.0 / np.sqrt(var + 1e-5)
+    dx, sum_dy, sum_dy_xhat = engine.backward(dy, x, view, mean, rstd, gscale,
+                                              centered=centered)
+    group, affine = engine.backward_sums(dy, x, view, mean, rstd, gscale,
+                                         centered)
+    np.testing.assert_allclose(affine[0], sum_dy, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(affine[1], sum_dy_xhat, rtol=1e-10, atol=1e-12)
+    dx2 = engine.dx_from_sums(dy, x, view, mean, rstd, gscale, group,
+                              view.group_size, centered)
+    np.testing.assert_allclose(dx2, dx, rtol=1e-10, atol=1e-12)
+    # the group sums themselves, from their definition
+    g = np.ones(view.K * view.J) if gscale is None else gscale
+    x5 = x.reshape(view.dims)
+    d5 = dy.reshape(view.dims)
+    xhat = (x5 - (mean if centered else 0 * mean).reshape(view.P, 1, view.K, 1, 1)) \
+        * rstd.reshape(view.P, 1, view.K, 1, 1)
+    g5 = g.reshape(1, 1, view.K, view.J, 1)
+    np.testing.assert_allclose(group[0], (g5 * d5).sum(axis=(1, 3, 4)), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(group[1], (g5 * d5 * xhat).sum(axis=(1, 3, 4)),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_dx_from_sums_with_fixed_statistics_is_the_scaled_gradient(rng):
+    x = rng.standard_normal((4, 3, 5))
+    dy = rng.standard_normal(x.shape)
+    view = channel_view(x.shape, 1, False)
+    rstd = np.full((1, 3), 2.0)
+    zeros = (np.zeros((1, 3)), np.zeros((1, 3)))
+    dx = engine.dx_from_sums(dy, x, view, np.zeros((1, 3)), rstd, None, zeros,
+                             np.inf)
+    np.testing.assert_allclose(dx, 2.0 * dy)
+
+
+@normkit.channelwise(outputs=2)
+def _sum_and_difference(a, b):
+    return a + b, a - b
+
+
+def test_channelwise_call_and_out_in_place(rng):
+    a, b = rng.standard_normal(5), rng.standard_normal(5)
+    total, diff = _sum_and_difference(a, b)
+    np.testing.assert_allclose(total, a + b)
+    np.testing.assert_allclose(diff, a - b)
+    out = np.zeros((1, 5), np.float32)
+    _sum_and_difference(a, 1.5, out=(out, b))          # b updated in place
+    np.testing.assert_allclose(out[0], a + 1.5, rtol=1e-6)
+    np.testing.assert_allclose(b, a - 1.5)
+
+
+def test_channelwise_checks_its_arguments():
+    with pytest.raises(TypeError, match="expected 2 arguments"):
+        _sum_and_difference(np.ones(3))
+    with pytest.raises(ValueError, match="one size"):
+        _sum_and_difference(np.ones(3), np.ones(4))
+    with pytest.raises(TypeError, match="array"):
+        _sum_and_difference(1.0, 2.0)
+
+
+@normkit.channelwise
+def _affine_tlu(y, gain, shift, floor):
+    return max(y * gain + shift, floor)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_channelwise_over_broadcasts_per_channel_and_per_group(dtype, rng):
+    x = rng.standard_normal((3, 4, 5)).astype(dtype)            # (N, C, S)
+    view = channel_view(x.shape, 1, per_sample=True)           # P=3, K=4
+    gain = rng.uniform(0.5, 2.0, 4)                             # per channel
+    shift = rng.standard_normal((3, 4))                         # per group
+    y = _affine_tlu.over(view, x, gain, shift, -0.25)
+    expected = np.maximum(x.astype(np.float64) * gain[None, :, None]
+                          + shift[:, :, None], -0.25)
+    assert y.dtype == dtype and y.shape == x.shape
+    tol = {np.float16: 2e-3, np.float32: 1e-6, np.float64: 1e-14}[dtype]
+    np.testing.assert_allclose(y, expected, rtol=tol, atol=tol)
+
+
+def test_channelwise_over_rejects_arguments_that_fit_nothing():
+    view = normkit.View(2, 1, 3, 1, 4)
+    with pytest.raises(ValueError, match="fits neither"):
+        _affine_tlu.over(view, np.ones(24), np.ones(5), 0.0, 0.0)
+    with pytest.raises(ValueError, match="input"):
+        _affine_tlu.over(view, np.ones(3), np.ones(3), 0.0, 0.0)
+
+
+def test_update_running_averages_rows_with_the_unbiased_factor():
+    running = np.array([1.0, 2.0])
+    update_running(running, np.array([[2.0, 4.0], [4.0, 8.0]]), 0.25, n=5)
+    np.testing.assert_allclose(running, 0.75 * np.array([1.0, 2.0])
+                               + 0.25 * 1.25 * np.array([3.0, 6.0]))
+
+
+class _MeanOnly(normkit.RunningStatsNormalizer):
+    """A running-statistics scheme with an extra state entry."""
+
+    state_names = normkit.RunningStatsNormalizer.state_names + ("scale",)
+
+    def __init__(self, num_features):
+        super().__init__(num_features, affine=False)
+        self.scale = np.ones(num_features)
+
+    def _forward(self, x):
+        view = channel_view(x.shape, 1, False)
+        mean, var = engine.moments(x, view)
+        if self.training:
+            self.update_running_stats(mean, var, view.group_size)
+        return normkit.normalize_with_statistics(x, view, mean, self.scale,
+                                                 variant=self.label)
+
+
+def test_state_names_of_a_subclass_are_kept_and_counted(rng):
+    layer = _MeanOnly(3)
+    x = rng.normal(2.0, 1.0, (8, 3))
+    layer(x)
+    assert set(layer.state_dict()) == {"running_mean", "running_var",
+                                       "num_batches_tracked", "scale"}
+    np.testing.assert_allclose(layer.running_mean, 0.1 * x.mean(axis=0))
+    np.testing.assert_allclose(layer.running_var,
+                               0.9 + 0.1 * x.var(axis=0, ddof=1))
+    assert layer.num_batches_tracked == 1
+
+
+@pytest.mark.parametrize("bad", [[1.0, 2.0], np.ones((2, 2), np.int64),
+                                 np.ones((3, 3))], ids=["list", "int", "shape"])
+def test_backward_checks_dy_once_and_keeps_grads(bad, rng):
+    layer = normkit.GroupNorm(2, 4)
+    x = rng.standard_normal((2, 4, 3))
+    layer.backward(np.ones_like(layer(x)))
+    grads = dict(layer.grads)
+    with pytest.raises((TypeError, ValueError), match="dy"):
+        layer.backward(bad)
+    assert layer.grads == grads
+
+
+def test_saved_records_carry_a_scheme_s_extras():
+    view = normkit.View(1, 2, 1, 1, 1)
+    saved = Saved("mine", view, (2, 1), np.zeros((1, 1)), np.ones((1, 1)),
+                  True, None, False, extras={"tau": np.zeros(1)})
+    assert saved.replace(variant="other").extras["tau"].shape == (1,)
