@@ -44,12 +44,14 @@ from .schemes.batch import BatchNorm, BatchRenorm, GhostBatchNorm
 from .schemes.per_sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from .schemes.reparam import SpectralNorm, SpectralSaved, WeightNorm, unit_view
 
+#: The records and generic passes (Saved, normalize, normalize_backward)
+#: are re-exported here from :mod:`normkit.schemes.base`, where they are
+#: documented.
 __all__ = [
-    "Saved", "batch_norm", "batch_norm_backward", "instance_norm",
+    "batch_norm", "batch_norm_backward", "instance_norm",
     "instance_norm_backward", "layer_norm", "layer_norm_backward",
     "group_norm", "group_norm_backward", "batch_renorm",
-    "batch_renorm_backward", "batch_renorm_schedule", "normalize",
-    "normalize_backward", "rms_norm", "rms_norm_backward",
+    "batch_renorm_backward", "batch_renorm_schedule", "rms_norm", "rms_norm_backward",
     "ghost_batch_norm", "ghost_batch_norm_backward", "weight_norm",
     "weight_norm_backward", "spectral_norm", "spectral_norm_backward",
 ]

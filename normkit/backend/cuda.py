@@ -602,6 +602,13 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True):
     return out.reshape(x.shape), mean, var
 
 
+def _grad_inputs(dy, x, view, mean, rstd, centered):
+    """Flat ``x`` and ``dy``, and the statistics as ``(rows, K)`` arrays
+    (zero means when not ``centered``)."""
+    mean = _as_rows(mean if centered else _constant(0.0, view.K), view)
+    return _flat(x), _flat(dy), mean, _as_rows(rstd, view)
+
+
 def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
              need_affine=True, centered=True):
     """Device version of :func:`normkit.engine.backward`.
@@ -614,15 +621,11 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     batch statistics and blocks holding whole groups, sums and ``dx`` come
     from one fused kernel.
     """
-    flat_x = _flat(x)
-    flat_dy = _flat(dy)
+    flat_x, flat_dy, mean, rstd = _grad_inputs(dy, x, view, mean, rstd, centered)
     grid = grid_for(view)
-    mean = _as_rows(mean if centered else _constant(0.0, view.K), view)
-    rstd = _as_rows(rstd, view)
     gscale = None if gscale is None else _flat(gscale)
-    ones = _constant(1.0, view.K * view.J)
     per_group = view.J == 1 or gscale is None
-    weights = ones if per_group else gscale
+    weights = _constant(1.0, view.K * view.J) if per_group else gscale
     scale_sums = per_group and gscale is not None
     n = float(view.group_size) if batch_stats else math.inf
     part = None
@@ -639,15 +642,24 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
         dx = _apply(flat_x, flat_dy, view, grid, coef, gscale, None)
     if not need_affine:
         return dx.reshape(x.shape), None, None
-    if view.J == 1:
-        total = _merged(part.reshape(1, view.P * grid.n_chunks, view.K, 3),
-                        GRADS)
+    sum_dy, sum_dy_xhat = _affine_sums(flat_x, flat_dy, view, grid, mean, rstd,
+                                       part if view.J == 1 else None)
+    return dx.reshape(x.shape), sum_dy, sum_dy_xhat
+
+
+def _affine_sums(flat_x, flat_dy, view, grid, mean, rstd, unit_part=None):
+    """``(sum dy, sum dy*xhat)`` per ``(k, j)``: from ``unit_part``, group
+    partials reduced with unit weights, when there is one column per group
+    (``J == 1``), else reduced over the view ``(1, P*A, K*J, 1, B)`` of the
+    same data."""
+    if unit_part is not None:
+        total = _merged(unit_part.reshape(1, -1, view.K, 3), GRADS)
     else:
         affine = type(view)(1, view.P * view.A, view.K * view.J, 1, view.B)
         total = _merged(_reduce(flat_x, flat_dy, affine, grid_for(affine),
-                                GRADS, mean, rstd, ones, stat_rows=view.A,
-                                stat_group=view.J), GRADS)
-    return dx.reshape(x.shape), total[0][0], total[1][0]
+                                GRADS, mean, rstd, _constant(1.0, view.K * view.J),
+                                stat_rows=view.A, stat_group=view.J), GRADS)
+    return total[0][0], total[1][0]
 
 
 def _backward_fused(flat_x, flat_dy, view, grid, mean, rstd, weights, gscale,
@@ -671,8 +683,6 @@ def _constant(value, n):
     return cuda.to_device(np.full(n, value))
 
 
-
-
 # --------------------------------------------------------------------------
 # the rest of the protocol
 # --------------------------------------------------------------------------
@@ -687,29 +697,18 @@ def merge_partials(partials, centered=True):
     return _merged(as_device_array(partials), MOMENTS, centered)
 
 
-def _grad_inputs(dy, x, view, mean, rstd, centered):
-    mean = _as_rows(mean if centered else _constant(0.0, view.K), view)
-    return _flat(x), _flat(dy), mean, _as_rows(rstd, view)
-
-
 def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
     """See :meth:`normkit.backend.protocol.Backend.backward_sums`; the group
     sums come as two ``(P, K)`` arrays, the affine sums as two ``(K*J,)``."""
     flat_x, flat_dy, mean, rstd = _grad_inputs(dy, x, view, mean, rstd, centered)
-    ones = _constant(1.0, view.K * view.J)
-    weights = ones if gscale is None else _flat(gscale)
+    weights = _constant(1.0, view.K * view.J) if gscale is None else _flat(gscale)
     grid = grid_for(view)
     part = _reduce(flat_x, flat_dy, view, grid, GRADS, mean, rstd, weights)
     group = _merged(part, GRADS)
-    if view.J == 1 and gscale is None:
-        total = _merged(part.reshape(1, view.P * grid.n_chunks, view.K, 3),
-                        GRADS)
-    else:
-        affine = type(view)(1, view.P * view.A, view.K * view.J, 1, view.B)
-        total = _merged(_reduce(flat_x, flat_dy, affine, grid_for(affine),
-                                GRADS, mean, rstd, ones, stat_rows=view.A,
-                                stat_group=view.J), GRADS)
-    return group, (total[0][0], total[1][0])
+    unit = view.J == 1 and gscale is None
+    affine = _affine_sums(flat_x, flat_dy, view, grid, mean, rstd,
+                          part if unit else None)
+    return group, affine
 
 
 def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True):

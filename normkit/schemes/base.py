@@ -167,10 +167,10 @@ def normalize_with_statistics(x, view, mean, rstd, weight=None, bias=None, *,
     Examples
     --------
     >>> import numpy as np
-    >>> from normkit.schemes import normalize_with_statistics
+    >>> import normkit
     >>> x = np.ones((2, 3))
-    >>> y, _ = normalize_with_statistics(x, normkit.View(1, 2, 3, 1, 1),
-    ...                                  np.zeros(3), np.full(3, 2.0))
+    >>> y, _ = normkit.normalize_with_statistics(
+    ...     x, normkit.View(1, 2, 3, 1, 1), np.zeros(3), np.full(3, 2.0))
     >>> y.tolist()
     [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
     """
@@ -671,6 +671,24 @@ class RunningStatsNormalizer(Normalizer):
         if var is not None:
             update_running(getattr(self, self.spread_name), var, factor, n)
         self.num_batches_tracked += 1
+
+    def normalize_running(self, x, view):
+        """Inference with the running statistics: ``(y, saved)`` of
+        :func:`normalize_with_statistics` with ``running_mean`` and
+        ``1 / sqrt(running_var + eps)``."""
+        return normalize_with_statistics(
+            x, view, self.running_mean, inverse_std(self.running_var, self.eps),
+            self.weight, self.bias, variant=self.label)
+
+    def normalize_tracked(self, x, view):
+        """Normalize with the statistics of each group of ``view`` and, in
+        training, fold them into the running statistics
+        (:meth:`update_running_stats`): ``(y, saved)``."""
+        y, saved = normalize(x, view, self.weight, self.bias, self.eps,
+                             return_saved=True, variant=self.label)
+        if self.training:
+            self.update_running_stats(saved.mean, saved.var, view.group_size)
+        return y, saved
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "

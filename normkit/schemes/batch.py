@@ -10,12 +10,12 @@ written with the public extension API only (:mod:`normkit.schemes.base`,
 import math
 
 from .. import engine
-from ..backend.protocol import channelwise, inverse_std, product, reciprocal
+from ..backend.protocol import channelwise, product, reciprocal
 from ..checks import (check_channels, check_positive_int, is_real,
                       values_per_channel_error)
 from ..view import channel_view, ghost_view
 from .base import (RunningStatsNormalizer, Saved, affine_gradients,
-                   normalize, normalize_with_statistics)
+                   normalize_with_statistics)
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
            "BatchRenorm", "GhostBatchNorm"]
@@ -53,17 +53,10 @@ class BatchNorm(RunningStatsNormalizer):
     def _forward(self, x):
         view = self.view(x.shape)
         if not self.training and self.running_mean is not None:
-            return normalize_with_statistics(
-                x, view, self.running_mean,
-                inverse_std(self.running_var, self.eps), self.weight,
-                self.bias, variant=self.label)
+            return self.normalize_running(x, view)
         if self.training and view.group_size <= 1:
             raise values_per_channel_error(x)
-        y, saved = normalize(x, view, self.weight, self.bias, self.eps,
-                             return_saved=True, variant=self.label)
-        if self.training:
-            self.update_running_stats(saved.mean, saved.var, view.group_size)
-        return y, saved
+        return self.normalize_tracked(x, view)
 
 
 class BatchNorm1d(BatchNorm):
@@ -233,22 +226,15 @@ class GhostBatchNorm(RunningStatsNormalizer):
         if not self.training and self.running_mean is not None:
             ax = check_channels(self.label, x.shape, self.axis,
                                 self.num_features, min_axis=1)
-            return normalize_with_statistics(
-                x, channel_view(x.shape, ax, per_sample=False),
-                self.running_mean, inverse_std(self.running_var, self.eps),
-                self.weight, self.bias, variant=self.label)
+            return self.normalize_running(
+                x, channel_view(x.shape, ax, per_sample=False))
         view = self.view(x.shape)
-        n = view.group_size
-        if n <= 1:
+        if view.group_size <= 1:
             raise ValueError(f"{self.label}: expected more than 1 value per "
-                             f"channel in each virtual batch, got {n} (input "
-                             f"size {tuple(x.shape)}, virtual_batch_size="
-                             f"{self.virtual_batch_size})")
-        y, saved = normalize(x, view, self.weight, self.bias, self.eps,
-                             return_saved=True, variant=self.label)
-        if self.training:
-            self.update_running_stats(saved.mean, saved.var, n)
-        return y, saved
+                             f"channel in each virtual batch, got "
+                             f"{view.group_size} (input size {tuple(x.shape)}, "
+                             f"virtual_batch_size={self.virtual_batch_size})")
+        return self.normalize_tracked(x, view)
 
     def extra_repr(self):
         return (f"{super().extra_repr()}, "

@@ -9,12 +9,10 @@ about zero.  Written with the public extension API only.
 
 import numpy as np
 
-from ..backend.protocol import inverse_std
 from ..checks import (check_channels, check_eps, check_normalized_shape,
                       check_positive_int, check_trailing)
 from ..view import channel_view, trailing_view
-from .base import (Normalizer, RunningStatsNormalizer, normalize,
-                   normalize_with_statistics)
+from .base import Normalizer, RunningStatsNormalizer, normalize
 
 __all__ = ["InstanceNorm", "GroupNorm", "LayerNorm", "RMSNorm"]
 
@@ -52,17 +50,11 @@ class InstanceNorm(RunningStatsNormalizer):
     def _forward(self, x):
         view = self.view(x.shape)
         if not self.training and self.running_mean is not None:
-            return normalize_with_statistics(
-                x, view, self.running_mean,
-                inverse_std(self.running_var, self.eps), self.weight,
-                self.bias, variant=self.label)
+            return self.normalize_running(x, view)
         if view.group_size <= 1:
             raise ValueError("Expected more than 1 spatial element when "
                              f"training, got input size {tuple(x.shape)}")
-        y, saved = normalize(x, view, self.weight, self.bias, self.eps,
-                             return_saved=True, variant=self.label)
-        self.update_running_stats(saved.mean, saved.var, view.group_size)
-        return y, saved
+        return self.normalize_tracked(x, view)
 
 
 class GroupNorm(Normalizer):
