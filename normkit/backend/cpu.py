@@ -32,7 +32,7 @@ parallel copy, :mod:`normkit.backend.half`) and the result narrowed back
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, vectorize
 from numba.extending import overload
 
 from . import half, protocol
@@ -669,9 +669,9 @@ def _params(values, size, default, dtype=np.float64):
 def _rows(values, view):
     """Per-group values (``P * K`` or ``K`` of them) as ``(P, K)`` float64."""
     values = np.asarray(values, np.float64)
-    if values.size == view.K:
-        return np.broadcast_to(values.reshape(1, view.K), (view.P, view.K))
-    return values.reshape(view.P, view.K)
+    if values.size == view.P * view.K:
+        return values.reshape(view.P, view.K)
+    return np.broadcast_to(values.reshape(1, view.K), (view.P, view.K))
 
 
 def moment_partials(x, view):
@@ -817,13 +817,30 @@ def _compiled_loop(function, key, reads, header, params="", parallel=False):
 
 def map_channels(function, args, out):
     """Run a :class:`~normkit.backend.protocol.channelwise` function over
-    host arrays of one size (compiled once per pattern of scalar arguments)."""
+    host arrays of one size, in float64: a NumPy ufunc compiled by
+    ``numba.vectorize`` for one output (about a microsecond per call), a
+    compiled loop for several."""
+    flat = [np.asarray(a, np.float64).reshape(-1)
+            if isinstance(a, np.ndarray) else a for a in args]
+    if function.outputs == 1:
+        ufunc = function.compiled.get("cpu-ufunc")
+        if ufunc is None:  # compile the float64 loop: the raw ufunc has it
+            dufunc = vectorize(function.function)
+            with np.errstate(all="ignore"):
+                dufunc(*[np.zeros(1) if isinstance(a, np.ndarray) else a
+                         for a in flat])
+            ufunc = function.compiled["cpu-ufunc"] = dufunc.ufunc
+        if out is None:
+            return (ufunc(*flat),)
+        if out[0].flags.c_contiguous:
+            ufunc(*flat, out=out[0].reshape(-1))
+        else:
+            out[0][...] = ufunc(*flat).reshape(out[0].shape)
+        return out
     scalars = tuple(protocol.is_number(a) for a in args)
     loop = _compiled_loop(function, ("cpu", scalars),
                           protocol.plain_reads(scalars),
                           "    for i in range(o0.size):\n")
-    flat = [float(a) if scalar else np.asarray(a, np.float64).reshape(-1)
-            for a, scalar in zip(args, scalars)]
     size = next(a.size for a, scalar in zip(flat, scalars) if not scalar)
     results = [np.empty(size) for _ in range(function.outputs)]
     loop(*flat, *results)

@@ -21,6 +21,8 @@ from typing import Protocol
 
 import numpy as np
 
+from . import backend_for
+
 __all__ = ["Backend", "channelwise", "chan_merge", "dx_coefficients",
            "inverse_std", "reciprocal", "product", "copy"]
 
@@ -166,23 +168,24 @@ class channelwise:
         if len(args) != self.arity:
             raise TypeError(f"{self.__name__}: expected {self.arity} "
                             f"arguments, got {len(args)}")
-        from . import backend_for
-        arrays = [a for a in args if not is_number(a)]
-        if not arrays:
+        first = None
+        for a in args:
+            if is_number(a):
+                continue
+            if first is None:
+                first = a
+            elif a.size != first.size:
+                raise ValueError(f"{self.__name__}: array arguments must have "
+                                 f"one size, got {first.size} and {a.size}")
+        if first is None:
             raise TypeError(f"{self.__name__}: at least one argument must be "
                             f"an array")
-        size = _size(arrays[0])
-        for a in arrays[1:]:
-            if _size(a) != size:
-                raise ValueError(f"{self.__name__}: array arguments must have "
-                                 f"one size, got {_size(arrays[0])} and "
-                                 f"{_size(a)}")
         if out is not None and not isinstance(out, tuple):
             out = (out,)
         if out is not None and len(out) != self.outputs:
             raise ValueError(f"{self.__name__}: out must hold {self.outputs} "
                              f"arrays, got {len(out)}")
-        result = backend_for(arrays[0]).map_channels(self, args, out)
+        result = backend_for(first).map_channels(self, args, out)
         return result[0] if self.outputs == 1 else result
 
     def over(self, view, *args, out=None):
@@ -216,7 +219,6 @@ class channelwise:
         if "full" not in kinds:
             raise ValueError(f"{self.__name__}.over: one argument must have "
                              f"the input's {math.prod(view.dims)} values")
-        from . import backend_for
         full = args[kinds.index("full")]
         if out is not None and not isinstance(out, tuple):
             out = (out,)
@@ -226,8 +228,11 @@ class channelwise:
 
 def is_number(a):
     """True for Python and NumPy numbers, which :class:`channelwise`
-    passes to its function as they are."""
-    return isinstance(a, (int, float, np.number)) and not isinstance(a, bool)
+    passes to its function as they are (bools are not numbers here)."""
+    return type(a) in _NUMBER_TYPES or isinstance(a, np.number)
+
+
+_NUMBER_TYPES = frozenset((int, float))
 
 
 def _size(a):

@@ -508,12 +508,12 @@ class Normalizer:
 
     def _follow(self, x):
         """Move the state arrays to where ``x`` lives (device or host)."""
-        on_device = backend.is_device_array(x)
-        move = backend.to_device if on_device else backend.to_host
+        on_device = not isinstance(x, np.ndarray)
         for name in self.state_names:
             value = getattr(self, name, None)
             if (value is not None and not isinstance(value, int)
-                    and backend.is_device_array(value) != on_device):
+                    and isinstance(value, np.ndarray) == on_device):
+                move = backend.to_device if on_device else backend.to_host
                 setattr(self, name, move(value))
 
     def train(self, mode=True):
