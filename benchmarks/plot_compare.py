@@ -106,12 +106,16 @@ def plot(data, out):
     print(f"wrote {out}")
 
 
+#: A cell that was not measured (a lone "-" would be a list in reST).
+NONE = "–"
+
+
 def _ms(value):
-    return "-" if value is None else f"{value:.2f}"
+    return NONE if value is None else f"{value:.2f}"
 
 
 def _x(value):
-    return "-" if value is None else f"{value:.2f}"
+    return NONE if value is None else f"{value:.2f}"
 
 
 def tables(data, stem):
@@ -121,19 +125,20 @@ def tables(data, stem):
         ms, gbps, frac = c["ms"], c["gbps"], c["frac_copy"]
         ratio = lambda k: (None if ms["torch " + k] is None  # noqa: E731
                            else ms["torch " + k] / ms[k])
-        normkit_rows.append([label(c), _ms(ms["copy"]), f"{gbps['copy']:.1f}",
+        normkit_rows.append([label(c), _ms(ms["copy"]), f"{gbps['copy']:.0f}",
                              _ms(ms["fwd"]), _x(frac["fwd"]),
                              _ms(ms["fwd+bwd"]), _x(frac["fwd+bwd"])])
         torch_rows.append([label(c), _ms(ms["torch fwd"]),
-                           _ms(ms["torch fwd+bwd"]), _x(ratio("fwd")),
-                           _x(ratio("fwd+bwd")),
+                           _ms(ms["torch fwd+bwd"]),
+                           NONE if ratio("fwd") is None else f"{ratio('fwd'):.2f}×",
+                           NONE if ratio("fwd+bwd") is None else f"{ratio('fwd+bwd'):.2f}×",
                            "skipped" if ms["ref fwd"] is None else _ms(ms["ref fwd"])])
     paths = []
     for suffix, header, rows in (
             ("normkit", ["cell", "copy ms", "copy GB/s", "fwd ms", "fwd frac",
                          "fwd+bwd ms", "fwd+bwd frac"], normkit_rows),
             ("torch", ["cell", "torch fwd ms", "torch fwd+bwd ms",
-                       "fwd speed-up", "fwd+bwd speed-up", "ref fwd ms"],
+                       "fwd ×", "fwd+bwd ×", "ref fwd ms"],
              torch_rows)):
         path = stem.with_name(f"{stem.name}-{suffix}.csv")
         with open(path, "w", newline="") as f:
