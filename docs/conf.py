@@ -8,6 +8,7 @@ a failure.
 
 import importlib
 import inspect
+import re
 from pathlib import Path
 
 import normkit
@@ -36,20 +37,22 @@ exclude_patterns = ["_build"]
 # numpydoc and autodoc produce themselves.
 nitpicky = True
 nitpick_ignore_regex = [
-    ("py:class", r"(numpy|np)\.ndarray"),
+    ("py:class", r"(numpy|np)\.(ndarray|dtype)"),
 ]
 # TODO(issue 15): references in docstrings under normkit/ to names that have
-# no page (private modules, undocumented helpers).  The docstrings are being
-# rewritten; delete each entry when its docstring no longer needs it, and
-# this list when it is empty.
+# no page (private helpers, instance attributes, dataclass fields).  The
+# docstrings are being rewritten; delete each entry when its docstring no
+# longer needs it, and this list when it is empty.
 nitpick_ignore = [
-    ("py:mod", "normkit.analysis.plots"),       # normkit/analysis/__init__.py
-    ("py:data", "VARIANTS"),                    # normkit/analysis/__init__.py
-    ("py:func", "warm_kernel_cache"),           # analysis/sweep.py run_sweep
-    ("py:mod", "normkit._cpu"),                 # normkit/engine.py
-    ("py:func", "normkit._half.narrow"),        # engine.from_kernel_array
-    ("py:func", "normkit._half.widen"),         # engine.as_kernel_array
-    ("py:mod", "normkit._device"),              # normkit/functional.py
+    ("py:attr", "weight"),                       # schemes/base.py Normalizer._forward
+    ("py:attr", "bias"),                         # schemes/base.py Normalizer._forward
+    ("py:func", "_p_apply"),                     # backend/cpu.py apply, finish_backward_p
+    ("py:attr", "Settings.target_blocks"),       # backend/cuda.py module docstring
+    ("py:attr", "Settings.values_per_thread"),   # backend/cuda.py module docstring
+    ("py:func", "_kernels"),                     # backend/cuda.py MOMENTS, GRADS
+    ("py:mod", "normkit.analysis.plots"),        # analysis/__init__.py
+    ("py:data", "VARIANTS"),                     # analysis/__init__.py
+    ("py:func", "warm_kernel_cache"),            # analysis/sweep.py run_sweep
 ]
 
 # API reference (api.rst): the public names are documented where users
@@ -63,28 +66,48 @@ autosummary_ignore_module_all = False
 autodoc_default_options = {"member-order": "bysource"}
 
 
-def _reexported():
-    """Module name -> the names it exports that are the same objects as
-    ``normkit.<name>``: their pages are the top-level ones."""
-    names = {}
-    for modname in ("functional", "layers", "registry", "engine", "schemes",
-                    "population", "testing", "reference"):
-        module = importlib.import_module(f"normkit.{modname}")
+def _api_modules():
+    """The modules listed under "Modules" in api.rst, in order."""
+    text = (Path(__file__).parent / "api.rst").read_text()
+    block = text.split(".. _api-modules:", 1)[1]
+    # The entries are relative to api.rst's ``currentmodule:: normkit``.
+    return ["normkit." + name
+            for name in re.findall(r"^   ([\w.]+)$", block, flags=re.M)]
+
+
+def _documented_elsewhere():
+    """Module name -> the names of its ``__all__`` whose page is elsewhere.
+
+    A name has one page: at the top level when it is ``normkit.<name>``
+    (api.rst lists it by task), else on the page of the listed module that
+    defines it.  Every other module that exports it links to that page.
+    """
+    modules = _api_modules()
+    elsewhere = {}
+    for modname in modules:
+        module = importlib.import_module(modname)
         for name in getattr(module, "__all__", ()):
-            if name in normkit.__all__ and getattr(normkit, name) is getattr(module, name):
-                names.setdefault(f"normkit.{modname}", []).append(name)
-    return names
+            obj = getattr(module, name)
+            top = name in normkit.__all__ and getattr(normkit, name) is obj
+            home = getattr(obj, "__module__", None)
+            defined_elsewhere = (
+                home != modname and home in modules
+                and name in getattr(importlib.import_module(home), "__all__", ()))
+            if top or defined_elsewhere:
+                elsewhere.setdefault(modname, []).append(name)
+    return elsewhere
 
 
 #: Members of layer classes that exist for new schemes (the extension
 #: protocol): documented on the pages of the bases new schemes subclass
 #: (EXTENSION_BASES), left off the user-facing layer pages.
 EXTENSION_HOOKS = ("view", "centered", "state_names", "allowed_ndim",
-                   "spread_name", "spread_init", "extra_repr")
+                   "spread_name", "spread_init", "extra_repr", "bound",
+                   "label", "update_running_stats")
 EXTENSION_BASES = ("Normalizer", "RunningStatsNormalizer")
 
 autosummary_context = {
-    "reexported": _reexported(),
+    "reexported": _documented_elsewhere(),
     "extension_hooks": ", ".join(EXTENSION_HOOKS),
     "extension_bases": EXTENSION_BASES,
 }
