@@ -79,7 +79,7 @@ def plot(data, out):
     known = [v for pair in pairs for v in pair if v is not None]
     ax.set_xlim(min(0.5, 0.8 * min(known, default=1)),
                 max(2.0, 1.3 * max(known, default=1)))
-    ticks = [t for t in (0.25, 0.5, 1, 2, 5, 10, 20, 50) if
+    ticks = [t for t in (0.5, 1, 2, 5, 10, 20, 50) if
              ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
     ax.set_xticks(ticks, [f"{t:g}×" for t in ticks])
     ax.minorticks_off()
