@@ -15,7 +15,10 @@ the same data.  Nothing here asserts on a time.
 
 import argparse
 import json
+import sys
 import time
+
+import numpy as np
 
 from normkit import _bench
 from normkit._bench import Case
@@ -90,6 +93,34 @@ def _ratio(numerator, denominator):
     return f"{numerator / denominator:.2f}x"
 
 
+#: Bytes a pass must move at least, in units of the input's size: a copy
+#: and a forward read x and write y (2); a forward and backward also read x
+#: and dy and write dx (2 + 3 = 5).
+MIN_TRAFFIC = {"copy": 2, "fwd": 2, "fwd+bwd": 5, "torch fwd": 2,
+               "torch fwd+bwd": 5}
+
+
+def json_record(case, t):
+    """Every measured cell of one case, for ``--json``.
+
+    Times in milliseconds (None where not timed) and, for each pass in
+    :data:`MIN_TRAFFIC`, its effective bandwidth in GB/s: the bytes it must
+    move at least over its time.  ``frac_copy`` is that bandwidth over the
+    copy's, so 1.0 means "as fast as a copy moves its bytes".
+    """
+    nbytes = int(np.prod(case.shape)) * np.dtype(case.dtype).itemsize
+    ms = {name: None if t[name] is None else 1e3 * t[name] for name in TIMED}
+    gbps = {name: None if t[name] is None
+            else MIN_TRAFFIC[name] * nbytes / t[name] / 1e9
+            for name in MIN_TRAFFIC}
+    frac = {name: None if gbps[name] is None else gbps[name] / gbps["copy"]
+            for name in MIN_TRAFFIC if name != "copy"}
+    return {"variant": case.variant, "shape": list(case.shape),
+            "layout": case.layout, "dtype": case.dtype, "bytes": nbytes,
+            "ms": ms, "gbps": gbps, "frac_copy": frac,
+            "seconds": t}
+
+
 def table_row(case, t):
     """Formatted cells of one row of the markdown table."""
     return [case.variant, str(case.shape), case.layout, _ms(t["copy"]),
@@ -113,7 +144,9 @@ def main(argv=None):
                         help="timed runs per measurement (default 7, 3 "
                              "with --quick)")
     parser.add_argument("--json", metavar="PATH",
-                        help="also write the results to PATH as JSON")
+                        help="also write every measured cell to PATH as "
+                             "JSON (milliseconds, GB/s, fraction of the "
+                             "copy's bandwidth; see json_record)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer runs; skip the reference where one run "
                              f"takes over {QUICK_REFERENCE_LIMIT_S} s")
@@ -129,9 +162,7 @@ def main(argv=None):
     for case in CASES:
         t = measure(case, repeat, args.quick)
         rows.append(table_row(case, t))
-        results.append({"variant": case.variant, "shape": case.shape,
-                        "layout": case.layout, "dtype": case.dtype,
-                        "seconds": t})
+        results.append(json_record(case, t))
     print(_bench.format_table(HEADERS, rows, markdown=True))
     print("\nx/copy: time over x.copy() of the same array; vs torch: torch "
           "time over normkit time (above 1: normkit faster); "
@@ -139,7 +170,11 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "repeat": repeat,
-                       "results": results}, f, indent=1)
+                       "command": " ".join(["python", "benchmarks/compare.py"]
+                                           + list(sys.argv[1:] if argv is None
+                                                  else argv)),
+                       "min_traffic": MIN_TRAFFIC, "results": results},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ from pathlib import Path
 #: Cells of the box: channels, spatial positions, samples.
 C, S, N = 6, 5, 4
 #: Size of a cell on the front face, and the offset of one step in N.
-CELL_W, CELL_H = 22, 18
-DEPTH_X, DEPTH_Y = 11, 9
+CELL_W, CELL_H = 26, 21
+DEPTH_X, DEPTH_Y = 13, 10
 CHANNELS_PER_GROUP = 2
 #: The channel and sample whose group is filled.
 CHANNEL, SAMPLE = 2, 0
@@ -31,8 +31,15 @@ PANELS = (
      lambda n, c, s: n == SAMPLE and c // CHANNELS_PER_GROUP == CHANNEL // CHANNELS_PER_GROUP),
 )
 
-PANEL_W = C * CELL_W + N * DEPTH_X + 70
-HEIGHT = S * CELL_H + N * DEPTH_Y + 70
+#: Font sizes of the axis labels and panel titles, in the SVG's own units:
+#: the figure is drawn at about the size it is shown at (two panels per row
+#: in the text column), so these are close to on-screen pixels.
+LABEL_SIZE, TITLE_SIZE = 17, 19
+#: Panels per row.
+COLUMNS = 2
+
+PANEL_W = C * CELL_W + N * DEPTH_X + 110
+PANEL_H = S * CELL_H + N * DEPTH_Y + 90
 
 
 def point(origin, c, s, n):
@@ -47,7 +54,7 @@ def polygon(points, filled):
             f'stroke="{STROKE}" stroke-width="0.8"/>')
 
 
-def text(x, y, label, size=13, anchor="middle", italic=False):
+def text(x, y, label, size=LABEL_SIZE, anchor="middle", italic=False):
     style = ' font-style="italic"' if italic else ""
     return (f'<text x="{x:g}" y="{y:g}" font-family="sans-serif" '
             f'font-size="{size}" text-anchor="{anchor}"{style}>{label}</text>')
@@ -73,21 +80,26 @@ def panel(origin, title, in_group):
     x1, _ = p(C, 0, 0)
     _, ytop = p(0, S, 0)
     xn, yn = p(C, 0, N / 2)
-    parts += [text((x0 + x1) / 2, y0 + 16, "C", italic=True),
-              text(x0 - 8, (y0 + ytop) / 2, "H, W", anchor="end", italic=True),
+    parts += [text((x0 + x1) / 2, y0 + LABEL_SIZE + 4, "C", italic=True),
+              text(x0 - 8, (y0 + ytop) / 2 + LABEL_SIZE / 3, "H, W", anchor="end",
+                   italic=True),
               text(xn + 10, yn + 8, "N", anchor="start", italic=True),
-              text((x0 + x1) / 2 + N * DEPTH_X / 2, y0 + 40, title, size=15)]
+              text((x0 + x1) / 2 + N * DEPTH_X / 2, y0 + 2 * LABEL_SIZE + 16,
+                   title, size=TITLE_SIZE)]
     return parts
 
 
 def figure():
-    """The four panels side by side, as one SVG document."""
-    width = PANEL_W * len(PANELS)
+    """The four panels, ``COLUMNS`` to a row, as one SVG document."""
+    rows = -(-len(PANELS) // COLUMNS)
+    width, height = PANEL_W * COLUMNS, PANEL_H * rows
     body = []
     for i, (title, in_group) in enumerate(PANELS):
-        body += panel((i * PANEL_W + 45, HEIGHT - 50), title, in_group)
+        row, col = divmod(i, COLUMNS)
+        body += panel((col * PANEL_W + 60, (row + 1) * PANEL_H - 60), title,
+                      in_group)
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" '
-            f'height="{HEIGHT}" viewBox="0 0 {width} {HEIGHT}">\n'
+            f'height="{height}" viewBox="0 0 {width} {height}">\n'
             + "\n".join(body) + "\n</svg>\n")
 
 
