@@ -44,12 +44,6 @@ nitpick_ignore_regex = [
 # docstrings are being rewritten; delete each entry when its docstring no
 # longer needs it, and this list when it is empty.
 nitpick_ignore = [
-    ("py:attr", "weight"),                       # schemes/base.py Normalizer._forward
-    ("py:attr", "bias"),                         # schemes/base.py Normalizer._forward
-    ("py:func", "_p_apply"),                     # backend/cpu.py apply, finish_backward_p
-    ("py:attr", "Settings.target_blocks"),       # backend/cuda.py module docstring
-    ("py:attr", "Settings.values_per_thread"),   # backend/cuda.py module docstring
-    ("py:func", "_kernels"),                     # backend/cuda.py MOMENTS, GRADS
     ("py:mod", "normkit.analysis.plots"),        # analysis/__init__.py
     ("py:data", "VARIANTS"),                     # analysis/__init__.py
     ("py:func", "warm_kernel_cache"),            # analysis/sweep.py run_sweep

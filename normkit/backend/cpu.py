@@ -410,7 +410,7 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
 
 @_kernel
 def apply(x, dy, out, use_dy, P, A, K, J, B, plan, coef, gamma, beta):
-    """Elementwise map of :func:`_p_apply` over all items; ``coef`` is
+    """Elementwise map of ``_p_apply`` over all items; ``coef`` is
     ``(P, K, 5)`` float64, ``gamma`` and ``beta`` are ``(K * J,)`` in the
     input's dtype."""
     L = J * B
@@ -581,7 +581,7 @@ def backward_reduce(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
 def finish_backward_p(sums, n, mean_p, rstd_p, coef, k0, k1, centered):
     """Coefficients of ``dx`` for groups ``[k0, k1)`` of one ``p`` from the
     group sums: ``dx = rstd * g*dy + h * (x - mean) + c`` in the form of
-    :func:`_p_apply` with ``a = 0``, ``e = rstd`` and ``(h, c)`` from
+    ``_p_apply`` with ``a = 0``, ``e = rstd`` and ``(h, c)`` from
     :func:`normkit.backend.protocol.dx_coefficients`.  Pass ``n = inf``
     for fixed statistics (the sums then drop out).
     """

@@ -26,10 +26,10 @@ configuration is decided):
   chunk of its ``L`` columns, and its threads walk that tile in row-major
   order, consecutive threads on consecutive addresses.
 
-When there are fewer tiles than :attr:`Settings.target_blocks` (few channels
+When there are fewer tiles than ``Settings.target_blocks`` (few channels
 over a huge batch; one long row), each group's rows are split into chunks,
 then, for segment tiles, its columns, as long as every thread keeps at least
-:attr:`Settings.values_per_thread` values.  Each block writes its own
+``Settings.values_per_thread`` values.  Each block writes its own
 partial ``(count, mean, M2)`` per group; partials are merged in chunk order
 with the same Chan merge as the CPU partials
 (:func:`normkit.backend.protocol.chan_merge`),
@@ -69,7 +69,7 @@ from numba import cuda, float64
 from . import as_device_array, protocol
 from .plan import MAX_THREADS, SETTINGS, Settings, ceil_div, grid_for  # noqa: F401
 
-#: Reduction modes of the ``reduce`` kernel (:func:`_kernels`).
+#: Reduction modes of the ``reduce`` kernel (``_kernels``).
 MOMENTS, GRADS = 0, 1
 
 #: Columns of the packed per-group coefficients of the elementwise map:

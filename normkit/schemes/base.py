@@ -448,7 +448,7 @@ class Normalizer:
 
     def _forward(self, x):
         """Return ``(y, saved)``; the default normalizes over :meth:`view`
-        with the input's statistics, :attr:`weight` and :attr:`bias`."""
+        with the input's statistics, ``weight`` and ``bias``."""
         view = self.view(x.shape)
         size = view.K * view.J
         if self.weight is not None and self.weight.size != size:
