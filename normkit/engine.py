@@ -1,6 +1,7 @@
 """The engine: the backend protocol's operations, dispatched on the input.
 
-Each function here hands its call to the backend of its input
+Each function here checks that its input is a float16/32/64 array (host or
+device; TypeError otherwise) and hands its call to the backend of its input
 (:func:`normkit.backend.backend_for`: :mod:`normkit.backend.cpu` for NumPy
 arrays, :mod:`normkit.backend.cuda` for device arrays) and returns that
 backend's arrays.  Schemes, built-in or plug-in, are written with these
@@ -10,6 +11,7 @@ they run on every backend without a line of backend code.  See
 """
 
 from .backend import backend_for
+from .checks import check_input
 from .backend.cpu import as_kernel_array, from_kernel_array  # noqa: F401
 from .backend.plan import Plan, make_plan  # noqa: F401
 from .view import View, channel_view, trailing_view  # noqa: F401
@@ -32,6 +34,7 @@ def moment_partials(x, view):
     >>> part[:, :, 0].tolist()            # n, mean, M2 of each row
     [[[3.0, 1.0, 2.0]], [[3.0, 4.0, 2.0]]]
     """
+    check_input(x, "x", "engine.moment_partials")
     return backend_for(x).moment_partials(x, view)
 
 
@@ -59,6 +62,7 @@ def moments(x, view, centered=True):
     >>> mean.ravel().tolist(), var.ravel().round(4).tolist()
     ([2.0, 2.0], [0.6667, 0.0])
     """
+    check_input(x, "x", "engine.moments")
     return backend_for(x).moments(x, view, centered)
 
 
@@ -69,6 +73,7 @@ def apply_affine(x, view, mean, alpha, gamma=None, beta=None):
     shared by every ``p``); ``gamma`` and ``beta`` per ``(K, J)`` (or None
     for 1 and 0).
     """
+    check_input(x, "x", "engine.apply_affine")
     return backend_for(x).apply_affine(x, view, mean, alpha, gamma, beta)
 
 
@@ -87,6 +92,7 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True):
     y : array, same shape and dtype as ``x``
     mean, var : array, ``(P, K)`` float64
     """
+    check_input(x, "x", "engine.normalize_batch")
     return backend_for(x).normalize_batch(x, view, gamma, beta, eps, centered)
 
 
@@ -99,6 +105,7 @@ def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
     arrays), with ``xhat = (x - mean) * rstd`` (``x * rstd`` when not
     ``centered``).
     """
+    check_input(x, "x", "engine.backward_sums")
     group, affine = backend_for(x).backward_sums(dy, x, view, mean, rstd,
                                                  gscale, centered)
     return tuple(group), tuple(affine)
@@ -115,6 +122,7 @@ def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True):
     with ``(S_0, S_1) = group_sums`` per group (``S_0`` ignored when not
     ``centered``); ``n = inf`` for fixed statistics gives ``g * dy * rstd``.
     """
+    check_input(x, "x", "engine.dx_from_sums")
     return backend_for(x).dx_from_sums(dy, x, view, mean, rstd, gscale,
                                        group_sums, n, centered)
 
@@ -149,5 +157,6 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     dx : array, shape and dtype of ``x``
     sum_dy, sum_dy_xhat : array ``(K * J,)`` float64, or None
     """
+    check_input(x, "x", "engine.backward")
     return backend_for(x).backward(dy, x, view, mean, rstd, gscale,
                                    batch_stats, need_affine, centered)

@@ -192,3 +192,13 @@ def test_saved_records_carry_a_scheme_s_extras():
     saved = Saved("mine", view, (2, 1), np.zeros((1, 1)), np.ones((1, 1)),
                   True, None, False, extras={"tau": np.zeros(1)})
     assert saved.replace(variant="other").extras["tau"].shape == (1,)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.bool_])
+def test_engine_rejects_non_float_input(dtype):
+    x = np.ones((2, 3), dtype)
+    view = trailing_view(x.shape, 1)
+    with pytest.raises(TypeError, match="dtype"):
+        engine.moments(x, view)
+    with pytest.raises(TypeError, match="dtype"):
+        engine.apply_affine(x, view, np.zeros(2), np.ones(2))
