@@ -738,7 +738,8 @@ def _backward_inputs(dy, x, view, mean, rstd, gscale, centered):
 
 
 def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
-    """See :meth:`normkit.backend.protocol.Backend.backward_sums`."""
+    """See :meth:`normkit.backend.protocol.Backend.backward_sums`; the group
+    sums come as two ``(P, K)`` arrays, as on the CUDA backend."""
     flat_x, flat_dy, mean, rstd, gscale = _backward_inputs(
         dy, x, view, mean, rstd, gscale, centered)
     plan = make_plan(view)
@@ -746,14 +747,17 @@ def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
     part_affine = np.empty((plan.n_items, 2, view.K * view.J))
     backward_reduce(flat_dy, flat_x, *view.dims, plan, mean, rstd, gscale,
                     part_group, part_affine)
-    return part_group.sum(axis=1), part_affine.sum(axis=0)
+    group = part_group.sum(axis=1)
+    return (group[..., 0], group[..., 1]), part_affine.sum(axis=0)
 
 
 def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True):
-    """See :meth:`normkit.backend.protocol.Backend.dx_from_sums`."""
+    """See :meth:`normkit.backend.protocol.Backend.dx_from_sums`;
+    ``group_sums`` is the pair of ``(P, K)`` arrays of :func:`backward_sums`."""
     flat_x, flat_dy, mean, rstd, gscale = _backward_inputs(
         dy, x, view, mean, rstd, gscale, centered)
-    sums = np.ascontiguousarray(group_sums, np.float64).reshape(view.P, view.K, 2)
+    sums = np.stack([np.asarray(s, np.float64).reshape(view.P, view.K)
+                     for s in group_sums], axis=-1)
     coef = backward_coefficients(sums, float(n), mean, rstd, centered)
     dx = np.empty_like(flat_x)
     apply(flat_x, flat_dy, dx, True, *view.dims, make_plan(view), coef,

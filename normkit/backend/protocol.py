@@ -59,14 +59,16 @@ class Backend(Protocol):
     def backward_sums(self, dy, x, view, mean, rstd, gscale=None,
                       centered=True):
         """Backward reductions with ``xhat = (x - mean) * rstd``:
-        ``group (P, K, 2)`` holds ``(sum g*dy, sum g*dy*xhat)`` per group
-        (``g = gscale`` per ``(k, j)``, 1 when None) and ``affine (2, K*J)``
-        holds ``(sum dy, sum dy*xhat)`` per ``(k, j)``."""
+        ``(group, affine)``, where ``group`` is the pair of ``(P, K)``
+        arrays ``(sum g*dy, sum g*dy*xhat)`` per group (``g = gscale`` per
+        ``(k, j)``, 1 when None) and ``affine`` the pair of ``(K*J,)``
+        arrays ``(sum dy, sum dy*xhat)`` per ``(k, j)``."""
 
     def dx_from_sums(self, dy, x, view, mean, rstd, gscale, group_sums, n,
                      centered=True):
         """``dx = rstd * (g*dy - S0/n - xhat * S1/n)`` with ``(S0, S1) =
-        group_sums`` per group (``n = inf``: fixed statistics,
+        group_sums``, a pair of per-group arrays as :meth:`backward_sums`
+        returns (``n = inf``: fixed statistics,
         ``dx = g * dy * rstd``)."""
 
     def backward(self, dy, x, view, mean, rstd, gscale=None, batch_stats=True,
