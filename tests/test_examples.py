@@ -1,5 +1,6 @@
 """The worked examples of docs/extending.rst (examples/filter_response_norm,
-examples/switchable_norm): schemes written with normkit's public API only.
+examples/switchable_norm, examples/evonorm): schemes written with normkit's
+public API only.
 
 Each passes the conformance kit against its float64 NumPy reference
 (forward in training and inference, finite-difference gradients of ``x``
@@ -18,10 +19,11 @@ import pytest
 from normkit.testing import check_conformance
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-for folder in ("filter_response_norm", "switchable_norm"):
+for folder in ("filter_response_norm", "switchable_norm", "evonorm"):
     if str(EXAMPLES / folder) not in sys.path:
         sys.path.insert(0, str(EXAMPLES / folder))
 
+import normkit_evonorm as evo  # noqa: E402
 import normkit_filter_response_norm as frn  # noqa: E402
 import normkit_switchable_norm as sn  # noqa: E402
 
@@ -48,6 +50,10 @@ def frn_layer(axis=1):
 
 def sn_layer(axis=1):
     return randomized(sn.SwitchableNorm(C, axis=axis))
+
+
+def evo_layer(axis=1):
+    return randomized(evo.EvoNormS0(C, num_groups=2, axis=axis))
 
 
 def make_input(axis, seed=0):
@@ -93,6 +99,13 @@ def test_switchable_norm_with_one_dominant_weight_is_in_ln_or_bn(pick):
     assert np.allclose(layer(x), want, atol=1e-10)
 
 
+@pytest.mark.parametrize("axis", [1, -1])
+def test_evonorm_s0_conforms(axis):
+    check_conformance(lambda: evo_layer(axis), make_input(axis),
+                      lambda x, state, training: evo.reference(x, state, 2,
+                                                               axis=axis))
+
+
 # --------------------------------------------------------------------------
 # the same objects on CUDA device arrays
 # --------------------------------------------------------------------------
@@ -113,14 +126,15 @@ def small_blocks(monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("factory", [frn_layer, sn_layer],
-                         ids=["filter_response_norm", "switchable_norm"])
+@pytest.mark.parametrize("factory", [frn_layer, sn_layer, evo_layer],
+                         ids=["filter_response_norm", "switchable_norm",
+                              "evonorm_s0"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_runs_on_device_arrays_like_the_cpu(factory, mode, small_blocks):
     x = make_input(1).astype(np.float32)
     dy = np.random.default_rng(2).standard_normal(x.shape).astype(np.float32)
     host, device = factory().train(mode == "train"), factory().train(mode == "train")
-    y_host, dx_host = host(x), None
+    y_host = host(x)
     dx_host = host.backward(dy)
 
     y = device(cuda.to_device(x))
