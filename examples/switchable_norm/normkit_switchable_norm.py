@@ -42,6 +42,7 @@ from normkit.schemes import cast, normalize_with_statistics
 
 @normkit.channelwise
 def softmax(logit, l0, l1, l2):
+    """The softmax weight of ``logit``, one of ``(l0, l1, l2)``."""
     top = max(l0, l1, l2)
     return math.exp(logit - top) / (
         math.exp(l0 - top) + math.exp(l1 - top) + math.exp(l2 - top))
@@ -49,11 +50,14 @@ def softmax(logit, l0, l1, l2):
 
 @normkit.channelwise
 def add(a, b):
+    """``a + b``."""
     return a + b
 
 
 @normkit.channelwise(outputs=3)
 def mix(m_in, m_ln, m_bn, v_in, v_ln, v_bn, a0, a1, a2, b0, b1, b2, eps):
+    """The mixed mean and variance, with weights ``a`` and ``b``, and the
+    inverse standard deviation."""
     var = b0 * v_in + b1 * v_ln + b2 * v_bn
     return a0 * m_in + a1 * m_ln + a2 * m_bn, var, 1.0 / math.sqrt(var + eps)
 
@@ -77,13 +81,15 @@ def instance_sums(dmu, dvar, dm_ln, dv_ln, dm_bn, dv_bn, m_in, m_ln, m_bn,
 
 @normkit.channelwise(outputs=6)
 def logit_terms(dmu, dvar, m_in, m_ln, m_bn, mu, v_in, v_ln, v_bn, var):
-    """Summed over (n, c) and times the weight: the logits' gradients."""
+    """``dmu * (mu_k - mu)`` and ``dvar * (var_k - var)``: summed over
+    ``(n, c)`` and times ``w_k``, the gradients of the logits."""
     return (dmu * (m_in - mu), dmu * (m_ln - mu), dmu * (m_bn - mu),
             dvar * (v_in - var), dvar * (v_ln - var), dvar * (v_bn - var))
 
 
 @normkit.channelwise
 def scaled(weight, mean_term, count):
+    """``weight * mean_term * count``: a weight times a sum."""
     return weight * mean_term * count
 
 
