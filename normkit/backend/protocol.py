@@ -132,6 +132,13 @@ class channelwise:
     array, or a tuple of ``outputs`` arrays, of that size, any float dtype;
     ``out`` may be an input, for updates in place).
 
+    Parameters
+    ----------
+    function : callable, optional
+        The scalar function (when used as ``@channelwise``).
+    outputs : int, default 1
+        How many floats it returns (as ``@channelwise(outputs=n)``).
+
     Examples
     --------
     >>> import numpy as np

@@ -25,10 +25,41 @@ class BatchNorm(RunningStatsNormalizer):
     """Batch normalization (Ioffe and Szegedy 2015) over channel ``axis``;
     see :func:`normkit.batch_norm` for the formulas.
 
-    Training normalizes with the batch statistics and updates the running
-    ones; inference uses the running statistics (the batch's when
-    ``track_running_stats`` is false).  Parameters as
-    :class:`~normkit.RunningStatsNormalizer`.
+    .. math::
+
+        y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}
+            \\gamma + \\beta
+
+    per channel, over the batch and every other axis.  Training normalizes
+    with the batch mean and biased variance and updates
+    ``running_mean`` and ``running_var`` (with the unbiased variance
+    ``m / (m - 1) * Var``, ``m`` values per channel)::
+
+        running = (1 - momentum) * running + momentum * batch
+
+    inference uses the running statistics (the batch's when
+    ``track_running_stats`` is false).
+
+    Parameters
+    ----------
+    num_features : int
+        Channels ``C``, the size of ``axis``.
+    eps : float, default 1e-5
+        Added to the variance.
+    momentum : float in [0, 1] or None, default 0.1
+        Weight of the new batch in the running averages; None: cumulative
+        average.
+    affine : bool, default True
+        Learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
+    track_running_stats : bool, default True
+        Keep ``running_mean``, ``running_var`` and ``num_batches_tracked``.
+    axis : int, default 1
+        Channel axis: 1 channels-first, -1 channels-last.
+
+    Shape
+    -----
+    Input ``(N, C, *)`` (``axis=1``) or ``(N, *, C)`` (``axis=-1``),
+    output the same.
 
     Examples
     --------
@@ -60,19 +91,96 @@ class BatchNorm(RunningStatsNormalizer):
 
 
 class BatchNorm1d(BatchNorm):
-    """:class:`BatchNorm` for (N, C) or (N, C, L) input."""
+    """:class:`BatchNorm` for ``(N, C)`` or ``(N, C, L)`` input, as
+    ``torch.nn.BatchNorm1d``.
+
+    Parameters
+    ----------
+    num_features : int
+        Channels ``C``, the size of ``axis``.
+    eps : float, default 1e-5
+        Added to the variance.
+    momentum : float in [0, 1] or None, default 0.1
+        Weight of the new batch in the running averages; None: cumulative
+        average.
+    affine : bool, default True
+        Learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
+    track_running_stats : bool, default True
+        Keep ``running_mean``, ``running_var`` and ``num_batches_tracked``.
+    axis : int, default 1
+        Channel axis: 1 channels-first, -1 channels-last.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> normkit.BatchNorm1d(4)(np.ones((8, 4, 10))).shape
+    (8, 4, 10)
+    """
 
     allowed_ndim = (2, 3)
 
 
 class BatchNorm2d(BatchNorm):
-    """:class:`BatchNorm` for (N, C, H, W) input."""
+    """:class:`BatchNorm` for ``(N, C, H, W)`` input, as
+    ``torch.nn.BatchNorm2d`` (``axis=-1``: ``(N, H, W, C)``).
+
+    Parameters
+    ----------
+    num_features : int
+        Channels ``C``, the size of ``axis``.
+    eps : float, default 1e-5
+        Added to the variance.
+    momentum : float in [0, 1] or None, default 0.1
+        Weight of the new batch in the running averages; None: cumulative
+        average.
+    affine : bool, default True
+        Learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
+    track_running_stats : bool, default True
+        Keep ``running_mean``, ``running_var`` and ``num_batches_tracked``.
+    axis : int, default 1
+        Channel axis: 1 channels-first, -1 channels-last.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> bn = normkit.BatchNorm2d(3, axis=-1)              # channels last
+    >>> x = np.random.default_rng(0).normal(2.0, 1.0, (4, 5, 5, 3))
+    >>> bool(np.allclose(bn(x).mean(axis=(0, 1, 2)), 0.0))
+    True
+    """
 
     allowed_ndim = (4,)
 
 
 class BatchNorm3d(BatchNorm):
-    """:class:`BatchNorm` for (N, C, D, H, W) input."""
+    """:class:`BatchNorm` for ``(N, C, D, H, W)`` input, as
+    ``torch.nn.BatchNorm3d``.
+
+    Parameters
+    ----------
+    num_features : int
+        Channels ``C``, the size of ``axis``.
+    eps : float, default 1e-5
+        Added to the variance.
+    momentum : float in [0, 1] or None, default 0.1
+        Weight of the new batch in the running averages; None: cumulative
+        average.
+    affine : bool, default True
+        Learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
+    track_running_stats : bool, default True
+        Keep ``running_mean``, ``running_var`` and ``num_batches_tracked``.
+    axis : int, default 1
+        Channel axis: 1 channels-first, -1 channels-last.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> normkit.BatchNorm3d(2)(np.ones((2, 2, 3, 3, 3))).shape
+    (2, 2, 3, 3, 3)
+    """
 
     allowed_ndim = (5,)
 
@@ -114,6 +222,23 @@ class BatchRenorm(RunningStatsNormalizer):
     ``sigma_B``.  ``rmax`` and ``dmax`` are plain attributes that may change
     between steps, e.g. ``layer.rmax, layer.dmax =
     normkit.batch_renorm_schedule(step)``.
+
+    Parameters
+    ----------
+    num_features : int
+        Channels ``C``.
+    eps : float, default 1e-5
+    momentum : float in [0, 1] or None, default 0.1
+        Weight of the new batch in ``running_mean`` and ``running_std``.
+    rmax : float >= 1, default 3.0
+    dmax : float >= 0, default 5.0
+        Clips of ``r`` and ``d``; ``rmax=1, dmax=0`` is BatchNorm.
+    affine : bool, default True
+    axis : int, default 1
+
+    Shape
+    -----
+    As :class:`BatchNorm`.
 
     Examples
     --------
@@ -198,6 +323,15 @@ class GhostBatchNorm(RunningStatsNormalizer):
     batch size must be a multiple of it) and updates the running
     statistics once per call with the ghost statistics averaged; inference
     is BatchNorm inference with them, for any batch size.
+
+    Parameters
+    ----------
+    num_features : int
+        Channels ``C``.
+    virtual_batch_size : int
+        Samples per ghost batch; must divide the batch in training.
+    eps, momentum, affine, track_running_stats, axis
+        As :class:`BatchNorm` (``axis`` may not be 0).
 
     Examples
     --------

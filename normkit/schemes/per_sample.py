@@ -26,6 +26,26 @@ class InstanceNorm(RunningStatsNormalizer):
     ``track_running_stats`` is true.  Defaults as PyTorch's
     ``InstanceNorm*d``: ``affine=False``, ``track_running_stats=False``.
 
+    .. math::
+
+        y_{ncs} = \\frac{x_{ncs} - \\mu_{nc}}{\\sqrt{\\sigma^2_{nc} + \\epsilon}}
+                  \\gamma_c + \\beta_c
+
+    Parameters
+    ----------
+    num_features : int
+        Channels ``C``.
+    eps : float, default 1e-5
+    momentum : float in [0, 1] or None, default 0.1
+    affine : bool, default False
+    track_running_stats : bool, default False
+    axis : int, default 1
+        Channel axis (not 0, the batch axis).
+
+    Shape
+    -----
+    Input ``(N, C, *)`` (``axis=1``) or ``(N, *, C)``, output the same.
+
     Examples
     --------
     >>> import numpy as np
@@ -59,6 +79,26 @@ class InstanceNorm(RunningStatsNormalizer):
 
 class GroupNorm(Normalizer):
     """Group normalization (Wu and He 2018); see :func:`normkit.group_norm`.
+
+    Each sample's ``num_channels`` channels are split into ``num_groups``
+    groups, each normalized over its channels and the other axes, then a
+    per-channel affine.
+
+    Parameters
+    ----------
+    num_groups : int
+        Groups ``G``; must divide ``num_channels``.
+    num_channels : int
+        Channels ``C``.
+    eps : float, default 1e-5
+    affine : bool, default True
+        Per-channel ``weight`` (ones) and ``bias`` (zeros).
+    axis : int, default 1
+        Channel axis (not 0, the batch axis).
+
+    Shape
+    -----
+    Input ``(N, C, *)`` (``axis=1``) or ``(N, *, C)``, output the same.
 
     Examples
     --------
@@ -97,6 +137,18 @@ class LayerNorm(Normalizer):
     """Layer normalization (Ba, Kiros and Hinton 2016) over the trailing
     ``normalized_shape`` axes; see :func:`normkit.layer_norm`.
 
+    Parameters
+    ----------
+    normalized_shape : int or tuple of int
+        The trailing shape normalized over.
+    eps : float, default 1e-5
+    elementwise_affine : bool, default True
+        ``weight`` (ones) and ``bias`` (zeros) of shape ``normalized_shape``.
+
+    Shape
+    -----
+    Input ``(*, *normalized_shape)``, output the same.
+
     Examples
     --------
     >>> import numpy as np
@@ -131,6 +183,16 @@ class RMSNorm(LayerNorm):
     ``elementwise_affine`` gives a gain ``weight`` of shape
     ``normalized_shape`` (ones) and no bias; ``eps=None`` is the machine
     epsilon of the input's dtype.
+
+    .. math::
+
+        y = \\frac{x}{\\sqrt{\\overline{x^2} + \\epsilon}} \\gamma
+
+    Parameters
+    ----------
+    normalized_shape : int or tuple of int
+    eps : float or None, default None
+    elementwise_affine : bool, default True
 
     Examples
     --------
