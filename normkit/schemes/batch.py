@@ -56,9 +56,9 @@ class BatchNorm(RunningStatsNormalizer):
     axis : int, default 1
         Channel axis: 1 channels-first, -1 channels-last.
 
-    Shape
+    Notes
     -----
-    Input ``(N, C, *)`` (``axis=1``) or ``(N, *, C)`` (``axis=-1``),
+    Shape: Input ``(N, C, *)`` (``axis=1``) or ``(N, *, C)`` (``axis=-1``),
     output the same.
 
     Examples
@@ -236,9 +236,9 @@ class BatchRenorm(RunningStatsNormalizer):
     affine : bool, default True
     axis : int, default 1
 
-    Shape
+    Notes
     -----
-    As :class:`BatchNorm`.
+    Shape: As :class:`BatchNorm`.
 
     Examples
     --------

@@ -42,9 +42,9 @@ class InstanceNorm(RunningStatsNormalizer):
     axis : int, default 1
         Channel axis (not 0, the batch axis).
 
-    Shape
+    Notes
     -----
-    Input ``(N, C, *)`` (``axis=1``) or ``(N, *, C)``, output the same.
+    Shape: Input ``(N, C, *)`` (``axis=1``) or ``(N, *, C)``, output the same.
 
     Examples
     --------
@@ -96,9 +96,9 @@ class GroupNorm(Normalizer):
     axis : int, default 1
         Channel axis (not 0, the batch axis).
 
-    Shape
+    Notes
     -----
-    Input ``(N, C, *)`` (``axis=1``) or ``(N, *, C)``, output the same.
+    Shape: Input ``(N, C, *)`` (``axis=1``) or ``(N, *, C)``, output the same.
 
     Examples
     --------
@@ -145,9 +145,9 @@ class LayerNorm(Normalizer):
     elementwise_affine : bool, default True
         ``weight`` (ones) and ``bias`` (zeros) of shape ``normalized_shape``.
 
-    Shape
+    Notes
     -----
-    Input ``(*, *normalized_shape)``, output the same.
+    Shape: Input ``(*, *normalized_shape)``, output the same.
 
     Examples
     --------
