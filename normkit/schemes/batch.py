@@ -92,7 +92,15 @@ class BatchNorm(RunningStatsNormalizer):
 
 class BatchNorm1d(BatchNorm):
     """:class:`BatchNorm` for ``(N, C)`` or ``(N, C, L)`` input, as
-    ``torch.nn.BatchNorm1d``.
+    ``torch.nn.BatchNorm1d``:
+
+    .. math::
+
+        y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}
+            \\gamma + \\beta
+
+    per channel over the batch (and ``L``), with running statistics as
+    :class:`BatchNorm`.
 
     Parameters
     ----------
@@ -123,7 +131,15 @@ class BatchNorm1d(BatchNorm):
 
 class BatchNorm2d(BatchNorm):
     """:class:`BatchNorm` for ``(N, C, H, W)`` input, as
-    ``torch.nn.BatchNorm2d`` (``axis=-1``: ``(N, H, W, C)``).
+    ``torch.nn.BatchNorm2d`` (``axis=-1``: ``(N, H, W, C)``):
+
+    .. math::
+
+        y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}
+            \\gamma + \\beta
+
+    per channel over ``(N, H, W)``, with running statistics as
+    :class:`BatchNorm`.
 
     Parameters
     ----------
@@ -156,7 +172,15 @@ class BatchNorm2d(BatchNorm):
 
 class BatchNorm3d(BatchNorm):
     """:class:`BatchNorm` for ``(N, C, D, H, W)`` input, as
-    ``torch.nn.BatchNorm3d``.
+    ``torch.nn.BatchNorm3d``:
+
+    .. math::
+
+        y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}
+            \\gamma + \\beta
+
+    per channel over ``(N, D, H, W)``, with running statistics as
+    :class:`BatchNorm`.
 
     Parameters
     ----------
