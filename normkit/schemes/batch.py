@@ -90,122 +90,62 @@ class BatchNorm(RunningStatsNormalizer):
         return self.normalize_tracked(x, view)
 
 
-class BatchNorm1d(BatchNorm):
-    """:class:`BatchNorm` for ``(N, C)`` or ``(N, C, L)`` input, as
-    ``torch.nn.BatchNorm1d``:
+def _for_input(shape, torch_name, axes, example):
+    """Class decorator: the docstring of a :class:`BatchNorm` for one input
+    rank (``shape``, as ``torch_name``, statistics over ``axes``) with a
+    doctest ``example``."""
+    def document(cls):
+        cls.__doc__ = f""":class:`BatchNorm` for {shape} input, as
+    ``{torch_name}``:
 
     .. math::
 
-        y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}
+        y = \\frac{{x - \\mathrm{{E}}[x]}}{{\\sqrt{{\\mathrm{{Var}}[x] + \\epsilon}}}}
             \\gamma + \\beta
 
-    per channel over the batch (and ``L``), with running statistics as
-    :class:`BatchNorm`.
+    per channel over {axes}, with running statistics as :class:`BatchNorm`.
 
     Parameters
     ----------
     num_features : int
-        Channels ``C``, the size of ``axis``.
-    eps : float, default 1e-5
-        Added to the variance.
-    momentum : float in [0, 1] or None, default 0.1
-        Weight of the new batch in the running averages; None: cumulative
-        average.
-    affine : bool, default True
-        Learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
-    track_running_stats : bool, default True
-        Keep ``running_mean``, ``running_var`` and ``num_batches_tracked``.
-    axis : int, default 1
-        Channel axis: 1 channels-first, -1 channels-last.
+        Channels ``C``.
+    eps, momentum, affine, track_running_stats, axis
+        As :class:`BatchNorm` (defaults ``1e-5``, ``0.1``, ``True``,
+        ``True``, ``1``).
 
     Examples
     --------
     >>> import numpy as np
     >>> import normkit
-    >>> normkit.BatchNorm1d(4)(np.ones((8, 4, 10))).shape
-    (8, 4, 10)
+{example}
     """
+        return cls
+    return document
 
+
+@_for_input("``(N, C)`` or ``(N, C, L)``", "torch.nn.BatchNorm1d",
+            "``N`` (and ``L``)", """\
+    >>> normkit.BatchNorm1d(4)(np.ones((8, 4, 10))).shape
+    (8, 4, 10)""")
+class BatchNorm1d(BatchNorm):
     allowed_ndim = (2, 3)
 
 
-class BatchNorm2d(BatchNorm):
-    """:class:`BatchNorm` for ``(N, C, H, W)`` input, as
-    ``torch.nn.BatchNorm2d`` (``axis=-1``: ``(N, H, W, C)``):
-
-    .. math::
-
-        y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}
-            \\gamma + \\beta
-
-    per channel over ``(N, H, W)``, with running statistics as
-    :class:`BatchNorm`.
-
-    Parameters
-    ----------
-    num_features : int
-        Channels ``C``, the size of ``axis``.
-    eps : float, default 1e-5
-        Added to the variance.
-    momentum : float in [0, 1] or None, default 0.1
-        Weight of the new batch in the running averages; None: cumulative
-        average.
-    affine : bool, default True
-        Learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
-    track_running_stats : bool, default True
-        Keep ``running_mean``, ``running_var`` and ``num_batches_tracked``.
-    axis : int, default 1
-        Channel axis: 1 channels-first, -1 channels-last.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> import normkit
+@_for_input("``(N, C, H, W)``", "torch.nn.BatchNorm2d",
+            "``(N, H, W)`` (``axis=-1``: input ``(N, H, W, C)``)", """\
     >>> bn = normkit.BatchNorm2d(3, axis=-1)              # channels last
     >>> x = np.random.default_rng(0).normal(2.0, 1.0, (4, 5, 5, 3))
     >>> bool(np.allclose(bn(x).mean(axis=(0, 1, 2)), 0.0))
-    True
-    """
-
+    True""")
+class BatchNorm2d(BatchNorm):
     allowed_ndim = (4,)
 
 
-class BatchNorm3d(BatchNorm):
-    """:class:`BatchNorm` for ``(N, C, D, H, W)`` input, as
-    ``torch.nn.BatchNorm3d``:
-
-    .. math::
-
-        y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}
-            \\gamma + \\beta
-
-    per channel over ``(N, D, H, W)``, with running statistics as
-    :class:`BatchNorm`.
-
-    Parameters
-    ----------
-    num_features : int
-        Channels ``C``, the size of ``axis``.
-    eps : float, default 1e-5
-        Added to the variance.
-    momentum : float in [0, 1] or None, default 0.1
-        Weight of the new batch in the running averages; None: cumulative
-        average.
-    affine : bool, default True
-        Learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
-    track_running_stats : bool, default True
-        Keep ``running_mean``, ``running_var`` and ``num_batches_tracked``.
-    axis : int, default 1
-        Channel axis: 1 channels-first, -1 channels-last.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> import normkit
+@_for_input("``(N, C, D, H, W)``", "torch.nn.BatchNorm3d", "``(N, D, H, W)``",
+            """\
     >>> normkit.BatchNorm3d(2)(np.ones((2, 2, 3, 3, 3))).shape
-    (2, 2, 3, 3, 3)
-    """
-
+    (2, 2, 3, 3, 3)""")
+class BatchNorm3d(BatchNorm):
     allowed_ndim = (5,)
 
 

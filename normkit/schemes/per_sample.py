@@ -40,11 +40,12 @@ class InstanceNorm(RunningStatsNormalizer):
     affine : bool, default False
     track_running_stats : bool, default False
     axis : int, default 1
-        Channel axis (not 0, the batch axis).
+        Channel axis, 1 or a later one (axis 0 holds the samples).
 
     Notes
     -----
-    Shape: Input ``(N, C, *)`` (``axis=1``) or ``(N, *, C)``, output the same.
+    Shape: ``(N, C, L...)``, or ``(N, L..., C)`` with ``axis=-1``; the
+    output has the input's shape and dtype.
 
     Examples
     --------
