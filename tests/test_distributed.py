@@ -117,3 +117,62 @@ def test_gloo():
     out = _run([sys.executable, "tests/distributed/spawn_gloo.py", "2"], 600,
                {})
     assert out.count(" passed") == 2, out[-3000:]
+
+
+# --------------------------------------------------------------------------
+# device arrays (the CUDA simulator where there is no GPU)
+# --------------------------------------------------------------------------
+
+class _DeviceThreadComm:
+    """A rank of a ThreadGroup whose collectives take and return device
+    arrays (as NCCL's do)."""
+
+    device_arrays = True
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.rank, self.size = inner.rank, inner.size
+        self.seen = []
+
+    def allgather(self, a):
+        from numba import cuda
+        self.seen.append(normkit.backend.is_device_array(a))
+        return cuda.to_device(self.inner.allgather(a.copy_to_host()))
+
+    def allreduce(self, a):
+        from numba import cuda
+        self.seen.append(normkit.backend.is_device_array(a))
+        return cuda.to_device(self.inner.allreduce(a.copy_to_host()))
+
+
+@pytest.mark.parametrize("device_comm", [False, True])
+def test_device_arrays(device_comm):
+    cuda = pytest.importorskip("numba.cuda")
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1" and not cuda.is_available():
+        pytest.skip("no CUDA device and the simulator is off")
+    sizes = (2, 3)
+    x, dy = sync_checks.global_batch(sizes, 1, np.float32, spatial=(2,))
+    ref = normkit.BatchNorm(sync_checks.C)
+    y_ref, dx_ref = ref(x), ref.backward(dy)
+
+    def rank(comm):
+        if device_comm:
+            comm = _DeviceThreadComm(comm)
+        sync = normkit.SyncBatchNorm(sync_checks.C, communicator=comm)
+        xl = sync_checks.local_slice(x, sizes, comm.rank)
+        dyl = sync_checks.local_slice(dy, sizes, comm.rank)
+        y = sync(cuda.to_device(xl))
+        dx = sync.backward(cuda.to_device(dyl))
+        assert normkit.backend.is_device_array(y)
+        assert normkit.backend.is_device_array(sync.running_var)
+        sync_checks.close("y", y.copy_to_host(),
+                          sync_checks.local_slice(y_ref, sizes, comm.rank), 2e-5)
+        sync_checks.close("dx", dx.copy_to_host(),
+                          sync_checks.local_slice(dx_ref, sizes, comm.rank), 2e-4)
+        sync_checks.close("running_var", sync.running_var.copy_to_host(),
+                          ref.running_var, 2e-5)
+        if device_comm:
+            assert comm.seen == [True, True]
+        return True
+
+    assert ThreadGroup(2).run(rank) == [True, True]
