@@ -15,7 +15,7 @@ transport of its own; the implementations wrap
 - :class:`CountingCommunicator`: any of them, counting the collectives
   (tests, and checking that a step makes the collectives it should).
 
-A communicator that cannot take CUDA device arrays (:attr:`device_arrays`
+A communicator that cannot take CUDA device arrays (``device_arrays``
 false: MPI from pip, gloo) is handed host float64 copies of the small
 per-channel arrays; the activations never leave the device.
 
@@ -233,7 +233,7 @@ def from_torch(group=None):
     """A communicator over a ``torch.distributed`` process group.
 
     Any backend: gloo moves host float64 arrays (CPU), NCCL device arrays
-    (:attr:`Communicator.device_arrays`; float64 collectives).  The group's
+    (``Communicator.device_arrays``; float64 collectives).  The group's
     collectives time out after the ``timeout`` given to
     ``torch.distributed.init_process_group`` (a rank that never arrives
     makes the others raise then).

@@ -33,11 +33,12 @@ from ..distributed import check_communicator
 from .base import cast, check_backward, normalize_with_statistics
 from .batch import BatchNorm
 
-__all__ = ["SyncBatchNorm", "merge_ranks", "sync_moments"]
+__all__ = ["SyncBatchNorm", "sync_moments", "sync_gradients", "merge_ranks",
+           "send_failure"]
 
 #: Count a rank sends in place of its moments when its input was bad (its
 #: error is raised there; the other ranks raise instead of waiting).
-FAILED = -1.0
+_FAILED = -1.0
 
 
 @channelwise(outputs=3)
@@ -187,13 +188,13 @@ def _sync(x, view, communicator, eps, func, sending=None):
 def send_failure(communicator, num_features, backward=False):
     """Take part in this step's collective for a rank whose input was bad,
     so that the others raise rather than wait: a ``(3, C)`` summary with
-    count :data:`FAILED` for a forward, a flag for a backward."""
+    count ``_FAILED`` for a forward, a flag for a backward."""
     if backward:
         payload = np.zeros(2 * num_features + communicator.size)
         payload[2 * num_features + communicator.rank] = 1.0
         communicator.allreduce(payload)
     else:
-        communicator.allgather(np.full((3, num_features), FAILED))
+        communicator.allgather(np.full((3, num_features), _FAILED))
 
 
 def sync_gradients(dy, x, saved, sending=None):
