@@ -176,3 +176,15 @@ def test_device_arrays(device_comm):
         return True
 
     assert ThreadGroup(2).run(rank) == [True, True]
+
+
+def test_conformance_kit_on_one_process():
+    """The checks every built-in layer passes (gradients by finite
+    differences, state, bad input, train/eval), through the synchronized
+    code path (a counting communicator, so the collectives are made)."""
+    from normkit import testing
+    x = np.random.default_rng(0).normal(1.0, 2.0, (4, 3, 5))
+    testing.check_conformance(
+        lambda: normkit.SyncBatchNorm(
+            3, communicator=distributed.CountingCommunicator()), x,
+        bad_shapes=[(4, 2, 5)])
