@@ -107,14 +107,14 @@ def _mpiexec():
 def test_mpi(ranks):
     out = _run([_mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py",
                 "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                "tests/distributed"], 600,
+                "tests/distributed"], 300,
                {"NORMKIT_TEST_COMMUNICATOR": "mpi"})
     assert out.count(" passed") == ranks, out[-3000:]
 
 
 def test_gloo():
     pytest.importorskip("torch.distributed")
-    out = _run([sys.executable, "tests/distributed/spawn_gloo.py", "2"], 600,
+    out = _run([sys.executable, "tests/distributed/spawn_gloo.py", "2"], 300,
                {})
     assert out.count(" passed") == 2, out[-3000:]
 
