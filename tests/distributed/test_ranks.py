@@ -5,9 +5,26 @@ gloo), as launched by tests/test_distributed.py:
     python tests/distributed/spawn_gloo.py 2
 """
 
+import os
+
 import pytest
 
 from sync_checks import SCENARIOS
+
+
+@pytest.fixture(scope="session")
+def comm():
+    """This rank's communicator (tests/test_distributed.py sets
+    NORMKIT_TEST_COMMUNICATOR; without it these tests skip: they only mean
+    something on several processes).  No conftest.py here: the suite's
+    modules import helpers with ``from conftest import ...``."""
+    kind = os.environ.get("NORMKIT_TEST_COMMUNICATOR")
+    if kind is None:
+        pytest.skip("run by tests/test_distributed.py on several processes")
+    from normkit import distributed
+    if kind == "mpi":
+        return distributed.from_mpi()
+    return distributed.from_torch()
 
 
 def _id(scenario):
