@@ -174,6 +174,24 @@ def population_pooled_over_ranks(comm):
     return True
 
 
+def population_failure_raises_everywhere(comm, bad_rank=1):
+    """A rank whose batches are bad raises its own error during the pass;
+    the others raise a RuntimeError naming it, none writes estimates."""
+    layer = normkit.BatchNorm(C)
+    shape = (4, C - 1) if comm.rank == bad_rank else (4, C)
+    try:
+        normkit.reestimate_population_statistics(
+            layer, [np.ones(shape)], communicator=comm, sequential=True)
+    except ValueError as exc:
+        assert comm.rank == bad_rank and "channels" in str(exc), exc
+    except RuntimeError as exc:
+        assert comm.rank != bad_rank and f"rank(s) [{bad_rank}]" in str(exc), exc
+    else:
+        raise AssertionError("no error")
+    np.testing.assert_array_equal(layer.running_var, 1.0)
+    return True
+
+
 SCENARIOS = [
     (sync_matches_batchnorm, dict(split=split, axis=axis, dtype=dtype, momentum=m))
     for split in ("unequal", "empty")
@@ -181,7 +199,8 @@ SCENARIOS = [
     for dtype in (np.float64, np.float32, np.float16)
     for m in ((0.1,) if dtype is not np.float64 else (0.1, None))
 ] + [(bad_input_raises_everywhere, {}), (too_few_values_raise_everywhere, {}),
-     (population_pooled_over_ranks, {})]
+     (population_pooled_over_ranks, {}),
+     (population_failure_raises_everywhere, {})]
 
 
 # --------------------------------------------------------------------------
