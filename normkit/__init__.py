@@ -7,7 +7,7 @@ RMSNorm, Ghost BatchNorm, Weight and Spectral Normalization, forward and
 backward, with PyTorch's semantics, and the same extension API for yours.
 """
 
-from . import engine
+from . import distributed, engine
 from .backend import channelwise
 from .view import View
 from .functional import (Saved, batch_norm, batch_norm_backward, batch_renorm,
@@ -22,7 +22,8 @@ from .functional import (Saved, batch_norm, batch_norm_backward, batch_renorm,
 from .schemes import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d,
                       BatchRenorm, GhostBatchNorm, GroupNorm, InstanceNorm,
                       LayerNorm, Normalizer, Reparametrization, RMSNorm,
-                      RunningStatsNormalizer, SpectralNorm, WeightNorm,
+                      RunningStatsNormalizer, SpectralNorm, SyncBatchNorm,
+                      WeightNorm,
                       normalize_with_statistics, update_running)
 from .population import reestimate_population_statistics
 from .registry import available, create, register
@@ -45,5 +46,5 @@ __all__ = [
     "RMSNorm", "GhostBatchNorm", "Reparametrization", "WeightNorm",
     "SpectralNorm", "PluginWarning", "refresh",
     "reestimate_population_statistics", "normalize_with_statistics",
-    "update_running", "channelwise",
+    "update_running", "channelwise", "SyncBatchNorm",
 ]

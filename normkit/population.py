@@ -19,6 +19,7 @@ does this for any number of layers of a network at once.
 import numpy as np
 
 from . import engine
+from .distributed import check_communicator
 
 __all__ = ["reestimate_population_statistics", "has_running_statistics"]
 
@@ -73,13 +74,27 @@ class _Accumulator:
                              f"{type(self.layer).__name__} must normalize "
                              f"with per-channel batch statistics in training "
                              f"mode, got the view {view}")
-        mean, var = engine.moments(x, view)          # (P, C) each
         m = view.group_size
+        if m == 0:                  # an empty slice (a rank with no samples)
+            return
+        mean, var = engine.moments(x, view)          # (P, C) each
         self.values += m * view.P
         self.dof += (m - 1) * view.P
         self.groups += view.P
         self.sum_x += m * mean.sum(axis=0)
         self.sum_m2 += m * var.sum(axis=0)
+
+    def totals(self):
+        """The sums as one flat float64 array (for pooling over ranks)."""
+        return np.concatenate([[self.values, self.dof, self.groups],
+                               self.sum_x, self.sum_m2])
+
+    def set_totals(self, totals):
+        """Replace the sums by ``totals`` (:meth:`totals` pooled)."""
+        C = self.sum_x.size
+        self.values, self.dof, self.groups = (int(round(v)) for v in totals[:3])
+        self.sum_x = totals[3:3 + C].copy()
+        self.sum_m2 = totals[3 + C:].copy()
 
     def estimate(self):
         """``(E[x], Var[x])`` pooled over every group seen."""
@@ -135,7 +150,7 @@ class _Recording:
 
 
 def reestimate_population_statistics(layers, batches, forward=None, *,
-                                     sequential=False):
+                                     sequential=False, communicator=None):
     """Replace running statistics by population estimates over ``batches``.
 
     For each layer, per channel, over every batch ``B`` of ``m_B`` values
@@ -189,13 +204,25 @@ def reestimate_population_statistics(layers, batches, forward=None, *,
         for layer ``k`` the other listed layers run in inference mode, and
         layers ``0..k-1`` already hold their new population statistics, so
         layer ``k`` is estimated from the input it will see at inference.
+    communicator : :class:`~normkit.distributed.Communicator`, optional
+        Pool the batches of every process of a data-parallel job: each
+        rank passes its own ``batches`` (any number, possibly none), the
+        sums above are pooled over ranks with one all-gather per pass
+        (added in rank order, so every rank writes the same bits), and
+        every rank's layers receive the same estimates.  Every rank must
+        call this function with the same layers and ``sequential``.
+        Layers that synchronize their own forward
+        (:class:`~normkit.SyncBatchNorm`) make a collective per batch
+        too, so then every rank must also pass the same number of
+        batches.
 
     Returns
     -------
     list of dict
         Per layer, in order: ``running_mean`` and ``running_var`` (or
-        ``running_std``) as written, ``batches`` (statistics groups pooled)
-        and ``values`` (values per channel pooled).
+        ``running_std``) as written, ``batches`` (statistics groups pooled,
+        over every rank with a ``communicator``) and ``values`` (values per
+        channel pooled).
 
     Raises
     ------
@@ -206,17 +233,20 @@ def reestimate_population_statistics(layers, batches, forward=None, *,
         whatever a layer raises on its input); the running statistics
         of the layers not yet estimated are then unchanged (with
         ``sequential=True`` the layers before are already updated).
+    RuntimeError
+        With a ``communicator``, on the other ranks when one rank raised
+        during a pass (that rank raises its own error).
 
     Examples
     --------
     >>> import numpy as np
     >>> import normkit
-    >>> bn = normkit.BatchNorm1d(3)
-    >>> batches = [np.random.default_rng(i).normal(5.0, 2.0, (16, 3))
-    ...            for i in range(4)]
-    >>> info = normkit.reestimate_population_statistics([bn], batches)
-    >>> bool(np.allclose(bn.running_mean, np.concatenate(batches).mean(axis=0)))
-    True
+    >>> bn = normkit.BatchNorm(2)
+    >>> rng = np.random.default_rng(0)
+    >>> batches = [rng.normal(5.0, 2.0, (64, 2)) for _ in range(10)]
+    >>> stats = normkit.reestimate_population_statistics(bn, batches)
+    >>> bn.running_mean.round(0).tolist(), stats[0]["batches"]
+    ([5.0, 5.0], 10)
     """
     func = "reestimate_population_statistics"
     layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
@@ -237,6 +267,8 @@ def reestimate_population_statistics(layers, batches, forward=None, *,
         raise TypeError(f"{func}: sequential=True makes one pass per layer, "
                         f"so batches must be a re-iterable sequence, got the "
                         f"iterator {type(batches).__name__}")
+    comm = (None if communicator is None
+            else check_communicator(communicator, func))
     accumulators = [_Accumulator(layer) for layer in layers]
     passes = ([[acc] for acc in accumulators] if sequential
               else [accumulators])
@@ -245,7 +277,7 @@ def reestimate_population_statistics(layers, batches, forward=None, *,
         for recorded in passes:
             for layer in layers:
                 layer.train(any(acc.layer is layer for acc in recorded))
-            _run_pass(recorded, batches, forward)
+            _run_pass(recorded, batches, forward, comm)
             estimates = [acc.estimate() for acc in recorded]
             for acc, (mean, var) in zip(recorded, estimates):
                 _write(acc.layer, mean, var)
@@ -258,13 +290,42 @@ def reestimate_population_statistics(layers, batches, forward=None, *,
             for acc in accumulators]
 
 
-def _run_pass(accumulators, batches, forward):
-    """Run ``forward`` on every batch while ``accumulators`` record."""
-    with _Recording(accumulators):
-        for batch in batches:
-            forward(batch)
+def _run_pass(accumulators, batches, forward, comm=None):
+    """Run ``forward`` on every batch while ``accumulators`` record, then
+    pool the sums over the ranks of ``comm``."""
+    try:
+        with _Recording(accumulators):
+            for batch in batches:
+                forward(batch)
+    except Exception:
+        if comm is not None and comm.size > 1:   # the others raise, not wait
+            comm.allgather(np.full(sum(acc.totals().size
+                                       for acc in accumulators), -1.0))
+        raise
+    if comm is not None and comm.size > 1:
+        _pool(accumulators, comm)
     for acc in accumulators:
         if acc.groups == 0:
             raise ValueError(f"reestimate_population_statistics: "
                              f"{type(acc.layer).__name__} received no input; "
                              f"forward must call every listed layer")
+
+
+def _pool(accumulators, comm):
+    """Replace each accumulator's sums by their sums over the ranks (one
+    all-gather, added in rank order)."""
+    gathered = comm.allgather(np.concatenate([acc.totals()
+                                              for acc in accumulators]))
+    failed = [r for r in range(comm.size) if gathered[r, 0] < 0]
+    if failed:
+        raise RuntimeError(f"reestimate_population_statistics: rank(s) "
+                           f"{failed} of {comm.size} failed (their error was "
+                           f"raised there); nothing was written")
+    total = gathered[0].copy()
+    for r in range(1, comm.size):
+        total += gathered[r]
+    start = 0
+    for acc in accumulators:
+        size = acc.totals().size
+        acc.set_totals(total[start:start + size])
+        start += size

@@ -7,6 +7,8 @@ statistics, on the public extension API of :mod:`normkit.schemes.base`.
   :func:`update_running`, the extension API;
 - :mod:`normkit.schemes.batch`: BatchNorm, Batch Renormalization, Ghost
   BatchNorm (statistics over the batch);
+- :mod:`normkit.schemes.sync`: SyncBatchNorm (statistics over a batch
+  split across processes, through :mod:`normkit.distributed`);
 - :mod:`normkit.schemes.per_sample`: InstanceNorm, GroupNorm, LayerNorm,
   RMSNorm (statistics per sample);
 - :mod:`normkit.schemes.reparam`: Weight and Spectral Normalization
@@ -19,6 +21,7 @@ from .base import (Normalizer, RunningStatsNormalizer, Saved, affine_gradients,
                    update_running)
 from .batch import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d,
                     BatchRenorm, GhostBatchNorm)
+from .sync import SyncBatchNorm
 from .per_sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from .reparam import Reparametrization, SpectralNorm, WeightNorm
 
@@ -27,6 +30,6 @@ __all__ = [
     "normalize_with_statistics", "normalize_backward", "affine_gradients",
     "check_backward", "cast", "update_running", "momentum_factor",
     "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm",
-    "GhostBatchNorm", "InstanceNorm", "GroupNorm", "LayerNorm", "RMSNorm",
+    "GhostBatchNorm", "SyncBatchNorm", "InstanceNorm", "GroupNorm", "LayerNorm", "RMSNorm",
     "Reparametrization", "WeightNorm", "SpectralNorm",
 ]

@@ -1,0 +1,122 @@
+"""Per-step cost of synchronizing BatchNorm over 2 processes (CPU).
+
+One training step (forward and backward) of normkit.SyncBatchNorm on a
+rank's slice against normkit.BatchNorm on the same slice, timed in turn
+(interleaved, so drift of the machine affects both alike), and the two
+collectives alone (an all-gather of 3*C and an all-reduce of 2*C + size
+float64 values) lined up, and a BatchNorm step with those collectives
+after its forward and its backward (what any synchronized step pays for
+transport and for waiting on the slower rank), over MPI (mpi4py) or
+torch.distributed with gloo:
+
+    mpiexec -n 2 python benchmarks/sync_step.py mpi
+    python benchmarks/sync_step.py gloo          # spawns 2 processes
+
+Each rank runs its kernels on one Numba thread (2 processes on 2 cores;
+set NUMBA_NUM_THREADS=1 too, so that no idle pool threads spin).
+Prints one line per configuration (rank 0; the medians are of the slower
+rank's time per step, steps being synchronized).
+"""
+
+import datetime
+import json
+import os
+import socket
+import sys
+import time
+
+import numpy as np
+
+STEPS = int(os.environ.get("SYNC_BENCH_STEPS", "60"))
+WARMUP = 5
+CONFIGS = [(64, (32, 64, 4, 4)), (1024, (32, 1024, 4, 4))]   # (C, local slice)
+
+
+def _median_max(comm, samples):
+    """Median over steps of the slower rank's time (seconds)."""
+    every = comm.allgather(np.asarray(samples, np.float64))
+    return float(np.median(every.max(axis=0)))
+
+
+def run(comm, kind):
+    import numba
+    import normkit
+    numba.set_num_threads(1)
+    rows = []
+    for C, shape in CONFIGS:
+        rng = np.random.default_rng(comm.rank)
+        x = rng.standard_normal(shape).astype(np.float32)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        sync = normkit.SyncBatchNorm(C, communicator=comm)
+        local = normkit.BatchNorm(C)
+        gather = np.zeros((3, C))
+        reduce = np.zeros(2 * C + comm.size)
+        times = {"batchnorm": [], "sync": [], "collectives": [],
+                 "batchnorm_then_collectives": []}
+        for step in range(WARMUP + STEPS):
+            comm.allreduce(np.zeros(1))                  # line the ranks up
+            t0 = time.perf_counter()
+            local(x)
+            local.backward(dy)
+            t1 = time.perf_counter()
+            comm.allreduce(np.zeros(1))
+            t2 = time.perf_counter()
+            sync(x)
+            sync.backward(dy)
+            t3 = time.perf_counter()
+            comm.allreduce(np.zeros(1))
+            t4 = time.perf_counter()
+            comm.allgather(gather)
+            comm.allreduce(reduce)
+            t5 = time.perf_counter()
+            comm.allreduce(np.zeros(1))
+            t6 = time.perf_counter()
+            local(x)
+            comm.allgather(gather)
+            local.backward(dy)
+            comm.allreduce(reduce)
+            t7 = time.perf_counter()
+            if step >= WARMUP:
+                times["batchnorm_then_collectives"].append(t7 - t6)
+                times["batchnorm"].append(t1 - t0)
+                times["sync"].append(t3 - t2)
+                times["collectives"].append(t5 - t4)
+        med = {k: _median_max(comm, v) * 1e3 for k, v in times.items()}
+        row = dict(transport=kind, C=C, shape=list(shape), ranks=comm.size,
+                   steps=STEPS, **{f"{k}_ms": round(v, 4) for k, v in med.items()},
+                   overhead_ms=round(med["sync"] - med["batchnorm"], 4))
+        rows.append(row)
+        if comm.rank == 0:
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def _gloo_rank(rank, port):
+    import torch.distributed as dist
+    from normkit import distributed
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        run(distributed.from_torch(), "gloo")
+    finally:
+        dist.destroy_process_group()
+
+
+def main():
+    kind = sys.argv[1] if len(sys.argv) > 1 else "mpi"
+    if kind == "mpi":
+        from normkit import distributed
+        run(distributed.from_mpi(), "mpi")
+    elif kind == "gloo":
+        import torch.multiprocessing as mp
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_gloo_rank, args=(port,), nprocs=2, join=True)
+    else:
+        raise SystemExit("usage: sync_step.py mpi|gloo")
+
+
+if __name__ == "__main__":
+    main()
