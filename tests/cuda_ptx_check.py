@@ -110,7 +110,11 @@ def compile_all(path, cc):
                 # defined in a test module (needs the simulator to import)
                 skipped += 1
                 continue
-            function = getattr(importlib.import_module(module), qualname)
+            scope = importlib.import_module(module)
+            function = getattr(scope, qualname)
+            if not hasattr(function, "compiled"):  # wrapped under another name
+                function = next(v for v in vars(scope).values()
+                                if getattr(v, "function", None) is function)
             kernel = _cuda.kernel_for(function, (key[0], tuple(key[1])))
             name = f"{qualname}{tuple(key[1])}"
         elif name in CLOSURE_KERNELS:

@@ -24,7 +24,7 @@ import numpy as np
 from . import backend_for
 
 __all__ = ["Backend", "channelwise", "chan_merge", "dx_coefficients",
-           "inverse_std", "reciprocal", "product", "copy"]
+           "inverse_std", "reciprocal", "product", "copy", "merge_summaries"]
 
 
 class Backend(Protocol):
@@ -344,3 +344,9 @@ def product(a, b):
 def copy(a):
     """``a`` (with ``out=``: converted to ``out``'s dtype and shape)."""
     return a
+
+
+#: Chan's merge (:func:`chan_merge`) of two ``(n, mean, M2)`` summaries,
+#: per channel on either backend: ``n, mean, m2 = merge_summaries(n_a,
+#: mean_a, m2_a, n_b, mean_b, m2_b)`` (rows of processes, of chunks, ...).
+merge_summaries = channelwise(outputs=3)(chan_merge)

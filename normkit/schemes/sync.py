@@ -28,7 +28,7 @@ simply contributes ``n = 0``.
 import numpy as np
 
 from .. import backend, engine
-from ..backend.protocol import channelwise, copy, inverse_std
+from ..backend.protocol import channelwise, copy, inverse_std, merge_summaries
 from ..distributed import check_communicator
 from .base import cast, check_backward, normalize_with_statistics
 from .batch import BatchNorm
@@ -39,20 +39,6 @@ __all__ = ["SyncBatchNorm", "sync_moments", "sync_gradients", "merge_ranks",
 #: Count a rank sends in place of its moments when its input was bad (its
 #: error is raised there; the other ranks raise instead of waiting).
 _FAILED = -1.0
-
-
-@channelwise(outputs=3)
-def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Chan, Golub and LeVeque's merge of two ``(n, mean, M2)`` (as
-    :func:`normkit.backend.protocol.chan_merge`)."""
-    if n_b == 0.0:
-        return n_a, mean_a, m2_a
-    if n_a == 0.0:
-        return n_b, mean_b, m2_b
-    n = n_a + n_b
-    delta = mean_b - mean_a
-    frac = n_b / n
-    return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
 
 
 @channelwise(outputs=2)
@@ -92,7 +78,7 @@ def merge_ranks(gathered, size):
     """
     n, mean, m2 = gathered[0, 0], gathered[0, 1], gathered[0, 2]
     for r in range(1, size):
-        n, mean, m2 = _chan(n, mean, m2, gathered[r, 0], gathered[r, 1],
+        n, mean, m2 = merge_summaries(n, mean, m2, gathered[r, 0], gathered[r, 1],
                             gathered[r, 2])
     return n, mean, m2
 
