@@ -21,6 +21,7 @@ from .functional import (Saved, batch_norm, batch_norm_backward, batch_renorm,
                          weight_norm_backward)
 from .schemes import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d,
                       BatchRenorm, GhostBatchNorm, GroupNorm, InstanceNorm,
+                      InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
                       LayerNorm, Normalizer, Reparametrization, RMSNorm,
                       RunningStatsNormalizer, SpectralNorm, WeightNorm,
                       normalize_with_statistics, update_running)
@@ -45,5 +46,6 @@ __all__ = [
     "RMSNorm", "GhostBatchNorm", "Reparametrization", "WeightNorm",
     "SpectralNorm", "PluginWarning", "refresh",
     "reestimate_population_statistics", "normalize_with_statistics",
-    "update_running", "channelwise",
+    "update_running", "channelwise", "InstanceNorm1d", "InstanceNorm2d",
+    "InstanceNorm3d",
 ]

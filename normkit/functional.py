@@ -35,6 +35,8 @@ arguments must be on the device (mixing raises TypeError), results and
 updated in place on the device.
 """
 
+import math
+
 from .backend import accepts_device_arrays
 from .checks import (check_axis, check_channel_input, check_eps, check_input,
                      check_momentum, check_ndim, check_normalized_shape,
@@ -573,7 +575,7 @@ def spectral_norm(w, u, v, n_power_iterations=1, eps=1e-12, training=True,
     rows = w.shape[ax]
     check_vector = check_running if training else check_param
     check_vector(u, "u", (rows,), func)
-    check_vector(v, "v", (w.size // rows,), func)
+    check_vector(v, "v", (math.prod(w.shape[:ax] + w.shape[ax + 1:]),), func)
     n_iter = check_positive_int(n_power_iterations, "n_power_iterations", func)
     eps = check_eps(eps, func)
     if eps == 0.0:

@@ -19,7 +19,8 @@ from .base import (Normalizer, RunningStatsNormalizer, Saved, affine_gradients,
                    update_running)
 from .batch import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d,
                     BatchRenorm, GhostBatchNorm)
-from .per_sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from .per_sample import (GroupNorm, InstanceNorm, InstanceNorm1d,
+                         InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm)
 from .reparam import Reparametrization, SpectralNorm, WeightNorm
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "normalize_with_statistics", "normalize_backward", "affine_gradients",
     "check_backward", "cast", "update_running", "momentum_factor",
     "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm",
-    "GhostBatchNorm", "InstanceNorm", "GroupNorm", "LayerNorm", "RMSNorm",
+    "GhostBatchNorm", "InstanceNorm", "InstanceNorm1d", "InstanceNorm2d",
+    "InstanceNorm3d", "GroupNorm", "LayerNorm", "RMSNorm",
     "Reparametrization", "WeightNorm", "SpectralNorm",
 ]

@@ -603,6 +603,9 @@ class RunningStatsNormalizer(Normalizer):
         Keep running statistics (else None).
     axis : int, default 1
         Channel axis: 1 channels-first, -1 channels-last.
+    bias : bool, default True
+        Keyword only, as in PyTorch 2.13: with ``affine``, whether there is
+        a ``bias`` besides the ``weight``.
 
     Examples
     --------
@@ -635,10 +638,11 @@ class RunningStatsNormalizer(Normalizer):
     spread_init = 1.0
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1):
+                 track_running_stats=True, axis=1, *, bias=True):
         self.num_features = check_positive_int(num_features, "num_features",
                                                type(self).__name__)
-        super().__init__((self.num_features,) if affine else None, eps)
+        super().__init__((self.num_features,) if affine else None, eps,
+                         bias=bias)
         check_momentum(momentum, type(self).__name__)
         self.momentum = momentum
         self.axis = axis
@@ -662,14 +666,21 @@ class RunningStatsNormalizer(Normalizer):
         the unbiased ``n / (n - 1) * var``, with the weight of
         :func:`momentum_factor`.  Does nothing unless
         ``track_running_stats``.
+
+        A batch without values (``n == 0``, or rows of no groups) leaves
+        the running statistics alone and is still counted, as PyTorch's
+        ``BatchNorm*d`` do with an empty batch.
         """
         if not self.track_running_stats:
             return
-        factor = momentum_factor(self.momentum, self.num_batches_tracked)
-        if mean is not None:
-            update_running(self.running_mean, mean, factor)
-        if var is not None:
-            update_running(getattr(self, self.spread_name), var, factor, n)
+        empty = n == 0 or any(rows is not None and rows.shape[0] == 0
+                              for rows in (mean, var))
+        if not empty:
+            factor = momentum_factor(self.momentum, self.num_batches_tracked)
+            if mean is not None:
+                update_running(self.running_mean, mean, factor)
+            if var is not None:
+                update_running(getattr(self, self.spread_name), var, factor, n)
         self.num_batches_tracked += 1
 
     def normalize_running(self, x, view):
@@ -691,6 +702,7 @@ class RunningStatsNormalizer(Normalizer):
         return y, saved
 
     def extra_repr(self):
+        no_bias = ", bias=False" if self.weight is not None and self.bias is None else ""
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.weight is not None}, "
+                f"affine={self.weight is not None}{no_bias}, "
                 f"track_running_stats={self.track_running_stats}, axis={self.axis}")

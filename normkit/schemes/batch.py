@@ -11,8 +11,8 @@ import math
 
 from .. import engine
 from ..backend.protocol import channelwise, product, reciprocal
-from ..checks import (check_channels, check_positive_int, is_real,
-                      values_per_channel_error)
+from ..checks import (check_batch_eps, check_channels, check_positive_int,
+                      is_real, values_per_channel_error)
 from ..view import channel_view, ghost_view
 from .base import (RunningStatsNormalizer, Saved, affine_gradients,
                    normalize_with_statistics)
@@ -29,6 +29,11 @@ class BatchNorm(RunningStatsNormalizer):
     ones; inference uses the running statistics (the batch's when
     ``track_running_stats`` is false).  Parameters as
     :class:`~normkit.RunningStatsNormalizer`.
+
+    As in PyTorch 2.13, wherever the batch statistics are used, ``eps``
+    must be positive and a batch of one value per channel raises; an empty
+    batch gives an empty output and leaves the running statistics alone
+    (it is still counted in ``num_batches_tracked``).
 
     Examples
     --------
@@ -54,7 +59,8 @@ class BatchNorm(RunningStatsNormalizer):
         view = self.view(x.shape)
         if not self.training and self.running_mean is not None:
             return self.normalize_running(x, view)
-        if self.training and view.group_size <= 1:
+        check_batch_eps(self.eps, self.label)
+        if view.group_size == 1:
             raise values_per_channel_error(x)
         return self.normalize_tracked(x, view)
 
@@ -113,7 +119,10 @@ class BatchRenorm(RunningStatsNormalizer):
     of the backward), and ``running_std`` (not a variance) is updated with
     ``sigma_B``.  ``rmax`` and ``dmax`` are plain attributes that may change
     between steps, e.g. ``layer.rmax, layer.dmax =
-    normkit.batch_renorm_schedule(step)``.
+    normkit.batch_renorm_schedule(step)``.  Unlike :class:`BatchNorm`,
+    ``eps = 0`` is accepted in training (a channel of zero variance then
+    gives NaN); an empty batch is counted and leaves the running
+    statistics alone.
 
     Examples
     --------
@@ -130,8 +139,9 @@ class BatchRenorm(RunningStatsNormalizer):
     spread_name = "running_std"
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, rmax=3.0,
-                 dmax=5.0, affine=True, axis=1):
-        super().__init__(num_features, eps, momentum, affine, True, axis)
+                 dmax=5.0, affine=True, axis=1, *, bias=True):
+        super().__init__(num_features, eps, momentum, affine, True, axis,
+                         bias=bias)
         self.rmax = rmax
         self.dmax = dmax
 
@@ -155,7 +165,7 @@ class BatchRenorm(RunningStatsNormalizer):
             return normalize_with_statistics(
                 x, view, self.running_mean, reciprocal(self.running_std),
                 self.weight, self.bias, variant=self.label)
-        if view.group_size <= 1:
+        if view.group_size == 1:
             raise values_per_channel_error(x)
         mean, var = engine.moments(x, view)
         alpha, rstd, sigma, r, d = renorm_corrections(
@@ -164,7 +174,10 @@ class BatchRenorm(RunningStatsNormalizer):
         weight = 1.0 if self.weight is None else self.weight
         beta = shift(weight, 0.0 if self.bias is None else self.bias, d)
         y = engine.apply_affine(x, view, mean, alpha, self.weight, beta)
-        self.update_running_stats(mean, sigma.reshape(1, view.K), None)
+        if view.group_size:
+            self.update_running_stats(mean, sigma.reshape(1, view.K), None)
+        else:  # an empty batch: counted, the statistics left alone
+            self.update_running_stats(None, None, 0)
         return y, Saved(self.label, view, x.shape, mean,
                         rstd.reshape(1, view.K), True, self.weight,
                         self.bias is not None, r, d, var=var,
@@ -177,6 +190,8 @@ class BatchRenorm(RunningStatsNormalizer):
         sum(dy * (xhat * r + d))``."""
         weight = saved.weight
         gscale = saved.r if weight is None else product(weight, saved.r)
+        if not saved.view.group_size:  # no values: r, d are NaN, sums 0
+            return affine_gradients(dy, x, saved, gscale)
         return affine_gradients(dy, x, saved, gscale,
                                 lambda sum_dy, sum_dy_xhat: renorm_weight_sum(
                                     sum_dy_xhat, saved.r, sum_dy, saved.d))
@@ -197,7 +212,8 @@ class GhostBatchNorm(RunningStatsNormalizer):
     samples with its own statistics (:func:`~normkit.view.ghost_view`; the
     batch size must be a multiple of it) and updates the running
     statistics once per call with the ghost statistics averaged; inference
-    is BatchNorm inference with them, for any batch size.
+    is BatchNorm inference with them, for any batch size.  ``eps`` and
+    empty batches as in :class:`BatchNorm`.
 
     Examples
     --------
@@ -210,11 +226,12 @@ class GhostBatchNorm(RunningStatsNormalizer):
     """
 
     def __init__(self, num_features, virtual_batch_size, eps=1e-5,
-                 momentum=0.1, affine=True, track_running_stats=True, axis=1):
+                 momentum=0.1, affine=True, track_running_stats=True, axis=1,
+                 *, bias=True):
         self.virtual_batch_size = check_positive_int(
             virtual_batch_size, "virtual_batch_size", "GhostBatchNorm")
         super().__init__(num_features, eps, momentum, affine,
-                         track_running_stats, axis)
+                         track_running_stats, axis, bias=bias)
 
     def view(self, shape):
         """The ghost-batch view (:func:`~normkit.view.ghost_view`)."""
@@ -229,7 +246,8 @@ class GhostBatchNorm(RunningStatsNormalizer):
             return self.normalize_running(
                 x, channel_view(x.shape, ax, per_sample=False))
         view = self.view(x.shape)
-        if view.group_size <= 1:
+        check_batch_eps(self.eps, self.label)
+        if view.P and view.group_size == 1:
             raise ValueError(f"{self.label}: expected more than 1 value per "
                              f"channel in each virtual batch, got "
                              f"{view.group_size} (input size {tuple(x.shape)}, "

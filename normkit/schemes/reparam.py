@@ -43,6 +43,11 @@ class Reparametrization(Normalizer):
         super().__init__(None, eps=0.0)
 
 
+def _inverse_sqrt(n):
+    """``1 / sqrt(n)`` for a count ``n`` (inf for units of no values)."""
+    return 1.0 / math.sqrt(n) if n else math.inf
+
+
 def unit_view(v, axis, func):
     """Validated ``axis`` of weight ``v`` (at least 1-D) and the view with
     one group per unit along it."""
@@ -96,7 +101,7 @@ class WeightNorm(Reparametrization):
 
     def _forward(self, v):
         view = self._checked_view(v, self.label)
-        gain = product(self.g, 1.0 / math.sqrt(view.group_size))
+        gain = product(self.g, _inverse_sqrt(view.group_size))
         return normalize(v, view, gain, None, 0.0, return_saved=True,
                          variant=self.label, centered=False)
 
@@ -107,7 +112,7 @@ class WeightNorm(Reparametrization):
         vhat))``, the engine's uncentered backward with gain ``g /
         sqrt(n)``."""
         dv, dgain, _ = normalize_backward(dw, v, saved, variant)
-        return dv, product(dgain, 1.0 / math.sqrt(saved.view.group_size))
+        return dv, product(dgain, _inverse_sqrt(saved.view.group_size))
 
     def _backward(self, dw, v, saved):
         dv, dg = self.gradients(dw, v, saved)
@@ -133,7 +138,9 @@ class SpectralSaved:
 
 def _as_matrix(w, axis):
     """``w`` as a float64 ``(w.shape[axis], -1)`` matrix."""
-    return np.moveaxis(np.asarray(w, np.float64), axis, 0).reshape(w.shape[axis], -1)
+    cols = math.prod(w.shape[:axis] + w.shape[axis + 1:])
+    return np.moveaxis(np.asarray(w, np.float64), axis, 0).reshape(
+        w.shape[axis], cols)
 
 
 def _unit_vector(vector, eps):
