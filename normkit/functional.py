@@ -40,7 +40,8 @@ import math
 from .backend import accepts_device_arrays
 from .checks import (check_axis, check_channel_input, check_eps, check_input,
                      check_momentum, check_ndim, check_normalized_shape,
-                     check_param, check_positive_int, check_running)
+                     check_param, check_positive_int, check_running,
+                     check_trailing)
 from .schemes.base import Saved, check_backward, normalize, normalize_backward
 from .schemes.batch import BatchNorm, BatchRenorm, GhostBatchNorm
 from .schemes.per_sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
@@ -204,6 +205,7 @@ def instance_norm_backward(dy, x, saved):
 def _trailing_scheme(cls, func, x, normalized_shape, weight, bias, eps):
     check_input(x, "x", func)
     shape = check_normalized_shape(normalized_shape, func)
+    check_trailing(func, x.shape, shape)
     for name, value in (("weight", weight), ("bias", bias)):
         check_param(value, name, shape, func)
     return cls.bound(func, True, normalized_shape=shape, weight=weight,

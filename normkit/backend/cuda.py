@@ -78,6 +78,7 @@ N_PACKED = 6
 
 _chan_merge = cuda.jit(device=True)(protocol.chan_merge)
 _dx_coefficients = cuda.jit(device=True)(protocol.dx_coefficients)
+_inverse_sqrt = cuda.jit(device=True)(protocol.inverse_sqrt)
 
 
 # --------------------------------------------------------------------------
@@ -370,7 +371,7 @@ def _kernels(acc):
         if holder:
             mean_out[p, kk] = m
             var_out[p, kk] = var
-        mc, a_x, h_x, e_x, q_x, w_x = packed(m, 1.0 / math.sqrt(var + eps),
+        mc, a_x, h_x, e_x, q_x, w_x = packed(m, _inverse_sqrt(var + eps),
                                              0.0, 0.0, 0.0)
         transform(x, x, out, False, gamma, has_gamma, beta, has_beta, p, A, K,
                   J, B, a0, a1, c0, width, n_act, mc, a_x, h_x, e_x, q_x, w_x)

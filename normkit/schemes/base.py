@@ -72,6 +72,9 @@ class Saved:
         ``gradients(dy, x, saved) -> (dx, dweight, dbias)`` for a scheme
         whose gradient is not :func:`normalize_backward`'s generic one;
         :func:`normalize_backward` calls it after its checks.
+    bias_shape : tuple of int or None
+        Shape of the bias used, for its gradient (None: the weight's
+        shape, or flat).
     """
 
     variant: str
@@ -88,6 +91,7 @@ class Saved:
     var: np.ndarray | None = None
     extras: dict = field(default_factory=dict)
     gradients: object = None
+    bias_shape: tuple | None = None
 
     def replace(self, **changes):
         """A copy with ``changes`` (``dataclasses.replace``)."""
@@ -147,7 +151,8 @@ def normalize(x, view, weight=None, bias=None, eps=1e-5, *, return_saved=False,
     if not return_saved:
         return y
     saved = Saved(variant, view, x.shape, mean, inverse_std(var, eps), True,
-                  weight, bias is not None, centered=centered, var=var)
+                  weight, bias is not None, centered=centered, var=var,
+                  bias_shape=_shape_of(bias))
     return y, saved
 
 
@@ -182,7 +187,11 @@ def normalize_with_statistics(x, view, mean, rstd, weight=None, bias=None, *,
     rstd = rstd.reshape(rows, view.K)
     y = engine.apply_affine(x, view, mean, rstd, weight, bias)
     return y, Saved(variant, view, x.shape, mean, rstd, False, weight,
-                    bias is not None)
+                    bias is not None, bias_shape=_shape_of(bias))
+
+
+def _shape_of(a):
+    return None if a is None else tuple(a.shape)
 
 
 def _size(a):
@@ -276,7 +285,8 @@ def affine_gradients(dy, x, saved, gscale=None, weight_sum=None):
             sum_dy_xhat = weight_sum(sum_dy, sum_dy_xhat)
         dweight = cast(sum_dy_xhat, weight.shape, weight.dtype)
     if saved.has_bias:
-        shape = weight.shape if weight is not None else (sum_dy.size,)
+        shape = (saved.bias_shape or
+                 (weight.shape if weight is not None else (sum_dy.size,)))
         dtype = weight.dtype if weight is not None else x.dtype
         dbias = cast(sum_dy, shape, dtype)
     return dx, dweight, dbias

@@ -44,8 +44,9 @@ class Reparametrization(Normalizer):
 
 
 def _inverse_sqrt(n):
-    """``1 / sqrt(n)`` for a count ``n`` (inf for units of no values)."""
-    return 1.0 / math.sqrt(n) if n else math.inf
+    """``1 / sqrt(n)`` for a count ``n``; 0 for units of no values (there
+    is nothing to scale, and their ``dg``, a sum over no values, is 0)."""
+    return 1.0 / math.sqrt(n) if n else 0.0
 
 
 def unit_view(v, axis, func):
@@ -210,7 +211,8 @@ class SpectralNorm(Reparametrization):
         u64 = np.array(u, np.float64)
         v64 = np.array(v, np.float64)
         sigma = float(u64 @ (matrix @ v64))
-        y = (np.asarray(w, np.float64) / sigma).astype(w.dtype)
+        with np.errstate(divide="ignore", invalid="ignore"):  # sigma 0: NaN
+            y = (np.asarray(w, np.float64) / sigma).astype(w.dtype)
         return y, SpectralSaved(w.shape, w.dtype, self.axis, sigma, u64, v64)
 
     @staticmethod
@@ -219,9 +221,10 @@ class SpectralNorm(Reparametrization):
         constants (as in the paper and in PyTorch), ``sigma = u^T W v`` and
         ``W_sn = W / sigma``."""
         dmatrix = _as_matrix(dy, saved.axis)
-        w_sn = _as_matrix(w, saved.axis) / saved.sigma
-        dmatrix = (dmatrix - np.vdot(dmatrix, w_sn)
-                   * np.outer(saved.u, saved.v)) / saved.sigma
+        with np.errstate(divide="ignore", invalid="ignore"):  # sigma 0: NaN
+            w_sn = _as_matrix(w, saved.axis) / saved.sigma
+            dmatrix = (dmatrix - np.vdot(dmatrix, w_sn)
+                       * np.outer(saved.u, saved.v)) / saved.sigma
         shape, ax = saved.shape, saved.axis
         moved = (shape[ax],) + shape[:ax] + shape[ax + 1:]
         return np.moveaxis(dmatrix.reshape(moved), 0, ax).astype(saved.dtype)
