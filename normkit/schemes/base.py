@@ -324,7 +324,8 @@ def update_running(running, rows, factor, n=None):
     ``rows`` is ``(P, C)`` (one row per statistics group along ``p``, e.g.
     per sample for InstanceNorm; averaged over ``p``), ``s = n / (n - 1)``
     is the unbiased correction for variances of ``n`` values (1 when ``n``
-    is None).  Host or device arrays alike.
+    is None; inf for ``n = 1``); no rows leave ``running`` alone.  Host or
+    device arrays alike.
 
     Examples
     --------
@@ -336,9 +337,11 @@ def update_running(running, rows, factor, n=None):
     [1.0, 1.5]
     """
     P, C = rows.shape
+    if P == 0:  # no rows: nothing to fold in
+        return
     if P > 1:
         rows = engine.moments(rows, View(1, P, C, 1, 1))[0]
-    scale = 1.0 if n is None else n / (n - 1)
+    scale = 1.0 if n is None else n / (n - 1) if n != 1 else math.inf
     _moving_average(running, rows, factor, scale, out=running)
 
 

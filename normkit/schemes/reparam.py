@@ -211,8 +211,8 @@ class SpectralNorm(Reparametrization):
         u64 = np.array(u, np.float64)
         v64 = np.array(v, np.float64)
         sigma = float(u64 @ (matrix @ v64))
-        with np.errstate(divide="ignore", invalid="ignore"):  # sigma 0: NaN
-            y = (np.asarray(w, np.float64) / sigma).astype(w.dtype)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            y = (np.asarray(w, np.float64) / sigma).astype(w.dtype)  # IEEE
         return y, SpectralSaved(w.shape, w.dtype, self.axis, sigma, u64, v64)
 
     @staticmethod
@@ -221,13 +221,14 @@ class SpectralNorm(Reparametrization):
         constants (as in the paper and in PyTorch), ``sigma = u^T W v`` and
         ``W_sn = W / sigma``."""
         dmatrix = _as_matrix(dy, saved.axis)
-        with np.errstate(divide="ignore", invalid="ignore"):  # sigma 0: NaN
+        shape, ax = saved.shape, saved.axis
+        moved = (shape[ax],) + shape[:ax] + shape[ax + 1:]
+        # sigma 0 gives NaN, values beyond float16's range inf: no warnings
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             w_sn = _as_matrix(w, saved.axis) / saved.sigma
             dmatrix = (dmatrix - np.vdot(dmatrix, w_sn)
                        * np.outer(saved.u, saved.v)) / saved.sigma
-        shape, ax = saved.shape, saved.axis
-        moved = (shape[ax],) + shape[:ax] + shape[ax + 1:]
-        return np.moveaxis(dmatrix.reshape(moved), 0, ax).astype(saved.dtype)
+            return np.moveaxis(dmatrix.reshape(moved), 0, ax).astype(saved.dtype)
 
     def _backward(self, dy, w, saved):
         return self.gradients(dy, w, saved), {}
