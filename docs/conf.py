@@ -97,7 +97,8 @@ def _documented_elsewhere():
 #: (EXTENSION_BASES), left off the user-facing layer pages.
 EXTENSION_HOOKS = ("view", "centered", "state_names", "allowed_ndim",
                    "spread_name", "spread_init", "extra_repr", "bound",
-                   "label", "update_running_stats")
+                   "label", "update_running_stats", "normalize_running",
+                   "normalize_tracked", "check_limits", "gradients")
 EXTENSION_BASES = ("Normalizer", "RunningStatsNormalizer")
 
 autosummary_context = {

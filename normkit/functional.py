@@ -60,6 +60,54 @@ __all__ = [
 ]
 
 
+def _backward_of(forward, example, returns=None):
+    """Decorator: the docstring of the backward of ``forward``, with the
+    arguments every backward shares, what it returns and ``example``
+    (doctest lines after ``x`` is made)."""
+    returns = returns or """\
+    dx : array
+        Gradient with respect to ``x``, of its shape and dtype.
+    dweight, dbias : array or None
+        Gradients of the weight and bias the forward used, shaped and typed
+        like the weight (None where the forward had none)."""
+    doc = f"""Backward of :func:`{forward}`.
+
+    See :func:`normkit.normalize_backward` for the formulas.
+
+    Parameters
+    ----------
+    dy : array
+        Gradient with respect to the forward's output, of ``x``'s shape.
+    x : array
+        The forward's input, unmodified (the backward recomputes
+        ``xhat`` from it).
+    saved : Saved
+        The record returned by ``{forward}(..., return_saved=True)``.
+
+    Returns
+    -------
+{returns}
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a record of another forward, or ``dy`` / ``x`` of another
+        shape or a non-float dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> x = np.random.default_rng(0).standard_normal((4, 6, 5))
+{example}
+    """
+
+    def document(function):
+        function.__doc__ = doc
+        return function
+    return document
+
+
 def _run(scheme, x, return_saved):
     y, saved = scheme._forward(x)
     return (y, saved) if return_saved else y
@@ -103,6 +151,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     momentum : float in [0, 1] or None
         None: cumulative average ``1 / (num_batches_tracked + 1)``.
     eps : float
+        ``>= 0``; ``> 0`` where the batch statistics are used (training, or
+        no running statistics), with PyTorch 2.13's error otherwise.
     axis : int
         Channel axis: 1 channels-first, -1 channels-last.
     num_batches_tracked : int, optional
@@ -140,12 +190,13 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     return _run(scheme, x, return_saved)
 
 
+@_backward_of("batch_norm", """\
+    >>> y, saved = normkit.batch_norm(x, training=True, return_saved=True)
+    >>> dx, dweight, dbias = normkit.batch_norm_backward(np.ones_like(y), x, saved)
+    >>> dx.shape
+    (4, 6, 5)
+""")
 def batch_norm_backward(dy, x, saved):
-    """Backward of :func:`batch_norm`: ``(dx, dweight, dbias)``.
-
-    See :func:`normalize_backward` for the formulas; ``saved`` is the record
-    returned by ``batch_norm(..., return_saved=True)``.
-    """
     return normalize_backward(dy, x, saved, "batch_norm")
 
 
@@ -164,7 +215,39 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None,
     With ``use_input_stats`` (the default) the statistics are the input's
     own and given running statistics are updated in place with their mean
     over the batch (variance unbiased per instance); otherwise the running
-    statistics normalize.  Parameters as in :func:`batch_norm`.
+    statistics normalize.
+
+    .. math::
+
+        y_{ncs} = \\frac{x_{ncs} - \\mu_{nc}}{\\sqrt{\\sigma^2_{nc} + \\epsilon}}
+                  \\gamma_c + \\beta_c
+
+    Parameters
+    ----------
+    x : array
+        float16, float32 or float64, ``(N, C, S...)`` (``axis=1``) or
+        ``(N, S..., C)`` (``axis=-1``), at least 3-D in training.
+    running_mean, running_var : array ``(C,)``, optional
+        Updated in place when ``use_input_stats``; used to normalize
+        otherwise.
+    weight, bias : array ``(C,)``, optional
+        ``gamma`` and ``beta`` (default 1 and 0).
+    use_input_stats : bool, default True
+        Normalize with each instance's own statistics.
+    momentum : float in [0, 1] or None, default 0.1
+        Weight of the new batch in the running update (None: cumulative
+        average, with ``num_batches_tracked``).
+    eps : float, default 1e-5
+    axis : int, default 1
+        Channel axis (not 0, the batch axis).
+    num_batches_tracked : int, optional
+        Batches already averaged in, for ``momentum=None``.
+    return_saved : bool, default False
+        Also return the :class:`~normkit.Saved` record for the backward.
+
+    Returns
+    -------
+    y : array, shape and dtype of ``x``, or ``(y, saved)``
 
     Examples
     --------
@@ -193,8 +276,13 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None,
     return _run(scheme, x, return_saved)
 
 
+@_backward_of("instance_norm", """\
+    >>> y, saved = normkit.instance_norm(x, return_saved=True)
+    >>> dx, dweight, dbias = normkit.instance_norm_backward(np.ones_like(y), x, saved)
+    >>> dx.shape
+    (4, 6, 5)
+""")
 def instance_norm_backward(dy, x, saved):
-    """Backward of :func:`instance_norm`: ``(dx, dweight, dbias)``."""
     return normalize_backward(dy, x, saved, "instance_norm")
 
 
@@ -217,9 +305,40 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
                return_saved=False):
     """Layer normalization (Ba, Kiros and Hinton 2016).
 
-    Over the trailing ``len(normalized_shape)`` axes of each sample:
-    ``y = (x - mu) / sqrt(sigma^2 + eps) * gamma + beta`` with ``gamma`` and
-    ``beta`` of shape ``normalized_shape`` (elementwise affine).
+    Over the trailing ``len(normalized_shape)`` axes of each sample, with
+    the mean and biased variance of those ``D`` values,
+
+    .. math::
+
+        y = \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} \\gamma + \\beta
+
+    with ``gamma`` and ``beta`` of shape ``normalized_shape`` (elementwise
+    affine).
+
+    Parameters
+    ----------
+    x : array
+        float16, float32 or float64 whose trailing shape is
+        ``normalized_shape``.
+    normalized_shape : int or tuple of int
+    weight, bias : array of shape ``normalized_shape``, optional
+        ``gamma`` and ``beta`` (default 1 and 0).
+    eps : float, default 1e-5
+    return_saved : bool, default False
+        Also return the :class:`~normkit.Saved` record for the backward.
+
+    Returns
+    -------
+    y : array, shape and dtype of ``x``, or ``(y, saved)``
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> x = np.random.default_rng(0).normal(2.0, 3.0, (4, 10))
+    >>> y = normkit.layer_norm(x, 10)
+    >>> bool(np.allclose(y.mean(axis=1), 0.0)), bool(np.allclose(y.var(axis=1), 1.0, atol=1e-4))
+    (True, True)
     """
     func = "layer_norm"
     eps = check_eps(eps, func)
@@ -228,8 +347,13 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
     return _run(scheme, x, return_saved)
 
 
+@_backward_of("layer_norm", """\
+    >>> y, saved = normkit.layer_norm(x, 5, np.ones(5), np.zeros(5), return_saved=True)
+    >>> dx, dweight, dbias = normkit.layer_norm_backward(np.ones_like(y), x, saved)
+    >>> dweight.shape
+    (5,)
+""")
 def layer_norm_backward(dy, x, saved):
-    """Backward of :func:`layer_norm`: ``(dx, dweight, dbias)``."""
     return normalize_backward(dy, x, saved, "layer_norm")
 
 
@@ -261,7 +385,15 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, return_saved=False):
 
     Returns
     -------
-    y : ndarray, or (y, saved)
+    y : array, shape and dtype of ``x``, or ``(y, saved)``
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> x = np.array([[3.0, -3.0, 3.0, -3.0]])
+    >>> normkit.rms_norm(x, 4, eps=0.0).tolist()
+    [[1.0, -1.0, 1.0, -1.0]]
     """
     func = "rms_norm"
     eps = None if eps is None else check_eps(eps, func)
@@ -270,13 +402,17 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, return_saved=False):
     return _run(scheme, x, return_saved)
 
 
+@_backward_of("rms_norm", """\
+    >>> y, saved = normkit.rms_norm(x, 5, np.ones(5), return_saved=True)
+    >>> dx, dweight = normkit.rms_norm_backward(np.ones_like(y), x, saved)
+    >>> dweight.shape
+    (5,)
+""", returns="""\
+    dx : array
+        Gradient with respect to ``x``.
+    dweight : array or None
+        Gradient of the gain (None without one).""")
 def rms_norm_backward(dy, x, saved):
-    """Backward of :func:`rms_norm`: ``(dx, dweight)``.
-
-    With ``g = weight * dy`` and ``xhat = x * rstd`` over each row of ``n``
-    values, ``dx = rstd * (g - xhat * mean(g * xhat))`` and
-    ``dweight = sum(dy * xhat)`` over the leading axes.
-    """
     dx, dweight, _ = normalize_backward(dy, x, saved, "rms_norm")
     return dx, dweight
 
@@ -295,6 +431,29 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, axis=1, *,
     channels and all non-batch axes, then ``gamma_c`` and ``beta_c`` are
     applied per channel.  One group is LayerNorm over (C, spatial...) with a
     per-channel affine; ``C`` groups is InstanceNorm.
+
+    .. math::
+
+        y_{ncs} = \\frac{x_{ncs} - \\mu_{ng}}{\\sqrt{\\sigma^2_{ng} + \\epsilon}}
+                  \\gamma_c + \\beta_c, \\qquad g = \\lfloor c G / C \\rfloor
+
+    Parameters
+    ----------
+    x : array
+        float16, float32 or float64, at least 2-D, channels on ``axis``.
+    num_groups : int
+        ``G``, which must divide the number of channels ``C``.
+    weight, bias : array ``(C,)``, optional
+        Per-channel ``gamma`` and ``beta`` (default 1 and 0).
+    eps : float, default 1e-5
+    axis : int, default 1
+        Channel axis (not 0, the batch axis).
+    return_saved : bool, default False
+        Also return the :class:`~normkit.Saved` record for the backward.
+
+    Returns
+    -------
+    y : array, shape and dtype of ``x``, or ``(y, saved)``
 
     Examples
     --------
@@ -320,8 +479,13 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, axis=1, *,
     return _run(scheme, x, return_saved)
 
 
+@_backward_of("group_norm", """\
+    >>> y, saved = normkit.group_norm(x, 2, np.ones(6), np.zeros(6), return_saved=True)
+    >>> dx, dweight, dbias = normkit.group_norm_backward(np.ones_like(y), x, saved)
+    >>> dx.shape, dweight.shape
+    ((4, 6, 5), (6,))
+""")
 def group_norm_backward(dy, x, saved):
-    """Backward of :func:`group_norm`: ``(dx, dweight, dbias)``."""
     return normalize_backward(dy, x, saved, "group_norm")
 
 
@@ -350,10 +514,37 @@ def batch_renorm(x, running_mean, running_std, weight=None, bias=None,
     ``y = gamma * (x - running_mean) / running_std + beta``.  With
     ``rmax=1, dmax=0`` training is plain batch normalization.
 
+    Parameters
+    ----------
+    x : array
+        float16, float32 or float64, at least 2-D, channels on ``axis``.
+    running_mean, running_std : array ``(C,)``
+        Required; updated in place in training.
+    weight, bias : array ``(C,)``, optional
+        ``gamma`` and ``beta`` (default 1 and 0).
+    training : bool, default False
+    momentum : float in [0, 1] or None, default 0.1
+        None: cumulative average, with ``num_batches_tracked``.
+    eps : float, default 1e-5
+    rmax : float >= 1, default 3.0
+    dmax : float >= 0, default 5.0
+        The clips of ``r`` and ``d`` (see :func:`batch_renorm_schedule`).
+    axis : int, default 1
+        Channel axis: 1 channels-first, -1 channels-last.
+    num_batches_tracked : int, optional
+        Batches already averaged in, for ``momentum=None``.
+    return_saved : bool, default False
+        Also return the :class:`~normkit.Saved` record for the backward
+        (``saved.r`` and ``saved.d`` hold the corrections).
+
+    Returns
+    -------
+    y : array, shape and dtype of ``x``, or ``(y, saved)``
+
     Examples
     --------
     With the running statistics equal to the batch's, ``r = 1`` and
-    ``d = 0`` and the output is batch normalization's:
+    ``d = 0`` and the output is batch normalization's
 
     >>> import numpy as np
     >>> import normkit
@@ -378,13 +569,14 @@ def batch_renorm(x, running_mean, running_std, weight=None, bias=None,
     return _run(scheme, x, return_saved)
 
 
+@_backward_of("batch_renorm", """\
+    >>> y, saved = normkit.batch_renorm(x, np.zeros(6), np.ones(6), np.ones(6), training=True,
+    ...                          return_saved=True)
+    >>> dx, dweight, dbias = normkit.batch_renorm_backward(np.ones_like(y), x, saved)
+    >>> dweight.shape, dbias
+    ((6,), None)
+""")
 def batch_renorm_backward(dy, x, saved):
-    """Backward of :func:`batch_renorm`: ``(dx, dweight, dbias)``.
-
-    ``r`` and ``d`` are constants: in training ``g = weight * r * dy`` in
-    :func:`normalize_backward`'s formula and
-    ``dweight = sum(dy * (xhat * r + d))``.
-    """
     return normalize_backward(dy, x, saved, "batch_renorm")
 
 
@@ -396,6 +588,21 @@ def batch_renorm_schedule(step, warmup=5000, rmax_step=40000, dmax_step=25000,
     then linear relaxation reaching ``rmax`` at ``rmax_step`` and ``dmax`` at
     ``dmax_step``, constant afterwards.  Use it as
     ``layer.rmax, layer.dmax = batch_renorm_schedule(step)``.
+
+    Parameters
+    ----------
+    step : int
+        Training step (from 0).
+    warmup : int, default 5000
+        Steps of plain batch normalization.
+    rmax_step, dmax_step : int, default 40000 and 25000
+        Steps at which ``rmax`` and ``dmax`` reach their final values.
+    rmax, dmax : float, default 3.0 and 5.0
+        The final values.
+
+    Returns
+    -------
+    (rmax, dmax) : tuple of float
 
     Examples
     --------
@@ -459,9 +666,37 @@ def ghost_batch_norm(x, virtual_batch_size, running_mean=None,
     statistics averaged, but with biased variances.)  Other parameters as in
     :func:`normkit.batch_norm`.
 
+    Parameters
+    ----------
+    x : array
+        float16, float32 or float64, at least 2-D, channels on ``axis``.
+    virtual_batch_size : int
+        ``v``, samples per ghost batch.
+    running_mean, running_var : array ``(C,)``, optional
+    weight, bias : array ``(C,)``, optional
+    training : bool, default False
+    momentum : float in [0, 1] or None, default 0.1
+    eps : float, default 1e-5
+        ``> 0`` where ghost-batch statistics are used, as in
+        :func:`batch_norm`.
+    axis : int, default 1
+        Channel axis (not 0, the batch axis).
+    num_batches_tracked : int, optional
+        Batches already averaged in, for ``momentum=None``.
+    return_saved : bool, default False
+
     Returns
     -------
-    y : ndarray, or (y, saved)
+    y : array, shape and dtype of ``x``, or ``(y, saved)``
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> x = np.random.default_rng(0).normal(1.0, 2.0, (8, 3, 5))
+    >>> y = normkit.ghost_batch_norm(x, 4, training=True)
+    >>> bool(np.allclose(y[4:].mean(axis=(0, 2)), 0.0))    # second ghost batch
+    True
     """
     func = "ghost_batch_norm"
     ax, C = check_channel_input(
@@ -479,13 +714,13 @@ def ghost_batch_norm(x, virtual_batch_size, running_mean=None,
     return _run(scheme, x, return_saved)
 
 
+@_backward_of("ghost_batch_norm", """\
+    >>> y, saved = normkit.ghost_batch_norm(x, 2, training=True, return_saved=True)
+    >>> dx, dweight, dbias = normkit.ghost_batch_norm_backward(np.ones_like(y), x, saved)
+    >>> dx.shape
+    (4, 6, 5)
+""")
 def ghost_batch_norm_backward(dy, x, saved):
-    """Backward of :func:`ghost_batch_norm`: ``(dx, dweight, dbias)``.
-
-    In training each ghost batch is a statistics group of
-    :func:`normkit.normalize_backward`; in inference ``dx = gamma * dy *
-    rstd``.
-    """
     return normalize_backward(dy, x, saved, "ghost_batch_norm")
 
 
@@ -520,7 +755,15 @@ def weight_norm(v, g, axis=0, *, return_saved=False):
 
     Returns
     -------
-    w : ndarray, or (w, saved)
+    w : array, or (w, saved)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> v = np.array([[3.0, 4.0], [1.0, 0.0]])
+    >>> np.round(normkit.weight_norm(v, np.array([10.0, 2.0])), 12).tolist()
+    [[6.0, 8.0], [2.0, 0.0]]
     """
     func = "weight_norm"
     ax, _ = unit_view(v, axis, func)
@@ -534,6 +777,32 @@ def weight_norm_backward(dw, v, saved):
     With ``vhat = v / ||v||`` per unit, ``dg = sum(dw * vhat)`` and
     ``dv = g / ||v|| * (dw - vhat * sum(dw * vhat))``: the engine's
     uncentered backward with gain ``g / sqrt(n)``.
+
+    Parameters
+    ----------
+    dw : array
+        Gradient with respect to the normalized weight ``w``.
+    v : array
+        The forward's input, unmodified.
+    saved : Saved
+        The record of ``weight_norm(..., return_saved=True)``.
+
+    Returns
+    -------
+    dv : array
+        Gradient with respect to ``v``.
+    dg : array
+        Gradient with respect to ``g``, float64 ``(units,)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> v = np.random.default_rng(0).standard_normal((3, 4))
+    >>> w, saved = normkit.weight_norm(v, np.ones(3), return_saved=True)
+    >>> dv, dg = normkit.weight_norm_backward(w, v, saved)   # d(|w|^2 / 2)
+    >>> np.round(dg, 6).tolist(), bool(np.allclose(dv, 0.0))
+    ([1.0, 1.0, 1.0], True)
     """
     return WeightNorm.gradients(dw, v, saved, "weight_norm")
 
@@ -568,7 +837,17 @@ def spectral_norm(w, u, v, n_power_iterations=1, eps=1e-12, training=True,
 
     Returns
     -------
-    y : ndarray, ``w / sigma`` in ``w.dtype``, or (y, saved)
+    y : array, ``w / sigma`` in ``w.dtype``, or (y, saved)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> w = np.diag([4.0, 1.0])
+    >>> u, v = np.array([0.6, 0.8]), np.array([0.8, 0.6])
+    >>> y = normkit.spectral_norm(w, u, v, n_power_iterations=10)
+    >>> np.round(y, 4).tolist(), np.round(u, 4).tolist()
+    ([[1.0, 0.0], [0.0, 0.25]], [1.0, 0.0])
     """
     func = "spectral_norm"
     check_input(w, "w", func)
@@ -594,6 +873,30 @@ def spectral_norm_backward(dy, w, saved):
     ``sigma = u^T W v`` and ``W_sn = W / sigma``::
 
         dW = (dY - <dY, W_sn> u v^T) / sigma
+
+    Parameters
+    ----------
+    dy : array
+        Gradient with respect to the normalized weight.
+    w : array
+        The forward's input, unmodified.
+    saved : SpectralSaved
+        The record of ``spectral_norm(..., return_saved=True)``.
+
+    Returns
+    -------
+    dw : array, shape and dtype of ``w``
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> w = np.diag([2.0, 1.0])
+    >>> u, v = np.array([1.0, 0.0]), np.array([1.0, 0.0])
+    >>> y, saved = normkit.spectral_norm(w, u, v, training=False,
+    ...                                  return_saved=True)
+    >>> normkit.spectral_norm_backward(np.eye(2), w, saved).tolist()
+    [[-0.25, 0.0], [0.0, 0.5]]
     """
     check_backward("spectral_norm_backward", dy, w, saved, SpectralSaved)
     return SpectralNorm.gradients(dy, w, saved)

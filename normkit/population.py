@@ -206,6 +206,17 @@ def reestimate_population_statistics(layers, batches, forward=None, *,
         whatever a layer raises on its input); the running statistics
         of the layers not yet estimated are then unchanged (with
         ``sequential=True`` the layers before are already updated).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> bn = normkit.BatchNorm1d(3)
+    >>> batches = [np.random.default_rng(i).normal(5.0, 2.0, (16, 3))
+    ...            for i in range(4)]
+    >>> info = normkit.reestimate_population_statistics([bn], batches)
+    >>> bool(np.allclose(bn.running_mean, np.concatenate(batches).mean(axis=0)))
+    True
     """
     func = "reestimate_population_statistics"
     layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]

@@ -53,7 +53,18 @@ _plugins = None
 
 
 class PluginWarning(UserWarning):
-    """A ``normkit.normalizers`` plug-in was skipped (see the message)."""
+    """A ``normkit.normalizers`` plug-in was skipped (see the message).
+
+    Examples
+    --------
+    Turn skipped plug-ins into errors in a test session:
+
+    >>> import warnings
+    >>> import normkit
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("error", normkit.PluginWarning)
+    ...     names = normkit.available()
+    """
 
 
 def _owner(name):
@@ -111,7 +122,18 @@ def refresh():
 
     Use it after installing or removing a plug-in package while the
     program runs (or after changing ``sys.path``).  Schemes given to
-    :func:`register` stay.  Returns the sorted plug-in names loaded.
+    :func:`register` stay.
+
+    Returns
+    -------
+    list of str
+        The sorted names of the plug-ins loaded.
+
+    Examples
+    --------
+    >>> import normkit
+    >>> isinstance(normkit.refresh(), list)
+    True
     """
     global _plugins
     importlib.invalidate_caches()
@@ -121,12 +143,46 @@ def refresh():
 
 
 def available():
-    """Sorted names of the registered normalizers (plug-ins included)."""
+    """Sorted names of the registered normalizers (plug-ins included).
+
+    Returns
+    -------
+    list of str
+
+    Examples
+    --------
+    >>> import normkit
+    >>> {"batch_norm", "group_norm", "rms_norm"} <= set(normkit.available())
+    True
+    """
     return sorted(_schemes())
 
 
 def create(name, **kwargs):
-    """Build the normalizer registered as ``name`` with ``kwargs``."""
+    """Build the normalizer registered as ``name`` with ``kwargs``.
+
+    Parameters
+    ----------
+    name : str
+        A name of :func:`available`.
+    **kwargs
+        The scheme's constructor arguments.
+
+    Returns
+    -------
+    Normalizer
+
+    Raises
+    ------
+    ValueError
+        For an unknown name (the message lists the available ones).
+
+    Examples
+    --------
+    >>> import normkit
+    >>> normkit.create("group_norm", num_groups=2, num_channels=8)
+    GroupNorm(2, 8, eps=1e-05, axis=1)
+    """
     schemes_by_name = _schemes()
     try:
         cls = schemes_by_name[name]
@@ -143,6 +199,33 @@ def register(name, cls):
     :func:`create`; subclass :class:`normkit.Normalizer` to get the layer
     protocol (forward, backward, train/eval, state_dict) for free.  Names
     of built-ins and of loaded plug-ins are taken.
+
+    Parameters
+    ----------
+    name : str
+        An identifier not yet registered.
+    cls : class or callable
+        Called as ``cls(**kwargs)`` by :func:`create`.
+
+    Returns
+    -------
+    cls, unchanged (so ``register`` works as a decorator's body).
+
+    Raises
+    ------
+    ValueError, TypeError
+        For a bad or taken name, or a ``cls`` that is not callable.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> class RowNorm(normkit.Normalizer):
+    ...     def view(self, shape):
+    ...         return normkit.View(shape[0], 1, 1, shape[1], 1)
+    >>> _ = normkit.register("row_norm_example", RowNorm)
+    >>> normkit.create("row_norm_example")(np.arange(6.0).reshape(2, 3)).shape
+    (2, 3)
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"register: name must be an identifier string, got "

@@ -37,6 +37,11 @@ class View:
     Statistics are per ``(p, k)`` over ``A * J * B`` values; affine
     parameters are per ``(k, j)``, ``K * J`` of them.
 
+    Parameters
+    ----------
+    P, A, K, J, B : int
+        The five sizes (their product is the input's size).
+
     Examples
     --------
     GroupNorm with 4 groups of an ``(N, C, H, W) = (2, 8, 3, 3)`` input:

@@ -71,7 +71,8 @@ def record(path):
     simulator_kernel.FakeCUDAKernel.__call__ = recording_launch
     status = pytest.main(["-q", "-p", "no:cacheprovider",
                           str(ROOT / "tests" / "test_cuda.py"),
-                          str(ROOT / "tests" / "test_cuda_protocol.py")])
+                          str(ROOT / "tests" / "test_cuda_protocol.py"),
+                          str(ROOT / "tests" / "test_examples.py")])
     pathlib.Path(path).write_text(json.dumps(sorted(launches)))
     return int(status)
 
@@ -89,6 +90,8 @@ def compile_all(path, cc):
         compute_capability = cc
 
     dispatcher.get_current_device = TargetDevice
+    for folder in (ROOT / "examples").iterdir():  # the worked examples' modules
+        sys.path.insert(0, str(folder))
     from normkit.backend import cuda as _cuda
 
     def numba_type(desc):

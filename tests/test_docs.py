@@ -70,10 +70,6 @@ def test_every_public_name_is_in_the_api_overview():
     assert sorted(set(normkit.__all__) - listed) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the numpydoc Parameters and Examples sections of the public functions "
-    "and layers are being written (issue 15); this test turns into a "
-    "failure, to remove this mark, once every name has them"))
 def test_every_public_callable_has_parameters_and_examples():
     pytest.importorskip("numpydoc")
     missing = missing_sections()

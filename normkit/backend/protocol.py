@@ -67,15 +67,16 @@ class Backend(Protocol):
     def backward_sums(self, dy, x, view, mean, rstd, gscale=None,
                       centered=True):
         """Backward reductions with ``xhat = (x - mean) * rstd``:
-        ``(group, affine)``, where ``group`` is the pair ``(sum g*dy, sum
-        g*dy*xhat)`` of ``(P, K)`` arrays (``g = gscale`` per ``(k, j)``, 1
-        when None) and ``affine`` the pair ``(sum dy, sum dy*xhat)`` of
-        ``(K*J,)`` arrays."""
+        ``(group, affine)``, where ``group`` is the pair of ``(P, K)``
+        arrays ``(sum g*dy, sum g*dy*xhat)`` per group (``g = gscale`` per
+        ``(k, j)``, 1 when None) and ``affine`` the pair of ``(K*J,)``
+        arrays ``(sum dy, sum dy*xhat)`` per ``(k, j)``."""
 
     def dx_from_sums(self, dy, x, view, mean, rstd, gscale, group_sums, n,
                      centered=True):
         """``dx = rstd * (g*dy - S0/n - xhat * S1/n)`` with ``(S0, S1) =
-        group_sums`` (two ``(P, K)`` arrays, as :meth:`backward_sums` gives) (``n = inf``: fixed statistics,
+        group_sums``, a pair of per-group arrays as :meth:`backward_sums`
+        returns (``n = inf``: fixed statistics,
         ``dx = g * dy * rstd``)."""
 
     def backward(self, dy, x, view, mean, rstd, gscale=None, batch_stats=True,
@@ -150,6 +151,13 @@ class channelwise:
     array, or a tuple of ``outputs`` arrays, of that size, any float dtype;
     ``out`` may be an input, for updates in place).
 
+    Parameters
+    ----------
+    function : callable, optional
+        The scalar function (when used as ``@channelwise``).
+    outputs : int, default 1
+        How many floats it returns (as ``@channelwise(outputs=n)``).
+
     Examples
     --------
     >>> import numpy as np
@@ -212,12 +220,19 @@ class channelwise:
 
         Each argument is an array of the input's size (read elementwise),
         a ``(P, K)`` array (read per statistics group), an array of
-        ``K * J`` values (read per channel, the affine parameters' layout)
-        or a number.  The results have the shape and dtype of the first
+        ``K * J`` values (read per channel, the affine parameters' layout),
+        an array of one value (read as a scalar: a learnable scalar, or an
+        entry ``a[k:k+1]`` of a small array, that stays on the device) or a
+        number.  The results have the shape and dtype of the first
         input-sized argument (float16 included), or are written into
         ``out``.  Elementwise post-ops (an activation after the
         normalization, a mask in a backward) are written this way once for
         both backends.
+
+        An argument that fits several kinds is read as the first of full,
+        per group, per channel, one value; these agree wherever they
+        overlap (an array of one value is also a ``(1, 1)`` group or the
+        only channel when the view has one).
 
         Examples
         --------
@@ -230,6 +245,12 @@ class channelwise:
         >>> view = normkit.View(1, 1, 2, 1, 3)             # channels on axis 1
         >>> clamp_below.over(view, y, np.array([0.0, 2.5])).tolist()
         [[[0.0, 0.0, 0.0], [2.5, 2.5, 3.0]]]
+
+        A threshold held in a one-value array (on the device for device
+        input) is broadcast to every element:
+
+        >>> clamp_below.over(view, y, np.array([1.0])).tolist()
+        [[[1.0, 1.0, 1.0], [1.0, 2.0, 3.0]]]
         """
         if len(args) != self.arity:
             raise TypeError(f"{self.__name__}: expected {self.arity} "
@@ -286,7 +307,8 @@ VIEW_PARAMS = "B, KJ, PS, JB, K"
 #: ``JB = J*B`` per ``(p, a, k)``.
 VIEW_READS = {"scalar": "a{n}", "full": "a{n}[i]",
               "channel": "a{n}[(i // B) % KJ]",
-              "group": "a{n}[(i // PS) * K + (i // JB) % K]"}
+              "group": "a{n}[(i // PS) * K + (i // JB) % K]",
+              "one": "a{n}[0]"}
 
 
 def view_kind(a, view):
@@ -300,11 +322,13 @@ def view_kind(a, view):
         return "group"
     if size == view.K * view.J:
         return "channel"
+    if size == 1:
+        return "one"
     raise ValueError(f"channelwise.over: an argument of shape "
                      f"{tuple(a.shape)} fits neither the input "
                      f"({math.prod(view.dims)} values), nor its groups "
                      f"({view.P}, {view.K}), nor its {view.K * view.J} "
-                     f"channels (view {view})")
+                     f"channels, nor is it one value (view {view})")
 
 
 def view_params(view):

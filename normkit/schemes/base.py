@@ -41,6 +41,18 @@ __all__ = ["Saved", "Normalizer", "RunningStatsNormalizer", "normalize",
 class Saved:
     """What a forward pass hands its backward pass.
 
+    A frozen record: schemes make one with :func:`normalize` or
+    :func:`normalize_with_statistics` and add their own arrays with
+    ``saved.replace(extras={...})``.
+
+    Parameters
+    ----------
+    variant, view, shape, mean, rstd, batch_stats, weight, has_bias
+        As the attributes below.
+    r, d, centered, var, extras, gradients : optional
+        As the attributes below (defaults None, None, True, None, {},
+        None).
+
     Attributes
     ----------
     variant : str
@@ -75,6 +87,15 @@ class Saved:
     bias_shape : tuple of int or None
         Shape of the bias used, for its gradient (None: the weight's
         shape, or flat).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> x = np.random.default_rng(0).standard_normal((4, 6))
+    >>> y, saved = normkit.layer_norm(x, 6, return_saved=True)
+    >>> saved.variant, saved.view, saved.mean.shape, saved.batch_stats
+    ('layer_norm', View(P=4, A=1, K=1, J=6, B=1), (4, 1), True)
     """
 
     variant: str
@@ -165,6 +186,17 @@ def normalize_with_statistics(x, view, mean, rstd, weight=None, bias=None, *,
     (``saved.batch_stats`` is False).  This is inference with running
     statistics.
 
+    Parameters
+    ----------
+    x : array
+        float16, float32 or float64 input of the view's size.
+    view : View
+    mean, rstd : array
+        Per group ``(P, K)``, or per ``k`` (``K`` values) for every ``p``.
+    weight, bias : array of ``K * J`` values, optional
+    variant : str, default "normalize"
+        Name recorded in the :class:`Saved` record.
+
     Returns
     -------
     (y, saved)
@@ -237,6 +269,17 @@ def normalize_backward(dy, x, saved, variant=None):
     everything but the parameters' axes.  A record whose scheme has its
     own gradient (``saved.gradients``, e.g. Batch Renormalization) is
     handed to it after the checks.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> x = np.random.default_rng(0).standard_normal((4, 6))
+    >>> y, saved = normkit.normalize(x, normkit.View(4, 1, 1, 6, 1),
+    ...                              return_saved=True)
+    >>> dx, dweight, dbias = normkit.normalize_backward(np.ones_like(y), x, saved)
+    >>> bool(np.allclose(dx, 0.0)), dweight       # sum(y) is constant
+    (True, None)
 
     Parameters
     ----------
@@ -326,6 +369,17 @@ def update_running(running, rows, factor, n=None):
     is the unbiased correction for variances of ``n`` values (1 when ``n``
     is None; inf for ``n = 1``); no rows leave ``running`` alone.  Host or
     device arrays alike.
+
+    Parameters
+    ----------
+    running : array ``(C,)``
+        Updated in place.
+    rows : array ``(P, C)``
+        The batch's statistics, one row per group along ``p``.
+    factor : float
+        Weight of the batch (:func:`momentum_factor`).
+    n : int, optional
+        Values per group, for the unbiased factor ``n / (n - 1)``.
 
     Examples
     --------

@@ -25,10 +25,44 @@ class BatchNorm(RunningStatsNormalizer):
     """Batch normalization (Ioffe and Szegedy 2015) over channel ``axis``;
     see :func:`normkit.batch_norm` for the formulas.
 
-    Training normalizes with the batch statistics and updates the running
-    ones; inference uses the running statistics (the batch's when
-    ``track_running_stats`` is false).  Parameters as
-    :class:`~normkit.RunningStatsNormalizer`.
+    .. math::
+
+        y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}
+            \\gamma + \\beta
+
+    per channel, over the batch and every other axis.  Training normalizes
+    with the batch mean and biased variance and updates
+    ``running_mean`` and ``running_var`` (with the unbiased variance
+    ``m / (m - 1) * Var``, ``m`` values per channel)::
+
+        running = (1 - momentum) * running + momentum * batch
+
+    inference uses the running statistics (the batch's when
+    ``track_running_stats`` is false).
+
+    Parameters
+    ----------
+    num_features : int
+        Channels ``C``, the size of ``axis``.
+    eps : float, default 1e-5
+        Added to the variance.
+    momentum : float in [0, 1] or None, default 0.1
+        Weight of the new batch in the running averages; None: cumulative
+        average.
+    affine : bool, default True
+        Learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
+    track_running_stats : bool, default True
+        Keep ``running_mean``, ``running_var`` and ``num_batches_tracked``.
+    axis : int, default 1
+        Channel axis: 1 channels-first, -1 channels-last.
+    bias : bool, default True
+        Keyword only, as in PyTorch 2.13: with ``affine``, whether there is
+        a ``bias`` besides the ``weight``.
+
+    Notes
+    -----
+    Shape: Input ``(N, C, *)`` (``axis=1``) or ``(N, *, C)`` (``axis=-1``),
+    output the same.
 
     As in PyTorch 2.13, wherever the batch statistics are used, ``eps``
     must be positive and a batch of one value per channel raises; an empty
@@ -65,21 +99,62 @@ class BatchNorm(RunningStatsNormalizer):
         return self.normalize_tracked(x, view)
 
 
-class BatchNorm1d(BatchNorm):
-    """:class:`BatchNorm` for (N, C) or (N, C, L) input."""
+def _for_input(shape, torch_name, axes, example):
+    """Class decorator: the docstring of a :class:`BatchNorm` for one input
+    rank (``shape``, as ``torch_name``, statistics over ``axes``) with a
+    doctest ``example``."""
+    def document(cls):
+        cls.__doc__ = f""":class:`BatchNorm` for {shape} input, as
+    ``{torch_name}``:
 
+    .. math::
+
+        y = \\frac{{x - \\mathrm{{E}}[x]}}{{\\sqrt{{\\mathrm{{Var}}[x] + \\epsilon}}}}
+            \\gamma + \\beta
+
+    per channel over {axes}, with running statistics as :class:`BatchNorm`.
+
+    Parameters
+    ----------
+    num_features : int
+        Channels ``C``.
+    eps, momentum, affine, track_running_stats, axis, bias
+        As :class:`BatchNorm` (defaults ``1e-5``, ``0.1``, ``True``,
+        ``True``, ``1``, ``True``; ``bias`` keyword only).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+{example}
+    """
+        return cls
+    return document
+
+
+@_for_input("``(N, C)`` or ``(N, C, L)``", "torch.nn.BatchNorm1d",
+            "``N`` (and ``L``)", """\
+    >>> normkit.BatchNorm1d(4)(np.ones((8, 4, 10))).shape
+    (8, 4, 10)""")
+class BatchNorm1d(BatchNorm):
     allowed_ndim = (2, 3)
 
 
+@_for_input("``(N, C, H, W)``", "torch.nn.BatchNorm2d",
+            "``(N, H, W)`` (``axis=-1``: input ``(N, H, W, C)``)", """\
+    >>> bn = normkit.BatchNorm2d(3, axis=-1)              # channels last
+    >>> x = np.random.default_rng(0).normal(2.0, 1.0, (4, 5, 5, 3))
+    >>> bool(np.allclose(bn(x).mean(axis=(0, 1, 2)), 0.0))
+    True""")
 class BatchNorm2d(BatchNorm):
-    """:class:`BatchNorm` for (N, C, H, W) input."""
-
     allowed_ndim = (4,)
 
 
+@_for_input("``(N, C, D, H, W)``", "torch.nn.BatchNorm3d", "``(N, D, H, W)``",
+            """\
+    >>> normkit.BatchNorm3d(2)(np.ones((2, 2, 3, 3, 3))).shape
+    (2, 2, 3, 3, 3)""")
 class BatchNorm3d(BatchNorm):
-    """:class:`BatchNorm` for (N, C, D, H, W) input."""
-
     allowed_ndim = (5,)
 
 
@@ -123,6 +198,25 @@ class BatchRenorm(RunningStatsNormalizer):
     ``eps = 0`` is accepted in training (a channel of zero variance then
     gives NaN); an empty batch is counted and leaves the running
     statistics alone.
+
+    Parameters
+    ----------
+    num_features : int
+        Channels ``C``.
+    eps : float, default 1e-5
+    momentum : float in [0, 1] or None, default 0.1
+        Weight of the new batch in ``running_mean`` and ``running_std``.
+    rmax : float >= 1, default 3.0
+    dmax : float >= 0, default 5.0
+        Clips of ``r`` and ``d``; ``rmax=1, dmax=0`` is BatchNorm.
+    affine : bool, default True
+    axis : int, default 1
+    bias : bool, default True
+        Keyword only: with ``affine``, whether there is a ``bias``.
+
+    Notes
+    -----
+    Shape: As :class:`BatchNorm`.
 
     Examples
     --------
@@ -214,6 +308,15 @@ class GhostBatchNorm(RunningStatsNormalizer):
     statistics once per call with the ghost statistics averaged; inference
     is BatchNorm inference with them, for any batch size.  ``eps`` and
     empty batches as in :class:`BatchNorm`.
+
+    Parameters
+    ----------
+    num_features : int
+        Channels ``C``.
+    virtual_batch_size : int
+        Samples per ghost batch; must divide the batch in training.
+    eps, momentum, affine, track_running_stats, axis, bias
+        As :class:`BatchNorm` (``axis`` may not be 0).
 
     Examples
     --------

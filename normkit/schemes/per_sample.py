@@ -26,8 +26,7 @@ class InstanceNorm(RunningStatsNormalizer):
     Each sample's channels are normalized over the other (spatial) axes.
     Input statistics in training; in inference too unless
     ``track_running_stats`` is true.  Defaults as PyTorch's
-    ``InstanceNorm*d``: ``affine=False``, ``track_running_stats=False``;
-    parameters as :class:`~normkit.RunningStatsNormalizer`.
+    ``InstanceNorm*d``: ``affine=False``, ``track_running_stats=False``.
 
     This class takes any number of dimensions, so axis 0 is always the
     batch: for unbatched input, ``(C, L)``, ``(C, H, W)`` or ``(C, D, H,
@@ -39,6 +38,30 @@ class InstanceNorm(RunningStatsNormalizer):
     and counted in ``num_batches_tracked`` as :class:`BatchNorm`'s
     (``momentum=None``: the cumulative average), where PyTorch's
     ``InstanceNorm*d`` never count and treat ``momentum=None`` as 0.
+
+    .. math::
+
+        y_{ncs} = \\frac{x_{ncs} - \\mu_{nc}}{\\sqrt{\\sigma^2_{nc} + \\epsilon}}
+                  \\gamma_c + \\beta_c
+
+    Parameters
+    ----------
+    num_features : int
+        Channels ``C``.
+    eps : float, default 1e-5
+    momentum : float in [0, 1] or None, default 0.1
+    affine : bool, default False
+    track_running_stats : bool, default False
+    axis : int, default 1
+        Channel axis, 1 or a later one (axis 0 holds the samples).
+    bias : bool, default True
+        Keyword only, as in PyTorch 2.13: with ``affine``, whether there is
+        a ``bias`` besides the ``weight``.
+
+    Notes
+    -----
+    Shape: ``(N, C, L...)``, or ``(N, L..., C)`` with ``axis=-1``; the
+    output has the input's shape and dtype.
 
     Examples
     --------
@@ -169,8 +192,28 @@ class InstanceNorm3d(InstanceNorm):
 class GroupNorm(Normalizer):
     """Group normalization (Wu and He 2018); see :func:`normkit.group_norm`.
 
-    ``bias=False`` (keyword, as in PyTorch 2.13) keeps the ``weight``
-    only; ``num_channels`` may be 0, as in PyTorch.
+    Each sample's ``num_channels`` channels are split into ``num_groups``
+    groups, each normalized over its channels and the other axes, then a
+    per-channel affine.
+
+    Parameters
+    ----------
+    num_groups : int
+        Groups ``G``; must divide ``num_channels``.
+    num_channels : int
+        Channels ``C`` (0 allowed, as in PyTorch).
+    eps : float, default 1e-5
+    affine : bool, default True
+        Per-channel ``weight`` (ones) and ``bias`` (zeros).
+    axis : int, default 1
+        Channel axis (not 0, the batch axis).
+    bias : bool, default True
+        Keyword only, as in PyTorch 2.13: with ``affine``, whether there is
+        a ``bias`` besides the ``weight``.
+
+    Notes
+    -----
+    Shape: Input ``(N, C, *)`` (``axis=1``) or ``(N, *, C)``, output the same.
 
     Examples
     --------
@@ -212,8 +255,20 @@ class LayerNorm(Normalizer):
     """Layer normalization (Ba, Kiros and Hinton 2016) over the trailing
     ``normalized_shape`` axes; see :func:`normkit.layer_norm`.
 
-    Arguments as ``torch.nn.LayerNorm``: ``bias=False`` keeps the
-    ``weight`` only.
+    Parameters
+    ----------
+    normalized_shape : int or tuple of int
+        The trailing shape normalized over (sizes may be 0, as in PyTorch).
+    eps : float, default 1e-5
+    elementwise_affine : bool, default True
+        ``weight`` (ones) and ``bias`` (zeros) of shape ``normalized_shape``.
+    bias : bool, default True
+        As ``torch.nn.LayerNorm``'s: with ``elementwise_affine``, whether
+        there is a ``bias`` besides the ``weight``.
+
+    Notes
+    -----
+    Shape: Input ``(*, *normalized_shape)``, output the same.
 
     Examples
     --------
@@ -251,6 +306,16 @@ class RMSNorm(LayerNorm):
     ``elementwise_affine`` gives a gain ``weight`` of shape
     ``normalized_shape`` (ones) and no bias; ``eps=None`` is the machine
     epsilon of the input's dtype.
+
+    .. math::
+
+        y = \\frac{x}{\\sqrt{\\overline{x^2} + \\epsilon}} \\gamma
+
+    Parameters
+    ----------
+    normalized_shape : int or tuple of int
+    eps : float or None, default None
+    elementwise_affine : bool, default True
 
     Examples
     --------

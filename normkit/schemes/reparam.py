@@ -37,6 +37,12 @@ class Reparametrization(Normalizer):
     those of the layer's own parameters.  They are not activation
     normalizers: ``normkit compare`` and the benchmarks of activations
     skip them.
+
+    Examples
+    --------
+    >>> import normkit
+    >>> isinstance(normkit.WeightNorm(3), normkit.Reparametrization)
+    True
     """
 
     def __init__(self):
@@ -66,6 +72,12 @@ class WeightNorm(Reparametrization):
     layer's parameter; the input is ``v``.  ``g`` starts at ones; call
     :meth:`initialize` with the initial weight to start from ``w = v``,
     as ``torch.nn.utils.weight_norm`` does.
+
+    Parameters
+    ----------
+    num_units : int
+        Units along ``axis`` (rows of a dense weight, filters of a conv).
+    axis : int, default 0
 
     Examples
     --------
@@ -161,6 +173,17 @@ class SpectralNorm(Reparametrization):
     forwards converge them (``torch.nn.utils.parametrizations.spectral_norm``
     runs 15 iterations at wrap time instead; call the layer a few times in
     training for the same effect).  Host arrays only.
+
+    Parameters
+    ----------
+    weight_shape : tuple of int
+    axis : int, default 0
+        The axis of the matrix's rows.
+    n_power_iterations : int, default 1
+        Power-method steps per training forward.
+    eps : float > 0, default 1e-12
+    seed : int, default 0
+        Seed of the random initial ``u`` and ``v``.
 
     Examples
     --------
