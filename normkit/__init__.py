@@ -21,6 +21,7 @@ from .functional import (Saved, batch_norm, batch_norm_backward, batch_renorm,
                          weight_norm_backward)
 from .schemes import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d,
                       BatchRenorm, GhostBatchNorm, GroupNorm, InstanceNorm,
+                      InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
                       LayerNorm, Normalizer, Reparametrization, RMSNorm,
                       RunningStatsNormalizer, SpectralNorm, SyncBatchNorm,
                       WeightNorm,
@@ -46,5 +47,6 @@ __all__ = [
     "RMSNorm", "GhostBatchNorm", "Reparametrization", "WeightNorm",
     "SpectralNorm", "PluginWarning", "refresh",
     "reestimate_population_statistics", "normalize_with_statistics",
-    "update_running", "channelwise", "SyncBatchNorm",
+    "update_running", "channelwise", "SyncBatchNorm", "InstanceNorm1d",
+    "InstanceNorm2d", "InstanceNorm3d",
 ]

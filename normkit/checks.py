@@ -66,10 +66,23 @@ def check_axis(axis, ndim, func, min_axis=0):
 
 
 def check_eps(eps, func):
-    """``eps`` as a float; raises ValueError unless finite and ``>= 0``."""
+    """``eps`` as a float; raises ValueError unless finite and ``>= 0``.
+
+    ``eps = 0`` is accepted (a group of zero variance then normalizes to
+    NaN, as in PyTorch); batch-statistics schemes add
+    :func:`check_batch_eps`.
+    """
     if not is_real(eps) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"{func}: eps must be a finite number >= 0, got {eps!r}")
     return float(eps)
+
+
+def check_batch_eps(eps, func):
+    """PyTorch 2.13's rule for batch normalization with batch statistics
+    (training, or no running statistics): ``eps > 0``, with its message."""
+    if eps <= 0:
+        raise ValueError(f"{func} eps must be positive during training, but "
+                         f"got {eps}")
 
 
 def check_momentum(momentum, func, num_batches_tracked=None, updating=False):
@@ -121,6 +134,13 @@ def check_positive_int(value, name, func):
     return int(value)
 
 
+def check_count(value, name, func):
+    """``value`` as an int; raises ValueError unless an integer ``>= 0``."""
+    if not is_int(value) or value < 0:
+        raise ValueError(f"{func}: {name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
 def values_per_channel_error(x):
     """PyTorch's error for training with one value per channel."""
     return ValueError("Expected more than 1 value per channel when training, "
@@ -128,10 +148,11 @@ def values_per_channel_error(x):
 
 
 def check_channels(func, shape, axis, num_features=None, min_axis=0,
-                   allowed_ndim=None):
+                   allowed_ndim=None, feature_name="num_features", hint=""):
     """Check the channel ``axis`` of an input of ``shape`` (at least 2-D, or
     one of ``allowed_ndim``) and, when given, that it holds
-    ``num_features`` channels; returns the axis normalized to ``>= 0``."""
+    ``num_features`` channels (ValueError naming ``feature_name``, then
+    ``hint``); returns the axis normalized to ``>= 0``."""
     ndim = len(shape)
     if allowed_ndim is not None and ndim not in allowed_ndim:
         want = " or ".join(f"{n}-D" for n in sorted(allowed_ndim))
@@ -142,8 +163,9 @@ def check_channels(func, shape, axis, num_features=None, min_axis=0,
                          f"dimensions, got shape {tuple(shape)}")
     ax = check_axis(axis, ndim, func, min_axis=min_axis)
     if num_features is not None and shape[ax] != num_features:
-        raise ValueError(f"{func}: expected {num_features} channels on axis "
-                         f"{axis}, got input shape {tuple(shape)}")
+        raise ValueError(f"{func}: {feature_name}={num_features} does not "
+                         f"match the {shape[ax]} channels on axis {axis} of "
+                         f"the input of shape {tuple(shape)}{hint}")
     return ax
 
 
@@ -172,7 +194,7 @@ def check_channel_input(func, x, axis, weight, bias, min_axis=0, running=(),
 
 def check_normalized_shape(normalized_shape, func):
     """``normalized_shape`` (an int or a tuple of ints) as a non-empty tuple
-    of positive ints."""
+    of ints ``>= 0`` (a zero, as in PyTorch, for inputs without values)."""
     if is_int(normalized_shape):
         normalized_shape = (normalized_shape,)
     try:
@@ -180,9 +202,9 @@ def check_normalized_shape(normalized_shape, func):
     except TypeError:
         raise TypeError(f"{func}: normalized_shape must be an int or a tuple "
                         f"of ints, got {normalized_shape!r}") from None
-    if not shape or any(d <= 0 for d in shape):
+    if not shape or any(d < 0 for d in shape):
         raise ValueError(f"{func}: normalized_shape must be a non-empty tuple "
-                         f"of positive ints, got {normalized_shape!r}")
+                         f"of ints >= 0, got {normalized_shape!r}")
     return shape
 
 

@@ -35,10 +35,13 @@ arguments must be on the device (mixing raises TypeError), results and
 updated in place on the device.
 """
 
+import math
+
 from .backend import accepts_device_arrays
 from .checks import (check_axis, check_channel_input, check_eps, check_input,
                      check_momentum, check_ndim, check_normalized_shape,
-                     check_param, check_positive_int, check_running)
+                     check_param, check_positive_int, check_running,
+                     check_trailing)
 from .schemes.base import Saved, check_backward, normalize, normalize_backward
 from .schemes.batch import BatchNorm, BatchRenorm, GhostBatchNorm
 from .schemes.per_sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
@@ -148,6 +151,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     momentum : float in [0, 1] or None
         None: cumulative average ``1 / (num_batches_tracked + 1)``.
     eps : float
+        ``>= 0``; ``> 0`` where the batch statistics are used (training, or
+        no running statistics), with PyTorch 2.13's error otherwise.
     axis : int
         Channel axis: 1 channels-first, -1 channels-last.
     num_batches_tracked : int, optional
@@ -288,6 +293,7 @@ def instance_norm_backward(dy, x, saved):
 def _trailing_scheme(cls, func, x, normalized_shape, weight, bias, eps):
     check_input(x, "x", func)
     shape = check_normalized_shape(normalized_shape, func)
+    check_trailing(func, x.shape, shape)
     for name, value in (("weight", weight), ("bias", bias)):
         check_param(value, name, shape, func)
     return cls.bound(func, True, normalized_shape=shape, weight=weight,
@@ -671,6 +677,8 @@ def ghost_batch_norm(x, virtual_batch_size, running_mean=None,
     training : bool, default False
     momentum : float in [0, 1] or None, default 0.1
     eps : float, default 1e-5
+        ``> 0`` where ghost-batch statistics are used, as in
+        :func:`batch_norm`.
     axis : int, default 1
         Channel axis (not 0, the batch axis).
     num_batches_tracked : int, optional
@@ -848,7 +856,7 @@ def spectral_norm(w, u, v, n_power_iterations=1, eps=1e-12, training=True,
     rows = w.shape[ax]
     check_vector = check_running if training else check_param
     check_vector(u, "u", (rows,), func)
-    check_vector(v, "v", (w.size // rows,), func)
+    check_vector(v, "v", (math.prod(w.shape[:ax] + w.shape[ax + 1:]),), func)
     n_iter = check_positive_int(n_power_iterations, "n_power_iterations", func)
     eps = check_eps(eps, func)
     if eps == 0.0:

@@ -13,7 +13,13 @@ Conventions shared by all functions:
   quantity ``rstd = 1 / sqrt(var + eps)`` is its inverse standard deviation.
 * Backward functions return ``(dx, dweight, dbias)``; ``dweight`` / ``dbias``
   are ``None`` when ``weight`` / ``bias`` is ``None``.
+* Inputs without values (a dimension of size 0) give empty outputs, sums
+  over no values are 0, and, as in PyTorch, an empty batch leaves the
+  running statistics alone.  A group of zero variance with ``eps = 0``
+  gives NaN (``0 * inf``), as IEEE arithmetic does.
 """
+
+import math
 
 import numpy as np
 
@@ -59,7 +65,8 @@ def _channel_axis(axis, ndim):
 def _per_channel_2d(x, axis):
     """View ``x`` as ``(n, C)``: one column per channel, ``n`` values each."""
     moved = np.moveaxis(x, axis, -1)
-    return moved.reshape(-1, moved.shape[-1]), moved.shape
+    return (moved.reshape(math.prod(moved.shape[:-1]), moved.shape[-1]),
+            moved.shape)
 
 
 def _from_per_channel_2d(a, moved_shape, axis):
@@ -73,7 +80,7 @@ def _per_instance_3d(x, axis):
         raise ValueError("the channel axis must differ from the batch axis 0")
     moved = np.moveaxis(x, axis, 1)
     n, c = moved.shape[:2]
-    return moved.reshape(n, c, -1), moved.shape
+    return moved.reshape(n, c, math.prod(moved.shape[2:])), moved.shape
 
 
 def _from_per_instance_3d(a, moved_shape, axis):
@@ -191,7 +198,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     y = _from_per_channel_2d(y, moved_shape, ax)
 
     new_rm, new_rv = running_mean, running_var
-    if training:
+    if training and n > 0:
         f = _momentum_factor(momentum, num_batches_tracked)
         if running_mean is not None:
             new_rm = (1.0 - f) * running_mean + f * xc.mean(axis=0)
@@ -294,7 +301,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     y = _from_per_instance_3d(y, moved_shape, ax)
 
     new_rm, new_rv = running_mean, running_var
-    if use_input_stats:
+    if use_input_stats and xi.shape[0] > 0 and m > 0:
         f = _momentum_factor(momentum, num_batches_tracked)
         if running_mean is not None:
             batch_mean = xi.mean(axis=2).mean(axis=0)
@@ -348,7 +355,8 @@ def _layer_norm_rows(x, normalized_shape):
         raise ValueError(
             f"normalized_shape {normalized_shape} does not match the trailing "
             f"dimensions of an input of shape {x.shape}")
-    return x.reshape(-1, int(np.prod(normalized_shape))), normalized_shape
+    return (x.reshape(math.prod(x.shape[:x.ndim - k]), math.prod(normalized_shape)),
+            normalized_shape)
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -531,6 +539,8 @@ def batch_renorm(x, running_mean, running_std, weight=None, bias=None,
         z = (xc - mu) / sigma * r + d
         new_rm = running_mean + momentum * (mu - running_mean)
         new_rs = running_std + momentum * (sigma - running_std)
+        if xc.shape[0] == 0:  # an empty batch changes nothing
+            new_rm, new_rs = running_mean, running_std
     else:
         z = (xc - running_mean) / running_std
         new_rm, new_rs = running_mean, running_std
@@ -665,10 +675,11 @@ def ghost_batch_norm(x, virtual_batch_size, running_mean=None,
     x = _f64(x)
     ax = _channel_axis(axis, x.ndim)
     ghosts = _ghost_batches(x.shape[0], virtual_batch_size)
-    y = np.concatenate([batch_norm(x[g], None, None, weight, bias, True,
-                                   eps=eps, axis=ax)[0] for g in ghosts])
+    y = np.concatenate([np.empty((0,) + x.shape[1:])]
+                       + [batch_norm(x[g], None, None, weight, bias, True,
+                                     eps=eps, axis=ax)[0] for g in ghosts])
     new_rm, new_rv = _f64(running_mean), _f64(running_var)
-    if training and running_mean is not None:
+    if training and running_mean is not None and x.size:
         columns = [_per_channel_2d(x[g], ax)[0] for g in ghosts]
         mean = np.mean([c.mean(axis=0) for c in columns], axis=0)
         var = np.mean([c.var(axis=0, ddof=1) for c in columns], axis=0)
@@ -695,9 +706,10 @@ def ghost_batch_norm_backward(dy, x, virtual_batch_size, running_mean=None,
     parts = [batch_norm_backward(dy[g], x[g], None, None, weight, bias, True,
                                  eps, axis)
              for g in _ghost_batches(np.shape(x)[0], virtual_batch_size)]
-    dx = np.concatenate([p[0] for p in parts])
-    dweight = None if weight is None else sum(p[1] for p in parts)
-    dbias = None if bias is None else sum(p[2] for p in parts)
+    dx = np.concatenate([np.empty((0,) + np.shape(x)[1:])] + [p[0] for p in parts])
+    channels = np.shape(x)[_channel_axis(axis, np.ndim(x))]
+    dweight = None if weight is None else sum((p[1] for p in parts), np.zeros(channels))
+    dbias = None if bias is None else sum((p[2] for p in parts), np.zeros(channels))
     return dx, dweight, dbias
 
 
@@ -745,7 +757,8 @@ def weight_norm_backward(dw, v, g, axis=0):
 
 def _weight_matrix(w, axis):
     w = _f64(w)
-    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    moved = np.moveaxis(w, axis, 0)
+    return moved.reshape(moved.shape[0], math.prod(moved.shape[1:]))
 
 
 def spectral_norm(w, u, v, n_power_iterations=1, eps=1e-12, training=True,

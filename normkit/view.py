@@ -101,11 +101,11 @@ def channel_view(shape, axis, per_sample, groups=None):
     """
     channels = shape[axis]
     groups = channels if groups is None else groups
+    width = channels // groups if groups else 1   # no channels: no groups
     inner = math.prod(shape[axis + 1:])
     if per_sample:
-        return View(shape[0], math.prod(shape[1:axis]), groups,
-                    channels // groups, inner)
-    return View(1, math.prod(shape[:axis]), groups, channels // groups, inner)
+        return View(shape[0], math.prod(shape[1:axis]), groups, width, inner)
+    return View(1, math.prod(shape[:axis]), groups, width, inner)
 
 
 @functools.lru_cache(maxsize=512)
@@ -143,5 +143,5 @@ def ghost_view(shape, axis, virtual_batch_size):
                          f"virtual_batch_size={virtual_batch_size} (input "
                          f"shape {shape})")
     whole = channel_view(shape, axis, per_sample=False)
-    ghosts = n // virtual_batch_size
-    return View(ghosts, whole.A // ghosts, whole.K, whole.J, whole.B)
+    rows = virtual_batch_size * math.prod(shape[1:axis])   # A per ghost batch
+    return View(n // virtual_batch_size, rows, whole.K, whole.J, whole.B)

@@ -263,7 +263,8 @@ def moments_kernel(x, P, A, K, J, B, plan, part_n, part_mean, part_m2):
 def _merge(part, centered):
     """Merge partials ``(P, chunks, K, 3)`` in chunk order into ``(mean,
     var)`` of shape ``(P, K)``; ``var`` is the biased variance M2 / n (the
-    mean square ``var + mean**2``, and mean 0, when not ``centered``)."""
+    mean square ``var + mean**2``, and mean 0, when not ``centered``); both
+    are NaN for a group of no values."""
     P, n_chunks, K, _ = part.shape
     mean = np.empty((P, K))
     var = np.empty((P, K))
@@ -273,7 +274,10 @@ def _merge(part, centered):
             for ch in range(n_chunks):
                 n, m, m2 = _chan_merge(n, m, m2, part[p, ch, k, 0],
                                        part[p, ch, k, 1], part[p, ch, k, 2])
-            if centered:
+            if n == 0.0:  # an empty group: no statistics (as np.mean)
+                mean[p, k] = np.nan
+                var[p, k] = np.nan
+            elif centered:
                 mean[p, k] = m
                 var[p, k] = m2 / n
             else:
@@ -674,8 +678,16 @@ def _rows(values, view):
     return np.broadcast_to(values.reshape(1, view.K), (view.P, view.K))
 
 
+def _no_values(view):
+    """True for a view with a zero dimension: the kernels are not run for
+    it (results are empty, statistics NaN, sums zero)."""
+    return math.prod(view.dims) == 0
+
+
 def moment_partials(x, view):
     """See :meth:`normkit.backend.protocol.Backend.moment_partials`."""
+    if _no_values(view):  # one chunk of count 0 per group
+        return np.zeros((view.P, 1, view.K, 3))
     flat = as_kernel_array(x)
     plan = make_plan(view)
     part = np.empty((view.P, plan.n_chunks, view.K, 3))
@@ -697,6 +709,8 @@ def moments(x, view, centered=True):
 
 def apply_affine(x, view, mean, alpha, gamma=None, beta=None):
     """See :meth:`normkit.backend.protocol.Backend.apply_affine`."""
+    if _no_values(view):
+        return np.empty(x.shape, x.dtype)
     flat = as_kernel_array(x)
     plan = make_plan(view)
     coef = np.zeros((view.P, view.K, N_COEF))
@@ -711,6 +725,9 @@ def apply_affine(x, view, mean, alpha, gamma=None, beta=None):
 
 def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True):
     """See :meth:`normkit.backend.protocol.Backend.normalize_batch`."""
+    if _no_values(view):
+        mean, var = moments(x, view, centered)
+        return np.empty(x.shape, x.dtype), mean, var
     flat = as_kernel_array(x)
     plan = make_plan(view)
     kj = view.K * view.J
@@ -724,7 +741,9 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True):
                       mean, var)
         return from_kernel_array(out, x.shape, x.dtype), mean, var
     mean, var = moments(flat, view, centered)
-    y = apply_affine(flat, view, mean, 1.0 / np.sqrt(var + eps), gamma, beta)
+    with np.errstate(divide="ignore", invalid="ignore"):  # eps = 0: inf, NaN
+        rstd = 1.0 / np.sqrt(var + eps)
+    y = apply_affine(flat, view, mean, rstd, gamma, beta)
     return from_kernel_array(y, x.shape, x.dtype), mean, var
 
 
@@ -740,6 +759,10 @@ def _backward_inputs(dy, x, view, mean, rstd, gscale, centered):
 def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
     """See :meth:`normkit.backend.protocol.Backend.backward_sums`: the group
     sums as two ``(P, K)`` arrays, the affine sums as two ``(K*J,)``."""
+    if _no_values(view):  # sums over no values
+        kj = view.K * view.J
+        return ((np.zeros((view.P, view.K)), np.zeros((view.P, view.K))),
+                (np.zeros(kj), np.zeros(kj)))
     flat_x, flat_dy, mean, rstd, gscale = _backward_inputs(
         dy, x, view, mean, rstd, gscale, centered)
     plan = make_plan(view)
@@ -755,6 +778,8 @@ def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
 def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True):
     """See :meth:`normkit.backend.protocol.Backend.dx_from_sums`;
     ``group_sums`` is the pair of ``(P, K)`` arrays of :func:`backward_sums`."""
+    if _no_values(view):
+        return np.empty(x.shape, x.dtype)
     flat_x, flat_dy, mean, rstd, gscale = _backward_inputs(
         dy, x, view, mean, rstd, gscale, centered)
     sums = np.stack([_rows(s, view) for s in group_sums], axis=-1)
@@ -768,6 +793,10 @@ def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True):
 def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
              need_affine=True, centered=True):
     """See :meth:`normkit.backend.protocol.Backend.backward`."""
+    if _no_values(view):
+        kj = view.K * view.J
+        return ((np.empty(x.shape, x.dtype), np.zeros(kj), np.zeros(kj))
+                if need_affine else (np.empty(x.shape, x.dtype), None, None))
     flat_x, flat_dy, mean, rstd, gscale = _backward_inputs(
         dy, x, view, mean, rstd, gscale, centered)
     plan = make_plan(view)
@@ -830,12 +859,13 @@ def map_channels(function, args, out):
                 dufunc(*[np.zeros(1) if isinstance(a, np.ndarray) else a
                          for a in flat])
             ufunc = function.compiled["cpu-ufunc"] = dufunc.ufunc
-        if out is None:
-            return (ufunc(*flat),)
-        if out[0].flags.c_contiguous:
-            ufunc(*flat, out=out[0].reshape(-1))
-        else:
-            out[0][...] = ufunc(*flat).reshape(out[0].shape)
+        with np.errstate(all="ignore"):  # 1/0 is inf, as in the kernels
+            if out is None:
+                return (ufunc(*flat),)
+            if out[0].flags.c_contiguous:
+                ufunc(*flat, out=out[0].reshape(-1))
+            else:
+                out[0][...] = ufunc(*flat).reshape(out[0].shape)
         return out
     scalars = tuple(protocol.is_number(a) for a in args)
     loop = _compiled_loop(function, ("cpu", scalars),

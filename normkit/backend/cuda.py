@@ -78,6 +78,7 @@ N_PACKED = 6
 
 _chan_merge = cuda.jit(device=True)(protocol.chan_merge)
 _dx_coefficients = cuda.jit(device=True)(protocol.dx_coefficients)
+_inverse_sqrt = cuda.jit(device=True)(protocol.inverse_sqrt)
 
 
 # --------------------------------------------------------------------------
@@ -370,7 +371,7 @@ def _kernels(acc):
         if holder:
             mean_out[p, kk] = m
             var_out[p, kk] = var
-        mc, a_x, h_x, e_x, q_x, w_x = packed(m, 1.0 / math.sqrt(var + eps),
+        mc, a_x, h_x, e_x, q_x, w_x = packed(m, _inverse_sqrt(var + eps),
                                              0.0, 0.0, 0.0)
         transform(x, x, out, False, gamma, has_gamma, beta, has_beta, p, A, K,
                   J, B, a0, a1, c0, width, n_act, mc, a_x, h_x, e_x, q_x, w_x)
@@ -437,8 +438,8 @@ def _kernels(acc):
 def _merge(part, mode, centered, out0, out1):
     """Merge partials ``(P, chunks, K, 3)`` in chunk order per ``(p, k)``:
     ``MOMENTS`` gives ``out0 = mean``, ``out1 = M2 / n`` (not ``centered``:
-    ``0`` and the mean square ``M2 / n + mean**2``); ``GRADS`` the two
-    sums."""
+    ``0`` and the mean square ``M2 / n + mean**2``; NaN for a group of no
+    values); ``GRADS`` the two sums."""
     p, k = _group_of_thread(part.shape[0], part.shape[2])
     if p < 0:
         return
@@ -452,7 +453,10 @@ def _merge(part, mode, centered, out0, out1):
         else:
             n += part[p, ch, k, 0]
             m += part[p, ch, k, 1]
-    if mode == MOMENTS and centered:
+    if mode == MOMENTS and n == 0.0:  # an empty group: no statistics
+        out0[p, k] = math.nan
+        out1[p, k] = math.nan
+    elif mode == MOMENTS and centered:
         out0[p, k] = m
         out1[p, k] = m2 / n
     elif mode == MOMENTS:
@@ -504,6 +508,17 @@ def _launch(n):
     return max(1, ceil_div(n, threads)), threads
 
 
+def _no_values(view):
+    """True for a view with a zero dimension: nothing is launched for it
+    (results are empty, statistics NaN, sums zero)."""
+    return math.prod(view.dims) == 0
+
+
+def _filled(shape, value):
+    """A new float64 device array of ``shape`` holding ``value``."""
+    return cuda.to_device(np.full(shape, value))
+
+
 def _reduce(x, dy, view, grid, mode, mean=None, rstd=None, weight=None,
             stat_rows=0, stat_group=1):
     """Partials ``(P, chunks, K, 3)`` of the ``reduce`` kernel."""
@@ -532,6 +547,9 @@ def moments(x, view, centered=True):
     """Per-group mean and biased variance, ``(P, K)`` float64 device arrays
     (``centered=False``: zero and the mean square, as
     :func:`normkit.engine.moments`)."""
+    if _no_values(view):
+        return (_filled((view.P, view.K), math.nan),
+                _filled((view.P, view.K), math.nan))
     flat = _flat(x)
     return _merged(_reduce(flat, None, view, grid_for(view), MOMENTS), MOMENTS,
                    centered)
@@ -573,6 +591,8 @@ def _as_rows(values, view):
 def apply_affine(x, view, mean, alpha, gamma=None, beta=None):
     """Device version of :func:`normkit.engine.apply_affine`; ``mean`` and
     ``alpha`` are device arrays of ``P * K`` or ``K`` values."""
+    if _no_values(view):
+        return cuda.device_array(x.shape, x.dtype)
     flat = _flat(x)
     grid = grid_for(view)
     coef = _coefficients(flat.dtype, view, _as_rows(mean, view),
@@ -584,6 +604,8 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True):
     """Device version of :func:`normkit.engine.normalize_batch`: one fused
     kernel when every block holds whole groups, else moments, then the
     elementwise map."""
+    if _no_values(view):
+        return (cuda.device_array(x.shape, x.dtype),) + moments(x, view)
     grid = grid_for(view)
     if grid.n_chunks > 1 or not centered:
         mean, var = moments(x, view, centered)
@@ -621,6 +643,11 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     batch statistics and blocks holding whole groups, sums and ``dx`` come
     from one fused kernel.
     """
+    if _no_values(view):
+        kj = view.K * view.J
+        dx = cuda.device_array(x.shape, x.dtype)
+        return ((dx, _filled(kj, 0.0), _filled(kj, 0.0)) if need_affine
+                else (dx, None, None))
     flat_x, flat_dy, mean, rstd = _grad_inputs(dy, x, view, mean, rstd, centered)
     grid = grid_for(view)
     gscale = None if gscale is None else _flat(gscale)
@@ -689,6 +716,8 @@ def _constant(value, n):
 
 def moment_partials(x, view):
     """See :meth:`normkit.backend.protocol.Backend.moment_partials`."""
+    if _no_values(view):  # one chunk of count 0 per group
+        return _filled((view.P, 1, view.K, 3), 0.0)
     return _reduce(_flat(x), None, view, grid_for(view), MOMENTS)
 
 
@@ -700,6 +729,10 @@ def merge_partials(partials, centered=True):
 def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
     """See :meth:`normkit.backend.protocol.Backend.backward_sums`; the group
     sums come as two ``(P, K)`` arrays, the affine sums as two ``(K*J,)``."""
+    if _no_values(view):  # sums over no values
+        kj = view.K * view.J
+        return ((_filled((view.P, view.K), 0.0), _filled((view.P, view.K), 0.0)),
+                (_filled(kj, 0.0), _filled(kj, 0.0)))
     flat_x, flat_dy, mean, rstd = _grad_inputs(dy, x, view, mean, rstd, centered)
     weights = _constant(1.0, view.K * view.J) if gscale is None else _flat(gscale)
     grid = grid_for(view)
@@ -714,6 +747,8 @@ def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
 def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True):
     """See :meth:`normkit.backend.protocol.Backend.dx_from_sums`;
     ``group_sums`` is the pair of ``(P, K)`` arrays of :func:`backward_sums`."""
+    if _no_values(view):
+        return cuda.device_array(x.shape, x.dtype)
     flat_x, flat_dy, mean, rstd = _grad_inputs(dy, x, view, mean, rstd, centered)
     sums = tuple(_as_rows(s, view) for s in group_sums)
     coef = _coefficients(flat_x.dtype, view, mean, rstd, True, sums, None,

@@ -124,6 +124,8 @@ def _plan(view, n_threads):
     P, A, K, J, B = view.dims
     L = J * B
     total = P * A * K * L
+    if total == 0:  # nothing to split: one item per p, its groups whole
+        return Plan(1, P, K, 1, A, 1, L, 1)
     target = max(1, min(ITEMS_PER_THREAD * n_threads, total // MIN_ITEM_ELEMENTS))
     if _enough(P, target, n_threads):
         p_per = ceil_div(P, min(P, target))
@@ -207,7 +209,9 @@ def _pow2_at_least(n):
 
 def grid_for(view, settings=None):
     """Tiles and block size for ``view`` on CUDA (``settings`` default:
-    :data:`SETTINGS`)."""
+    :data:`SETTINGS`).  A view without values (any dimension 0) gets a
+    grid of whole groups that never divides by zero; the backend launches
+    nothing for it."""
     s = SETTINGS if settings is None else settings
     return _grid(view.dims, s.threads, s.min_threads, s.target_blocks,
                  s.values_per_thread)
@@ -218,6 +222,8 @@ def _grid(dims, threads, min_threads, target_blocks, values_per_thread):
     P, A, K, J, B = dims
     L = J * B
     threads = min(threads, MAX_THREADS)
+    if P * A * K * L == 0:  # no values: one smallest block per group
+        return Grid(min(threads, min_threads), False, 1, K, A, 1, L, 1)
     columns = 2 * L <= threads and (A > 1 or K > 1)
     k_per = min(K, threads // L) if columns else 1
     width = k_per * L

@@ -20,17 +20,24 @@ import math
 from typing import Protocol
 
 import numpy as np
+from numba.extending import register_jitable
 
 from . import backend_for
 
 __all__ = ["Backend", "channelwise", "chan_merge", "dx_coefficients",
-           "inverse_std", "reciprocal", "product", "copy", "merge_summaries"]
+           "inverse_sqrt", "inverse_std", "reciprocal", "product", "copy",
+           "merge_summaries"]
 
 
 class Backend(Protocol):
     """The operations of a backend (a module: :mod:`normkit.backend.cpu`,
     :mod:`normkit.backend.cuda`).  ``x`` and ``dy`` are arrays of the
-    backend of any shape with ``view.P * ... * view.B`` values."""
+    backend of any shape with ``view.P * ... * view.B`` values.
+
+    A view with a zero dimension has no values: a backend launches nothing
+    for it and returns empty outputs, NaN statistics (the mean of no
+    values) and zero sums.  Division by a zero variance (``eps = 0``)
+    gives inf and NaN as IEEE arithmetic does; no operation raises."""
 
     def moment_partials(self, x, view):
         """Mergeable moments ``(P, chunks, K, 3)``: ``(n, mean, M2)`` of each
@@ -103,6 +110,19 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     delta = mean_b - mean_a
     frac = n_b / n
     return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
+
+
+@register_jitable
+def inverse_sqrt(v):
+    """``1 / sqrt(v)`` for ``v >= 0`` or NaN: inf for 0, NaN for NaN, as
+    IEEE arithmetic gives on every device, written so that Numba's CUDA
+    simulator (plain Python, where ``1.0 / 0.0`` raises) gives them too.
+    Compiled by each backend for its kernels."""
+    if v > 0.0:
+        return 1.0 / math.sqrt(v)
+    if v == 0.0:
+        return math.inf
+    return math.nan
 
 
 def dx_coefficients(rstd, sum_g, sum_gx, n, centered):
@@ -325,7 +345,7 @@ def view_params(view):
 @channelwise
 def inverse_std(var, eps):
     """``1 / sqrt(var + eps)`` (inf where ``var + eps`` is 0)."""
-    return 1.0 / math.sqrt(var + eps)
+    return inverse_sqrt(var + eps)
 
 
 @channelwise

@@ -21,8 +21,9 @@ from .base import (Normalizer, RunningStatsNormalizer, Saved, affine_gradients,
                    update_running)
 from .batch import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d,
                     BatchRenorm, GhostBatchNorm)
+from .per_sample import (GroupNorm, InstanceNorm, InstanceNorm1d,
+                         InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm)
 from .sync import SyncBatchNorm
-from .per_sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from .reparam import Reparametrization, SpectralNorm, WeightNorm
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "normalize_with_statistics", "normalize_backward", "affine_gradients",
     "check_backward", "cast", "update_running", "momentum_factor",
     "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm",
-    "GhostBatchNorm", "SyncBatchNorm", "InstanceNorm", "GroupNorm", "LayerNorm", "RMSNorm",
+    "GhostBatchNorm", "SyncBatchNorm", "InstanceNorm", "InstanceNorm1d",
+    "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "RMSNorm",
     "Reparametrization", "WeightNorm", "SpectralNorm",
 ]

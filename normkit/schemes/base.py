@@ -84,6 +84,9 @@ class Saved:
         ``gradients(dy, x, saved) -> (dx, dweight, dbias)`` for a scheme
         whose gradient is not :func:`normalize_backward`'s generic one;
         :func:`normalize_backward` calls it after its checks.
+    bias_shape : tuple of int or None
+        Shape of the bias used, for its gradient (None: the weight's
+        shape, or flat).
 
     Examples
     --------
@@ -109,6 +112,7 @@ class Saved:
     var: np.ndarray | None = None
     extras: dict = field(default_factory=dict)
     gradients: object = None
+    bias_shape: tuple | None = None
 
     def replace(self, **changes):
         """A copy with ``changes`` (``dataclasses.replace``)."""
@@ -168,7 +172,8 @@ def normalize(x, view, weight=None, bias=None, eps=1e-5, *, return_saved=False,
     if not return_saved:
         return y
     saved = Saved(variant, view, x.shape, mean, inverse_std(var, eps), True,
-                  weight, bias is not None, centered=centered, var=var)
+                  weight, bias is not None, centered=centered, var=var,
+                  bias_shape=_shape_of(bias))
     return y, saved
 
 
@@ -214,7 +219,11 @@ def normalize_with_statistics(x, view, mean, rstd, weight=None, bias=None, *,
     rstd = rstd.reshape(rows, view.K)
     y = engine.apply_affine(x, view, mean, rstd, weight, bias)
     return y, Saved(variant, view, x.shape, mean, rstd, False, weight,
-                    bias is not None)
+                    bias is not None, bias_shape=_shape_of(bias))
+
+
+def _shape_of(a):
+    return None if a is None else tuple(a.shape)
 
 
 def _size(a):
@@ -319,7 +328,8 @@ def affine_gradients(dy, x, saved, gscale=None, weight_sum=None):
             sum_dy_xhat = weight_sum(sum_dy, sum_dy_xhat)
         dweight = cast(sum_dy_xhat, weight.shape, weight.dtype)
     if saved.has_bias:
-        shape = weight.shape if weight is not None else (sum_dy.size,)
+        shape = (saved.bias_shape or
+                 (weight.shape if weight is not None else (sum_dy.size,)))
         dtype = weight.dtype if weight is not None else x.dtype
         dbias = cast(sum_dy, shape, dtype)
     return dx, dweight, dbias
@@ -357,7 +367,8 @@ def update_running(running, rows, factor, n=None):
     ``rows`` is ``(P, C)`` (one row per statistics group along ``p``, e.g.
     per sample for InstanceNorm; averaged over ``p``), ``s = n / (n - 1)``
     is the unbiased correction for variances of ``n`` values (1 when ``n``
-    is None).  Host or device arrays alike.
+    is None; inf for ``n = 1``); no rows leave ``running`` alone.  Host or
+    device arrays alike.
 
     Parameters
     ----------
@@ -380,9 +391,11 @@ def update_running(running, rows, factor, n=None):
     [1.0, 1.5]
     """
     P, C = rows.shape
+    if P == 0:  # no rows: nothing to fold in
+        return
     if P > 1:
         rows = engine.moments(rows, View(1, P, C, 1, 1))[0]
-    scale = 1.0 if n is None else n / (n - 1)
+    scale = 1.0 if n is None else n / (n - 1) if n != 1 else math.inf
     _moving_average(running, rows, factor, scale, out=running)
 
 
@@ -657,6 +670,9 @@ class RunningStatsNormalizer(Normalizer):
         Keep running statistics (else None).
     axis : int, default 1
         Channel axis: 1 channels-first, -1 channels-last.
+    bias : bool, default True
+        Keyword only, as in PyTorch 2.13: with ``affine``, whether there is
+        a ``bias`` besides the ``weight``.
 
     Examples
     --------
@@ -689,10 +705,11 @@ class RunningStatsNormalizer(Normalizer):
     spread_init = 1.0
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1):
+                 track_running_stats=True, axis=1, *, bias=True):
         self.num_features = check_positive_int(num_features, "num_features",
                                                type(self).__name__)
-        super().__init__((self.num_features,) if affine else None, eps)
+        super().__init__((self.num_features,) if affine else None, eps,
+                         bias=bias)
         check_momentum(momentum, type(self).__name__)
         self.momentum = momentum
         self.axis = axis
@@ -716,14 +733,21 @@ class RunningStatsNormalizer(Normalizer):
         the unbiased ``n / (n - 1) * var``, with the weight of
         :func:`momentum_factor`.  Does nothing unless
         ``track_running_stats``.
+
+        A batch without values (``n == 0``, or rows of no groups) leaves
+        the running statistics alone and is still counted, as PyTorch's
+        ``BatchNorm*d`` do with an empty batch.
         """
         if not self.track_running_stats:
             return
-        factor = momentum_factor(self.momentum, self.num_batches_tracked)
-        if mean is not None:
-            update_running(self.running_mean, mean, factor)
-        if var is not None:
-            update_running(getattr(self, self.spread_name), var, factor, n)
+        empty = n == 0 or any(rows is not None and rows.shape[0] == 0
+                              for rows in (mean, var))
+        if not empty:
+            factor = momentum_factor(self.momentum, self.num_batches_tracked)
+            if mean is not None:
+                update_running(self.running_mean, mean, factor)
+            if var is not None:
+                update_running(getattr(self, self.spread_name), var, factor, n)
         self.num_batches_tracked += 1
 
     def normalize_running(self, x, view):
@@ -745,6 +769,7 @@ class RunningStatsNormalizer(Normalizer):
         return y, saved
 
     def extra_repr(self):
+        no_bias = ", bias=False" if self.weight is not None and self.bias is None else ""
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.weight is not None}, "
+                f"affine={self.weight is not None}{no_bias}, "
                 f"track_running_stats={self.track_running_stats}, axis={self.axis}")

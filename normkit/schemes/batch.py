@@ -11,8 +11,8 @@ import math
 
 from .. import engine
 from ..backend.protocol import channelwise, product, reciprocal
-from ..checks import (check_channels, check_positive_int, is_real,
-                      values_per_channel_error)
+from ..checks import (check_batch_eps, check_channels, check_positive_int,
+                      is_real, values_per_channel_error)
 from ..view import channel_view, ghost_view
 from .base import (RunningStatsNormalizer, Saved, affine_gradients,
                    normalize_with_statistics)
@@ -55,11 +55,19 @@ class BatchNorm(RunningStatsNormalizer):
         Keep ``running_mean``, ``running_var`` and ``num_batches_tracked``.
     axis : int, default 1
         Channel axis: 1 channels-first, -1 channels-last.
+    bias : bool, default True
+        Keyword only, as in PyTorch 2.13: with ``affine``, whether there is
+        a ``bias`` besides the ``weight``.
 
     Notes
     -----
     Shape: Input ``(N, C, *)`` (``axis=1``) or ``(N, *, C)`` (``axis=-1``),
     output the same.
+
+    As in PyTorch 2.13, wherever the batch statistics are used, ``eps``
+    must be positive and a batch of one value per channel raises; an empty
+    batch gives an empty output and leaves the running statistics alone
+    (it is still counted in ``num_batches_tracked``).
 
     Examples
     --------
@@ -85,7 +93,8 @@ class BatchNorm(RunningStatsNormalizer):
         view = self.view(x.shape)
         if not self.training and self.running_mean is not None:
             return self.normalize_running(x, view)
-        if self.training and view.group_size <= 1:
+        check_batch_eps(self.eps, self.label)
+        if view.group_size == 1:
             raise values_per_channel_error(x)
         return self.normalize_tracked(x, view)
 
@@ -109,9 +118,9 @@ def _for_input(shape, torch_name, axes, example):
     ----------
     num_features : int
         Channels ``C``.
-    eps, momentum, affine, track_running_stats, axis
+    eps, momentum, affine, track_running_stats, axis, bias
         As :class:`BatchNorm` (defaults ``1e-5``, ``0.1``, ``True``,
-        ``True``, ``1``).
+        ``True``, ``1``, ``True``; ``bias`` keyword only).
 
     Examples
     --------
@@ -185,7 +194,10 @@ class BatchRenorm(RunningStatsNormalizer):
     of the backward), and ``running_std`` (not a variance) is updated with
     ``sigma_B``.  ``rmax`` and ``dmax`` are plain attributes that may change
     between steps, e.g. ``layer.rmax, layer.dmax =
-    normkit.batch_renorm_schedule(step)``.
+    normkit.batch_renorm_schedule(step)``.  Unlike :class:`BatchNorm`,
+    ``eps = 0`` is accepted in training (a channel of zero variance then
+    gives NaN); an empty batch is counted and leaves the running
+    statistics alone.
 
     Parameters
     ----------
@@ -199,6 +211,8 @@ class BatchRenorm(RunningStatsNormalizer):
         Clips of ``r`` and ``d``; ``rmax=1, dmax=0`` is BatchNorm.
     affine : bool, default True
     axis : int, default 1
+    bias : bool, default True
+        Keyword only: with ``affine``, whether there is a ``bias``.
 
     Notes
     -----
@@ -219,8 +233,9 @@ class BatchRenorm(RunningStatsNormalizer):
     spread_name = "running_std"
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, rmax=3.0,
-                 dmax=5.0, affine=True, axis=1):
-        super().__init__(num_features, eps, momentum, affine, True, axis)
+                 dmax=5.0, affine=True, axis=1, *, bias=True):
+        super().__init__(num_features, eps, momentum, affine, True, axis,
+                         bias=bias)
         self.rmax = rmax
         self.dmax = dmax
 
@@ -244,7 +259,7 @@ class BatchRenorm(RunningStatsNormalizer):
             return normalize_with_statistics(
                 x, view, self.running_mean, reciprocal(self.running_std),
                 self.weight, self.bias, variant=self.label)
-        if view.group_size <= 1:
+        if view.group_size == 1:
             raise values_per_channel_error(x)
         mean, var = engine.moments(x, view)
         alpha, rstd, sigma, r, d = renorm_corrections(
@@ -253,7 +268,10 @@ class BatchRenorm(RunningStatsNormalizer):
         weight = 1.0 if self.weight is None else self.weight
         beta = shift(weight, 0.0 if self.bias is None else self.bias, d)
         y = engine.apply_affine(x, view, mean, alpha, self.weight, beta)
-        self.update_running_stats(mean, sigma.reshape(1, view.K), None)
+        if view.group_size:
+            self.update_running_stats(mean, sigma.reshape(1, view.K), None)
+        else:  # an empty batch: counted, the statistics left alone
+            self.update_running_stats(None, None, 0)
         return y, Saved(self.label, view, x.shape, mean,
                         rstd.reshape(1, view.K), True, self.weight,
                         self.bias is not None, r, d, var=var,
@@ -266,6 +284,8 @@ class BatchRenorm(RunningStatsNormalizer):
         sum(dy * (xhat * r + d))``."""
         weight = saved.weight
         gscale = saved.r if weight is None else product(weight, saved.r)
+        if not saved.view.group_size:  # no values: r, d are NaN, sums 0
+            return affine_gradients(dy, x, saved, gscale)
         return affine_gradients(dy, x, saved, gscale,
                                 lambda sum_dy, sum_dy_xhat: renorm_weight_sum(
                                     sum_dy_xhat, saved.r, sum_dy, saved.d))
@@ -286,7 +306,8 @@ class GhostBatchNorm(RunningStatsNormalizer):
     samples with its own statistics (:func:`~normkit.view.ghost_view`; the
     batch size must be a multiple of it) and updates the running
     statistics once per call with the ghost statistics averaged; inference
-    is BatchNorm inference with them, for any batch size.
+    is BatchNorm inference with them, for any batch size.  ``eps`` and
+    empty batches as in :class:`BatchNorm`.
 
     Parameters
     ----------
@@ -294,7 +315,7 @@ class GhostBatchNorm(RunningStatsNormalizer):
         Channels ``C``.
     virtual_batch_size : int
         Samples per ghost batch; must divide the batch in training.
-    eps, momentum, affine, track_running_stats, axis
+    eps, momentum, affine, track_running_stats, axis, bias
         As :class:`BatchNorm` (``axis`` may not be 0).
 
     Examples
@@ -308,11 +329,12 @@ class GhostBatchNorm(RunningStatsNormalizer):
     """
 
     def __init__(self, num_features, virtual_batch_size, eps=1e-5,
-                 momentum=0.1, affine=True, track_running_stats=True, axis=1):
+                 momentum=0.1, affine=True, track_running_stats=True, axis=1,
+                 *, bias=True):
         self.virtual_batch_size = check_positive_int(
             virtual_batch_size, "virtual_batch_size", "GhostBatchNorm")
         super().__init__(num_features, eps, momentum, affine,
-                         track_running_stats, axis)
+                         track_running_stats, axis, bias=bias)
 
     def view(self, shape):
         """The ghost-batch view (:func:`~normkit.view.ghost_view`)."""
@@ -327,7 +349,8 @@ class GhostBatchNorm(RunningStatsNormalizer):
             return self.normalize_running(
                 x, channel_view(x.shape, ax, per_sample=False))
         view = self.view(x.shape)
-        if view.group_size <= 1:
+        check_batch_eps(self.eps, self.label)
+        if view.P and view.group_size == 1:
             raise ValueError(f"{self.label}: expected more than 1 value per "
                              f"channel in each virtual batch, got "
                              f"{view.group_size} (input size {tuple(x.shape)}, "

@@ -9,12 +9,14 @@ about zero.  Written with the public extension API only.
 
 import numpy as np
 
-from ..checks import (check_channels, check_eps, check_normalized_shape,
-                      check_positive_int, check_trailing)
+from ..checks import (check_channels, check_count, check_eps, check_ndim,
+                      check_normalized_shape, check_positive_int,
+                      check_trailing)
 from ..view import channel_view, trailing_view
 from .base import Normalizer, RunningStatsNormalizer, normalize
 
-__all__ = ["InstanceNorm", "GroupNorm", "LayerNorm", "RMSNorm"]
+__all__ = ["InstanceNorm", "InstanceNorm1d", "InstanceNorm2d",
+           "InstanceNorm3d", "GroupNorm", "LayerNorm", "RMSNorm"]
 
 
 class InstanceNorm(RunningStatsNormalizer):
@@ -25,6 +27,17 @@ class InstanceNorm(RunningStatsNormalizer):
     Input statistics in training; in inference too unless
     ``track_running_stats`` is true.  Defaults as PyTorch's
     ``InstanceNorm*d``: ``affine=False``, ``track_running_stats=False``.
+
+    This class takes any number of dimensions, so axis 0 is always the
+    batch: for unbatched input, ``(C, L)``, ``(C, H, W)`` or ``(C, D, H,
+    W)`` as PyTorch accepts it, use :class:`InstanceNorm1d`,
+    :class:`InstanceNorm2d` or :class:`InstanceNorm3d`, which know their
+    dimensions, or pass ``x[None]``.  ``num_features`` is always checked
+    against the channel axis (ValueError; PyTorch only warns without
+    affine parameters).  Running statistics are updated with ``momentum``
+    and counted in ``num_batches_tracked`` as :class:`BatchNorm`'s
+    (``momentum=None``: the cumulative average), where PyTorch's
+    ``InstanceNorm*d`` never count and treat ``momentum=None`` as 0.
 
     .. math::
 
@@ -41,6 +54,9 @@ class InstanceNorm(RunningStatsNormalizer):
     track_running_stats : bool, default False
     axis : int, default 1
         Channel axis, 1 or a later one (axis 0 holds the samples).
+    bias : bool, default True
+        Keyword only, as in PyTorch 2.13: with ``affine``, whether there is
+        a ``bias`` besides the ``weight``.
 
     Notes
     -----
@@ -57,25 +73,120 @@ class InstanceNorm(RunningStatsNormalizer):
     True
     """
 
+    #: Input dimensions accepted (None: any, at least 2, axis 0 the batch).
+    allowed_ndim = None
+
+    #: Dimensions of an unbatched input, normalized as a batch of one
+    #: (None: every input has a batch axis).
+    unbatched_ndim = None
+
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
-                 track_running_stats=False, axis=1):
+                 track_running_stats=False, axis=1, *, bias=True):
         super().__init__(num_features, eps, momentum, affine,
-                         track_running_stats, axis)
+                         track_running_stats, axis, bias=bias)
 
     def view(self, shape):
         """One group per sample and channel."""
+        hint = ("" if self.unbatched_ndim is not None else
+                " (axis 0 is the batch: for unbatched input use "
+                "InstanceNorm1d/2d/3d, or pass x[None])")
         ax = check_channels(self.label, shape, self.axis, self.num_features,
-                            min_axis=1)
+                            min_axis=1, hint=hint)
         return channel_view(shape, ax, per_sample=True)
 
     def _forward(self, x):
+        if self.allowed_ndim is not None:
+            check_ndim(x, self.label, allowed=self.allowed_ndim)
+        if x.ndim == self.unbatched_ndim:  # a batch of one, axis as batched
+            y, saved = self._forward(x.reshape((1,) + tuple(x.shape)))
+            return y.reshape(x.shape), saved.replace(shape=tuple(x.shape))
         view = self.view(x.shape)
         if not self.training and self.running_mean is not None:
             return self.normalize_running(x, view)
-        if view.group_size <= 1:
+        if view.group_size == 1:
             raise ValueError("Expected more than 1 spatial element when "
                              f"training, got input size {tuple(x.shape)}")
         return self.normalize_tracked(x, view)
+
+
+class InstanceNorm1d(InstanceNorm):
+    """:class:`InstanceNorm` for ``(N, C, L)`` input, or unbatched ``(C, L)``
+    (normalized as a batch of one), as ``torch.nn.InstanceNorm1d``.
+
+    ``axis`` counts the dimensions of the batched layout: with ``axis=-1``
+    the inputs are ``(N, L, C)`` and ``(L, C)``.
+
+    Parameters
+    ----------
+    num_features : int
+        Channels ``C``.
+    eps, momentum, affine, track_running_stats, axis, bias
+        As :class:`InstanceNorm`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> x = np.random.default_rng(0).normal(2.0, 3.0, (3, 8))   # (C, L)
+    >>> y = normkit.InstanceNorm1d(3)(x)
+    >>> y.shape, bool(np.allclose(y.mean(axis=1), 0.0))
+    ((3, 8), True)
+    """
+
+    allowed_ndim = (2, 3)
+    unbatched_ndim = 2
+
+
+class InstanceNorm2d(InstanceNorm):
+    """:class:`InstanceNorm` for ``(N, C, H, W)`` input, or unbatched
+    ``(C, H, W)``, as ``torch.nn.InstanceNorm2d`` (``axis`` as in
+    :class:`InstanceNorm1d`).
+
+    Parameters
+    ----------
+    num_features : int
+        Channels ``C``.
+    eps, momentum, affine, track_running_stats, axis, bias
+        As :class:`InstanceNorm`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> x = np.random.default_rng(0).normal(2.0, 3.0, (3, 4, 5))   # (C, H, W)
+    >>> y = normkit.InstanceNorm2d(3)(x)
+    >>> bool(np.allclose(y, normkit.instance_norm(x[None])[0]))
+    True
+    """
+
+    allowed_ndim = (3, 4)
+    unbatched_ndim = 3
+
+
+class InstanceNorm3d(InstanceNorm):
+    """:class:`InstanceNorm` for ``(N, C, D, H, W)`` input, or unbatched
+    ``(C, D, H, W)``, as ``torch.nn.InstanceNorm3d`` (``axis`` as in
+    :class:`InstanceNorm1d`).
+
+    Parameters
+    ----------
+    num_features : int
+        Channels ``C``.
+    eps, momentum, affine, track_running_stats, axis, bias
+        As :class:`InstanceNorm`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normkit
+    >>> x = np.random.default_rng(0).standard_normal((2, 3, 2, 4, 4))
+    >>> y = normkit.InstanceNorm3d(3, affine=True)(x)
+    >>> y.shape
+    (2, 3, 2, 4, 4)
+    """
+
+    allowed_ndim = (4, 5)
+    unbatched_ndim = 4
 
 
 class GroupNorm(Normalizer):
@@ -90,12 +201,15 @@ class GroupNorm(Normalizer):
     num_groups : int
         Groups ``G``; must divide ``num_channels``.
     num_channels : int
-        Channels ``C``.
+        Channels ``C`` (0 allowed, as in PyTorch).
     eps : float, default 1e-5
     affine : bool, default True
         Per-channel ``weight`` (ones) and ``bias`` (zeros).
     axis : int, default 1
         Channel axis (not 0, the batch axis).
+    bias : bool, default True
+        Keyword only, as in PyTorch 2.13: with ``affine``, whether there is
+        a ``bias`` besides the ``weight``.
 
     Notes
     -----
@@ -113,25 +227,28 @@ class GroupNorm(Normalizer):
     ((2, 16, 8, 8), (16,))
     """
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, axis=1):
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, axis=1,
+                 *, bias=True):
         self.num_groups = check_positive_int(num_groups, "num_groups", "GroupNorm")
-        self.num_channels = check_positive_int(num_channels, "num_channels",
-                                               "GroupNorm")
+        self.num_channels = check_count(num_channels, "num_channels",
+                                        "GroupNorm")
         if num_channels % num_groups:
             raise ValueError(f"GroupNorm: num_groups must divide num_channels "
                              f"{num_channels}, got num_groups={num_groups}")
-        super().__init__((self.num_channels,) if affine else None, eps)
+        super().__init__((self.num_channels,) if affine else None, eps,
+                         bias=bias)
         self.axis = axis
 
     def view(self, shape):
         """One group per sample and group of ``C / num_groups`` channels."""
         ax = check_channels(self.label, shape, self.axis, self.num_channels,
-                            min_axis=1)
+                            min_axis=1, feature_name="num_channels")
         return channel_view(shape, ax, per_sample=True, groups=self.num_groups)
 
     def extra_repr(self):
-        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, "
-                f"axis={self.axis}")
+        no_bias = ", bias=False" if self.weight is not None and self.bias is None else ""
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}"
+                f"{no_bias}, axis={self.axis}")
 
 
 class LayerNorm(Normalizer):
@@ -141,10 +258,13 @@ class LayerNorm(Normalizer):
     Parameters
     ----------
     normalized_shape : int or tuple of int
-        The trailing shape normalized over.
+        The trailing shape normalized over (sizes may be 0, as in PyTorch).
     eps : float, default 1e-5
     elementwise_affine : bool, default True
         ``weight`` (ones) and ``bias`` (zeros) of shape ``normalized_shape``.
+    bias : bool, default True
+        As ``torch.nn.LayerNorm``'s: with ``elementwise_affine``, whether
+        there is a ``bias`` besides the ``weight``.
 
     Notes
     -----
@@ -160,11 +280,12 @@ class LayerNorm(Normalizer):
     True
     """
 
-    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True):
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True,
+                 bias=True):
         self.normalized_shape = check_normalized_shape(normalized_shape,
                                                        type(self).__name__)
         super().__init__(self.normalized_shape if elementwise_affine else None,
-                         eps)
+                         eps, bias=bias)
 
     def view(self, shape):
         """One group per leading index, over ``normalized_shape``."""
@@ -172,7 +293,8 @@ class LayerNorm(Normalizer):
         return trailing_view(shape, len(self.normalized_shape))
 
     def extra_repr(self):
-        return f"{self.normalized_shape}, eps={self.eps}"
+        no_bias = ", bias=False" if self.weight is not None and self.bias is None else ""
+        return f"{self.normalized_shape}, eps={self.eps}{no_bias}"
 
 
 class RMSNorm(LayerNorm):
@@ -212,6 +334,9 @@ class RMSNorm(LayerNorm):
         Normalizer.__init__(self, self.normalized_shape if elementwise_affine
                             else None, bias=False)
         self.eps = None if eps is None else check_eps(eps, "RMSNorm")
+
+    def extra_repr(self):
+        return f"{self.normalized_shape}, eps={self.eps}"
 
     def _forward(self, x):
         view = self.view(x.shape)

@@ -49,6 +49,12 @@ class Reparametrization(Normalizer):
         super().__init__(None, eps=0.0)
 
 
+def _inverse_sqrt(n):
+    """``1 / sqrt(n)`` for a count ``n``; 0 for units of no values (there
+    is nothing to scale, and their ``dg``, a sum over no values, is 0)."""
+    return 1.0 / math.sqrt(n) if n else 0.0
+
+
 def unit_view(v, axis, func):
     """Validated ``axis`` of weight ``v`` (at least 1-D) and the view with
     one group per unit along it."""
@@ -108,7 +114,7 @@ class WeightNorm(Reparametrization):
 
     def _forward(self, v):
         view = self._checked_view(v, self.label)
-        gain = product(self.g, 1.0 / math.sqrt(view.group_size))
+        gain = product(self.g, _inverse_sqrt(view.group_size))
         return normalize(v, view, gain, None, 0.0, return_saved=True,
                          variant=self.label, centered=False)
 
@@ -119,7 +125,7 @@ class WeightNorm(Reparametrization):
         vhat))``, the engine's uncentered backward with gain ``g /
         sqrt(n)``."""
         dv, dgain, _ = normalize_backward(dw, v, saved, variant)
-        return dv, product(dgain, 1.0 / math.sqrt(saved.view.group_size))
+        return dv, product(dgain, _inverse_sqrt(saved.view.group_size))
 
     def _backward(self, dw, v, saved):
         dv, dg = self.gradients(dw, v, saved)
@@ -145,7 +151,9 @@ class SpectralSaved:
 
 def _as_matrix(w, axis):
     """``w`` as a float64 ``(w.shape[axis], -1)`` matrix."""
-    return np.moveaxis(np.asarray(w, np.float64), axis, 0).reshape(w.shape[axis], -1)
+    cols = math.prod(w.shape[:axis] + w.shape[axis + 1:])
+    return np.moveaxis(np.asarray(w, np.float64), axis, 0).reshape(
+        w.shape[axis], cols)
 
 
 def _unit_vector(vector, eps):
@@ -226,7 +234,8 @@ class SpectralNorm(Reparametrization):
         u64 = np.array(u, np.float64)
         v64 = np.array(v, np.float64)
         sigma = float(u64 @ (matrix @ v64))
-        y = (np.asarray(w, np.float64) / sigma).astype(w.dtype)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            y = (np.asarray(w, np.float64) / sigma).astype(w.dtype)  # IEEE
         return y, SpectralSaved(w.shape, w.dtype, self.axis, sigma, u64, v64)
 
     @staticmethod
@@ -235,12 +244,14 @@ class SpectralNorm(Reparametrization):
         constants (as in the paper and in PyTorch), ``sigma = u^T W v`` and
         ``W_sn = W / sigma``."""
         dmatrix = _as_matrix(dy, saved.axis)
-        w_sn = _as_matrix(w, saved.axis) / saved.sigma
-        dmatrix = (dmatrix - np.vdot(dmatrix, w_sn)
-                   * np.outer(saved.u, saved.v)) / saved.sigma
         shape, ax = saved.shape, saved.axis
         moved = (shape[ax],) + shape[:ax] + shape[ax + 1:]
-        return np.moveaxis(dmatrix.reshape(moved), 0, ax).astype(saved.dtype)
+        # sigma 0 gives NaN, values beyond float16's range inf: no warnings
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            w_sn = _as_matrix(w, saved.axis) / saved.sigma
+            dmatrix = (dmatrix - np.vdot(dmatrix, w_sn)
+                       * np.outer(saved.u, saved.v)) / saved.sigma
+            return np.moveaxis(dmatrix.reshape(moved), 0, ax).astype(saved.dtype)
 
     def _backward(self, dy, w, saved):
         return self.gradients(dy, w, saved), {}
