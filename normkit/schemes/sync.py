@@ -287,6 +287,9 @@ class SyncBatchNorm(BatchNorm):
         (:func:`normkit.distributed.from_mpi`,
         :func:`~normkit.distributed.from_torch`); default
         :func:`~normkit.distributed.local`, one process.
+    bias : bool, default True
+        With ``affine``, a learnable bias besides the weight (as torch's
+        ``bias=``).
 
     Examples
     --------
@@ -299,9 +302,10 @@ class SyncBatchNorm(BatchNorm):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1, communicator=None):
+                 track_running_stats=True, axis=1, communicator=None, *,
+                 bias=True):
         super().__init__(num_features, eps, momentum, affine,
-                         track_running_stats, axis)
+                         track_running_stats, axis, bias=bias)
         self.communicator = check_communicator(communicator, "SyncBatchNorm")
         self._owed = None
 
