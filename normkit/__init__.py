@@ -24,6 +24,7 @@ from .schemes import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d,
                       LayerNorm, Normalizer, Reparametrization, RMSNorm,
                       RunningStatsNormalizer, SpectralNorm, WeightNorm,
                       normalize_with_statistics, update_running)
+from .fold import fold_batch_norm_weights
 from .population import reestimate_population_statistics
 from .registry import available, create, register
 from .registry import PluginWarning, refresh
@@ -45,5 +46,5 @@ __all__ = [
     "RMSNorm", "GhostBatchNorm", "Reparametrization", "WeightNorm",
     "SpectralNorm", "PluginWarning", "refresh",
     "reestimate_population_statistics", "normalize_with_statistics",
-    "update_running", "channelwise",
+    "update_running", "channelwise", "fold_batch_norm_weights",
 ]
