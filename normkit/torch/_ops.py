@@ -50,6 +50,10 @@ __all__ = ["scheme_forward", "scheme_backward", "register_scheme",
 
 _SAVED_ARRAYS = ("var", "r", "d")
 
+#: The NumPy dtype the kernels see for each tensor dtype.
+_NUMPY_DTYPES = {torch.float16: np.float16, torch.bfloat16: np.float32,
+                 torch.float32: np.float32, torch.float64: np.float64}
+
 
 class NormkitInputError(TypeError, RuntimeError):
     """A tensor of the wrong dtype or device for a normkit torch module.
@@ -70,6 +74,7 @@ class _Entry:
         self.param_names = tuple(param_names)
         self.buffer_names = tuple(buffer_names)
         self.layouts = {}
+        self.channel_axis = getattr(scheme, "axis", None) == 1
 
 
 _ENTRIES = weakref.WeakValueDictionary()
@@ -108,10 +113,12 @@ def _bind(entry, training, state, channels_last):
 # tensors as arrays, without copies
 # --------------------------------------------------------------------------
 
-def _channels_last(x):
+def _channels_last(x, entry):
     """True when ``x`` is handed to the kernels as its channels-last view:
-    a 4-D or 5-D tensor laid out channels-last but not contiguous."""
-    if x.dim() not in (4, 5) or x.is_contiguous():
+    a 4-D or 5-D tensor laid out channels-last but not contiguous, for a
+    scheme with a channel ``axis`` (1, switched to -1 for the view)."""
+    if (not entry.channel_axis or x.dim() not in (4, 5)
+            or x.is_contiguous()):
         return False
     fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     return x.is_contiguous(memory_format=fmt)
@@ -153,10 +160,10 @@ def _tensor(a, like, channels_last=False, dtype=None):
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _empty_like_input(x):
+def _empty_like_input(x, entry):
     """The tensor the operators return for ``x``'s shape: contiguous, or
     channels-last when the input is handed over channels-last."""
-    if _channels_last(x):
+    if _channels_last(x, entry):
         fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         return torch.empty(x.shape, dtype=x.dtype, device=x.device,
                            memory_format=fmt)
@@ -195,8 +202,9 @@ def _sync_stream(x):
 # the Saved record as tensors
 # --------------------------------------------------------------------------
 
-def _layout_key(x, training):
-    return (tuple(int(s) for s in x.shape), str(x.dtype), _channels_last(x),
+def _layout_key(x, training, entry):
+    return (tuple(int(s) for s in x.shape), str(x.dtype),
+            _channels_last(x, entry),
             x.device.type, bool(training))
 
 
@@ -206,8 +214,9 @@ def _host64(a):
     return np.asarray(a.copy_to_host(), np.float64)
 
 
-def _pack(saved, x):
-    """``(mean, rstd, aux, layout)`` of a Saved record."""
+def _pack(saved):
+    """``(mean, rstd, aux, layout)`` of a Saved record: the first three as
+    float64 NumPy arrays."""
     pieces = []
     for name in _SAVED_ARRAYS:
         value = getattr(saved, name)
@@ -229,10 +238,7 @@ def _pack(saved, x):
         "aux": [(where, tuple(np.shape(value)), np.dtype(value.dtype))
                 for where, value in pieces],
     }
-    def as_tensor(a):
-        return torch.from_numpy(np.array(a, np.float64)).to(x.device)
-
-    return as_tensor(mean), as_tensor(rstd), as_tensor(aux), layout
+    return mean, rstd, aux, layout
 
 
 def _unpack(layout, mean, rstd, aux, weight):
@@ -262,15 +268,14 @@ def _unpack(layout, mean, rstd, aux, weight):
 def _layout(entry, x, training):
     """The cached layout for ``x``; computed by a dry run on zeros with
     copies of the buffers when no forward of this kind has run yet."""
-    key = _layout_key(x, training)
+    key = _layout_key(x, training, entry)
     layout = entry.layouts.get(key)
     if layout is None:
-        channels_last = _channels_last(x)
+        channels_last = _channels_last(x, entry)
         shape = tuple(int(s) for s in x.shape)
         if channels_last:
             shape = tuple(shape[i] for i in _perm(len(shape)))
-        dtype = np.float32 if x.dtype == torch.bfloat16 else \
-            torch.empty(0, dtype=x.dtype).numpy().dtype
+        dtype = _NUMPY_DTYPES[x.dtype]
         state = {}
         for name in entry.param_names:
             state[name] = np.ones(np.shape(getattr(entry.scheme, name)))
@@ -279,7 +284,7 @@ def _layout(entry, x, training):
             state[name] = value if isinstance(value, int) else np.array(value)
         scheme = _bind(entry, training, state, channels_last)
         _, saved = scheme._forward(np.zeros(shape, dtype))
-        layout = _pack(saved, torch.empty(0))[3]
+        layout = _pack(saved)[3]
         entry.layouts[key] = layout
     return layout
 
@@ -301,7 +306,7 @@ def scheme_forward(x: torch.Tensor, params: list[torch.Tensor],
     ``new_buffers`` for the caller to copy back (a few values per channel).
     """
     entry = _entry(key)
-    channels_last = _channels_last(x)
+    channels_last = _channels_last(x, entry)
     if not channels_last and not x.is_contiguous():
         x = x.contiguous()
     _sync_stream(x)
@@ -319,9 +324,11 @@ def scheme_forward(x: torch.Tensor, params: list[torch.Tensor],
         raise TypeError(f"{scheme.label}: normkit.torch needs a scheme whose "
                         f"_forward returns a normkit.Saved record, got "
                         f"{type(saved).__name__}")
-    mean, rstd, aux, layout = _pack(saved, x)
-    entry.layouts.setdefault(_layout_key(x, training), layout)
-    return _tensor(y, x, channels_last), mean, rstd, aux, buffers
+    mean, rstd, aux, layout = _pack(saved)
+    entry.layouts.setdefault(_layout_key(x, training, entry), layout)
+    stats = [torch.from_numpy(np.array(a, np.float64)).to(x.device)
+             for a in (mean, rstd, aux)]
+    return (_tensor(y, x, channels_last), *stats, buffers)
 
 
 @scheme_forward.register_fake
@@ -329,8 +336,9 @@ def _(x, params, buffers, key, training):
     layout = _layout(_entry(key), x, training)
     size = sum(math.prod(shape) for _, shape, _ in layout["aux"])
     new = lambda shape: x.new_empty(shape, dtype=torch.float64)  # noqa: E731
-    return (_empty_like_input(x), new(layout["mean"]), new(layout["rstd"]),
-            new((size,)), [torch.empty_like(b) for b in buffers])
+    return (_empty_like_input(x, _entry(key)), new(layout["mean"]),
+            new(layout["rstd"]), new((size,)),
+            [torch.empty_like(b) for b in buffers])
 
 
 @torch.library.custom_op("normkit::scheme_backward", mutates_args=())
@@ -342,7 +350,7 @@ def scheme_backward(dy: torch.Tensor, x: torch.Tensor,
     aux)``; a parameter the scheme returns no gradient for gets zeros."""
     entry = _entry(key)
     layout = _layout(entry, x, training)
-    channels_last = _channels_last(x)
+    channels_last = _channels_last(x, entry)
     if not channels_last and not x.is_contiguous():
         x = x.contiguous()
     if channels_last:
@@ -364,7 +372,8 @@ def scheme_backward(dy: torch.Tensor, x: torch.Tensor,
 
 @scheme_backward.register_fake
 def _(dy, x, params, mean, rstd, aux, key, training):
-    return [_empty_like_input(x)] + [torch.empty_like(t) for t in params]
+    return ([_empty_like_input(x, _entry(key))]
+            + [torch.empty_like(t) for t in params])
 
 
 def _setup_context(ctx, inputs, output):

@@ -34,9 +34,10 @@ class SchemeModule(nn.Module):
     Parameters
     ----------
     scheme : normkit.Normalizer
-        The scheme; its settings (``eps``, ``momentum``, ...) are read at
-        every call, so changing them on :attr:`scheme` (or through the
-        properties below) takes effect at the next call.
+        The scheme; its settings (``eps``, ``momentum``, Batch
+        Renormalization's ``rmax``, ...) are read at every call, and are
+        attributes of the module too: ``module.rmax = 2.0`` changes the
+        scheme's and takes effect at the next call.
     buffer_names : sequence of str, optional
         Names in ``scheme.state_names`` that are buffers (not learned);
         default: the scheme's ``buffer_names`` attribute if it has one,
@@ -97,22 +98,28 @@ class SchemeModule(nn.Module):
         self._key, self._entry = register_scheme(scheme, params, buffers)
         self.train(scheme.training)
 
-    # torch's attribute names for the common settings, read at every call
-    @property
-    def eps(self):
-        return self.scheme.eps
+    # the scheme's settings (eps, momentum, rmax, ...) read and written
+    # through the module, as torch's modules have them: every call reads them
+    def _setting(self, name):
+        scheme = self.__dict__.get("scheme")
+        return (scheme is not None and not name.startswith("_")
+                and name not in ("training", "grads")
+                and name not in scheme.state_names and name in vars(scheme)
+                and name not in self.__dict__)
 
-    @eps.setter
-    def eps(self, value):
-        self.scheme.eps = value
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if self._setting(name):
+                return getattr(self.__dict__["scheme"], name)
+            raise
 
-    @property
-    def momentum(self):
-        return getattr(self.scheme, "momentum", None)
-
-    @momentum.setter
-    def momentum(self, value):
-        self.scheme.momentum = value
+    def __setattr__(self, name, value):
+        if self._setting(name):
+            setattr(self.scheme, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def _check(self, x):
         name = type(self).__name__
@@ -126,7 +133,8 @@ class SchemeModule(nn.Module):
         for label, names in (("parameter", self._param_names),
                              ("buffer", self._buffer_names)):
             for pname in names:
-                t = getattr(self, pname)
+                t = (self._parameters if label == "parameter"
+                     else self._buffers)[pname]
                 if t.device != x.device:
                     raise NormkitInputError(
                         f"{name}: input is on {x.device} but {label} {pname!r} "
@@ -140,8 +148,8 @@ class SchemeModule(nn.Module):
     def forward(self, input):
         """Normalize ``input`` (a float tensor on the parameters' device)."""
         self._check(input)
-        params = [getattr(self, name) for name in self._param_names]
-        buffers = [getattr(self, name) for name in self._buffer_names]
+        params = [self._parameters[name] for name in self._param_names]
+        buffers = [self._buffers[name] for name in self._buffer_names]
         y, _, _, _, new = scheme_forward(input, params, buffers, self._key,
                                          self.training)
         with torch.no_grad():
@@ -303,9 +311,16 @@ class _InstanceNorm(SchemeModule):
         self.num_features = num_features
         self.affine = affine
         self.track_running_stats = track_running_stats
-        super().__init__(schemes.InstanceNorm(num_features, eps, momentum,
-                                              affine, track_running_stats),
-                         device=device, dtype=dtype)
+        # torch's InstanceNorm never counts batches and reads momentum=None
+        # as 0: the counter stays a buffer (for state_dict) but is not
+        # handed to the scheme
+        super().__init__(schemes.InstanceNorm(
+            num_features, eps, 0.0 if momentum is None else momentum, affine,
+            track_running_stats), device=device, dtype=dtype)
+        self._buffer_names = tuple(name for name in self._buffer_names
+                                   if name != "num_batches_tracked")
+        self._key, self._entry = register_scheme(
+            self.scheme, self._param_names, self._buffer_names)
 
 
 class InstanceNorm1d(_InstanceNorm):
@@ -497,22 +512,6 @@ class BatchRenorm(SchemeModule):
         super().__init__(schemes.BatchRenorm(num_features, eps, momentum, rmax,
                                              dmax, affine),
                          device=device, dtype=dtype)
-
-    @property
-    def rmax(self):
-        return self.scheme.rmax
-
-    @rmax.setter
-    def rmax(self, value):
-        self.scheme.rmax = value
-
-    @property
-    def dmax(self):
-        return self.scheme.dmax
-
-    @dmax.setter
-    def dmax(self, value):
-        self.scheme.dmax = value
 
 
 class GhostBatchNorm(SchemeModule):
