@@ -197,6 +197,27 @@ def test_registered_scheme_becomes_module():
     assert int(layer.num_batches_tracked) == 1
     layer.rmax = 1.0
     assert layer.scheme.rmax == 1.0
+    name = "torch_test_position_norm"
+    if name not in normkit.available():
+        normkit.register(name, PositionNorm)
+    layer = nkt.module(name)
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y.mean(dim=1), torch.zeros(2, 4), rtol=0,
+                               atol=1e-6)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_ghost_batch_norm_with_one_ghost_batch_is_batch_norm():
+    ghost, bn = nkt.GhostBatchNorm(3, virtual_batch_size=6), nn.BatchNorm2d(3)
+    x = torch.randn(6, 3, 2, 2)
+    torch.testing.assert_close(ghost(x), bn(x))
+    torch.testing.assert_close(ghost.running_var, bn.running_var)
+    x = torch.randn(12, 3, 2, 2)        # two ghost batches
+    y = ghost(x)
+    torch.testing.assert_close(y[:6], nn.functional.batch_norm(
+        x[:6], None, None, ghost.weight, ghost.bias, training=True))
 
 
 # --------------------------------------------------------------------------

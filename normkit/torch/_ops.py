@@ -24,9 +24,11 @@ flags, the gradient function).  The record is therefore split in two:
   array in ``extras``, in that order) flattened and concatenated into one
   float64 tensor ``aux``;
 - the rest is a *layout*: the record with its arrays taken out, plus the
-  name, shape and dtype of each piece of ``aux``.  A layout depends only on
-  the scheme, the input's shape, dtype and memory layout and the mode, so
-  it is cached per scheme under that key when a forward first runs.  The
+  name, shape and dtype of each piece of ``aux``.  A scheme's layout must
+  depend only on its settings, the input's shape, dtype and memory layout
+  and the mode (true of every built-in; a plug-in whose record changes
+  shape with the data cannot run here), so it is cached per scheme under
+  that key by every forward.  The
   fake implementation reads the shapes from it; when it is asked first
   (``torch.compile`` tracing, ``opcheck``), it runs the scheme once on a
   zero input of the same shape with copies of the buffers (nothing the
@@ -325,7 +327,7 @@ def scheme_forward(x: torch.Tensor, params: list[torch.Tensor],
                         f"_forward returns a normkit.Saved record, got "
                         f"{type(saved).__name__}")
     mean, rstd, aux, layout = _pack(saved)
-    entry.layouts.setdefault(_layout_key(x, training, entry), layout)
+    entry.layouts[_layout_key(x, training, entry)] = layout
     stats = [torch.from_numpy(np.array(a, np.float64)).to(x.device)
              for a in (mean, rstd, aux)]
     return (_tensor(y, x, channels_last), *stats, buffers)

@@ -79,7 +79,7 @@ def convert(model, mapping=None):
     """Replace torch's normalization layers of ``model`` by normkit's.
 
     Every ``BatchNorm1d/2d/3d``, ``InstanceNorm1d/2d/3d``, ``LayerNorm``,
-    ``GroupNorm`` and ``RMSNorm`` becomes the :mod:`normkit.torch` module of
+    ``GroupNorm`` and ``RMSNorm`` becomes the ``normkit.torch`` module of
     the same name, carrying its parameters, buffers, device, dtype,
     ``requires_grad`` and train/eval mode.  ``model`` is changed in place
     and returned (a normalization layer passed as ``model`` is returned
@@ -90,8 +90,8 @@ def convert(model, mapping=None):
     model : torch.nn.Module
     mapping : dict, optional
         torch layer type -> function ``f(layer) -> torch.nn.Module``,
-        consulted before :data:`DEFAULT_MAPPING` (by the layer's type and
-        its base classes); a function may return any module, e.g. another
+        consulted before ``normkit.torch.DEFAULT_MAPPING`` (by the layer's
+        type and its base classes); a function may return any module, e.g. another
         scheme.
 
     Returns
