@@ -214,3 +214,17 @@ def test_freeze_batch_norm():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     names = {n for n, _ in model.named_parameters()}
     assert not any("bn" in n for n in names)
+
+
+def test_fold_linear_and_batch_norm_1d():
+    model = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3), nn.ReLU())
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    model = nkt.convert(model).eval()
+    x = torch.randn(4, 5)
+    with torch.no_grad():
+        want = model(x)
+        nkt.fold_batch_norm(model)
+        got = model(x)
+    assert isinstance(model[1], nn.Identity)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

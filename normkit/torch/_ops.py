@@ -191,13 +191,18 @@ def _state(entry, params, buffers):
     return state, write_back
 
 
-def _sync_stream(x):
-    """normkit's CUDA kernels run on the legacy default stream: wait for
-    torch's current stream when it is another one."""
+def _sync_stream(x, after=False):
+    """normkit's CUDA kernels run on the legacy default stream: when
+    torch's current stream is another one, wait for it before the kernels
+    and for the kernels (``after``) before returning to it."""
     if x.is_cuda:
         stream = torch.cuda.current_stream(x.device)
         if stream != torch.cuda.default_stream(x.device):
-            stream.synchronize()
+            if after:
+                from numba import cuda
+                cuda.synchronize()
+            else:
+                stream.synchronize()
 
 
 # --------------------------------------------------------------------------
@@ -316,6 +321,7 @@ def scheme_forward(x: torch.Tensor, params: list[torch.Tensor],
     state, write_back = _state(entry, params, buffers)
     scheme = _bind(entry, training, state, channels_last)
     y, saved = scheme._forward(_array(x, channels_last))
+    _sync_stream(x, after=True)
     for t, name in write_back:
         value = getattr(scheme, name)
         if isinstance(value, (int, np.integer)):
@@ -364,6 +370,7 @@ def scheme_backward(dy: torch.Tensor, x: torch.Tensor,
     saved = _unpack(layout, mean, rstd, aux, state.get("weight"))
     dx, grads = scheme._backward(_array(dy, channels_last),
                                  _array(x, channels_last), saved)
+    _sync_stream(x, after=True)
     out = [_tensor(dx, x, channels_last)]
     for name, t in zip(entry.param_names, params):
         grad = grads.get(name)
