@@ -107,7 +107,7 @@ def test_mapped_variants_train(variant):
     model = nkt.convert(_model(), mapping).train()
     expected = nkt.GroupNorm if variant == "group_norm_32" else nkt.BatchRenorm
     assert len(_norms(model, expected)) == N_NORMS
-    x, labels = _batch(2, n=8, size=16)
+    x, labels = _batch(2, n=4, size=16)
     losses = _train(model, 20, x, labels, lr=0.02)
     assert losses[-1] < 0.5 * losses[0], losses
 
