@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/compare.py [--repeat N] [--json out.json] [--quick]
-                                 [--torch-adapter]
+                                 [--torch-adapter | --adapter-only]
 
 Every variant's training forward and forward+backward is timed (median of
 ``--repeat`` runs after warm-up, interleaved) side by side in one process, next to
@@ -240,7 +240,7 @@ def main(argv=None):
     parser.add_argument("--torch-adapter", action="store_true",
                         help="also time normkit.torch (eager and compiled) "
                              "against torch's modules and normkit on NumPy")
-    parser.add_argument("--only-adapter", action="store_true",
+    parser.add_argument("--adapter-only", action="store_true",
                         help="only the --torch-adapter table")
     parser.add_argument("--quick", action="store_true",
                         help="fewer runs; skip the reference where one run "
@@ -254,17 +254,17 @@ def main(argv=None):
           f"only)...\n",
           flush=True)
     results, rows = [], []
-    for case in ([] if args.only_adapter else CASES):
+    for case in ([] if args.adapter_only else CASES):
         t = measure(case, repeat, args.quick)
         rows.append(table_row(case, t))
         results.append(json_record(case, t))
-    if not args.only_adapter:
+    if not args.adapter_only:
         print(_bench.format_table(HEADERS, rows, markdown=True))
         print("\nx/copy: time over x.copy() of the same array; vs torch: "
               "torch time over normkit time (above 1: normkit faster); "
               "-: not available.")
     adapter = []
-    if args.torch_adapter or args.only_adapter:
+    if args.torch_adapter or args.adapter_only:
         rows = []
         for case in ADAPTER_CASES:
             medians, compile_s = measure_adapter(case, repeat)
