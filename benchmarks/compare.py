@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/compare.py [--repeat N] [--json out.json] [--quick]
+                                 [--torch-adapter | --adapter-only]
 
 Every variant's training forward and forward+backward is timed (median of
 ``--repeat`` runs after warm-up, interleaved) side by side in one process, next to
@@ -11,9 +12,16 @@ of the input's size: each time is also reported as a multiple of it.
 torch runs with numba's thread count; channels-last inputs are handed to
 it as (N, C, H, W) tensors in ``torch.channels_last`` memory format over
 the same data.  Nothing here asserts on a time.
+
+``--torch-adapter`` adds a second table (the first is unchanged): for
+:data:`ADAPTER_CASES`, torch's own module, the same layer from
+``normkit.torch`` in eager mode and under ``torch.compile(fullgraph=True)``
+(Inductor; compile time excluded, reported), and normkit on the NumPy
+arrays, so the adapter's overhead is visible.
 """
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -37,6 +45,20 @@ CASES = (
        Case("ghost_batch_norm", (32, 64, 56, 56), 1),
        Case("ghost_batch_norm", (32, 56, 56, 64), -1)]
 )
+
+#: The cells of the ``--torch-adapter`` table.
+ADAPTER_CASES = (
+    [Case("batch_norm", (32, 64, 56, 56), 1),
+     Case("batch_norm", (32, 56, 56, 64), -1),
+     Case("group_norm", (32, 64, 56, 56), 1),
+     Case("layer_norm", (8192, 1024), -1),
+     Case("rms_norm", (8192, 1024), -1),
+     Case("batch_norm", (2, 64, 56, 56), 1),
+     Case("group_norm", (2, 64, 56, 56), 1)]
+)
+
+#: Columns of the adapter table, per pass.
+ADAPTER_TIMED = ("torch", "normkit.torch", "normkit.torch compiled", "numpy")
 
 #: With ``--quick``, the reference is not timed when one run takes longer.
 QUICK_REFERENCE_LIMIT_S = 0.5
@@ -137,6 +159,74 @@ HEADERS = ["variant", "shape", "layout", "copy ms", "fwd ms", "fwd/copy",
            "torch fwd+bwd ms", "fwd vs torch", "fwd+bwd vs torch"]
 
 
+def _adapter_modules(case):
+    """``(torch module, normkit.torch module)`` of ``case``, training mode."""
+    import torch
+    import normkit.torch as nkt
+    if case.variant in ("layer_norm", "rms_norm"):
+        cls = {"layer_norm": torch.nn.LayerNorm,
+               "rms_norm": torch.nn.RMSNorm}[case.variant]
+        theirs = cls(case.shape[-1])
+    else:
+        channels = case.shape[case.axis]
+        theirs = {"batch_norm": lambda: torch.nn.BatchNorm2d(channels),
+                  "group_norm": lambda: torch.nn.GroupNorm(case.groups,
+                                                           channels)
+                  }[case.variant]()
+    return theirs, nkt.convert(copy.deepcopy(theirs))
+
+
+def measure_adapter(case, repeat):
+    """Median seconds of the training forward and forward+backward of
+    ``case`` for each of :data:`ADAPTER_TIMED`, and the compile time of
+    the compiled module's first forward+backward."""
+    import torch
+    inputs = _bench.make_inputs(case)
+    channels_last = case.layout == "last"
+    x = _bench._torch_tensor(inputs.x, channels_last).requires_grad_()
+    dy = _bench._torch_tensor(inputs.dy, channels_last)
+    theirs, ours = _adapter_modules(case)
+    compiled = torch.compile(copy.deepcopy(ours), fullgraph=True)
+    start = time.perf_counter()
+    compiled(x).backward(dy)
+    compile_s = time.perf_counter() - start
+    modules = {"torch": theirs, "normkit.torch": ours,
+               "normkit.torch compiled": compiled}
+    fns = {}
+    for name, module in modules.items():
+        # autograd.grad, not backward(): accumulating into .grad would add
+        # a pass over dx that the NumPy column does not make
+        leaves = [x] + list(module.parameters())
+        fns[f"{name} fwd"] = lambda m=module: m(x)
+        fns[f"{name} fwd+bwd"] = lambda m=module, leaves=leaves: \
+            torch.autograd.grad(m(x), leaves, dy)
+    v = case.variant
+    fns["numpy fwd"] = lambda: _bench.normkit_forward(v, inputs)
+    fns["numpy fwd+bwd"] = lambda: _bench.normkit_forward_backward(v, inputs)
+    medians = _bench.median_times(fns, repeat)
+    return medians, compile_s
+
+
+ADAPTER_HEADERS = (["variant", "shape", "layout", "pass"]
+                   + [f"{name} ms" for name in ADAPTER_TIMED]
+                   + ["eager/numpy", "compiled/numpy", "torch/eager",
+                      "compile s"])
+
+
+def adapter_rows(case, medians, compile_s):
+    """Two rows (fwd, fwd+bwd) of the adapter table."""
+    rows = []
+    for step in ("fwd", "fwd+bwd"):
+        t = {name: medians[f"{name} {step}"] for name in ADAPTER_TIMED}
+        rows.append([case.variant, str(case.shape), case.layout, step]
+                    + [_ms(t[name]) for name in ADAPTER_TIMED]
+                    + [_ratio(t["normkit.torch"], t["numpy"]),
+                       _ratio(t["normkit.torch compiled"], t["numpy"]),
+                       _ratio(t["torch"], t["normkit.torch"]),
+                       f"{compile_s:.1f}"])
+    return rows
+
+
 def main(argv=None):
     """Run :data:`CASES`, print the markdown table, optionally save JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -147,6 +237,11 @@ def main(argv=None):
                         help="also write every measured cell to PATH as "
                              "JSON (milliseconds, GB/s, fraction of the "
                              "copy's bandwidth; see json_record)")
+    parser.add_argument("--torch-adapter", action="store_true",
+                        help="also time normkit.torch (eager and compiled) "
+                             "against torch's modules and normkit on NumPy")
+    parser.add_argument("--adapter-only", action="store_true",
+                        help="only the --torch-adapter table")
     parser.add_argument("--quick", action="store_true",
                         help="fewer runs; skip the reference where one run "
                              f"takes over {QUICK_REFERENCE_LIMIT_S} s")
@@ -159,21 +254,38 @@ def main(argv=None):
           f"only)...\n",
           flush=True)
     results, rows = [], []
-    for case in CASES:
+    for case in ([] if args.adapter_only else CASES):
         t = measure(case, repeat, args.quick)
         rows.append(table_row(case, t))
         results.append(json_record(case, t))
-    print(_bench.format_table(HEADERS, rows, markdown=True))
-    print("\nx/copy: time over x.copy() of the same array; vs torch: torch "
-          "time over normkit time (above 1: normkit faster); "
-          "-: not available.")
+    if not args.adapter_only:
+        print(_bench.format_table(HEADERS, rows, markdown=True))
+        print("\nx/copy: time over x.copy() of the same array; vs torch: "
+              "torch time over normkit time (above 1: normkit faster); "
+              "-: not available.")
+    adapter = []
+    if args.torch_adapter or args.adapter_only:
+        rows = []
+        for case in ADAPTER_CASES:
+            medians, compile_s = measure_adapter(case, repeat)
+            rows += adapter_rows(case, medians, compile_s)
+            adapter.append({"variant": case.variant, "shape": list(case.shape),
+                            "layout": case.layout, "seconds": medians,
+                            "compile_seconds": compile_s})
+        print("\nnormkit.torch: torch's module, normkit.torch eager and "
+              "compiled (Inductor, fullgraph), normkit on NumPy arrays\n")
+        print(_bench.format_table(ADAPTER_HEADERS, rows, markdown=True))
+        print("\neager/numpy, compiled/numpy: adapter overhead (1.00x: "
+              "none); torch/eager: above 1, normkit.torch is faster; "
+              "compile s: first compiled forward+backward.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "repeat": repeat,
                        "command": " ".join(["python", "benchmarks/compare.py"]
                                            + list(sys.argv[1:] if argv is None
                                                   else argv)),
-                       "min_traffic": MIN_TRAFFIC, "results": results},
+                       "min_traffic": MIN_TRAFFIC, "results": results,
+                       **({"torch_adapter": adapter} if adapter else {})},
                       f, indent=1)
 
 

@@ -26,6 +26,7 @@ from .schemes import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d,
                       RunningStatsNormalizer, SpectralNorm, SyncBatchNorm,
                       WeightNorm,
                       normalize_with_statistics, update_running)
+from .fold import fold_batch_norm_weights
 from .population import reestimate_population_statistics
 from .registry import available, create, register
 from .registry import PluginWarning, refresh
@@ -48,5 +49,5 @@ __all__ = [
     "SpectralNorm", "PluginWarning", "refresh",
     "reestimate_population_statistics", "normalize_with_statistics",
     "update_running", "channelwise", "SyncBatchNorm", "InstanceNorm1d",
-    "InstanceNorm2d", "InstanceNorm3d",
+    "InstanceNorm2d", "InstanceNorm3d", "fold_batch_norm_weights",
 ]

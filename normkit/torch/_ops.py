@@ -1,0 +1,403 @@
+"""The two custom operators every normkit torch module runs through.
+
+``normkit::scheme_forward(x, params, buffers, key, training)
+-> (y, mean, rstd, aux, new_buffers)`` runs the ``_forward`` of the scheme
+registered under ``key`` on NumPy views (CPU) or Numba views (CUDA) of the
+tensors.  It is functional, as torch requires of an operator with an
+autograd formula: the scheme updates copies of the running statistics,
+returned as ``new_buffers``, which the module copies into its buffers
+(``C`` values each; under ``torch.compile`` that copy is part of the
+graph).  ``normkit::scheme_backward(dy, x, params, mean, rstd,
+aux, key, training) -> [dx, *dparams]`` rebuilds the scheme's
+:class:`~normkit.Saved` record and runs its ``_backward``.
+
+How the :class:`~normkit.Saved` record crosses from one to the other
+--------------------------------------------------------------------
+A custom operator may only return tensors of shapes its fake (meta)
+implementation can predict, while a scheme's record holds arrays of its
+own choosing (``mean``, ``rstd``, Batch Renormalization's ``r`` and ``d``,
+``var``, a plug-in's ``extras``) next to plain Python values (the view,
+flags, the gradient function).  The record is therefore split in two:
+
+- its arrays travel as tensors: ``mean`` and ``rstd`` as float64 tensors
+  of their own shape, every other array (``var``, ``r``, ``d`` and each
+  array in ``extras``, in that order) flattened and concatenated into one
+  float64 tensor ``aux``;
+- the rest is a *layout*: the record with its arrays taken out, plus the
+  name, shape and dtype of each piece of ``aux``.  A scheme's layout must
+  depend only on its settings, the input's shape, dtype and memory layout
+  and the mode (true of every built-in; a plug-in whose record changes
+  shape with the data cannot run here), so it is cached per scheme under
+  that key by every forward.  The
+  fake implementation reads the shapes from it; when it is asked first
+  (``torch.compile`` tracing, ``opcheck``), it runs the scheme once on a
+  zero input of the same shape with copies of the buffers (nothing the
+  caller owns changes) to learn it.
+
+The backward joins the two again: the cached layout, the tensors saved by
+autograd, and NumPy views of the parameters as they are now.
+"""
+
+import itertools
+import math
+import weakref
+
+import numpy as np
+import torch
+
+from ..schemes.base import Saved
+
+__all__ = ["scheme_forward", "scheme_backward", "register_scheme",
+           "NormkitInputError"]
+
+_SAVED_ARRAYS = ("var", "r", "d")
+
+#: The NumPy dtype the kernels see for each tensor dtype.
+_NUMPY_DTYPES = {torch.float16: np.float16, torch.bfloat16: np.float32,
+                 torch.float32: np.float32, torch.float64: np.float64}
+
+
+class NormkitInputError(TypeError, RuntimeError):
+    """A tensor of the wrong dtype or device for a normkit torch module.
+
+    A ``RuntimeError`` where torch raises one for the same problem, and a
+    ``TypeError`` as normkit's NumPy checks raise."""
+
+
+# --------------------------------------------------------------------------
+# schemes by key
+# --------------------------------------------------------------------------
+
+class _Entry:
+    """A registered scheme template, its state names and cached layouts."""
+
+    def __init__(self, scheme, param_names, buffer_names):
+        self.scheme = scheme
+        self.param_names = tuple(param_names)
+        self.buffer_names = tuple(buffer_names)
+        self.layouts = {}
+        self.channel_axis = getattr(scheme, "axis", None) == 1
+
+
+_ENTRIES = weakref.WeakValueDictionary()
+_KEYS = itertools.count(1)
+
+
+def register_scheme(scheme, param_names, buffer_names):
+    """Register ``scheme`` (a template whose settings every call copies) and
+    return ``(key, entry)``; the entry lives as long as the caller keeps it."""
+    entry = _Entry(scheme, param_names, buffer_names)
+    key = next(_KEYS)
+    _ENTRIES[key] = entry
+    return key, entry
+
+
+def _entry(key):
+    try:
+        return _ENTRIES[key]
+    except KeyError:
+        raise RuntimeError(f"normkit: no scheme registered under key {key} "
+                           f"(its module was deleted)") from None
+
+
+def _bind(entry, training, state, channels_last):
+    """A scheme over the given arrays with the template's settings."""
+    template = entry.scheme
+    settings = {name: value for name, value in vars(template).items()
+                if name not in ("_tape", "grads", "training")}
+    settings.update(state)
+    if channels_last:
+        settings["axis"] = -1
+    return type(template).bound(template.label, training, **settings)
+
+
+# --------------------------------------------------------------------------
+# tensors as arrays, without copies
+# --------------------------------------------------------------------------
+
+def _channels_last(x, entry):
+    """True when ``x`` is handed to the kernels as its channels-last view:
+    a 4-D or 5-D tensor laid out channels-last but not contiguous, for a
+    scheme with a channel ``axis`` (1, switched to -1 for the view)."""
+    if (not entry.channel_axis or x.dim() not in (4, 5)
+            or x.is_contiguous()):
+        return False
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return x.is_contiguous(memory_format=fmt)
+
+
+def _perm(ndim):
+    return (0,) + tuple(range(2, ndim)) + (1,)
+
+
+def _inverse_perm(ndim):
+    return (0, ndim - 1) + tuple(range(1, ndim - 1))
+
+
+def _array(t, channels_last=False):
+    """A NumPy view (CPU) or Numba device array (CUDA) of ``t``'s memory;
+    ``channels_last``: of the (N, spatial..., C) permutation.  bfloat16 is
+    widened to float32 (one copy: NumPy has no bfloat16)."""
+    t = t.detach()
+    if channels_last:
+        t = t.permute(_perm(t.dim()))
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    if t.is_cuda:
+        from numba import cuda
+        return cuda.as_cuda_array(t)
+    return t.numpy()
+
+
+def _tensor(a, like, channels_last=False, dtype=None):
+    """``a`` (a kernel result) as a tensor on ``like``'s device, without a
+    copy where possible; ``channels_last`` permutes back."""
+    if isinstance(a, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(a))
+    else:
+        t = torch.as_tensor(a, device=like.device)
+    if channels_last:
+        t = t.permute(_inverse_perm(t.dim()))
+    dtype = like.dtype if dtype is None else dtype
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _empty_like_input(x, entry):
+    """The tensor the operators return for ``x``'s shape: contiguous, or
+    channels-last when the input is handed over channels-last."""
+    if _channels_last(x, entry):
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device,
+                           memory_format=fmt)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _state(entry, params, buffers):
+    """Scheme state: arrays viewing ``params`` and ``buffers``, counters as
+    ints.  Returns ``(state, write_back)`` where ``write_back`` lists the
+    ``(tensor, name)`` pairs to copy back after the call (counters and
+    bfloat16 buffers)."""
+    state, write_back = {}, []
+    for name, t in zip(entry.param_names, params):
+        state[name] = _array(t)
+    for name, t in zip(entry.buffer_names, buffers):
+        if not t.is_floating_point():
+            state[name] = int(t.item())
+            write_back.append((t, name))
+        else:
+            state[name] = _array(t)
+            if t.dtype == torch.bfloat16:
+                write_back.append((t, name))
+    return state, write_back
+
+
+def _sync_stream(x, after=False):
+    """normkit's CUDA kernels run on the legacy default stream: when
+    torch's current stream is another one, wait for it before the kernels
+    and for the kernels (``after``) before returning to it."""
+    if x.is_cuda:
+        stream = torch.cuda.current_stream(x.device)
+        if stream != torch.cuda.default_stream(x.device):
+            if after:
+                from numba import cuda
+                cuda.synchronize()
+            else:
+                stream.synchronize()
+
+
+# --------------------------------------------------------------------------
+# the Saved record as tensors
+# --------------------------------------------------------------------------
+
+def _layout_key(x, training, entry):
+    return (tuple(int(s) for s in x.shape), str(x.dtype),
+            _channels_last(x, entry),
+            x.device.type, bool(training))
+
+
+def _host64(a):
+    if isinstance(a, np.ndarray) or np.isscalar(a):
+        return np.asarray(a, np.float64)
+    return np.asarray(a.copy_to_host(), np.float64)
+
+
+def _pack(saved):
+    """``(mean, rstd, aux, layout)`` of a Saved record: the first three as
+    float64 NumPy arrays."""
+    pieces = []
+    for name in _SAVED_ARRAYS:
+        value = getattr(saved, name)
+        if value is not None:
+            pieces.append((("field", name), value))
+    extras = {}
+    for name, value in saved.extras.items():
+        if hasattr(value, "shape") and hasattr(value, "dtype"):
+            pieces.append((("extra", name), value))
+        else:
+            extras[name] = value
+    arrays = [_host64(value).reshape(-1) for _, value in pieces]
+    aux = np.concatenate(arrays) if arrays else np.zeros(0)
+    mean, rstd = _host64(saved.mean), _host64(saved.rstd)
+    layout = {
+        "skeleton": saved.replace(mean=None, rstd=None, weight=None, r=None,
+                                  d=None, var=None, extras=extras),
+        "mean": mean.shape, "rstd": rstd.shape,
+        "aux": [(where, tuple(np.shape(value)), np.dtype(value.dtype))
+                for where, value in pieces],
+    }
+    return mean, rstd, aux, layout
+
+
+def _unpack(layout, mean, rstd, aux, weight):
+    """The Saved record of ``layout`` with its arrays from the tensors."""
+    def host(t):
+        return t.detach().cpu().numpy()
+
+    def place(a, dtype):
+        a = a.astype(dtype, copy=False)
+        if mean.is_cuda:
+            from numba import cuda
+            return cuda.to_device(np.ascontiguousarray(a))
+        return a
+
+    fields, extras = {}, dict(layout["skeleton"].extras)
+    flat, offset = host(aux), 0
+    for (kind, name), shape, dtype in layout["aux"]:
+        size = math.prod(shape)
+        value = place(flat[offset:offset + size].reshape(shape), dtype)
+        offset += size
+        (fields if kind == "field" else extras)[name] = value
+    return layout["skeleton"].replace(
+        mean=place(host(mean), np.float64), rstd=place(host(rstd), np.float64),
+        weight=weight, extras=extras, **fields)
+
+
+def _layout(entry, x, training):
+    """The cached layout for ``x``; computed by a dry run on zeros with
+    copies of the buffers when no forward of this kind has run yet."""
+    key = _layout_key(x, training, entry)
+    layout = entry.layouts.get(key)
+    if layout is None:
+        channels_last = _channels_last(x, entry)
+        shape = tuple(int(s) for s in x.shape)
+        if channels_last:
+            shape = tuple(shape[i] for i in _perm(len(shape)))
+        dtype = _NUMPY_DTYPES[x.dtype]
+        state = {}
+        for name in entry.param_names:
+            state[name] = np.ones(np.shape(getattr(entry.scheme, name)))
+        for name in entry.buffer_names:
+            value = getattr(entry.scheme, name)
+            state[name] = value if isinstance(value, int) else np.array(value)
+        scheme = _bind(entry, training, state, channels_last)
+        _, saved = scheme._forward(np.zeros(shape, dtype))
+        layout = _pack(saved)[3]
+        entry.layouts[key] = layout
+    return layout
+
+
+# --------------------------------------------------------------------------
+# the operators
+# --------------------------------------------------------------------------
+
+@torch.library.custom_op("normkit::scheme_forward", mutates_args=())
+def scheme_forward(x: torch.Tensor, params: list[torch.Tensor],
+                   buffers: list[torch.Tensor], key: int, training: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                              torch.Tensor, list[torch.Tensor]]:
+    """Forward of the scheme registered under ``key``: ``(y, mean, rstd,
+    aux, new_buffers)``.
+
+    The operator is functional (torch allows an autograd formula only for
+    those): the scheme updates copies of the buffers, returned as
+    ``new_buffers`` for the caller to copy back (a few values per channel).
+    """
+    entry = _entry(key)
+    channels_last = _channels_last(x, entry)
+    if not channels_last and not x.is_contiguous():
+        x = x.contiguous()
+    _sync_stream(x)
+    buffers = [b.clone() for b in buffers]
+    state, write_back = _state(entry, params, buffers)
+    scheme = _bind(entry, training, state, channels_last)
+    y, saved = scheme._forward(_array(x, channels_last))
+    _sync_stream(x, after=True)
+    for t, name in write_back:
+        value = getattr(scheme, name)
+        if isinstance(value, (int, np.integer)):
+            t.fill_(int(value))
+        else:
+            t.copy_(_tensor(value, t))
+    if not isinstance(saved, Saved):
+        raise TypeError(f"{scheme.label}: normkit.torch needs a scheme whose "
+                        f"_forward returns a normkit.Saved record, got "
+                        f"{type(saved).__name__}")
+    mean, rstd, aux, layout = _pack(saved)
+    entry.layouts[_layout_key(x, training, entry)] = layout
+    stats = [torch.from_numpy(np.array(a, np.float64)).to(x.device)
+             for a in (mean, rstd, aux)]
+    return (_tensor(y, x, channels_last), *stats, buffers)
+
+
+@scheme_forward.register_fake
+def _(x, params, buffers, key, training):
+    layout = _layout(_entry(key), x, training)
+    size = sum(math.prod(shape) for _, shape, _ in layout["aux"])
+    new = lambda shape: x.new_empty(shape, dtype=torch.float64)  # noqa: E731
+    return (_empty_like_input(x, _entry(key)), new(layout["mean"]),
+            new(layout["rstd"]), new((size,)),
+            [torch.empty_like(b) for b in buffers])
+
+
+@torch.library.custom_op("normkit::scheme_backward", mutates_args=())
+def scheme_backward(dy: torch.Tensor, x: torch.Tensor,
+                    params: list[torch.Tensor], mean: torch.Tensor,
+                    rstd: torch.Tensor, aux: torch.Tensor, key: int,
+                    training: bool) -> list[torch.Tensor]:
+    """``[dx, *dparams]`` for the forward whose record is ``(mean, rstd,
+    aux)``; a parameter the scheme returns no gradient for gets zeros."""
+    entry = _entry(key)
+    layout = _layout(entry, x, training)
+    channels_last = _channels_last(x, entry)
+    if not channels_last and not x.is_contiguous():
+        x = x.contiguous()
+    if channels_last:
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        dy = dy.contiguous(memory_format=fmt)
+    _sync_stream(x)
+    state = {name: _array(t) for name, t in zip(entry.param_names, params)}
+    scheme = _bind(entry, training, state, channels_last)
+    saved = _unpack(layout, mean, rstd, aux, state.get("weight"))
+    dx, grads = scheme._backward(_array(dy, channels_last),
+                                 _array(x, channels_last), saved)
+    _sync_stream(x, after=True)
+    out = [_tensor(dx, x, channels_last)]
+    for name, t in zip(entry.param_names, params):
+        grad = grads.get(name)
+        out.append(torch.zeros_like(t) if grad is None
+                   else _tensor(grad, t).reshape(t.shape))
+    return out
+
+
+@scheme_backward.register_fake
+def _(dy, x, params, mean, rstd, aux, key, training):
+    return ([_empty_like_input(x, _entry(key))]
+            + [torch.empty_like(t) for t in params])
+
+
+def _setup_context(ctx, inputs, output):
+    x, params, _buffers, key, training = inputs
+    _y, mean, rstd, aux, _new_buffers = output
+    ctx.save_for_backward(x, mean, rstd, aux, *params)
+    ctx.key, ctx.training = key, training
+    ctx.n_buffers = len(_buffers)
+
+
+def _backward(ctx, dy, _dmean, _drstd, _daux, _dbuffers):
+    x, mean, rstd, aux, *params = ctx.saved_tensors
+    grads = scheme_backward(dy, x, params, mean, rstd, aux, ctx.key,
+                            ctx.training)
+    return (grads[0], list(grads[1:]), [None] * ctx.n_buffers, None, None)
+
+
+scheme_forward.register_autograd(_backward, setup_context=_setup_context)

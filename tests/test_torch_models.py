@@ -1,0 +1,230 @@
+"""normkit.torch in a real model: ResNet-18 (torchvision's architecture)
+converted, trained, compiled, folded and frozen."""
+
+import copy
+import os
+import sys
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+import normkit.torch as nkt  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from torch_models import ResNet18  # noqa: E402
+
+N_NORMS = 20   # BatchNorm2d layers of ResNet-18
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    model = ResNet18(num_classes=10)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():      # statistics and affine away from the defaults
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+                m.running_mean.copy_(torch.rand(m.running_mean.shape,
+                                                generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape,
+                                               generator=g) + 0.5)
+    return model
+
+
+def _batch(seed=0, n=4, size=32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 3, size, size, generator=g),
+            torch.randint(0, 10, (n,), generator=g))
+
+
+def _norms(model, cls):
+    return [m for m in model.modules() if isinstance(m, cls)]
+
+
+def test_convert_resnet18_matches_in_eval_and_train():
+    theirs = _model()
+    ours = nkt.convert(copy.deepcopy(theirs))
+    assert len(_norms(ours, nkt.BatchNorm2d)) == N_NORMS
+    assert not _norms(ours, nn.BatchNorm2d)
+    x, _ = _batch()
+    for mode in (False, True):
+        theirs.train(mode)
+        ours.train(mode)
+        with torch.no_grad():
+            want, got = theirs(x), ours(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for a, b in zip(_norms(ours, nkt.BatchNorm2d), _norms(theirs, nn.BatchNorm2d)):
+        torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-5,
+                                   atol=1e-6)
+        assert int(a.num_batches_tracked) == int(b.num_batches_tracked) == 1
+
+
+def _train(model, steps, x, labels, lr=0.05):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), labels)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_three_sgd_steps_match(dtype):
+    """Same losses and parameters after three steps.  (With 4 samples,
+    BatchNorm over the 4 values per channel of layer4's 1x1 maps is so
+    ill-conditioned that torch's own float32 and float64 runs differ by
+    30 % after three steps at lr 0.05: 8 samples, lr 0.01 here.)"""
+    theirs = _model().train().to(dtype)
+    ours = nkt.convert(copy.deepcopy(theirs))
+    x, labels = _batch(1, n=8)
+    want = _train(theirs, 3, x.to(dtype), labels, lr=0.01)
+    got = _train(ours, 3, x.to(dtype), labels, lr=0.01)
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    assert got == pytest.approx(want, rel=tol, abs=tol)
+    for (name, a), (_, b) in zip(ours.state_dict().items(),
+                                 theirs.state_dict().items()):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("variant", ["group_norm_32", "batch_renorm"])
+def test_mapped_variants_train(variant):
+    """BatchNorm2d swapped in one line; the loss falls over 20 steps on a
+    small random-label batch."""
+    mapping = {
+        "group_norm_32": {nn.BatchNorm2d: lambda bn: nkt.GroupNorm(
+            32, bn.num_features)},
+        "batch_renorm": {nn.BatchNorm2d: lambda bn: nkt.BatchRenorm(
+            bn.num_features)},
+    }[variant]
+    model = nkt.convert(_model(), mapping).train()
+    expected = nkt.GroupNorm if variant == "group_norm_32" else nkt.BatchRenorm
+    assert len(_norms(model, expected)) == N_NORMS
+    x, labels = _batch(2, n=4, size=16)
+    losses = _train(model, 20, x, labels, lr=0.02)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_compile_fullgraph_matches_eager():
+    """One compile of the converted model (training: forward and backward
+    through the custom operators, buffers updated).  The ``aot_eager``
+    backend runs Dynamo with ``fullgraph=True`` (any graph break raises)
+    and AOTAutograd on the operators' fake implementations without
+    Inductor's code generation, which takes minutes for ResNet-18 on a busy
+    machine; the operators are the same for every backend."""
+    model = nkt.convert(_model()).train()
+    reference = copy.deepcopy(model)
+    x, labels = _batch(3)
+    start = time.perf_counter()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = nn.functional.cross_entropy(compiled(x), labels)
+    loss.backward()
+    elapsed = time.perf_counter() - start
+    want = nn.functional.cross_entropy(reference(x), labels)
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.conv1.weight.grad,
+                               reference.conv1.weight.grad, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(model.bn1.running_var, reference.bn1.running_var)
+    assert int(model.bn1.num_batches_tracked) == 1
+    print(f"compile + first step: {elapsed:.1f} s")
+
+
+def test_inductor_compile_small_block():
+    """Inductor on a small conv-norm block: eval and a training step."""
+    torch.manual_seed(0)
+    block = nkt.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8),
+                                      nn.ReLU(), nn.Conv2d(8, 8, 3),
+                                      nn.GroupNorm(2, 8)))
+    reference = copy.deepcopy(block)
+    x = torch.randn(2, 3, 8, 8)
+    compiled = torch.compile(block, fullgraph=True)
+    compiled(x).sum().backward()
+    reference(x).sum().backward()
+    torch.testing.assert_close(block[0].weight.grad, reference[0].weight.grad,
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(block[1].running_mean, reference[1].running_mean)
+
+
+def test_fold_batch_norm():
+    model = nkt.convert(_model()).eval()
+    x, _ = _batch(4)
+    with torch.no_grad():
+        want = model(x)
+        folded = nkt.fold_batch_norm(model)
+        got = folded(x)
+    assert not _norms(folded, nkt.BatchNorm2d)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # torch's own BatchNorm, and a training-mode one left alone
+    torch_model = _model().eval()
+    torch_model.layer1[0].bn1.train()
+    with torch.no_grad():
+        nkt.fold_batch_norm(torch_model)
+    assert _norms(torch_model, nn.BatchNorm2d) == [torch_model.layer1[0].bn1]
+
+
+class TwoUsers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, groups=4)   # depthwise
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 8, 1, groups=2)              # grouped
+        self.bn2 = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn2(self.conv2(self.bn(y) + y))
+
+
+def test_fold_leaves_a_shared_output_alone():
+    model = TwoUsers()
+    for bn in (model.bn, model.bn2):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        want = model(x)
+        nkt.fold_batch_norm(model)
+        got = model(x)
+    assert isinstance(model.bn, nn.BatchNorm2d)       # conv output used twice
+    assert isinstance(model.bn2, nn.Identity)         # grouped conv folded
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_freeze_batch_norm():
+    model = nkt.convert(_model())
+    x, labels = _batch(5)
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+    nkt.freeze_batch_norm(model)
+    assert not _norms(model, nkt.BatchNorm2d)
+    assert len(_norms(model, nkt.FrozenBatchNorm)) == N_NORMS
+    model.train()              # frozen: training mode changes nothing
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    names = {n for n, _ in model.named_parameters()}
+    assert not any("bn" in n for n in names)
+
+
+def test_fold_linear_and_batch_norm_1d():
+    model = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3), nn.ReLU())
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    model = nkt.convert(model).eval()
+    x = torch.randn(4, 5)
+    with torch.no_grad():
+        want = model(x)
+        nkt.fold_batch_norm(model)
+        got = model(x)
+    assert isinstance(model[1], nn.Identity)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,318 @@
+"""normkit.torch modules against torch's own: forward, backward, buffers,
+state_dict, layouts, dtypes, train/eval; gradcheck and opcheck of the custom
+operators; zero-copy views; errors."""
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+import normkit  # noqa: E402
+import normkit.torch as nkt  # noqa: E402
+from normkit.torch import _ops  # noqa: E402
+
+TOL = {torch.float32: 2e-5, torch.float64: 1e-10}
+
+#: (torch module factory, input shape); normkit's comes from convert().
+LAYERS = {
+    "bn1d_2d": (lambda: nn.BatchNorm1d(3), (6, 3)),
+    "bn1d_3d": (lambda: nn.BatchNorm1d(3), (4, 3, 5)),
+    "bn2d": (lambda: nn.BatchNorm2d(3), (4, 3, 3, 3)),
+    "bn2d_cumulative": (lambda: nn.BatchNorm2d(3, momentum=None), (4, 3, 2, 3)),
+    "bn2d_untracked": (lambda: nn.BatchNorm2d(3, affine=False,
+                                              track_running_stats=False),
+                       (4, 3, 2, 2)),
+    "bn3d": (lambda: nn.BatchNorm3d(2), (3, 2, 2, 3, 2)),
+    "in1d": (lambda: nn.InstanceNorm1d(3, affine=True,
+                                       track_running_stats=True), (2, 3, 5)),
+    "in2d": (lambda: nn.InstanceNorm2d(3), (2, 3, 3, 4)),
+    "in3d": (lambda: nn.InstanceNorm3d(2, affine=True), (2, 2, 2, 3, 2)),
+    "ln": (lambda: nn.LayerNorm((3, 4)), (2, 5, 3, 4)),
+    "ln_nobias": (lambda: nn.LayerNorm(4, bias=False), (3, 4)),
+    "gn": (lambda: nn.GroupNorm(2, 4), (2, 4, 3, 3)),
+    "rms": (lambda: nn.RMSNorm(4), (3, 2, 4)),
+    "rms_eps": (lambda: nn.RMSNorm((2, 4), eps=1e-3), (3, 2, 4)),
+}
+
+
+def _randomize(layer, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    layer.to(dtype)
+    with torch.no_grad():
+        for name, t in list(layer.named_parameters()) + list(layer.named_buffers()):
+            if t.is_floating_point():
+                values = torch.rand(t.shape, generator=g, dtype=dtype)
+                t.copy_(values + 0.5 if "var" in name or name == "weight"
+                        else values - 0.5)
+    return layer
+
+
+def _pair(key, dtype, seed=0):
+    make, shape = LAYERS[key]
+    theirs = _randomize(make(), dtype, seed)
+    ours = nkt.convert(copy.deepcopy(theirs))
+    assert isinstance(ours, nkt.SchemeModule), type(ours)
+    return theirs, ours, shape
+
+
+def _run(layer, x, dy):
+    x = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+    y = layer(x)
+    params = [p for _, p in layer.named_parameters()]
+    grads = torch.autograd.grad(y, [x] + params, dy)
+    return y.detach(), grads
+
+
+def _close(got, want, dtype, what):
+    tol = TOL[dtype] * max(1.0, float(want.abs().max()))
+    assert got.dtype == want.dtype, what
+    torch.testing.assert_close(got, want, rtol=0, atol=tol, msg=what)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("key", sorted(LAYERS))
+def test_matches_torch_module(key, dtype):
+    theirs, ours, shape = _pair(key, dtype)
+    g = torch.Generator().manual_seed(1)
+    layouts = [torch.contiguous_format]
+    if len(shape) == 4:
+        layouts.append(torch.channels_last)
+    for mode in ("train", "train", "eval"):
+        theirs.train(mode == "train")
+        ours.train(mode == "train")
+        for fmt in layouts:
+            x = (torch.randn(shape, generator=g, dtype=dtype) * 2 + 1).to(
+                memory_format=fmt)
+            dy = torch.randn(shape, generator=g, dtype=dtype)
+            want_y, want_g = _run(theirs, x, dy)
+            got_y, got_g = _run(ours, x, dy)
+            _close(got_y, want_y, dtype, f"{key} {mode} {fmt} y")
+            if fmt is torch.channels_last and key.startswith(("bn", "gn", "in")):
+                assert got_y.is_contiguous(memory_format=torch.channels_last)
+            for i, (a, b) in enumerate(zip(got_g, want_g)):
+                _close(a, b, dtype, f"{key} {mode} {fmt} grad {i}")
+            for (name, a), (_, b) in zip(ours.state_dict().items(),
+                                         theirs.state_dict().items()):
+                if a.is_floating_point():
+                    _close(a, b, dtype, f"{key} {mode} {name}")
+                else:
+                    assert int(a) == int(b), name
+    # state_dict loads both ways
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(dtype):
+    """float16 and bfloat16 input (float32 parameters): the output is in the
+    input's dtype and matches torch on the float32 input."""
+    theirs = _randomize(nn.BatchNorm2d(3), torch.float32, 2)
+    ours = nkt.convert(copy.deepcopy(theirs))
+    x = torch.randn(4, 3, 3, 3).to(dtype)
+    y = ours(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), theirs(x.float()), rtol=0, atol=2e-2)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    y.float().sum().backward()
+
+
+# --------------------------------------------------------------------------
+# every scheme: gradcheck, opcheck
+# --------------------------------------------------------------------------
+
+class PositionNorm(normkit.Normalizer):
+    """A plug-in: per-position normalization over the channels."""
+
+    def view(self, shape):
+        return normkit.View(P=shape[0], A=shape[1],
+                            K=int(np.prod(shape[2:])), J=1, B=1)
+
+
+SCHEMES = {
+    "batch_norm": (lambda d: nkt.BatchNorm2d(3, dtype=d), (4, 3, 2, 2), 0, 1),
+    "instance_norm": (lambda d: nkt.InstanceNorm1d(3, affine=True, dtype=d),
+                      (2, 3, 4), 0, 1),
+    "layer_norm": (lambda d: nkt.LayerNorm(4, dtype=d), (3, 4), 0, 1),
+    "group_norm": (lambda d: nkt.GroupNorm(2, 4, dtype=d), (2, 4, 3), 0, 1),
+    "rms_norm": (lambda d: nkt.RMSNorm(4, dtype=d), (3, 4), 0, 1),
+    # sigma and the mean far outside the running statistics' reach: r and
+    # d are clipped, so treating them as constants (the paper) is exact
+    "batch_renorm": (lambda d: nkt.BatchRenorm(3, dtype=d), (6, 3), 50.0, 30),
+    "ghost_batch_norm": (lambda d: nkt.GhostBatchNorm(3, 2, dtype=d),
+                         (4, 3, 2), 0, 1),
+    "plugin": (lambda d: nkt.SchemeModule(PositionNorm(), dtype=d),
+               (2, 3, 4), 0, 1),
+}
+
+
+def _functional(layer):
+    params = [getattr(layer, n) for n in layer._param_names]
+    buffers = [getattr(layer, n) for n in layer._buffer_names]
+
+    def f(x, *p):
+        return _ops.scheme_forward(x, list(p), [b.clone() for b in buffers],
+                                   layer._key, layer.training)[0]
+    return f, params, buffers
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_gradcheck(name, training):
+    make, shape, loc, scale = SCHEMES[name]
+    layer = make(torch.float64).train(training)
+    f, params, _ = _functional(layer)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * scale + loc
+    params = [p.detach().clone().requires_grad_() for p in params]
+    assert torch.autograd.gradcheck(f, (x.requires_grad_(), *params))
+
+
+@pytest.mark.parametrize("name, training", [("batch_norm", True),
+                                            ("batch_renorm", True),
+                                            ("batch_norm", False)])
+def test_opcheck(name, training):
+    make, shape, loc, scale = SCHEMES[name]
+    layer = make(torch.float64).train(training)
+    _, params, buffers = _functional(layer)
+    x = (torch.randn(shape, dtype=torch.float64) * scale + loc).requires_grad_()
+    torch.library.opcheck(_ops.scheme_forward,
+                          (x, params, [b.clone() for b in buffers], layer._key,
+                           training))
+
+
+def test_registered_scheme_becomes_module():
+    """A scheme from the registry is a torch module with no extra code."""
+    gn = nkt.module("group_norm", num_groups=2, num_channels=4)
+    ref = nn.GroupNorm(2, 4)
+    x = torch.randn(2, 4, 3)
+    torch.testing.assert_close(gn(x), ref(x))
+    layer = nkt.module("batch_renorm", num_features=3)
+    assert sorted(dict(layer.named_buffers())) == [
+        "num_batches_tracked", "running_mean", "running_std"]
+    layer(torch.randn(5, 3))
+    assert int(layer.num_batches_tracked) == 1
+    layer.rmax = 1.0
+    assert layer.scheme.rmax == 1.0
+    name = "torch_test_position_norm"
+    if name not in normkit.available():
+        normkit.register(name, PositionNorm)
+    layer = nkt.module(name)
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y.mean(dim=1), torch.zeros(2, 4), rtol=0,
+                               atol=1e-6)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_ghost_batch_norm_with_one_ghost_batch_is_batch_norm():
+    ghost, bn = nkt.GhostBatchNorm(3, virtual_batch_size=6), nn.BatchNorm2d(3)
+    x = torch.randn(6, 3, 2, 2)
+    torch.testing.assert_close(ghost(x), bn(x))
+    torch.testing.assert_close(ghost.running_var, bn.running_var)
+    x = torch.randn(12, 3, 2, 2)        # two ghost batches
+    y = ghost(x)
+    torch.testing.assert_close(y[:6], nn.functional.batch_norm(
+        x[:6], None, None, ghost.weight, ghost.bias, training=True))
+
+
+# --------------------------------------------------------------------------
+# zero copies
+# --------------------------------------------------------------------------
+
+class Recorder(normkit.Normalizer):
+    """Records the address of the array its forward receives."""
+
+    seen = []
+
+    def view(self, shape):
+        return normkit.View(1, shape[0], shape[1], 1,
+                            int(np.prod(shape[2:])))
+
+    def _forward(self, x):
+        Recorder.seen.append((x.ctypes.data, x.shape))
+        return super()._forward(x)
+
+
+def test_contiguous_cpu_input_is_not_copied():
+    layer = nkt.SchemeModule(Recorder())
+    x = torch.randn(4, 3, 5)
+    layer(x)
+    assert Recorder.seen[-1] == (x.data_ptr(), (4, 3, 5))
+
+
+def test_channels_last_input_reaches_kernels_as_its_memory():
+    """A channels_last tensor is handed over as the (N, H, W, C) view of
+    its own memory (axis -1), not a copy."""
+    bn = nkt.BatchNorm2d(3)
+    seen = []
+    forward = type(bn.scheme)._forward
+
+    def spy(self, x):
+        seen.append((x.ctypes.data, x.shape, self.axis))
+        return forward(self, x)
+
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(bn.scheme), "_forward", spy)
+        y = bn(x)
+    assert seen == [(x.data_ptr(), (2, 4, 5, 3), -1)]
+    torch.testing.assert_close(y, nn.BatchNorm2d(3)(x))
+
+
+# --------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------
+
+def test_errors_match_torch():
+    bn, ref = nkt.BatchNorm2d(3), nn.BatchNorm2d(3)
+    bad_rank = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="expected 4D input"):
+        ref(bad_rank)
+    with pytest.raises(ValueError, match="expected 4D input"):
+        bn(bad_rank)
+    ints = torch.ones(2, 3, 4, 4, dtype=torch.long)
+    with pytest.raises(RuntimeError):
+        ref(ints)
+    with pytest.raises(RuntimeError, match="input must have a floating dtype"):
+        bn(ints)
+    with pytest.raises(TypeError):          # normkit's own type for dtypes
+        bn(ints)
+    meta = nkt.BatchNorm2d(3, device="meta")
+    with pytest.raises(RuntimeError, match="parameter 'weight' is on meta"):
+        meta(torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn(torch.randn(1, 3, 1, 1))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        bn(np.ones((2, 3, 4, 4)))
+
+
+def test_import_normkit_does_not_import_torch():
+    import subprocess
+    import sys
+    code = "import sys, normkit; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_fold_batch_norm_weights_numpy():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(4)
+    mean, var = rng.standard_normal(4), rng.random(4) + 0.5
+    gamma, beta = rng.standard_normal(4), rng.standard_normal(4)
+    fw, fb = normkit.fold_batch_norm_weights(w, b, mean, var, gamma, beta, 1e-3)
+    scale = gamma / np.sqrt(var + 1e-3)
+    np.testing.assert_allclose(fw, w * scale[:, None, None, None], rtol=1e-6)
+    np.testing.assert_allclose(fb, (b - mean) * scale + beta, rtol=1e-6)
+    assert fw.dtype == np.float32
+    fw_last, _ = normkit.fold_batch_norm_weights(
+        np.moveaxis(w, 0, -1), b, mean, var, gamma, beta, 1e-3, axis=-1)
+    np.testing.assert_allclose(np.moveaxis(fw_last, -1, 0), fw)
+    with pytest.raises(ValueError, match="running_var must have shape"):
+        normkit.fold_batch_norm_weights(w, b, mean, var[:3])
