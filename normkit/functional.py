@@ -94,6 +94,11 @@ def _backward_of(forward, example, returns=None):
         For a record of another forward, or ``dy`` / ``x`` of another
         shape or a non-float dtype.
 
+    See Also
+    --------
+    {forward} : the forward pass.
+    normalize_backward : the generic backward every scheme builds on.
+
     Examples
     --------
     >>> import numpy as np
@@ -163,6 +168,18 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     Returns
     -------
     y : ndarray, or (y, saved)
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a bad argument (the message names it, what was expected and
+        what was given), before any running statistic changes.
+
+    See Also
+    --------
+    BatchNorm2d : the layer, with its own parameters and running statistics.
+    batch_norm_backward : the backward pass.
+    normkit.torch.BatchNorm2d
 
     Examples
     --------
@@ -249,6 +266,18 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None,
     -------
     y : array, shape and dtype of ``x``, or ``(y, saved)``
 
+    Raises
+    ------
+    TypeError, ValueError
+        For a bad argument (the message names it, what was expected and
+        what was given), before any running statistic changes.
+
+    See Also
+    --------
+    InstanceNorm2d : the layer, with its own parameters and running statistics.
+    instance_norm_backward : the backward pass.
+    group_norm
+
     Examples
     --------
     >>> import numpy as np
@@ -331,6 +360,18 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
     -------
     y : array, shape and dtype of ``x``, or ``(y, saved)``
 
+    Raises
+    ------
+    TypeError, ValueError
+        For a bad argument (the message names it, what was expected and
+        what was given), before any running statistic changes.
+
+    See Also
+    --------
+    LayerNorm : the layer, with its own parameters and running statistics.
+    layer_norm_backward : the backward pass.
+    rms_norm
+
     Examples
     --------
     >>> import numpy as np
@@ -386,6 +427,18 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, return_saved=False):
     Returns
     -------
     y : array, shape and dtype of ``x``, or ``(y, saved)``
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a bad argument (the message names it, what was expected and
+        what was given), before any running statistic changes.
+
+    See Also
+    --------
+    RMSNorm : the layer, with its own parameters and running statistics.
+    rms_norm_backward : the backward pass.
+    layer_norm
 
     Examples
     --------
@@ -454,6 +507,18 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, axis=1, *,
     Returns
     -------
     y : array, shape and dtype of ``x``, or ``(y, saved)``
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a bad argument (the message names it, what was expected and
+        what was given), before any running statistic changes.
+
+    See Also
+    --------
+    GroupNorm : the layer, with its own parameters and running statistics.
+    group_norm_backward : the backward pass.
+    layer_norm
 
     Examples
     --------
@@ -540,6 +605,18 @@ def batch_renorm(x, running_mean, running_std, weight=None, bias=None,
     Returns
     -------
     y : array, shape and dtype of ``x``, or ``(y, saved)``
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a bad argument (the message names it, what was expected and
+        what was given), before any running statistic changes.
+
+    See Also
+    --------
+    BatchRenorm : the layer, with its own parameters and running statistics.
+    batch_renorm_backward : the backward pass.
+    batch_renorm_schedule
 
     Examples
     --------
@@ -689,6 +766,18 @@ def ghost_batch_norm(x, virtual_batch_size, running_mean=None,
     -------
     y : array, shape and dtype of ``x``, or ``(y, saved)``
 
+    Raises
+    ------
+    TypeError, ValueError
+        For a bad argument (the message names it, what was expected and
+        what was given), before any running statistic changes.
+
+    See Also
+    --------
+    GhostBatchNorm : the layer, with its own parameters and running statistics.
+    ghost_batch_norm_backward : the backward pass.
+    batch_norm
+
     Examples
     --------
     >>> import numpy as np
@@ -756,6 +845,18 @@ def weight_norm(v, g, axis=0, *, return_saved=False):
     Returns
     -------
     w : array, or (w, saved)
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a bad argument (the message names it, what was expected and
+        what was given), before any running statistic changes.
+
+    See Also
+    --------
+    WeightNorm : the layer, with its own parameters and running statistics.
+    weight_norm_backward : the backward pass.
+    spectral_norm
 
     Examples
     --------
@@ -838,6 +939,18 @@ def spectral_norm(w, u, v, n_power_iterations=1, eps=1e-12, training=True,
     Returns
     -------
     y : array, ``w / sigma`` in ``w.dtype``, or (y, saved)
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a bad argument (the message names it, what was expected and
+        what was given), before any running statistic changes.
+
+    See Also
+    --------
+    SpectralNorm : the layer, with its own parameters and running statistics.
+    spectral_norm_backward : the backward pass.
+    weight_norm
 
     Examples
     --------

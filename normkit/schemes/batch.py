@@ -69,6 +69,11 @@ class BatchNorm(RunningStatsNormalizer):
     batch gives an empty output and leaves the running statistics alone
     (it is still counted in ``num_batches_tracked``).
 
+    See Also
+    --------
+    batch_norm : the functional form.
+    BatchNorm2d
+
     Examples
     --------
     >>> import numpy as np
@@ -218,6 +223,11 @@ class BatchRenorm(RunningStatsNormalizer):
     -----
     Shape: As :class:`BatchNorm`.
 
+    See Also
+    --------
+    batch_renorm : the functional form.
+    batch_renorm_schedule
+
     Examples
     --------
     >>> import numpy as np
@@ -317,6 +327,11 @@ class GhostBatchNorm(RunningStatsNormalizer):
         Samples per ghost batch; must divide the batch in training.
     eps, momentum, affine, track_running_stats, axis, bias
         As :class:`BatchNorm` (``axis`` may not be 0).
+
+    See Also
+    --------
+    ghost_batch_norm : the functional form.
+    BatchNorm
 
     Examples
     --------

@@ -63,6 +63,11 @@ class InstanceNorm(RunningStatsNormalizer):
     Shape: ``(N, C, L...)``, or ``(N, L..., C)`` with ``axis=-1``; the
     output has the input's shape and dtype.
 
+    See Also
+    --------
+    instance_norm : the functional form.
+    InstanceNorm2d
+
     Examples
     --------
     >>> import numpy as np
@@ -215,6 +220,11 @@ class GroupNorm(Normalizer):
     -----
     Shape: Input ``(N, C, *)`` (``axis=1``) or ``(N, *, C)``, output the same.
 
+    See Also
+    --------
+    group_norm : the functional form.
+    LayerNorm
+
     Examples
     --------
     >>> import numpy as np
@@ -270,6 +280,11 @@ class LayerNorm(Normalizer):
     -----
     Shape: Input ``(*, *normalized_shape)``, output the same.
 
+    See Also
+    --------
+    layer_norm : the functional form.
+    RMSNorm
+
     Examples
     --------
     >>> import numpy as np
@@ -316,6 +331,11 @@ class RMSNorm(LayerNorm):
     normalized_shape : int or tuple of int
     eps : float or None, default None
     elementwise_affine : bool, default True
+
+    See Also
+    --------
+    rms_norm : the functional form.
+    LayerNorm
 
     Examples
     --------

@@ -79,6 +79,11 @@ class WeightNorm(Reparametrization):
         Units along ``axis`` (rows of a dense weight, filters of a conv).
     axis : int, default 0
 
+    See Also
+    --------
+    weight_norm : the functional form.
+    SpectralNorm
+
     Examples
     --------
     >>> import numpy as np
@@ -184,6 +189,11 @@ class SpectralNorm(Reparametrization):
     eps : float > 0, default 1e-12
     seed : int, default 0
         Seed of the random initial ``u`` and ``v``.
+
+    See Also
+    --------
+    spectral_norm : the functional form.
+    WeightNorm
 
     Examples
     --------
