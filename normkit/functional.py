@@ -152,17 +152,17 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
         float16, float32 or float64, at least 2-D, channels on ``axis``.
     running_mean, running_var : ndarray ``(C,)``, optional
     weight, bias : ndarray ``(C,)``, optional
-    training : bool
-    momentum : float in [0, 1] or None
+    training : bool, default False
+    momentum : float in [0, 1] or None, default 0.1
         None: cumulative average ``1 / (num_batches_tracked + 1)``.
-    eps : float
+    eps : float, default 1e-5
         ``>= 0``; ``> 0`` where the batch statistics are used (training, or
         no running statistics), with PyTorch 2.13's error otherwise.
-    axis : int
+    axis : int, default 1
         Channel axis: 1 channels-first, -1 channels-last.
     num_batches_tracked : int, optional
         Batches already averaged in, for ``momentum=None``.
-    return_saved : bool
+    return_saved : bool, default False
         Also return the :class:`Saved` record for the backward.
 
     Returns
