@@ -23,6 +23,18 @@ import pytest
 
 from normkit import reference as ref
 
+#: With NORMKIT_RECORD_LAUNCHES=PATH, every CUDA kernel the simulator
+#: tests launch is written to PATH at the end of the session, for
+#: ``python tests/cuda_ptx_check.py --compile PATH`` (CI: one run of the
+#: simulator tests serves both).
+_LAUNCHES_PATH = os.environ.get("NORMKIT_RECORD_LAUNCHES")
+if _LAUNCHES_PATH and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    import cuda_ptx_check
+    _LAUNCHES = cuda_ptx_check.install_recorder()
+
+    def pytest_sessionfinish(session, exitstatus):
+        cuda_ptx_check.write_launches(_LAUNCHES, _LAUNCHES_PATH)
+
 DTYPES = (np.float16, np.float32, np.float64)
 NDIMS = (2, 3, 4, 5)
 LAYOUTS = ("first", "last")  # channel axis 1 / -1 (layer_norm: see make_case)

@@ -47,10 +47,9 @@ def _argument_type(value):
     raise TypeError(f"unexpected kernel argument {type(value).__name__}")
 
 
-def record(path):
-    """Run the CUDA tests on the simulator; write the launches to ``path``."""
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-    import pytest
+def install_recorder():
+    """Record every kernel launch the simulator makes from now on; returns
+    the set the launches go into (``(name, argument types)`` pairs)."""
     from numba.cuda.simulator import kernel as simulator_kernel
 
     launches = set()
@@ -69,11 +68,28 @@ def record(path):
         return launch(kernel, *args)
 
     simulator_kernel.FakeCUDAKernel.__call__ = recording_launch
+    return launches
+
+
+def write_launches(launches, path):
+    """Add recorded launches to those saved in ``path`` (test sessions in
+    subprocesses may write there too) for :func:`compile_all`."""
+    path = pathlib.Path(path)
+    saved = path.read_text() if path.exists() else ""
+    known = {tuple(item) for item in json.loads(saved)} if saved.strip() else set()
+    path.write_text(json.dumps(sorted(known | launches)))
+
+
+def record(path):
+    """Run the CUDA tests on the simulator; write the launches to ``path``."""
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    import pytest
+    launches = install_recorder()
     status = pytest.main(["-q", "-p", "no:cacheprovider",
                           str(ROOT / "tests" / "test_cuda.py"),
                           str(ROOT / "tests" / "test_cuda_protocol.py"),
                           str(ROOT / "tests" / "test_examples.py")])
-    pathlib.Path(path).write_text(json.dumps(sorted(launches)))
+    write_launches(launches, path)
     return int(status)
 
 
@@ -142,7 +158,10 @@ def main(argv=None):
     parser.add_argument("--cc", default="9.0",
                         help="compute capability, e.g. 8.0 or 9.0")
     parser.add_argument("--record", metavar="PATH", help=argparse.SUPPRESS)
-    parser.add_argument("--compile", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--compile", metavar="PATH",
+                        help="compile the launches recorded in PATH (by a test "
+                             "run with NORMKIT_RECORD_LAUNCHES=PATH) instead of "
+                             "running the CUDA tests again")
     args = parser.parse_args(argv)
     cc = tuple(int(part) for part in args.cc.split("."))
     if args.record:
