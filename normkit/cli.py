@@ -7,13 +7,16 @@ few small and medium shapes, compares ``y``, ``dx``, ``dweight`` and
 every comparison passes, 1 otherwise.
 
 ``compare`` runs the small-batch study (:mod:`normkit.analysis`): every
-variant trained on scikit-learn's digits at batch sizes 2 to 64 over
-several seeds, plus the estimator, mismatch and batch-dependence studies;
-it prints tables and writes results JSON and PNG plots to ``--out``.  A
-rerun with the same folder reuses finished runs.  It needs the
-``experiments`` extra (scikit-learn, matplotlib).
+variant trained at batch sizes 2 to 64 over several seeds (``--preset
+quick``, the default: scikit-learn's digits and a small network, a few
+minutes; ``--preset mnist``: MNIST and a conv net normalized after every
+convolution, an hour or more), plus the estimator, mismatch and
+batch-dependence studies; it prints tables and writes results JSON and PNG
+plots to ``--out``.  A rerun with the same folder reuses finished runs;
+``--scheduler`` runs the cells on a Dask cluster.  It needs the
+``experiments`` extra (scikit-learn, matplotlib, mlxtend).
 
-Bad options exit with status 2 and a message naming the option.
+Bad options and paths exit with status 2 and one line naming the option.
 """
 
 import argparse

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -53,97 +54,88 @@ def _log2_axis(axis, sizes, label="batch size"):
 
 
 def _save(figure, path, legend=None):
-    figure.savefig(path, dpi=100, bbox_inches="tight",
-                   bbox_extra_artists=[legend] if legend is not None else None)
+    # the tight box takes in figure legends and titles by itself
+    figure.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.2)
     plt.close(figure)
     return path
 
 
-def _grid(n, width=3.2, height=2.6, columns=4):
-    columns = min(columns, n)
-    rows = -(-n // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(width * columns,
-                                                        height * rows + 0.6),
-                                sharex=True, sharey=True, squeeze=False)
-    for axis in axes.flat[n:]:
-        axis.set_visible(False)
-    return figure, axes.flat
+def plot_accuracy(sweeps, path, columns=4):
+    """Test error (mean, band of ± one standard deviation over seeds)
+    against batch size: one block of panels per sweep (fixed epochs, fixed
+    steps, ...), each with its own error scale, and one panel per variant
+    in its colour; hollow markers after population re-estimation where it
+    differs; BatchNorm of the same sweep in grey in every other panel, for
+    reference.  ``sweeps`` is ``results["sweeps"]`` (dicts with ``label``
+    and ``summary``)."""
+    variants = list(dict.fromkeys(r["variant"] for one in sweeps
+                                  for r in one["summary"]))
+    sizes = sorted({r["batch_size"] for one in sweeps for r in one["summary"]})
+    columns = min(columns, len(variants))
+    rows = -(-len(variants) // columns)
+    figure = plt.figure(figsize=(3.1 * columns,
+                                 len(sweeps) * (2.5 * rows + 0.5)),
+                        layout="constrained")
+    blocks = figure.subfigures(len(sweeps), 1, squeeze=False)[:, 0]
+    legend_items = {}
 
+    def curve(group, key):
+        group = sorted(group, key=lambda r: r["batch_size"])
+        return ([r["batch_size"] for r in group],
+                np.array([100 * (1 - r[f"{key}_mean"]) for r in group]),
+                np.array([100 * r[f"{key}_std"] for r in group]))
 
-def plot_accuracy(sweeps, path):
-    """Test error (mean, band of ± one standard deviation over seeds) against
-    batch size, one panel per variant and one line style per sweep (fixed
-    epochs, fixed steps, ...); after population re-estimation as hollow
-    markers where it differs.  BatchNorm's first sweep is repeated in grey
-    in every other panel, for reference.  ``sweeps`` is ``results["sweeps"]``
-    (a list of dicts with ``label`` and ``summary``)."""
-    summaries = [one["summary"] for one in sweeps]
-    variants = list(dict.fromkeys(r["variant"] for s in summaries for r in s))
-    sizes = sorted({r["batch_size"] for s in summaries for r in s})
-    figure, axes = _grid(len(variants))
-    handles = {}
-
-    def curve(rows, key):
-        rows = sorted(rows, key=lambda r: r["batch_size"])
-        x = [r["batch_size"] for r in rows]
-        mean = np.array([100 * (1 - r[f"{key}_mean"]) for r in rows])
-        std = np.array([100 * r[f"{key}_std"] for r in rows])
-        return x, mean, std
-
-    reference = _by(summaries[0], "variant").get(("batch_norm",))
-    for axis, variant in zip(axes, variants):
-        if reference and variant != "batch_norm":
-            x, mean, _ = curve(reference, "accuracy")
-            handles["reference"], = axis.plot(
-                x, mean, color="#bbbbbb", linewidth=2.5, zorder=1,
-                label=f"batch_norm, {sweeps[0]['label']}")
-        for index, one in enumerate(sweeps):
-            rows = [r for r in one["summary"] if r["variant"] == variant]
-            if not rows:
-                continue
-            x, mean, std = curve(rows, "accuracy")
-            line, = axis.plot(x, mean, color=color(variant),
-                              linestyle=STYLES[index % len(STYLES)],
-                              marker=MARKERS[index % len(MARKERS)],
-                              markersize=4, zorder=3)
-            axis.fill_between(x, mean - std, mean + std, color=color(variant),
-                              alpha=0.15, linewidth=0, zorder=2)
-            handles.setdefault(("sweep", index), (
-                plt.Line2D([], [], color="black",
-                           linestyle=STYLES[index % len(STYLES)],
-                           marker=MARKERS[index % len(MARKERS)], markersize=4),
-                one["label"]))
-            if any(r["population_reestimated"] for r in rows):
-                _, population, _ = curve(rows, "population")
-                if not np.allclose(population, mean):
-                    axis.plot(x, population, linestyle="none",
-                              marker=MARKERS[index % len(MARKERS)],
-                              markerfacecolor="white", color=color(variant),
-                              markersize=5, zorder=4)
-                    handles["population"] = (plt.Line2D(
-                        [], [], linestyle="none", marker="o",
-                        markerfacecolor="white", color="black"),
-                        "after population re-estimation")
-        axis.set_title(variant, color=color(variant), fontsize=10)
-        _log2_axis(axis, sizes)
-        axis.tick_params(labelbottom=True)
-    for axis in list(axes)[::min(4, len(variants))]:
-        axis.set_ylabel("test error (%)")
-    entries = [h for k, h in handles.items() if k != "reference"
-               and k != "population"]
-    items = [(h, label) for h, label in entries]
-    if "population" in handles:
-        items.append(handles["population"])
-    if "reference" in handles:
-        items.append((handles["reference"], handles["reference"].get_label()))
-    items.append((plt.Rectangle((0, 0), 1, 1, color="#888888", alpha=0.3),
-                  "± 1 std over seeds"))
-    legend = figure.legend([h for h, _ in items], [t for _, t in items],
+    for index, (block, one) in enumerate(zip(blocks, sweeps)):
+        axes = block.subplots(rows, columns, sharex=True, sharey=True,
+                              squeeze=False)
+        by_variant = _by(one["summary"], "variant")
+        marker = MARKERS[index % len(MARKERS)]
+        for axis in axes.flat[len(variants):]:
+            axis.set_visible(False)
+        for axis, variant in zip(axes.flat, variants):
+            reference = by_variant.get(("batch_norm",))
+            if reference and variant != "batch_norm":
+                x, mean, _ = curve(reference, "accuracy")
+                legend_items["reference"] = (axis.plot(
+                    x, mean, color="#bbbbbb", linewidth=2.5, zorder=1)[0],
+                    "batch_norm (same sweep), for reference")
+            group = by_variant.get((variant,), [])
+            if group:
+                x, mean, std = curve(group, "accuracy")
+                axis.plot(x, mean, color=color(variant), marker=marker,
+                          markersize=4, zorder=3)
+                axis.fill_between(x, mean - std, mean + std,
+                                  color=color(variant), alpha=0.2,
+                                  linewidth=0, zorder=2)
+                if any(r["population_reestimated"] for r in group):
+                    _, population, _ = curve(group, "population")
+                    if not np.allclose(population, mean):
+                        axis.plot(x, population, linestyle="none",
+                                  marker=marker, markerfacecolor="white",
+                                  color=color(variant), markersize=5, zorder=4)
+                        legend_items["population"] = (plt.Line2D(
+                            [], [], linestyle="none", marker="o",
+                            markerfacecolor="white", color="black"),
+                            "after population re-estimation")
+            axis.set_title(variant, color=color(variant), fontsize=10)
+            _log2_axis(axis, sizes)
+            axis.tick_params(labelbottom=True, labelleft=True)
+        errors = [100 * (1 - r[f"{key}_mean"]) for r in one["summary"]
+                  for key in ("accuracy", "population")]
+        log = min(errors) > 0 and max(errors) > 4 * min(errors)
+        for axis in axes[:, 0]:
+            axis.set_ylabel("test error (%)" + (", log scale" if log else ""))
+        if log:   # 1 % against 2 % stays visible next to a collapse to 30 %
+            axes[0, 0].set_yscale("log")
+            axes[0, 0].yaxis.set_major_formatter(
+                matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        block.suptitle(one["label"], fontsize=11)
+    legend_items["band"] = (plt.Rectangle((0, 0), 1, 1, color="#888888",
+                                          alpha=0.3), "± 1 std over seeds")
+    legend = figure.legend([h for h, _ in legend_items.values()],
+                           [t for _, t in legend_items.values()],
                            loc="upper center", bbox_to_anchor=(0.5, 0.0),
-                           ncol=min(3, len(items)), fontsize=8, frameon=False)
-    figure.suptitle("Test error against batch size, inference mode "
-                    "(mean over seeds)")
-    figure.tight_layout()
+                           ncol=3, fontsize=9, frameon=False)
     return _save(figure, path, legend)
 
 
@@ -200,8 +192,12 @@ def plot_mismatch(mismatch, dependence, path):
     statistics, a marker per variance estimate, ± 2 standard errors), and
     the batch dependence of one sample's output in a last panel; variants
     at exactly zero are named in their panel instead of drawn on the axis."""
-    with_stats = list(dict.fromkeys(r["variant"] for r in mismatch
-                                    if r["method"] != "batch"))
+    zero = 1e-6      # below this a mismatch or change counts as none
+    stats = list(dict.fromkeys(r["variant"] for r in mismatch
+                               if r["method"] != "batch"))
+    with_stats = [v for v in stats if any(
+        r["mismatch"] > zero for r in mismatch if r["variant"] == v)]
+    at_zero = [v for v in stats if v not in with_stats]
     without = list(dict.fromkeys(r["variant"] for r in mismatch
                                  if r["method"] == "batch"))
     sizes = sorted({row["batch_size"] for row in mismatch + dependence})
@@ -242,7 +238,7 @@ def plot_mismatch(mismatch, dependence, path):
                     for variance, marker in VARIANCE_MARKERS.items()]
     last = axes[n - 1]
     moving = [v for (v,), g in _by(dependence, "variant").items()
-              if any(r["change"] > 0 for r in g)]
+              if any(r["change"] > zero for r in g)]
     still = [v for (v,), g in _by(dependence, "variant").items() if v not in moving]
     for variant in moving:
         group = sorted([r for r in dependence if r["variant"] == variant],
@@ -251,7 +247,7 @@ def plot_mismatch(mismatch, dependence, path):
                       yerr=[2 * r["change_se"] for r in group], marker="o",
                       markersize=3, color=color(variant), label=variant)
     if still:
-        last.text(0.97, 0.95, "exactly 0 at every batch size:\n"
+        last.text(0.97, 0.95, "0 (below 1e-6) at every batch size:\n"
                   + "\n".join(still), transform=last.transAxes, ha="right",
                   va="top", fontsize=8,
                   bbox=dict(facecolor="white", edgecolor="#cccccc"))
@@ -260,8 +256,15 @@ def plot_mismatch(mismatch, dependence, path):
     last.set_title("batch dependence: rest of the batch replaced", fontsize=10)
     last.set_ylabel("RMS change of sample 0's output")
     _log2_axis(last, sizes)
-    note = ("no running statistics (inference uses the input's own, mismatch "
-            "0): " + ", ".join(without)) if without else ""
+    notes = []
+    if without:
+        notes.append("no running statistics (inference uses the input's "
+                      "own, mismatch 0): " + ", ".join(without))
+    if at_zero:
+        notes.append("running statistics, mismatch below 1e-6 at every batch size "
+                     "(training output = inference output): "
+                     + ", ".join(at_zero))
+    note = "\n".join(notes)
     figure.suptitle("Train/inference mismatch on synthetic conv features, and "
                     "batch dependence (± 2 standard errors)")
     figure.tight_layout()
