@@ -92,7 +92,20 @@ def run_cells(scheduler, todo, jobs, finish, warm=None, on_start=None):
             client.cancel(list(futures))
             raise
     finally:
-        if own:
+        _close(client if own else None, cluster)
+
+
+def _close(client, cluster):
+    """Close what this module opened; the nanny's warnings about workers
+    slow to exit on a busy machine are not the user's concern."""
+    import logging
+    logger = logging.getLogger("distributed")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        if client is not None:
             client.close()
         if cluster is not None:
             cluster.close()
+    finally:
+        logger.setLevel(level)
