@@ -127,8 +127,14 @@ def plot_accuracy(sweeps, path, columns=4):
             axis.set_ylabel("test error (%)" + (", log scale" if log else ""))
         if log:   # 1 % against 2 % stays visible next to a collapse to 30 %
             axes[0, 0].set_yscale("log")
-            axes[0, 0].yaxis.set_major_formatter(
-                matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            low, high = 0.8 * min(errors), 1.25 * max(errors)
+            ticks = [t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
+                     if low <= t <= high]
+            plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+            for axis in axes.flat:
+                axis.set_yticks(ticks)
+                axis.yaxis.set_major_formatter(plain)
+                axis.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         block.suptitle(one["label"], fontsize=11)
     legend_items["band"] = (plt.Rectangle((0, 0), 1, 1, color="#888888",
                                           alpha=0.3), "± 1 std over seeds")
