@@ -72,7 +72,6 @@ def test_bad_options_exit_2_with_a_message(argv, message, capsys):
 @pytest.mark.parametrize("argv", [
     ["compare", "--out", "/proc/forbidden"],
     ["compare", "--epochs", "1.5"],
-    ["check", "--repeat", "0.5"],
 ])
 def test_the_command_itself_prints_one_line_and_exits_2(argv):
     """As a user sees it: the ``normkit`` process, usage and one error line,
@@ -95,6 +94,15 @@ def test_unreachable_scheduler_is_an_option_error(monkeypatch, tmp_path, capsys)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "argument --scheduler: cannot reach a Dask scheduler" in err
+    assert "Traceback" not in err
+
+
+def test_check_options_name_themselves(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["check", "--repeat", "0.5"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --repeat: expected a whole number >= 1, got '0.5'" in err
     assert "Traceback" not in err
 
 
