@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 
 #: One colour per variant, the same in every figure.
 COLORS = {
-    "none": "#7f7f7f",
+    "none": "#333333",      # dark: the grey is BatchNorm's reference line
     "batch_norm": "#1f77b4",
     "batch_renorm": "#17becf",
     "ghost_batch_norm": "#9467bd",
