@@ -27,7 +27,7 @@ import sys
 import numpy as np
 
 from . import _bench
-from ._compiling import announce_compilation
+from .analysis._compiling import announce_compilation
 from .analysis import variants as study_variants
 
 #: Default shapes of ``check``: (shape, channel axis) per layout.

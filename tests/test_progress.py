@@ -3,7 +3,7 @@ ETA only once cells have been computed, reused cells not counted as work."""
 
 import io
 
-from normkit._compiling import announce_compilation
+from normkit.analysis._compiling import announce_compilation
 from normkit.analysis import report
 
 

@@ -203,7 +203,7 @@ COMPILING = ("compiling the study's kernels (first run only, cached on disk "
 def _warm_in_this_process(variants, batch_sizes, settings, announce):
     """Run :func:`compile_kernels` here; returns ``(normkit.__file__,
     number of functions compiled)``."""
-    from normkit._compiling import announce_compilation
+    from ._compiling import announce_compilation
     with announce_compilation(COMPILING if announce else None) as listener:
         compile_kernels(variants, batch_sizes, settings)
     return normkit.__file__, listener.compiled
