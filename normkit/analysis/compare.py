@@ -3,26 +3,75 @@
 Output folder layout::
 
     <out>/cells/<variant>-b<batch>-s<seed>-<settings hash>.json   one per run
-    <out>/results.json        settings, cells, summary and the three studies
-    <out>/accuracy.png        accuracy against batch size per variant
+    <out>/results.json        settings, sweeps (cells, summary) and studies
+    <out>/accuracy.png        test error against batch size, one panel per variant
     <out>/estimators.png      batch statistics against theory
     <out>/mismatch.png        train/inference mismatch and batch dependence
+
+A study may hold several *sweeps* over the same cells with different
+:class:`~normkit.analysis.sweep.Settings` (``--preset mnist``: the same
+number of epochs at every batch size, and the same number of steps).
 """
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 import sys
 import time
 
-from . import report, sweep
+from . import data, report, sweep
 from .estimators import estimator_study
 from .mismatch import batch_dependence, mismatch_study
+from .variants import VARIANTS
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What ``normkit compare --preset NAME`` runs unless options say
+    otherwise: the cells and one :class:`Settings` per sweep."""
+
+    variants: tuple
+    batch_sizes: tuple
+    seeds: tuple
+    sweeps: tuple
+    about: str
+
+
+#: Steps of every run of the fixed-steps sweep of ``--preset mnist``: the
+#: steps of 10 epochs at batch 32 (4,000 training images).
+MNIST_STEPS = 1250
+
+_MNIST = dict(dataset="mnist", network="conv", width=16, last_stage=7)
+
+PRESETS = {
+    "quick": Preset(
+        tuple(VARIANTS), (2, 4, 8, 16, 32, 64), (0, 1, 2),
+        (sweep.Settings(epochs=20),),
+        "digits (8x8), one conv and one dense layer, 20 epochs; a few minutes"),
+    "mnist": Preset(
+        tuple(VARIANTS), (2, 4, 8, 16, 32, 64), (0, 1, 2),
+        (sweep.Settings(epochs=10, **_MNIST),
+         sweep.Settings(epochs=10, steps=MNIST_STEPS, **_MNIST)),
+        "MNIST (28x28, 5,000 images), a conv net normalized after every "
+        "convolution down to 7x7; 10 epochs, and 1,250 steps, at every batch "
+        "size; an hour or more on 2 cores"),
+}
+
+
+def sweep_label(settings):
+    """A short name of a sweep's settings, for tables and legends."""
+    settings = settings if isinstance(settings, dict) else asdict(settings)
+    length = (f"{settings['steps']} steps" if settings["steps"]
+              else f"{settings['epochs']} epochs")
+    network = ("conv net, last stage "
+               f"{settings['last_stage']}x{settings['last_stage']}"
+               if settings["network"] == "conv" else "small net")
+    return f"{settings['dataset']}, {network}, {length}"
 
 
 def run_compare(out, variants, batch_sizes, seeds, settings=sweep.Settings(),
                 jobs=1, plots=True, draws=20000, stream=None, progress=True,
-                on_cell=None):
-    """Run the sweep and the three studies, save everything, print tables.
+                on_cell=None, scheduler=None):
+    """Run the sweep(s) and the three studies, save everything, print tables.
 
     Parameters
     ----------
@@ -31,7 +80,8 @@ def run_compare(out, variants, batch_sizes, seeds, settings=sweep.Settings(),
     variants, batch_sizes, seeds : sequences
         The sweep's cells; the studies use the same variants and batch
         sizes.
-    settings : Settings
+    settings : Settings or sequence of Settings
+        One sweep per Settings, each over all the cells.
     jobs : int
         Worker processes for the sweep.
     plots : bool
@@ -44,32 +94,52 @@ def run_compare(out, variants, batch_sizes, seeds, settings=sweep.Settings(),
     progress : bool
     on_cell : callable, optional
         Passed to :func:`~normkit.analysis.sweep.run_sweep`.
+    scheduler : optional
+        Passed to :func:`~normkit.analysis.sweep.run_sweep` (a Dask
+        cluster).
 
     Returns
     -------
     dict
-        What ``results.json`` holds: ``settings``, ``cells``, ``summary``,
-        ``estimators``, ``mismatch``, ``batch_dependence``.
+        What ``results.json`` holds: ``settings``, ``sweeps`` (per sweep:
+        ``label``, ``settings``, ``cells``, ``summary``, ``extents``),
+        ``estimators``, ``mismatch``, ``batch_dependence``, ``elapsed``.
     """
     stream = sys.stdout if stream is None else stream
     start = time.monotonic()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    sweeps = [settings] if isinstance(settings, sweep.Settings) else list(settings)
     n_cells = len(variants) * len(batch_sizes) * len(seeds)
-    bar = report.ProgressBar(n_cells) if progress else None
+    bar = (report.ProgressBar(n_cells * len(sweeps), eta_after=jobs)
+           if progress else None)
     reused = []
+    began = []
 
     def advance(cell, was_reused):
         reused.append(was_reused)
         if bar is not None:
             bar.update(note=f"{cell['variant']} batch {cell['batch_size']} "
-                            f"seed {cell['seed']}")
+                            f"seed {cell['seed']}", reused=was_reused)
         if on_cell is not None:
             on_cell(cell, was_reused)
 
+    def begin(n):
+        if n and not began and bar is not None:
+            began.append(True)
+            bar.begin()
+
+    done = []
     try:
-        cells = sweep.run_sweep(variants, batch_sizes, seeds, settings, out,
-                                jobs, advance)
+        for one in sweeps:
+            cells = sweep.run_sweep(variants, batch_sizes, seeds, one, out,
+                                    jobs, advance, scheduler=scheduler,
+                                    on_start=begin)
+            image_size = data.load_split(one.dataset)[0].shape[-1]
+            done.append({"label": sweep_label(one), "settings": asdict(one),
+                         "cells": cells, "summary": report.summarize(cells),
+                         "extents": report.norm_extents(asdict(one),
+                                                        batch_sizes, image_size)})
     finally:
         if bar is not None:
             bar.close()
@@ -78,9 +148,8 @@ def run_compare(out, variants, batch_sizes, seeds, settings=sweep.Settings(),
               file=sys.stderr, flush=True)
     results = {"settings": {"variants": list(variants),
                             "batch_sizes": list(batch_sizes),
-                            "seeds": list(seeds), **asdict(settings),
-                            "estimator_draws": draws},
-               "cells": cells, "summary": report.summarize(cells),
+                            "seeds": list(seeds), "estimator_draws": draws},
+               "sweeps": done,
                "estimators": estimator_study(batch_sizes, draws=draws),
                "mismatch": mismatch_study(variants, batch_sizes),
                "batch_dependence": batch_dependence(variants, batch_sizes)}
@@ -89,15 +158,18 @@ def run_compare(out, variants, batch_sizes, seeds, settings=sweep.Settings(),
     if plots:
         written += _plot(results, out)
     print_tables(results, stream)
-    print(f"\n{sum(reused)} of {len(cells)} cells reused from {out / 'cells'}; "
-          f"wrote {', '.join(str(p) for p in written)}; "
-          f"{time.monotonic() - start:.0f} s", file=stream)
+    elapsed = report.duration(time.monotonic() - start)
+    print(f"\n{sum(reused)} of {len(reused)} cells reused from {out / 'cells'}; "
+          f"wrote {', '.join(str(p) for p in written)}; elapsed {elapsed}",
+          file=stream)
+    if progress:
+        print(f"done in {elapsed}", file=sys.stderr, flush=True)
     return results
 
 
 def _plot(results, out):
     from . import plots
-    return [plots.plot_accuracy(results["summary"], out / "accuracy.png"),
+    return [plots.plot_accuracy(results["sweeps"], out / "accuracy.png"),
             plots.plot_estimators(results["estimators"], out / "estimators.png"),
             plots.plot_mismatch(results["mismatch"], results["batch_dependence"],
                                 out / "mismatch.png")]
@@ -106,22 +178,8 @@ def _plot(results, out):
 def print_tables(results, stream):
     """The tables of ``results`` as text on ``stream``."""
     settings = results["settings"]
-    summary = results["summary"]
-    print(f"\nTest accuracy (%), inference mode with the running statistics "
-          f"training left, mean ± std over seeds {settings['seeds']}; "
-          f"{settings['epochs']} epochs at every batch size, learning rate "
-          f"{settings['base_lr']} x batch / {settings['reference_batch']}:",
-          file=stream)
-    print(report.grid_table(summary, ("variant",), report.accuracy_cell("accuracy")),
-          file=stream)
-    if any(row["diverged"] for row in summary):
-        print("(! : some runs stopped at a non-finite loss)", file=stream)
-    reestimated = [row for row in summary if row["population_reestimated"]]
-    if reestimated:
-        print("\nSame networks after population re-estimation of the running "
-              "statistics over the training set:", file=stream)
-        print(report.grid_table(reestimated, ("variant",),
-                                report.accuracy_cell("population")), file=stream)
+    for one in results["sweeps"]:
+        print_sweep(one, settings["seeds"], stream)
     print(estimator_line(results["estimators"]), file=stream)
     print("\nTrain/inference mismatch, RMS(train-mode - inference-mode output) "
           "on synthetic conv features:", file=stream)
@@ -139,6 +197,34 @@ def print_tables(results, stream):
               "bounds, its training output is (x - running_mean) / "
               "running_std, the inference output, whatever the rest of the "
               "batch; the batch still enters its gradients)", file=stream)
+
+
+def print_sweep(one, seeds, stream):
+    """The accuracy tables of one sweep and where BatchNorm's ``m`` is."""
+    settings, summary = one["settings"], one["summary"]
+    length = (f"{settings['steps']} optimizer steps" if settings["steps"]
+              else f"{settings['epochs']} epochs")
+    print(f"\n== {one['label']} ==\nTest accuracy (%), inference mode with "
+          f"the running statistics training left, mean ± std over seeds "
+          f"{seeds}; {length} at every batch size, learning rate "
+          f"{settings['base_lr']} x batch / {settings['reference_batch']}:",
+          file=stream)
+    print(report.grid_table(summary, ("variant",), report.accuracy_cell("accuracy")),
+          file=stream)
+    if any(row["diverged"] for row in summary):
+        print("(! : some runs stopped at a non-finite loss)", file=stream)
+    reestimated = [row for row in summary if row["population_reestimated"]]
+    if reestimated:
+        print("\nSame networks after population re-estimation of the running "
+              "statistics over the training set:", file=stream)
+        print(report.grid_table(reestimated, ("variant",),
+                                report.accuracy_cell("population")), file=stream)
+    print("\nBatchNorm's m (values per channel it normalizes over) at each "
+          "normalized layer:", file=stream)
+    extents = one["extents"]
+    print(report.format_table(list(extents[0]),
+                              [list(row.values()) for row in extents]),
+          file=stream)
 
 
 def estimator_line(rows):

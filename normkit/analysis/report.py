@@ -78,30 +78,45 @@ class ProgressBar:
     """A one-line progress bar on ``stream`` (stderr by default).
 
     On a terminal the line is redrawn in place; otherwise a line is written
-    at each tenth of the way, so logs stay short.
+    at each tenth of the way, so logs stay short.  Cells reused from an
+    earlier run advance the bar but not the clock: the estimate of the time
+    left is the time per computed cell since :meth:`begin` (the first cell
+    started), and it appears only once ``eta_after`` cells have been
+    computed (before that there is nothing to base it on).
     """
 
-    def __init__(self, total, label="cells", stream=None, width=28):
+    def __init__(self, total, label="cells", stream=None, width=28,
+                 eta_after=1):
         self.total = max(int(total), 1)
         self.label = label
         self.stream = sys.stderr if stream is None else stream
         self.width = width
+        self.eta_after = max(int(eta_after), 1)
         self.done = 0
+        self.computed = 0
         self.start = time.monotonic()
         self.interactive = getattr(self.stream, "isatty", lambda: False)()
         self._last_tenth = -1
 
-    def update(self, count=1, note=""):
+    def begin(self):
+        """The computed cells start now (after any warm-up)."""
+        self.start = time.monotonic()
+
+    def update(self, count=1, note="", reused=False):
         """Advance by ``count`` and redraw with an optional ``note``."""
         self.done = min(self.total, self.done + count)
+        if not reused:
+            self.computed += count
         tenth = 10 * self.done // self.total
         if not self.interactive and tenth == self._last_tenth:
             return
         self._last_tenth = tenth
         elapsed = time.monotonic() - self.start
         fill = self.width * self.done // self.total
-        left = (f", ~{_duration(elapsed * (self.total / self.done - 1))} left"
-                if 0 < self.done < self.total else "")
+        left = ""
+        if self.computed >= self.eta_after and self.done < self.total:
+            left = (f", ~{_duration(elapsed / self.computed * (self.total - self.done))}"
+                    f" left")
         text = (f"[{'#' * fill}{'.' * (self.width - fill)}] {self.done}/"
                 f"{self.total} {self.label}, {_duration(elapsed)}{left}"
                 f"{'  ' + note if note else ''}")
@@ -114,6 +129,31 @@ class ProgressBar:
         if self.interactive:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def norm_extents(settings, batch_sizes, image_size):
+    """Where BatchNorm's ``m`` (values per channel it normalizes over)
+    gets small: one row per normalized layer of the study's network,
+    ``layer``, ``features`` (``C x H x W`` or ``F``) and ``m`` at each
+    batch size (``N * H * W``; ``N`` for a dense layer)."""
+    from . import trainer
+    if settings["network"] == "conv":
+        layers = [(f"conv {i + 1}" + (f" (stride {stride})" if stride > 1 else ""),
+                   f"{out} x {size} x {size}", size * size)
+                  for i, (_, out, stride, size) in enumerate(trainer.conv_stages(
+                      image_size, settings["last_stage"], settings["width"]))]
+    else:
+        layers = [("conv 1", f"{settings['width']} x {image_size} x {image_size}",
+                   image_size * image_size),
+                  ("dense 1", f"{settings['hidden']}", 1)]
+    return [{"layer": name, "features": features,
+             **{f"batch {n}": n * extent for n in batch_sizes}}
+            for name, features, extent in layers]
+
+
+def duration(seconds):
+    """``"2m05s"`` (or ``"45s"``) for a number of seconds."""
+    return _duration(seconds)
 
 
 def _duration(seconds):

