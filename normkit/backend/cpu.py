@@ -844,6 +844,23 @@ def _compiled_loop(function, key, reads, header, params="", parallel=False):
     return loop
 
 
+def _ufunc(function, flat):
+    """The float64 NumPy ufunc of a one-output channelwise function, from
+    ``numba.vectorize``: cached on disk like the kernels when the function
+    is defined in a file (no compilation in later processes), compiled in
+    memory otherwise (a function typed at a prompt)."""
+    probe = [np.zeros(1) if isinstance(a, np.ndarray) else a for a in flat]
+    try:
+        dufunc = vectorize(cache=True)(function.function)
+        with np.errstate(all="ignore"):
+            dufunc(*probe)  # compiles, or loads, the float64 loop
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        dufunc = vectorize(function.function)
+        with np.errstate(all="ignore"):
+            dufunc(*probe)
+    return dufunc.ufunc
+
+
 def map_channels(function, args, out):
     """Run a :class:`~normkit.backend.protocol.channelwise` function over
     host arrays of one size, in float64: a NumPy ufunc compiled by
@@ -853,12 +870,8 @@ def map_channels(function, args, out):
             if isinstance(a, np.ndarray) else a for a in args]
     if function.outputs == 1:
         ufunc = function.compiled.get("cpu-ufunc")
-        if ufunc is None:  # compile the float64 loop: the raw ufunc has it
-            dufunc = vectorize(function.function)
-            with np.errstate(all="ignore"):
-                dufunc(*[np.zeros(1) if isinstance(a, np.ndarray) else a
-                         for a in flat])
-            ufunc = function.compiled["cpu-ufunc"] = dufunc.ufunc
+        if ufunc is None:
+            ufunc = function.compiled["cpu-ufunc"] = _ufunc(function, flat)
         with np.errstate(all="ignore"):  # 1/0 is inf, as in the kernels
             if out is None:
                 return (ufunc(*flat),)

@@ -167,16 +167,29 @@ class BatchNorm3d(BatchNorm):
 # Batch Renormalization
 # --------------------------------------------------------------------------
 
-@channelwise(outputs=5)
-def renorm_corrections(mu, var, running_mean, running_std, eps, rmax, dmax):
-    """Batch Renormalization's per-channel terms (Ioffe 2017, Algorithm 1):
-    ``sigma = sqrt(var + eps)``, ``r = clip(sigma / running_std, 1/rmax,
-    rmax)``, ``d = clip((mu - running_mean) / running_std, -dmax, dmax)``;
-    returns ``(r / sigma, 1 / sigma, sigma, r, d)``."""
-    sigma = math.sqrt(var + eps)
-    r = min(max(sigma / running_std, 1.0 / rmax), rmax)
-    d = min(max((mu - running_mean) / running_std, -dmax), dmax)
-    return r / sigma, 1.0 / sigma, sigma, r, d
+@channelwise
+def renorm_sigma(var, eps):
+    """Batch Renormalization's ``sigma_B = sqrt(var_B + eps)``."""
+    return math.sqrt(var + eps)
+
+
+@channelwise
+def renorm_r(sigma, running_std, rmax):
+    """``r = clip(sigma_B / running_std, 1/rmax, rmax)`` (Ioffe 2017,
+    Algorithm 1)."""
+    return min(max(sigma / running_std, 1.0 / rmax), rmax)
+
+
+@channelwise
+def renorm_d(mu, running_mean, running_std, dmax):
+    """``d = clip((mu_B - running_mean) / running_std, -dmax, dmax)``."""
+    return min(max((mu - running_mean) / running_std, -dmax), dmax)
+
+
+@channelwise
+def quotient(a, b):
+    """``a / b``."""
+    return a / b
 
 
 @channelwise
@@ -272,9 +285,11 @@ class BatchRenorm(RunningStatsNormalizer):
         if view.group_size == 1:
             raise values_per_channel_error(x)
         mean, var = engine.moments(x, view)
-        alpha, rstd, sigma, r, d = renorm_corrections(
-            mean, var, self.running_mean, self.running_std, self.eps,
-            float(self.rmax), float(self.dmax))
+        sigma = renorm_sigma(var, self.eps)
+        r = renorm_r(sigma, self.running_std, float(self.rmax))
+        d = renorm_d(mean, self.running_mean, self.running_std,
+                     float(self.dmax))
+        alpha, rstd = quotient(r, sigma), reciprocal(sigma)
         weight = 1.0 if self.weight is None else self.weight
         beta = shift(weight, 0.0 if self.bias is None else self.bias, d)
         y = engine.apply_affine(x, view, mean, alpha, self.weight, beta)
