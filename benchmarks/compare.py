@@ -33,7 +33,7 @@ from normkit._bench import Case
 
 CHANNEL_VARIANTS = ("batch_norm", "instance_norm", "group_norm", "batch_renorm")
 
-#: The configurations timed, all float32.
+#: The configurations timed: float32 unless a dtype is given.
 CASES = (
     [Case(v, (32, 64, 56, 56), 1) for v in CHANNEL_VARIANTS]
     + [Case(v, (32, 56, 56, 64), -1) for v in CHANNEL_VARIANTS]
@@ -44,6 +44,17 @@ CASES = (
     + [Case("rms_norm", (8192, 1024), -1),
        Case("ghost_batch_norm", (32, 64, 56, 56), 1),
        Case("ghost_batch_norm", (32, 56, 56, 64), -1)]
+    # wide rows, few long rows, a whole (C, H, W) sample
+    + [Case("layer_norm", (2048, 4096), -1),
+       Case("layer_norm", (2, 4194304), -1),
+       Case("layer_norm", (32, 64, 56, 56), -1, normalized_ndim=3)]
+    # half precision, read and written by the kernels themselves
+    + [Case(v, shape, axis, dtype)
+       for dtype in ("float16", "bfloat16")
+       for v, shape, axis in (("batch_norm", (32, 64, 56, 56), 1),
+                              ("group_norm", (32, 56, 56, 64), -1),
+                              ("layer_norm", (8192, 1024), -1),
+                              ("layer_norm", (2048, 4096), -1))]
 )
 
 #: The cells of the ``--torch-adapter`` table.
@@ -130,7 +141,7 @@ def json_record(case, t):
     move at least over its time.  ``frac_copy`` is that bandwidth over the
     copy's, so 1.0 means "as fast as a copy moves its bytes".
     """
-    nbytes = int(np.prod(case.shape)) * np.dtype(case.dtype).itemsize
+    nbytes = int(np.prod(case.shape)) * _bench.numpy_dtype(case.dtype).itemsize
     ms = {name: None if t[name] is None else 1e3 * t[name] for name in TIMED}
     gbps = {name: None if t[name] is None
             else MIN_TRAFFIC[name] * nbytes / t[name] / 1e9
@@ -143,19 +154,30 @@ def json_record(case, t):
             "seconds": t}
 
 
+def _gbps(case, t, name):
+    """Effective bandwidth of pass ``name`` in GB/s (see :func:`json_record`)."""
+    if t[name] is None:
+        return "-"
+    nbytes = int(np.prod(case.shape)) * _bench.numpy_dtype(case.dtype).itemsize
+    return f"{MIN_TRAFFIC[name] * nbytes / t[name] / 1e9:.1f}"
+
+
 def table_row(case, t):
     """Formatted cells of one row of the markdown table."""
-    return [case.variant, str(case.shape), case.layout, _ms(t["copy"]),
-            _ms(t["fwd"]), _ratio(t["fwd"], t["copy"]),
+    return [case.variant, str(case.shape), case.layout, case.dtype,
+            _ms(t["copy"]), _gbps(case, t, "copy"),
+            _ms(t["fwd"]), _ratio(t["fwd"], t["copy"]), _gbps(case, t, "fwd"),
             _ms(t["fwd+bwd"]), _ratio(t["fwd+bwd"], t["copy"]),
+            _gbps(case, t, "fwd+bwd"),
             "skipped" if t["ref fwd"] is None else _ms(t["ref fwd"]),
             _ms(t["torch fwd"]), _ms(t["torch fwd+bwd"]),
             _ratio(t["torch fwd"], t["fwd"]),
             _ratio(t["torch fwd+bwd"], t["fwd+bwd"])]
 
 
-HEADERS = ["variant", "shape", "layout", "copy ms", "fwd ms", "fwd/copy",
-           "fwd+bwd ms", "fwd+bwd/copy", "numpy-ref fwd ms", "torch fwd ms",
+HEADERS = ["variant", "shape", "layout", "dtype", "copy ms", "copy GB/s",
+           "fwd ms", "fwd/copy", "fwd GB/s", "fwd+bwd ms", "fwd+bwd/copy",
+           "fwd+bwd GB/s", "numpy-ref fwd ms", "torch fwd ms",
            "torch fwd+bwd ms", "fwd vs torch", "fwd+bwd vs torch"]
 
 
@@ -249,7 +271,7 @@ def main(argv=None):
     repeat = args.repeat or (3 if args.quick else 9)
 
     machine = _bench.machine_info()
-    print(f"{machine}\ntraining mode, float32, median of {repeat} runs "
+    print(f"{machine}\ntraining mode, median of {repeat} runs "
           f"after 2 warm-ups, interleaved; compiling kernels (first run "
           f"only)...\n",
           flush=True)

@@ -34,9 +34,10 @@ NORMKIT, TORCH = "#4c72b0", "#dd8452"
 
 
 def label(cell):
-    """Row label: ``variant  (shape) layout``."""
+    """Row label: ``variant  shape  layout`` and the dtype unless float32."""
     shape = "×".join(str(n) for n in cell["shape"])
-    return f"{cell['variant']}  {shape}  {cell['layout']}"
+    dtype = "" if cell.get("dtype", "float32") == "float32" else f"  {cell['dtype']}"
+    return f"{cell['variant']}  {shape}  {cell['layout']}{dtype}"
 
 
 def _bars(ax, y, pairs, height=0.38):

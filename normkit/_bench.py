@@ -56,11 +56,15 @@ class Case:
         Channel axis, 1 (channels-first) or -1 (channels-last); layer_norm
         always normalizes the last axis and ignores it.
     dtype : str
-        ``"float16"``, ``"float32"`` or ``"float64"``.
+        ``"float16"``, ``"bfloat16"`` (needs ``ml_dtypes``), ``"float32"``
+        or ``"float64"``.
     groups : int
         Number of groups of group_norm.
     virtual_batch_size : int
         Samples per ghost batch of ghost_batch_norm.
+    normalized_ndim : int
+        Trailing axes that layer_norm and rms_norm normalize over (3: a
+        whole (C, H, W) sample).
     """
 
     variant: str
@@ -69,13 +73,14 @@ class Case:
     dtype: str = "float32"
     groups: int = 32
     virtual_batch_size: int = 8
+    normalized_ndim: int = 1
 
     @property
     def layout(self):
-        """``"rows"`` for layer_norm and rms_norm, else ``"first"`` or
-        ``"last"``."""
+        """``"rows"`` for layer_norm and rms_norm (``"sample"`` over more
+        than one trailing axis), else ``"first"`` or ``"last"``."""
         if self.variant in ROW_VARIANTS:
-            return "rows"
+            return "rows" if self.normalized_ndim == 1 else "sample"
         return "first" if self.axis == 1 else "last"
 
 
@@ -100,16 +105,24 @@ def _affine(rng, channels, dtype):
             "bias": (0.1 * rng.standard_normal(channels)).astype(dtype)}
 
 
+def numpy_dtype(name):
+    """The NumPy dtype called ``name``; ``"bfloat16"`` is ``ml_dtypes``'."""
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
 def _variant_kwargs(case, rng):
     """Keyword arguments of ``case.variant`` in training mode."""
     channels = case.shape[case.axis]
-    dtype = np.dtype(case.dtype)
-    if case.variant == "layer_norm":
-        return {"normalized_shape": case.shape[-1:],
-                **_affine(rng, case.shape[-1], dtype)}
-    if case.variant == "rms_norm":
-        return {"normalized_shape": case.shape[-1:],
-                "weight": _affine(rng, case.shape[-1], dtype)["weight"]}
+    dtype = numpy_dtype(case.dtype)
+    if case.variant in ROW_VARIANTS:
+        normalized = case.shape[len(case.shape) - case.normalized_ndim:]
+        params = _affine(rng, normalized, dtype)
+        if case.variant == "rms_norm":
+            del params["bias"]
+        return {"normalized_shape": normalized, **params}
     kwargs = {**_affine(rng, channels, dtype), "axis": case.axis}
     if case.variant == "batch_norm":
         kwargs.update(running_mean=np.zeros(channels, dtype),
@@ -139,8 +152,9 @@ def make_inputs(case, seed=0):
     Inputs
     """
     rng = np.random.default_rng(seed)
-    x = (3.0 + 2.0 * rng.standard_normal(case.shape)).astype(case.dtype)
-    dy = rng.standard_normal(case.shape).astype(case.dtype)
+    dtype = numpy_dtype(case.dtype)
+    x = (3.0 + 2.0 * rng.standard_normal(case.shape)).astype(dtype)
+    dy = rng.standard_normal(case.shape).astype(dtype)
     return Inputs(x, dy, _variant_kwargs(case, rng))
 
 
@@ -178,7 +192,11 @@ def _torch_tensor(array, channels_last, device="cpu"):
     """``array`` as a tensor on ``device``; channels-last data becomes an
     (N, C, ...) tensor whose memory stays channels-last
     (``torch.channels_last`` for 4-D)."""
-    t = torch.from_numpy(array).to(device)
+    if array.dtype.name == "bfloat16":  # torch does not know ml_dtypes'
+        t = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(array)
+    t = t.to(device)
     if channels_last:
         t = t.movedim(-1, 1)
         if t.ndim == 4:
@@ -203,8 +221,8 @@ def torch_callables(case, inputs, device="cpu"):
     kwargs = {}
     for name, value in inputs.kwargs.items():
         if isinstance(value, np.ndarray):
-            value = torch.tensor(value, device=device,
-                                 requires_grad=name in ("weight", "bias"))
+            value = _torch_tensor(value.copy(), False, device).requires_grad_(
+                name in ("weight", "bias"))
         if name != "axis":
             kwargs[name] = value
     leaves = [x] + [t for t in kwargs.values()

@@ -11,6 +11,7 @@ import numbers
 import numpy as np
 
 from .backend import is_device_array
+from .backend.storage import is_bfloat16
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -32,13 +33,14 @@ def is_real(value):
 
 def check_input(x, name, func):
     """Return ``x`` if it is a float16/32/64 ndarray or CUDA device array,
-    else raise TypeError."""
+    or a bfloat16 ndarray (``ml_dtypes.bfloat16``), else raise TypeError."""
     if not isinstance(x, np.ndarray) and not is_device_array(x):
         raise TypeError(f"{func}: {name} must be a NumPy array (or a CUDA "
                         f"device array), got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{func}: {name} must have dtype float16, float32 or "
-                        f"float64, got {x.dtype}")
+    if x.dtype not in FLOAT_DTYPES and not (isinstance(x, np.ndarray)
+                                            and is_bfloat16(x.dtype)):
+        raise TypeError(f"{func}: {name} must have dtype float16, float32, "
+                        f"float64 or (NumPy arrays) bfloat16, got {x.dtype}")
     return x
 
 

@@ -64,20 +64,27 @@ def test_plan_fuses_when_groups_are_plentiful():
     assert not make_plan(VIEWS["batchnorm-huge-batch"], 2).fused
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64,
+                                   "bfloat16"])
 def test_contiguous_input_is_not_copied(dtype):
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
     x = np.ones((4, 5, 6), dtype=dtype)
     assert np.shares_memory(engine.as_kernel_array(x), x)
     channels_last = np.ones((4, 6, 5), dtype=dtype)
     assert np.shares_memory(engine.as_kernel_array(channels_last), channels_last)
 
 
-def test_non_contiguous_and_float16_input_are_copied_once():
+def test_non_contiguous_input_is_copied_once():
     x = np.ones((4, 5, 6), dtype=np.float32).transpose(0, 2, 1)
     flat = engine.as_kernel_array(x)
     assert not np.shares_memory(flat, x) and flat.flags.c_contiguous
-    half = engine.as_kernel_array(np.ones((4, 5), dtype=np.float16))
-    assert half.dtype == np.float32
+
+
+def test_half_precision_reaches_the_kernels_as_its_bits():
+    half = np.ones((4, 5), dtype=np.float16)
+    flat = engine.as_kernel_array(half)
+    assert flat.dtype == np.uint16 and np.shares_memory(flat, half)
 
 
 @pytest.mark.parametrize("shape,view_args", [

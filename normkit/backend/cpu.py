@@ -23,10 +23,11 @@ formula, so the variance never suffers the E[x^2] - E[x]^2 cancellation and
 is never negative.  The elementwise maps and the backward sums run in
 float64.
 
-Dtype policy: a C-contiguous float32 or float64 input is never copied; any
-other layout is copied once; float16 input is widened to float32 (one
-parallel copy, :mod:`normkit.backend.half`) and the result narrowed back
-(one more).  The kernels are specialised by Numba for float32 and float64.
+Dtype policy: a C-contiguous input is never copied (any other layout is
+copied once).  float16 and bfloat16 are read and written by the kernels
+themselves, one element at a time, through :mod:`normkit.backend.storage`,
+and computed in float32: no widened copy of the input, no narrowed copy of
+the output.  The kernels are specialised by Numba for each storage type.
 """
 
 import math
@@ -35,8 +36,10 @@ import numpy as np
 from numba import njit, prange, vectorize
 from numba.extending import overload
 
-from . import half, protocol
-from .plan import WIDE_GROUP, make_plan
+from . import protocol
+from .storage import compute_dtype, compute_empty, compute_zero, load, store, storage_view
+from .plan import (WIDE_GROUP, affine_partials_fit, disjoint_columns,
+                   make_plan, reduction_plan)
 
 #: Fast-math flags: reassociation lets LLVM vectorise the reductions.  The
 #: flags ``nnan`` and ``ninf`` are deliberately absent so that NaN and Inf
@@ -80,6 +83,21 @@ def _item_bounds(item, P, A, K, L, plan):
 
 
 @_inner
+def _rows_style(A, B):
+    """True where moments reduce across rows of ``K * J`` values (``B == 1``
+    and ``A > 1``, the channels-last style): they then need per-column
+    scratch."""
+    return B == 1 and A > 1
+
+
+@_inner
+def _narrow_groups(J, B):
+    """True where the elementwise map and the backward sums use per-column
+    scratch (``B == 1`` and groups narrower than :data:`WIDE_GROUP`)."""
+    return B == 1 and J < WIDE_GROUP
+
+
+@_inner
 def _n_items(plan):
     return plan.n_pblk * plan.n_kblk * plan.n_ach * plan.n_lch
 
@@ -116,6 +134,16 @@ def _cast_like_impl(value, like):
 
 
 @_inner
+def _param(values, index, default):
+    """Element ``index`` of per-column parameters read with ``load``, or
+    ``default`` when ``values`` is empty (no parameter: no array of the
+    parameters' size is made for it)."""
+    if values.size == 0:
+        return _cast_like(default, compute_zero(values))
+    return load(values, index)
+
+
+@_inner
 def _tile_summary(n, center, s1, sq):
     """(mean, M2) of a tile from sums about a provisional ``center``:
     ``s1 = sum(x - center)`` and ``sq = sum((x - center)**2)`` (the corrected
@@ -137,15 +165,15 @@ def _segment_moments(x, start, stop):
     m2 = 0.0
     for t0 in range(start, stop, TILE):
         tile = x[t0:min(t0 + TILE, stop)]
-        zero = _cast_like(0.0, tile[0])
+        zero = compute_zero(x)
         total = zero
         for i in range(tile.size):
-            total += tile[i]
+            total += load(tile, i)
         center = _cast_like(float(total) / tile.size, zero)
         s1 = zero
         sq = zero
         for i in range(tile.size):
-            d = tile[i] - center
+            d = load(tile, i) - center
             s1 += d
             sq += d * d
         t_mean, t_m2 = _tile_summary(tile.size, float(center), s1, sq)
@@ -179,7 +207,7 @@ def _rows_moments(rows, col_mean, col_m2, center, s1, sq):
             center[:] = 0.0
             for r in range(nt):
                 for c in range(width):
-                    center[c] += tile[r, c]
+                    center[c] += load(tile, (r, c))
             for c in range(width):
                 center[c] = _cast_like(float(center[c]) / nt, center[c])
         else:
@@ -189,7 +217,7 @@ def _rows_moments(rows, col_mean, col_m2, center, s1, sq):
         sq[:] = 0.0
         for r in range(nt):
             for c in range(width):
-                d = tile[r, c] - center[c]
+                d = load(tile, (r, c)) - center[c]
                 s1[c] += d
                 sq[c] += d * d
         frac = nt / (n + nt)
@@ -227,8 +255,8 @@ def _p_moments(x, p, r, A, K, J, B, out_n, out_mean, out_m2, scratch):
         col_mean = scratch[:width]
         col_m2 = scratch[width:2 * width]
         n = _rows_moments(_row_block(x, p, a0, a1, A, width), col_mean, col_m2,
-                          np.empty(width, x.dtype), np.empty(width, x.dtype),
-                          np.empty(width, x.dtype))
+                          compute_empty(x, width), compute_empty(x, width),
+                          compute_empty(x, width))
         for k in range(K):
             gn, gmean, gm2 = 0.0, 0.0, 0.0
             for j in range(k * J, (k + 1) * J):
@@ -253,7 +281,7 @@ def moments_kernel(x, P, A, K, J, B, plan, part_n, part_mean, part_m2):
     L = J * B
     for item in prange(_n_items(plan)):
         p0, p1, r, chunk = _item_bounds(item, P, A, K, L, plan)
-        scratch = np.empty(4 * K * J)
+        scratch = np.empty(2 * K * J if _rows_style(A, B) else 0)
         for p in range(p0, p1):
             _p_moments(x, p, r, A, K, J, B, part_n[p, chunk],
                        part_mean[p, chunk], part_m2[p, chunk], scratch)
@@ -322,8 +350,8 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
         out = (x - mc) * sx + dy * sd + s0,
         sx = a*gamma + h,  sd = e*gamma,  s0 = beta + c - (m - mc) * sx
 
-    ``gamma``, ``beta`` and ``scratch`` (at least ``4 * K * J`` values) have
-    the input's dtype.
+    ``gamma`` and ``beta`` are read with ``_param`` (empty: 1 and 0);
+    ``scratch`` (at least ``4 * K * J`` values) has the compute dtype.
     """
     a0, a1, k0, k1, l0, l1 = r
     L = J * B
@@ -335,7 +363,7 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
             lo = max(c0, k * J)
             hi = min(c1, (k + 1) * J)
             m, a_k, h, e, c = _coefficients(coef, k)
-            mc = _cast_like(m, x[0])
+            mc = _cast_like(m, compute_zero(x))
             rest = m - float(mc)
             # s0 = beta + c - rest*(a*gamma + h) = beta + q*gamma + w
             a_x = _cast_like(a_k, mc)
@@ -351,13 +379,14 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
                 if use_dy:
                     ds = dy[row * width + lo:row * width + hi]
                     for i in range(xs.size):
-                        g = gs[i]
-                        os[i] = ((xs[i] - mc) * (a_x * g + h_x) + ds[i] * (e_x * g)
-                                 + (bs[i] + q_x * g + w_x))
+                        g = _param(gs, i, 1.0)
+                        store(os, i, (load(xs, i) - mc) * (a_x * g + h_x)
+                              + load(ds, i) * (e_x * g) + (_param(bs, i, 0.0) + q_x * g + w_x))
                 else:
                     for i in range(xs.size):
-                        g = gs[i]
-                        os[i] = (xs[i] - mc) * (a_x * g + h_x) + (bs[i] + q_x * g + w_x)
+                        g = _param(gs, i, 1.0)
+                        store(os, i, (load(xs, i) - mc) * (a_x * g + h_x)
+                              + (_param(bs, i, 0.0) + q_x * g + w_x))
         return
     if B == 1:
         # Narrow groups: per-column coefficient vectors for this p, whole rows.
@@ -368,35 +397,39 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
         s0_c = scratch[3 * width:4 * width]
         for k in range(K):
             m, a_k, h, e, c = _coefficients(coef, k)
-            mc = _cast_like(m, x[0])
+            mc = _cast_like(m, compute_zero(x))
             for col in range(k * J, (k + 1) * J):
-                sx = a_k * gamma[col] + h
+                g = _param(gamma, col, 1.0)
+                sx = a_k * g + h
                 mc_c[col] = mc
                 sx_c[col] = sx
-                sd_c[col] = e * gamma[col]
-                s0_c[col] = beta[col] + c - (m - float(mc)) * sx
+                sd_c[col] = e * g
+                s0_c[col] = _param(beta, col, 0.0) + c - (m - float(mc)) * sx
         x2 = _row_block(x, p, a0, a1, A, width)
         o2 = _row_block(out, p, a0, a1, A, width)
         if use_dy:
             d2 = _row_block(dy, p, a0, a1, A, width)
             for row in range(x2.shape[0]):
                 for col in range(width):
-                    o2[row, col] = ((x2[row, col] - mc_c[col]) * sx_c[col]
-                                    + d2[row, col] * sd_c[col] + s0_c[col])
+                    store(o2, (row, col),
+                          (load(x2, (row, col)) - mc_c[col]) * sx_c[col]
+                          + load(d2, (row, col)) * sd_c[col] + s0_c[col])
         else:
             for row in range(x2.shape[0]):
                 for col in range(width):
-                    o2[row, col] = (x2[row, col] - mc_c[col]) * sx_c[col] + s0_c[col]
+                    store(o2, (row, col),
+                          (load(x2, (row, col)) - mc_c[col]) * sx_c[col] + s0_c[col])
         return
     for k in range(k0, k1):
         m, a_k, h, e, c = _coefficients(coef, k)
-        mc = _cast_like(m, x[0])
+        mc = _cast_like(m, compute_zero(x))
         for j in range(l0 // B, (l1 - 1) // B + 1):
             col = k * J + j
-            sx = a_k * gamma[col] + h
+            g = _param(gamma, col, 1.0)
+            sx = a_k * g + h
             sx_x = _cast_like(sx, mc)
-            sd_x = _cast_like(e * gamma[col], mc)
-            s0_x = _cast_like(beta[col] + c - (m - float(mc)) * sx, mc)
+            sd_x = _cast_like(e * g, mc)
+            s0_x = _cast_like(_param(beta, col, 0.0) + c - (m - float(mc)) * sx, mc)
             for a in range(a0, a1):
                 seg = ((p * A + a) * K + k) * L
                 lo = seg + max(l0, j * B)
@@ -406,10 +439,11 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
                 if use_dy:
                     ds = dy[lo:hi]
                     for i in range(xs.size):
-                        os[i] = (xs[i] - mc) * sx_x + ds[i] * sd_x + s0_x
+                        store(os, i, (load(xs, i) - mc) * sx_x
+                              + load(ds, i) * sd_x + s0_x)
                 else:
                     for i in range(xs.size):
-                        os[i] = (xs[i] - mc) * sx_x + s0_x
+                        store(os, i, (load(xs, i) - mc) * sx_x + s0_x)
 
 
 @_kernel
@@ -420,7 +454,7 @@ def apply(x, dy, out, use_dy, P, A, K, J, B, plan, coef, gamma, beta):
     L = J * B
     for item in prange(_n_items(plan)):
         p0, p1, r, _ = _item_bounds(item, P, A, K, L, plan)
-        scratch = np.empty(4 * K * J, x.dtype)
+        scratch = compute_empty(x, 4 * K * J if _narrow_groups(J, B) else 0)
         for p in range(p0, p1):
             _p_apply(x, dy, out, use_dy, p, r, A, K, J, B,
                      coef[p], gamma, beta, scratch)
@@ -450,8 +484,8 @@ def forward_fused(x, out, P, A, K, J, B, plan, gamma, beta, eps, mean_out,
     L = J * B
     for item in prange(_n_items(plan)):
         p0, p1, r, _ = _item_bounds(item, P, A, K, L, plan)
-        scratch = np.empty(2 * K * J)
-        x_scratch = np.empty(4 * K * J, x.dtype)
+        scratch = np.empty(2 * K * J if _rows_style(A, B) else 0)
+        x_scratch = compute_empty(x, 4 * K * J if _narrow_groups(J, B) else 0)
         n = np.empty(K)
         m2 = np.empty(K)
         coef = np.empty((K, N_COEF))
@@ -477,7 +511,8 @@ def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
 
     - ``group_out[k] = (sum gscale*dy, sum gscale*dy*xhat)`` per group
       (overwritten);
-    - ``affine_out += (sum dy, sum dy*xhat)`` per ``(k, j)``.
+    - ``affine_out += (sum dy, sum dy*xhat)`` per ``(k, j)``, unless
+      ``affine_out`` has no columns (the affine sums are not wanted).
 
     ``scratch`` holds at least ``3 * K * J`` float64 values.
     """
@@ -486,6 +521,7 @@ def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
     width = K * J
     aff_dy = affine_out[0]
     aff_dyx = affine_out[1]
+    with_affine = aff_dy.size > 0
     group_out[k0:k1] = 0.0
     if B == 1 and J >= WIDE_GROUP:
         # Wide groups: fold straight into the group and affine sums.
@@ -499,17 +535,24 @@ def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
                 xs = x[r * width + lo:r * width + hi]
                 ds = dy[r * width + lo:r * width + hi]
                 gs = gscale[lo:hi]
-                s_dy = aff_dy[lo:hi]
-                s_dyx = aff_dyx[lo:hi]
                 s1 = 0.0
                 s2 = 0.0
-                for i in range(xs.size):
-                    g = ds[i]
-                    gx = g * ((xs[i] - m) * rs)
-                    s_dy[i] += g
-                    s_dyx[i] += gx
-                    s1 += gs[i] * g
-                    s2 += gs[i] * gx
+                if with_affine:
+                    s_dy = aff_dy[lo:hi]
+                    s_dyx = aff_dyx[lo:hi]
+                    for i in range(xs.size):
+                        g = load(ds, i)
+                        gx = g * ((load(xs, i) - m) * rs)
+                        s_dy[i] += g
+                        s_dyx[i] += gx
+                        s1 += float(_param(gs, i, 1.0)) * g
+                        s2 += float(_param(gs, i, 1.0)) * gx
+                else:
+                    for i in range(xs.size):
+                        g = load(ds, i)
+                        gx = g * ((load(xs, i) - m) * rs)
+                        s1 += float(_param(gs, i, 1.0)) * g
+                        s2 += float(_param(gs, i, 1.0)) * gx
                 group_out[k, 0] += s1
                 group_out[k, 1] += s2
         return
@@ -527,16 +570,17 @@ def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
         d2 = _row_block(dy, p, a0, a1, A, width)
         for r in range(x2.shape[0]):
             for col in range(width):
-                g = d2[r, col]
+                g = load(d2, (r, col))
                 t_dy[col] += g
-                t_dyx[col] += g * (x2[r, col] - m_c[col])
+                t_dyx[col] += g * (load(x2, (r, col)) - m_c[col])
         for k in range(K):
             for col in range(k * J, (k + 1) * J):
                 s_dyx = t_dyx[col] * rstd_p[k]
-                group_out[k, 0] += gscale[col] * t_dy[col]
-                group_out[k, 1] += gscale[col] * s_dyx
-                aff_dy[col] += t_dy[col]
-                aff_dyx[col] += s_dyx
+                group_out[k, 0] += _param(gscale, col, 1.0) * t_dy[col]
+                group_out[k, 1] += _param(gscale, col, 1.0) * s_dyx
+                if with_affine:
+                    aff_dy[col] += t_dy[col]
+                    aff_dyx[col] += s_dyx
         return
     for a in range(a0, a1):
         for k in range(k0, k1):
@@ -551,15 +595,16 @@ def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
                 s_dy = 0.0
                 s_dyx = 0.0
                 for i in range(xs.size):
-                    g = ds[i]
+                    g = load(ds, i)
                     s_dy += g
-                    s_dyx += g * (xs[i] - m)
+                    s_dyx += g * (load(xs, i) - m)
                 col = k * J + j
                 s_dyx *= rs
-                aff_dy[col] += s_dy
-                aff_dyx[col] += s_dyx
-                group_out[k, 0] += gscale[col] * s_dy
-                group_out[k, 1] += gscale[col] * s_dyx
+                if with_affine:
+                    aff_dy[col] += s_dy
+                    aff_dyx[col] += s_dyx
+                group_out[k, 0] += _param(gscale, col, 1.0) * s_dy
+                group_out[k, 1] += _param(gscale, col, 1.0) * s_dyx
 
 
 @_kernel
@@ -568,17 +613,20 @@ def backward_reduce(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
     """Backward sums for every item.
 
     ``part_group[p, chunk, k] = (sum gscale*dy, sum gscale*dy*xhat)`` over the
-    item's part of group ``(p, k)``; ``part_affine[item] = (sum dy,
-    sum dy*xhat)`` per ``(k, j)`` over the item.
+    item's part of group ``(p, k)``; ``(sum dy, sum dy*xhat)`` per ``(k, j)``
+    over the item are added into ``part_affine[slot]``, zero on entry: one
+    slot per item, or a single slot where the items' columns are disjoint
+    (:func:`normkit.backend.plan.disjoint_columns`).
     """
     L = J * B
+    n_slots = part_affine.shape[0]
     for item in prange(_n_items(plan)):
         p0, p1, r, chunk = _item_bounds(item, P, A, K, L, plan)
-        scratch = np.empty(4 * K * J)
-        part_affine[item] = 0.0
+        scratch = np.empty(3 * K * J if _narrow_groups(J, B) else 0)
+        slot = item % n_slots
         for p in range(p0, p1):
             _p_reduce(dy, x, p, r, A, K, J, B, mean[p], rstd[p],
-                      gscale, part_group[p, chunk], part_affine[item], scratch)
+                      gscale, part_group[p, chunk], part_affine[slot], scratch)
 
 
 @_inner
@@ -621,12 +669,11 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
     """
     L = J * B
     n = float(A * L)
-    gscale_x = gscale.astype(x.dtype)
-    zeros = np.zeros(K * J, x.dtype)
+    no_beta = compute_empty(x, 0)
     for item in prange(_n_items(plan)):
         p0, p1, r, _ = _item_bounds(item, P, A, K, L, plan)
-        scratch = np.empty(3 * K * J)
-        x_scratch = np.empty(4 * K * J, x.dtype)
+        scratch = np.empty(3 * K * J if _narrow_groups(J, B) else 0)
+        x_scratch = compute_empty(x, 4 * K * J if _narrow_groups(J, B) else 0)
         sums = np.empty((K, 2))
         coef = np.empty((K, N_COEF))
         part_affine[item] = 0.0
@@ -635,7 +682,7 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
                       gscale, sums, part_affine[item], scratch)
             finish_backward_p(sums, n, mean[p], rstd[p], coef, r[2], r[3], True)
             _p_apply(x, dy, dx, True, p, r, A, K, J, B, coef,
-                     gscale_x, zeros, x_scratch)
+                     gscale, no_beta, x_scratch)
 
 
 # --------------------------------------------------------------------------
@@ -643,31 +690,30 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
 # --------------------------------------------------------------------------
 
 def as_kernel_array(x):
-    """Flat, C-contiguous float32/float64 data for the kernels.
-
-    No copy for contiguous float32/float64; one copy for other layouts, and
-    one parallel widening copy for float16 (:func:`normkit.backend.half.widen`).
-    """
-    if x.dtype == np.float16:
-        return half.widen(x).reshape(-1)
-    return np.ascontiguousarray(x).reshape(-1)
+    """Flat, C-contiguous data for the kernels: 16-bit floats as their bits
+    (:func:`normkit.backend.storage.storage_view`); no copy unless ``x`` is
+    not C-contiguous."""
+    return storage_view(x)
 
 
 def from_kernel_array(flat, shape, dtype):
-    """A kernel result in the caller's ``shape`` and ``dtype`` (float16 is
-    narrowed in parallel by :func:`normkit.backend.half.narrow`, else no
-    copy)."""
-    out = flat.reshape(shape)
-    if dtype == np.float16 and out.dtype != np.float16:
-        return half.narrow(out)
-    return out.astype(dtype, copy=False)
+    """A kernel result (storage of :func:`as_kernel_array`) as an array of
+    the caller's ``shape`` and ``dtype``, without a copy."""
+    return flat.view(dtype).reshape(shape)
 
 
-def _params(values, size, default, dtype=np.float64):
-    """Affine parameters as a flat ``(size,)`` array of ``dtype``."""
+def _params(values, size, work):
+    """Per-column parameters as a flat ``(size,)`` array the kernels read
+    with :func:`~normkit.backend.storage.load`: as they are (no copy) when
+    they compute in ``work`` like the input, else converted to ``work``; an
+    empty array for None (the kernels then use 1 for a scale, 0 for a
+    shift)."""
     if values is None:
-        return np.full(size, default, dtype=dtype)
-    return np.ascontiguousarray(values, dtype=dtype).reshape(size)
+        return np.empty(0, dtype=work)
+    values = np.asarray(values)
+    if compute_dtype(values.dtype) == work:
+        return storage_view(values).reshape(size)
+    return np.ascontiguousarray(values, dtype=work).reshape(size)
 
 
 def _rows(values, view):
@@ -718,8 +764,9 @@ def apply_affine(x, view, mean, alpha, gamma=None, beta=None):
     coef[..., COEF_A] = _rows(alpha, view)
     out = np.empty_like(flat)
     kj = view.K * view.J
+    work = compute_dtype(flat.dtype)
     apply(flat, flat, out, False, *view.dims, plan, coef,
-          _params(gamma, kj, 1.0, flat.dtype), _params(beta, kj, 0.0, flat.dtype))
+          _params(gamma, kj, work), _params(beta, kj, work))
     return from_kernel_array(out, x.shape, x.dtype)
 
 
@@ -732,8 +779,8 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True):
     plan = make_plan(view)
     kj = view.K * view.J
     if plan.fused and centered:
-        gamma = _params(gamma, kj, 1.0, flat.dtype)
-        beta = _params(beta, kj, 0.0, flat.dtype)
+        gamma = _params(gamma, kj, compute_dtype(flat.dtype))
+        beta = _params(beta, kj, compute_dtype(flat.dtype))
         out = np.empty_like(flat)
         mean = np.empty((view.P, view.K))
         var = np.empty((view.P, view.K))
@@ -749,11 +796,26 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True):
 
 def _backward_inputs(dy, x, view, mean, rstd, gscale, centered):
     flat_x = as_kernel_array(x)
-    flat_dy = as_kernel_array(dy).astype(flat_x.dtype, copy=False)
+    flat_dy = as_kernel_array(dy)
     rstd = np.ascontiguousarray(_rows(rstd, view))
     mean = (np.ascontiguousarray(_rows(mean, view)) if centered
             else np.zeros_like(rstd))
-    return flat_x, flat_dy, mean, rstd, _params(gscale, view.K * view.J, 1.0)
+    gscale = _params(gscale, view.K * view.J, compute_dtype(flat_x.dtype))
+    return flat_x, flat_dy, mean, rstd, gscale
+
+
+def _reduce(flat_dy, flat_x, view, mean, rstd, gscale, need_affine=True):
+    """Group sums ``(P, K, 2)`` and affine sums ``(2, K * J)`` (``(2, 0)``
+    unless ``need_affine``) of :func:`backward_reduce` over the
+    :func:`~normkit.backend.plan.reduction_plan` of ``view``."""
+    plan = reduction_plan(view)
+    part_group = np.empty((view.P, plan.n_chunks, view.K, 2))
+    slots = 1 if disjoint_columns(plan, view) else plan.n_items
+    part_affine = np.zeros((slots, 2, view.K * view.J if need_affine else 0))
+    backward_reduce(flat_dy, flat_x, *view.dims, plan, mean, rstd, gscale,
+                    part_group, part_affine)
+    affine = part_affine[0] if slots == 1 else part_affine.sum(axis=0)
+    return part_group.sum(axis=1), affine
 
 
 def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
@@ -765,13 +827,7 @@ def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
                 (np.zeros(kj), np.zeros(kj)))
     flat_x, flat_dy, mean, rstd, gscale = _backward_inputs(
         dy, x, view, mean, rstd, gscale, centered)
-    plan = make_plan(view)
-    part_group = np.empty((view.P, plan.n_chunks, view.K, 2))
-    part_affine = np.empty((plan.n_items, 2, view.K * view.J))
-    backward_reduce(flat_dy, flat_x, *view.dims, plan, mean, rstd, gscale,
-                    part_group, part_affine)
-    group = part_group.sum(axis=1)
-    affine = part_affine.sum(axis=0)
+    group, affine = _reduce(flat_dy, flat_x, view, mean, rstd, gscale)
     return (group[..., 0], group[..., 1]), (affine[0], affine[1])
 
 
@@ -785,8 +841,9 @@ def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True):
     sums = np.stack([_rows(s, view) for s in group_sums], axis=-1)
     coef = backward_coefficients(sums, float(n), mean, rstd, centered)
     dx = np.empty_like(flat_x)
+    work = compute_dtype(flat_x.dtype)
     apply(flat_x, flat_dy, dx, True, *view.dims, make_plan(view), coef,
-          gscale.astype(flat_x.dtype), np.zeros(view.K * view.J, flat_x.dtype))
+          gscale, np.empty(0, work))
     return from_kernel_array(dx, x.shape, x.dtype)
 
 
@@ -802,26 +859,27 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     plan = make_plan(view)
     kj = view.K * view.J
     dx = np.empty_like(flat_x)
-    part_affine = np.empty((plan.n_items, 2, kj))
-    if batch_stats and plan.fused and centered:
+    if (batch_stats and plan.fused and centered
+            and (not need_affine or affine_partials_fit(plan, view))):
+        part_affine = np.empty((plan.n_items, 2, kj if need_affine else 0))
         backward_fused(flat_dy, flat_x, dx, *view.dims, plan, mean, rstd,
                        gscale, part_affine)
+        sums = part_affine.sum(axis=0)
     else:
         if batch_stats or need_affine:
-            part_group = np.empty((view.P, plan.n_chunks, view.K, 2))
-            backward_reduce(flat_dy, flat_x, *view.dims, plan, mean, rstd,
-                            gscale, part_group, part_affine)
+            group_sums, sums = _reduce(flat_dy, flat_x, view, mean, rstd,
+                                       gscale, need_affine)
         if batch_stats:
-            group_sums, n = part_group.sum(axis=1), float(view.group_size)
+            n = float(view.group_size)
         else:  # fixed statistics: dx = g * dy * rstd, the sums drop out
             group_sums, n = np.zeros((view.P, view.K, 2)), math.inf
         coef = backward_coefficients(group_sums, n, mean, rstd, centered)
+        work = compute_dtype(flat_x.dtype)
         apply(flat_x, flat_dy, dx, True, *view.dims, plan, coef,
-              gscale.astype(flat_x.dtype), np.zeros(kj, flat_x.dtype))
+              gscale, np.empty(0, work))
     dx = from_kernel_array(dx, x.shape, x.dtype)
     if not need_affine:
         return dx, None, None
-    sums = part_affine.sum(axis=0)
     return dx, sums[0], sums[1]
 
 
@@ -829,15 +887,17 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
 # per-channel arithmetic and small helpers
 # --------------------------------------------------------------------------
 
-def _compiled_loop(function, key, reads, header, params="", parallel=False):
+def _compiled_loop(function, key, reads, header, params="", parallel=False,
+                   write="o{k}[i] = {value}"):
     """The compiled loop of a channelwise function for one pattern of
     arguments (cached on the function)."""
     loop = function.compiled.get(key)
     if loop is None:
         source = protocol.loop_source(function.arity, function.outputs, reads,
-                                      header, params)
+                                      header, params, write)
         namespace = {"f": njit(function.function, error_model="numpy"),
-                     "float64": np.float64, "prange": prange}
+                     "float64": np.float64, "prange": prange,
+                     "load": load, "store": store}
         exec(source, namespace)
         loop = function.compiled[key] = njit(
             namespace["loop"], error_model="numpy", parallel=parallel)
@@ -897,11 +957,14 @@ def map_channels(function, args, out):
 def map_view(function, view, args, kinds, out):
     """Run a channelwise function over every element of an input of
     ``view`` (see :meth:`~normkit.backend.protocol.channelwise.over`), in
-    parallel; float16 arrays are widened and the results narrowed."""
-    reads = [protocol.VIEW_READS[kind].format(n=n) for n, kind in enumerate(kinds)]
+    parallel; input-sized arrays are read and written in their storage
+    (:mod:`normkit.backend.storage`: 16-bit floats without a widened copy)."""
+    reads = ["load(a{n}, i)".format(n=n) if kind == "full" else
+             protocol.VIEW_READS[kind].format(n=n) for n, kind in enumerate(kinds)]
     loop = _compiled_loop(function, ("cpu-view", kinds), reads,
                           "    for i in prange(o0.size):\n",
-                          protocol.VIEW_PARAMS, parallel=True)
+                          protocol.VIEW_PARAMS, parallel=True,
+                          write="store(o{k}, i, {value})")
     flat = [float(a) if kind == "scalar" else
             as_kernel_array(a) if kind == "full" else
             np.ascontiguousarray(a, np.float64).reshape(-1)

@@ -14,9 +14,11 @@ from typing import NamedTuple
 
 import numba
 
-__all__ = ["Plan", "make_plan", "Grid", "Settings", "SETTINGS", "grid_for",
-           "split_reduced", "MIN_ITEM_ELEMENTS", "ITEMS_PER_THREAD",
-           "FUSED_ELEMENTS", "WIDE_GROUP", "MAX_THREADS"]
+__all__ = ["Plan", "make_plan", "reduction_plan", "affine_partials_fit",
+           "disjoint_columns",
+           "Grid", "Settings", "SETTINGS", "grid_for", "split_reduced",
+           "MIN_ITEM_ELEMENTS", "ITEMS_PER_THREAD", "FUSED_ELEMENTS",
+           "WIDE_GROUP", "AFFINE_PARTIALS", "MAX_THREADS"]
 
 #: Items with fewer elements than this are not worth a CPU thread of their own.
 MIN_ITEM_ELEMENTS = 32768
@@ -32,6 +34,11 @@ FUSED_ELEMENTS = 1 << 18
 #: parameters directly in the CPU kernels; narrower ones use per-column
 #: coefficient vectors.
 WIDE_GROUP = 16
+
+#: Most float64 values per sum that the per-item partials of the affine
+#: sums (``(sum dy, sum dy*xhat)`` per column) may hold in all; beyond it,
+#: :func:`reduction_plan` splits the columns instead.
+AFFINE_PARTIALS = 1 << 16
 
 #: Largest CUDA block; the shared-memory scratch of the reductions is this long.
 MAX_THREADS = 512
@@ -112,6 +119,39 @@ def make_plan(view, n_threads=None):
     depend only on the shape and the thread count.
     """
     return _plan(view, numba.get_num_threads() if n_threads is None else n_threads)
+
+
+def affine_partials_fit(plan, view):
+    """Whether one ``(K * J)``-wide partial of the affine sums per item of
+    ``plan`` stays within :data:`AFFINE_PARTIALS` values."""
+    return plan.n_items * view.K * view.J <= AFFINE_PARTIALS
+
+
+def disjoint_columns(plan, view):
+    """Whether no two items of ``plan`` touch the same column ``(k, j)``
+    of ``view`` (one block of ``p``, one chunk of ``a``, ``B == 1``): their
+    affine sums can then go straight into one array."""
+    return plan.n_pblk == 1 and plan.n_ach == 1 and view.B == 1
+
+
+def reduction_plan(view, n_threads=None):
+    """The split of the backward sums over ``view``: :func:`make_plan`'s,
+    unless the per-item partials of the affine sums would be large (few
+    long rows of one wide group: ``B == 1``, ``K == 1``, ``J`` large), where
+    every item takes every row of one chunk of the columns instead and adds
+    into the final sums directly (the chunks are disjoint), so that no
+    partial of the input's width exists.
+    """
+    n_threads = numba.get_num_threads() if n_threads is None else n_threads
+    plan = _plan(view, n_threads)
+    P, A, K, J, B = view.dims
+    if (affine_partials_fit(plan, view) or B != 1 or K != 1
+            or J < WIDE_GROUP):
+        return plan
+    pieces = max(1, min(ITEMS_PER_THREAD * n_threads,
+                        P * A * J // MIN_ITEM_ELEMENTS))
+    l_per = ceil_div(J, pieces)
+    return Plan(P, 1, 1, 1, A, 1, l_per, ceil_div(J, l_per))
 
 
 def _enough(items, target, n_threads):

@@ -280,15 +280,18 @@ def _size(a):
     return math.prod(a.shape)
 
 
-def loop_source(arity, outputs, reads, header, params=""):
+def loop_source(arity, outputs, reads, header, params="",
+                write="o{k}[i] = {value}"):
     """Python source of the loop both backends compile for a
     :class:`channelwise` function named ``f``: argument ``n`` is read as
-    ``reads[n]`` (an expression of the loop index ``i``), outputs are
-    written to ``o{k}[i]``; ``header`` opens the loop over ``i`` and
-    ``params`` are extra integer parameters the reads use."""
+    ``reads[n]`` (an expression of the loop index ``i``), output ``k`` is
+    written by the statement ``write`` (formatted with ``k`` and the
+    ``value``); ``header`` opens the loop over ``i`` and ``params`` are
+    extra integer parameters the reads use."""
     arguments = ", ".join(f"float64({read})" for read in reads)
-    writes = "\n".join(f"        o{k}[i] = r[{k}]" if outputs > 1
-                       else f"        o{k}[i] = r" for k in range(outputs))
+    writes = "\n".join(
+        "        " + write.format(k=k, value=f"r[{k}]" if outputs > 1 else "r")
+        for k in range(outputs))
     names = ", ".join([f"a{n}" for n in range(arity)]
                       + [f"o{k}" for k in range(outputs)]
                       + ([params] if params else []))

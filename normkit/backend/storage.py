@@ -1,0 +1,197 @@
+"""How the CPU kernels read and write 16-bit floats in place.
+
+Numba's CPU target has no float16 (nor bfloat16) type, so a 16-bit input
+reaches the kernels as its raw bits, and every read and write of an element
+goes through :func:`load` and :func:`store`, which convert one value to and
+from the *compute type* (float32; float32 and float64 arrays are read as
+they are).  No widened copy of the input and no float32 copy of the output
+is ever made: a float16 pass moves half the bytes of a float32 one.
+
+Storage codes (the dtype of the flat array a kernel receives):
+
+=====================  ================  ================================
+array dtype            kernel sees        element conversion
+=====================  ================  ================================
+float32, float64       itself             none
+float16 (IEEE binary16)  ``uint16`` bits  F16C ``vcvtph2ps`` / ``vcvtps2ph``
+                                          where the CPU has it, else the
+                                          integer bit patterns of
+                                          :mod:`normkit.backend.half`
+bfloat16 (``ml_dtypes``) ``int16`` bits   the top 16 bits of a float32;
+                                          rounding to nearest even
+=====================  ================  ================================
+
+float16 narrowing rounds to nearest, ties to even, as
+``astype(np.float16)`` does; bfloat16 narrowing rounds the same way, keeps
+infinities and turns NaN into a quiet NaN (as ``ml_dtypes`` does).
+Accumulation in the kernels is in float32 or wider whatever the storage.
+"""
+
+from llvmlite import binding, ir
+import numpy as np
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+from . import half
+
+__all__ = ["storage_view", "compute_dtype", "is_bfloat16", "load", "store",
+           "compute_empty", "compute_zero", "F16C"]
+
+#: True when the CPU converts float16 in hardware (x86 F16C); the kernels
+#: then use LLVM's ``half`` conversions, which vectorise.
+F16C = bool(binding.get_host_cpu_features().get("f16c", False))
+
+_inline = njit(cache=True, nogil=True, inline="always")
+
+
+def is_bfloat16(dtype):
+    """True for the bfloat16 dtype of ``ml_dtypes`` (recognised by name, so
+    that normkit never imports ``ml_dtypes`` itself)."""
+    return dtype.name == "bfloat16" and dtype.itemsize == 2
+
+
+def storage_view(x):
+    """The flat, C-contiguous array the CPU kernels receive for ``x``.
+
+    float32 and float64 data as they are; float16 as its ``uint16`` bits
+    and bfloat16 as its ``int16`` bits (no conversion: the kernels convert
+    element by element).  A non-contiguous ``x`` is copied once.
+    """
+    flat = np.ascontiguousarray(x).reshape(-1)
+    if flat.dtype == np.float16:
+        return flat.view(np.uint16)
+    if is_bfloat16(flat.dtype):
+        return flat.view(np.int16)
+    return flat
+
+
+def compute_dtype(dtype):
+    """The dtype the kernels compute in for storage (or array) ``dtype``:
+    float32 for every 16-bit storage, else ``dtype`` itself."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype.itemsize == 2 else dtype
+
+
+# --------------------------------------------------------------------------
+# element conversions
+# --------------------------------------------------------------------------
+
+@intrinsic
+def _half_bits_to_single_f16c(typingctx, bits):
+    """float16 bits -> float32 through LLVM ``fpext half``."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()),
+                             ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _single_to_half_bits_f16c(typingctx, value):
+    """float32 -> float16 bits through LLVM ``fptrunc`` (round to nearest
+    even)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()),
+                               ir.IntType(16))
+    return types.uint16(types.float32), codegen
+
+
+@_inline
+def _half_to_single(bits):
+    if F16C:
+        return _half_bits_to_single_f16c(bits)
+    return np.uint32(half.half_to_single_bits(np.int64(bits))).view(np.float32)
+
+
+@_inline
+def _single_to_half(value):
+    if F16C:
+        return _single_to_half_bits_f16c(np.float32(value))
+    return np.uint16(half.single_to_half_bits(
+        np.int64(np.float32(value).view(np.uint32))))
+
+
+@_inline
+def _bfloat16_to_single(bits):
+    return np.uint32(np.uint32(np.uint16(bits)) << np.uint32(16)).view(np.float32)
+
+
+@_inline
+def _single_to_bfloat16(value):
+    u = np.float32(value).view(np.uint32)
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN: quiet it
+        return np.int16(np.uint16((u >> np.uint32(16)) | np.uint32(0x40)))
+    # round to nearest even on the 16 dropped bits (a carry into the
+    # exponent is right, and turns the largest finite values into inf)
+    u = np.uint32(u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
+    return np.int16(np.uint16(u >> np.uint32(16)))
+
+
+# --------------------------------------------------------------------------
+# what the kernels call
+# --------------------------------------------------------------------------
+
+def load(a, index):
+    """``a[index]`` as a value of the compute type (usable in kernels)."""
+    return a[index]
+
+
+def store(a, index, value):
+    """``a[index] = value`` converted to the storage type (usable in
+    kernels)."""
+    a[index] = value
+
+
+def compute_zero(a):
+    """Zero of the compute type of storage array ``a`` (usable in kernels)."""
+    return a.dtype.type(0)
+
+
+def compute_empty(a, n):
+    """``np.empty(n)`` of the compute type of ``a`` (usable in kernels)."""
+    return np.empty(n, a.dtype)
+
+
+def _storage_dtype(a):
+    return a.dtype if isinstance(a, types.Array) else a
+
+
+@overload(load)
+def _load_impl(a, index):
+    dtype = _storage_dtype(a)
+    if dtype == types.uint16:
+        return lambda a, index: _half_to_single(a[index])
+    if dtype == types.int16:
+        return lambda a, index: _bfloat16_to_single(a[index])
+    return lambda a, index: a[index]
+
+
+@overload(store)
+def _store_impl(a, index, value):
+    dtype = _storage_dtype(a)
+    if dtype == types.uint16:
+        def impl(a, index, value):
+            a[index] = _single_to_half(value)
+    elif dtype == types.int16:
+        def impl(a, index, value):
+            a[index] = _single_to_bfloat16(value)
+    else:
+        def impl(a, index, value):
+            a[index] = value
+    return impl
+
+
+def _compute_type(a):
+    dtype = _storage_dtype(a)
+    return types.float32 if dtype in (types.uint16, types.int16) else dtype
+
+
+@overload(compute_zero)
+def _compute_zero_impl(a):
+    zero = getattr(np, str(_compute_type(a)))(0)
+    return lambda a: zero
+
+
+@overload(compute_empty)
+def _compute_empty_impl(a, n):
+    dtype = getattr(np, str(_compute_type(a)))
+    return lambda a, n: np.empty(n, dtype)
