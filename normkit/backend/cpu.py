@@ -951,6 +951,13 @@ def map_view(function, view, args, kinds, out):
                  for r, target in zip(results, out))
 
 
+def copy_into(out, a):
+    """``out[...] = a`` (same shape; converted to ``out``'s dtype); returns
+    ``out``."""
+    np.copyto(out, np.asarray(a).reshape(out.shape), casting="unsafe")
+    return out
+
+
 def empty(shape, dtype):
     """``np.empty``."""
     return np.empty(shape, dtype)

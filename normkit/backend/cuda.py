@@ -925,6 +925,13 @@ def map_view(function, view, args, kinds, out):
     return tuple(_deliver(t, o, shape) for t, o in zip(targets, out))
 
 
+def copy_into(out, a):
+    """``out[...] = a`` on the device, on the current stream (same shape
+    and dtype); returns ``out``."""
+    _copy_into(as_device_array(out), as_device_array(a).reshape(out.shape))
+    return out
+
+
 def empty(shape, dtype):
     """``numba.cuda.device_array`` (on the stream of :func:`launch_stream`)."""
     return _device_array(shape, dtype)

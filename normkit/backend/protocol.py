@@ -109,6 +109,10 @@ class Backend(Protocol):
     def map_channels(self, function, args, out):
         """Run a :class:`channelwise` function elementwise over ``args``."""
 
+    def copy_into(self, out, a):
+        """``out[...] = a`` for two arrays of the backend of one shape;
+        returns ``out``."""
+
     def empty(self, shape, dtype):
         """An uninitialized array of the backend."""
 
