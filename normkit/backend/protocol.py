@@ -50,7 +50,9 @@ class Backend(Protocol):
     or ``dy`` in a backward), the same memory in the same layout: the
     elementwise maps read and write each position once, and the
     statistics or sums are complete before the map begins, so every one
-    of these operations is correct in place; an ``out`` overlapping an
+    of these operations is correct in place (on the CPU the last bit may
+    differ from a separate ``out``: LLVM runs the vectorized version of a
+    loop only where its buffers do not alias); an ``out`` overlapping an
     input partially is not allowed."""
 
     def moment_partials(self, x, view):
