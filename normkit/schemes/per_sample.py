@@ -105,7 +105,7 @@ class InstanceNorm(RunningStatsNormalizer):
         if x.ndim == self.unbatched_ndim:  # a batch of one, axis as batched
             batched = (1,) + tuple(x.shape)
             y, saved = self._forward(x.reshape(batched),
-                                     None if out is None else out[None])
+                                     _batch_of_one(out, batched))
             return y.reshape(x.shape), saved.replace(shape=tuple(x.shape))
         view = self.view(x.shape)
         if not self.training and self.running_mean is not None:
@@ -114,6 +114,14 @@ class InstanceNorm(RunningStatsNormalizer):
             raise ValueError("Expected more than 1 spatial element when "
                              f"training, got input size {tuple(x.shape)}")
         return self.normalize_tracked(x, view, out)
+
+
+def _batch_of_one(out, batched):
+    """``out`` viewed as a batch of one (None when a device array cannot be
+    viewed so: the result is then copied into ``out``)."""
+    if out is None or isinstance(out, np.ndarray):
+        return None if out is None else out[None]
+    return out.reshape(batched) if out.is_c_contiguous() else None
 
 
 class InstanceNorm1d(InstanceNorm):
