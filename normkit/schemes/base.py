@@ -36,7 +36,7 @@ from ..view import View
 __all__ = ["Saved", "Normalizer", "RunningStatsNormalizer", "normalize",
            "normalize_with_statistics", "normalize_backward",
            "affine_gradients", "check_backward", "cast", "update_running",
-           "momentum_factor", "forward_into"]
+           "momentum_factor", "forward_into", "backward_into"]
 
 
 @dataclass(frozen=True)
@@ -312,6 +312,20 @@ def forward_into(scheme, x, out=None):
     else:
         y, saved = scheme._forward(x)
     return written(out, y), saved
+
+
+def backward_into(scheme, dy, x, saved, dx_out=None):
+    """``(dx, grads)`` of ``scheme._backward(dy, x, saved)`` with ``dx``
+    written into ``dx_out`` (checked by the caller) when given: directly
+    when the scheme's ``_backward`` accepts ``dx_out``, else by one copy
+    (see :func:`forward_into`)."""
+    if dx_out is None:
+        return scheme._backward(dy, x, saved)
+    if takes(type(scheme)._backward, "dx_out"):
+        dx, grads = scheme._backward(dy, x, saved, dx_out=dx_out)
+    else:
+        dx, grads = scheme._backward(dy, x, saved)
+    return written(dx_out, dx), grads
 
 
 def normalize_backward(dy, x, saved, variant=None, *, dx_out=None):
@@ -695,19 +709,15 @@ class Normalizer:
         if dy.shape != x.shape:
             raise ValueError(f"{self.label}.backward: dy must have the forward "
                              f"input's shape {x.shape}, got {dy.shape}")
-        if dx_out is None:
-            dx, self.grads = self._backward(dy, x, saved)
-            return dx
-        if backend.is_device_array(dx_out):
-            dx_out = backend.same_device(f"{self.label}.backward",
-                                         {"x": x, "dx_out": dx_out})["dx_out"]
-        check_out(dx_out, x, f"{self.label}.backward", "dx_out")
-        check_out(dx_out, dy, f"{self.label}.backward", "dx_out", "dy")
-        if takes(type(self)._backward, "dx_out"):
-            dx, self.grads = self._backward(dy, x, saved, dx_out=dx_out)
-        else:
-            dx, self.grads = self._backward(dy, x, saved)
-        return written(dx_out, dx)
+        if dx_out is not None:
+            func = f"{self.label}.backward"
+            if backend.is_device_array(dx_out):
+                dx_out = backend.same_device(func, {"x": x, "dx_out": dx_out}
+                                             )["dx_out"]
+            check_out(dx_out, x, func, "dx_out")
+            check_out(dx_out, dy, func, "dx_out", "dy")
+        dx, self.grads = backward_into(self, dy, x, saved, dx_out)
+        return dx
 
     def _follow(self, x):
         """Move the state arrays to where ``x`` lives (device or host)."""
