@@ -90,7 +90,7 @@ def launch_stream(stream):
 
     Outside any block they go to Numba's default stream, as before.  The
     setting is a context variable: it holds for the current thread (or
-    asyncio task) only, and blocks nest.  :mod:`normkit.torch` runs its
+    asyncio task) only, and blocks nest.  ``normkit.torch`` runs its
     CUDA calls in ``launch_stream(numba.cuda.external_stream(
     torch.cuda.current_stream(device).cuda_stream))``, so that normkit's
     kernels are ordered with torch's work without synchronizing.
