@@ -600,7 +600,8 @@ def _optional(values):
 @functools.lru_cache(maxsize=None)
 def _placeholder():
     """A one-element stand-in for an absent optional kernel argument (never
-    read: a flag or the mode tells the kernel it is absent)."""
+    read: a flag or the mode tells the kernel it is absent).  Cached, so
+    made outside any launch stream, once."""
     return cuda.device_array(1, np.float64)
 
 
@@ -814,7 +815,9 @@ def _backward_fused(flat_x, flat_dy, view, grid, mean, rstd, weights, gscale,
 
 @functools.lru_cache(maxsize=64)
 def _constant(value, n):
-    """A cached float64 device array of ``n`` copies of ``value``."""
+    """A cached float64 device array of ``n`` copies of ``value``: copied
+    synchronously (not on the launch stream: it outlives the call), so it
+    is complete before any stream reads it."""
     return cuda.to_device(np.full(n, value))
 
 
