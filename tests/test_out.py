@@ -265,3 +265,23 @@ def test_engine_passes_take_out(rng):
     assert_in_place_close(dy, expected)
     with pytest.raises(TypeError, match="engine.apply_affine: out"):
         engine.apply_affine(x, view, mean, rstd, out=np.empty(x.shape))
+
+
+def test_sync_batch_norm_takes_out_and_dx_out(rng):
+    """The synchronized forward and its backward (one process: the same
+    collectives, over one rank) write the caller's buffers."""
+    from normkit import distributed
+    x = make((6, 4, 5), np.float32, rng)
+    dy = make(x.shape, np.float32, rng)
+    reference = normkit.SyncBatchNorm(
+        4, communicator=distributed.CountingCommunicator())
+    layer = normkit.SyncBatchNorm(
+        4, communicator=distributed.CountingCommunicator())
+    expected = reference(x)
+    out = np.empty_like(x)
+    assert layer(x, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    dx_out = np.empty_like(x)
+    assert layer.backward(dy, dx_out=dx_out) is dx_out
+    np.testing.assert_array_equal(dx_out, reference.backward(dy))
+    assert layer.communicator.count == reference.communicator.count == 2

@@ -314,13 +314,15 @@ class SyncBatchNorm(BatchNorm):
     def _syncing(self):
         return self.training and self.communicator.size > 1
 
-    def forward(self, x):
-        """Normalize this rank's slice ``x`` with the global statistics."""
+    def forward(self, x, out=None):
+        """Normalize this rank's slice ``x`` with the global statistics
+        (written into ``out`` when given, as :meth:`Normalizer.forward
+        <normkit.schemes.Normalizer.forward>`)."""
         if not self._syncing():
-            return super().forward(x)
+            return super().forward(x, out)
         self._owed = "forward"
         try:
-            return super().forward(x)
+            return super().forward(x, out)
         except Exception:
             if self._owed == "forward":
                 send_failure(self.communicator, self.num_features)
@@ -330,17 +332,17 @@ class SyncBatchNorm(BatchNorm):
 
     __call__ = forward
 
-    def backward(self, dy):
+    def backward(self, dy, dx_out=None):
         """Gradient with respect to this rank's slice (see
-        :func:`sync_gradients`)."""
+        :func:`sync_gradients`), written into ``dx_out`` when given."""
         tape = self._tape
         owes = (tape[1].extras.get("communicator") is not None
                 if tape is not None else self._syncing())
         if not owes:
-            return super().backward(dy)
+            return super().backward(dy, dx_out)
         self._owed = "backward"
         try:
-            return super().backward(dy)
+            return super().backward(dy, dx_out)
         except Exception:
             if self._owed == "backward":
                 send_failure(self.communicator, self.num_features, True)
