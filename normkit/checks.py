@@ -217,3 +217,81 @@ def check_trailing(func, shape, normalized_shape):
         raise ValueError(f"{func}: normalized_shape {normalized_shape} must "
                          f"match the trailing dimensions of x, got input "
                          f"shape {tuple(shape)}")
+
+
+def _extent(a):
+    """``(first, stop, layout)``: the byte range array ``a`` (host or
+    device) spans and ``(start, shape, strides)`` to compare layouts."""
+    iface = getattr(a, "__cuda_array_interface__", None)
+    if iface is None:  # NumPy arrays, and the CUDA simulator's arrays
+        iface = a.__array_interface__
+    start = iface["data"][0]
+    shape = tuple(iface["shape"])
+    itemsize = np.dtype(iface["typestr"]).itemsize
+    strides = iface.get("strides")
+    if strides is None:  # C order
+        strides, step = [], itemsize
+        for size in reversed(shape):
+            strides.insert(0, step)
+            step *= size
+    strides = tuple(strides)
+    if math.prod(shape) == 0:
+        return start, start, (start, shape, strides)
+    low = start + sum(min(0, (n - 1) * s) for n, s in zip(shape, strides))
+    high = start + sum(max(0, (n - 1) * s) for n, s in zip(shape, strides))
+    return low, high + itemsize, (start, shape, strides)
+
+
+def overlap(a, b):
+    """How arrays ``a`` and ``b`` (both host or both device) share memory:
+    ``"none"``, ``"same"`` (the same elements in the same layout: an
+    elementwise pass may write one while reading the other) or
+    ``"partial"`` (any other overlap of their byte ranges)."""
+    a_low, a_high, a_layout = _extent(a)
+    b_low, b_high, b_layout = _extent(b)
+    if a_high <= b_low or b_high <= a_low:
+        return "none"
+    return "same" if a_layout == b_layout else "partial"
+
+
+def check_out(out, like, func, name="out", like_name="x"):
+    """Check an output buffer before anything is computed or updated.
+
+    ``out`` must be an array of the same kind as ``like`` (a host NumPy
+    array for a host input, a CUDA device array for a device input), of
+    ``like``'s shape and dtype, writeable, and either separate from
+    ``like`` or ``like`` itself (the same memory in the same layout:
+    elementwise passes may write in place; a partial overlap raises).
+    Returns ``out``, or None when ``out`` is None.
+
+    Raises
+    ------
+    TypeError
+        For an ``out`` of another kind (host / device) or dtype.
+    ValueError
+        For another shape, a read-only array, or a partial overlap.
+    """
+    if out is None:
+        return None
+    on_device = is_device_array(like)
+    if is_device_array(out) != on_device or not (
+            on_device or isinstance(out, np.ndarray)):
+        want = "a CUDA device array" if on_device else "a host NumPy array"
+        got = ("a CUDA device array" if is_device_array(out)
+               else type(out).__name__)
+        raise TypeError(f"{func}: {name} must be {want} like {like_name}, "
+                        f"got {got}")
+    if tuple(out.shape) != tuple(like.shape):
+        raise ValueError(f"{func}: {name} must have {like_name}'s shape "
+                         f"{tuple(like.shape)}, got {tuple(out.shape)}")
+    if np.dtype(out.dtype) != np.dtype(like.dtype):
+        raise TypeError(f"{func}: {name} must have {like_name}'s dtype "
+                        f"{np.dtype(like.dtype)}, got {np.dtype(out.dtype)}")
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
+        raise ValueError(f"{func}: {name} must be writeable, got a "
+                         f"read-only array")
+    if overlap(out, like) == "partial":
+        raise ValueError(f"{func}: {name} overlaps {like_name} partially; "
+                         f"pass {like_name} itself (in place) or an array "
+                         f"of its own")
+    return out

@@ -8,10 +8,17 @@ backend's arrays.  Schemes, built-in or plug-in, are written with these
 functions and :class:`~normkit.backend.protocol.channelwise` arithmetic, so
 they run on every backend without a line of backend code.  See
 :class:`normkit.backend.protocol.Backend` for the contracts.
+
+The passes that produce an array of the input's size (:func:`apply_affine`,
+:func:`normalize_batch`, :func:`dx_from_sums`, :func:`backward`) take
+``out=``: an array of ``x``'s shape and dtype on ``x``'s side (host or
+device), written and returned instead of a new array; it may be ``x``
+itself (or ``dy`` in a backward) for a pass in place, but not overlap
+them partially (:func:`normkit.checks.check_out`).
 """
 
 from .backend import backend_for
-from .checks import check_input
+from .checks import check_input, check_out
 from .backend.cpu import as_kernel_array, from_kernel_array  # noqa: F401
 from .backend.plan import Plan, make_plan  # noqa: F401
 from .view import View, channel_view, trailing_view  # noqa: F401
@@ -66,18 +73,21 @@ def moments(x, view, centered=True):
     return backend_for(x).moments(x, view, centered)
 
 
-def apply_affine(x, view, mean, alpha, gamma=None, beta=None):
+def apply_affine(x, view, mean, alpha, gamma=None, beta=None, *, out=None):
     """``y = (x - mean) * alpha * gamma + beta``, returned in ``x.dtype``.
 
     ``mean`` and ``alpha`` are per group (``P * K`` values, or ``K``
     shared by every ``p``); ``gamma`` and ``beta`` per ``(K, J)`` (or None
-    for 1 and 0).
+    for 1 and 0).  ``out``: write ``y`` there (``x`` itself for a pass in
+    place) and return it.
     """
     check_input(x, "x", "engine.apply_affine")
-    return backend_for(x).apply_affine(x, view, mean, alpha, gamma, beta)
+    check_out(out, x, "engine.apply_affine")
+    return backend_for(x).apply_affine(x, view, mean, alpha, gamma, beta, out)
 
 
-def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True):
+def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True, *,
+                    out=None):
     """Normalize with the statistics of ``x`` itself.
 
     ``y = (x - mean) / sqrt(var + eps) * gamma + beta`` per group, with the
@@ -85,7 +95,9 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True):
     normalized in one pass over memory.  ``centered=False`` normalizes by
     the root mean square instead, ``y = x / sqrt(mean(x**2) + eps) * gamma
     + beta`` (see :func:`moments`; the returned mean is 0 and var the mean
-    square).
+    square).  ``out``: write ``y`` there (``x`` itself for a pass in
+    place: the statistics are complete before ``y`` is written) and
+    return it.
 
     Returns
     -------
@@ -93,7 +105,9 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True):
     mean, var : array, ``(P, K)`` float64
     """
     check_input(x, "x", "engine.normalize_batch")
-    return backend_for(x).normalize_batch(x, view, gamma, beta, eps, centered)
+    check_out(out, x, "engine.normalize_batch")
+    return backend_for(x).normalize_batch(x, view, gamma, beta, eps, centered,
+                                          out)
 
 
 def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
@@ -111,7 +125,8 @@ def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
     return tuple(group), tuple(affine)
 
 
-def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True):
+def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True,
+                 *, out=None):
     """``dx`` from group sums of :func:`backward_sums`, possibly combined
     with other groups' (another process's) first:
 
@@ -121,14 +136,24 @@ def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True):
 
     with ``(S_0, S_1) = group_sums`` per group (``S_0`` ignored when not
     ``centered``); ``n = inf`` for fixed statistics gives ``g * dy * rstd``.
+    ``out``: write ``dx`` there (``dy`` or ``x`` themselves for a pass in
+    place) and return it.
     """
     check_input(x, "x", "engine.dx_from_sums")
+    _check_dx_out(out, dy, x, "engine.dx_from_sums")
     return backend_for(x).dx_from_sums(dy, x, view, mean, rstd, gscale,
-                                       group_sums, n, centered)
+                                       group_sums, n, centered, out)
+
+
+def _check_dx_out(out, dy, x, func):
+    """``out`` of a backward: checked against ``x`` and ``dy``."""
+    if out is not None:
+        check_out(out, x, func)
+        check_out(out, dy, func, like_name="dy")
 
 
 def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
-             need_affine=True, centered=True):
+             need_affine=True, centered=True, *, out=None):
     """Gradients of ``y = xhat * g + beta`` with ``xhat = (x - mean) * rstd``.
 
     Parameters
@@ -151,6 +176,10 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
         False for statistics taken about zero (:func:`moments`): ``mean``
         is ignored (``xhat = x * rstd``) and, with ``batch_stats``, the
         mean term drops out, ``dx = rstd * (g*dy - xhat * mean(g*dy*xhat))``.
+    out : array, optional
+        Write ``dx`` there and return it: ``x``'s shape and dtype, on its
+        side; ``dy`` or ``x`` themselves for a pass in place (the sums are
+        complete before ``dx`` is written).
 
     Returns
     -------
@@ -158,5 +187,6 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     sum_dy, sum_dy_xhat : array ``(K * J,)`` float64, or None
     """
     check_input(x, "x", "engine.backward")
+    _check_dx_out(out, dy, x, "engine.backward")
     return backend_for(x).backward(dy, x, view, mean, rstd, gscale,
-                                   batch_stats, need_affine, centered)
+                                   batch_stats, need_affine, centered, out)

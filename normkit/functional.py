@@ -26,6 +26,24 @@ pass the same, unmodified ``x``::
     y, saved = batch_norm(x, rm, rv, w, b, training=True, return_saved=True)
     dx, dw, db = batch_norm_backward(dy, x, saved)
 
+Output buffers
+--------------
+Every forward takes ``out=`` and every backward ``dx_out=``: an array of
+the input's shape and dtype, on its side (host or device), writeable, in
+any layout, that receives the result and is returned (checked before
+anything is computed or running statistics change).  The built-in passes
+write it directly when it is C-contiguous (float16 after the float32
+kernels, one conversion) and through one copy otherwise.  ``out=x`` works
+in place: inference with running statistics is an elementwise map, and
+where the statistics come from ``x`` they are complete before ``y`` is
+written; but the backward recomputes ``xhat`` from the unmodified ``x``,
+so ``out=x`` with ``return_saved=True`` raises.  ``dx_out=dy`` is a
+backward in place (the sums are complete before ``dx`` is written)::
+
+    y = batch_norm(x, rm, rv, w, b, out=x)                # inference in place
+    y, saved = layer_norm(x, 512, w, b, out=y_buffer, return_saved=True)
+    dx, dw, db = layer_norm_backward(dy, x, saved, dx_out=dy)
+
 CUDA device arrays
 ------------------
 Every function also takes CUDA device arrays (Numba device arrays, CuPy
@@ -40,9 +58,10 @@ import math
 from .backend import accepts_device_arrays
 from .checks import (check_axis, check_channel_input, check_eps, check_input,
                      check_momentum, check_ndim, check_normalized_shape,
-                     check_param, check_positive_int, check_running,
-                     check_trailing)
-from .schemes.base import Saved, check_backward, normalize, normalize_backward
+                     check_out, check_param, check_positive_int, check_running,
+                     check_trailing, overlap)
+from .schemes.base import (Saved, check_backward, forward_into, normalize,
+                           normalize_backward, written)
 from .schemes.batch import BatchNorm, BatchRenorm, GhostBatchNorm
 from .schemes.per_sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from .schemes.reparam import SpectralNorm, SpectralSaved, WeightNorm, unit_view
@@ -83,6 +102,10 @@ def _backward_of(forward, example, returns=None):
         ``xhat`` from it).
     saved : Saved
         The record returned by ``{forward}(..., return_saved=True)``.
+    dx_out : array, optional
+        Where to write ``dx``, returned: ``x``'s shape and dtype, on its
+        side, writeable, any layout; ``dy`` itself for a backward in
+        place.
 
     Returns
     -------
@@ -113,8 +136,15 @@ def _backward_of(forward, example, returns=None):
     return document
 
 
-def _run(scheme, x, return_saved):
-    y, saved = scheme._forward(x)
+def _run(scheme, x, return_saved, out=None, name="x"):
+    """The bound scheme's forward, into ``out`` (checked first)."""
+    if out is not None:
+        check_out(out, x, scheme.label, like_name=name)
+        if return_saved and overlap(out, x) != "none":
+            raise ValueError(f"{scheme.label}: out is {name} itself, which the "
+                             f"backward needs unmodified; with "
+                             f"return_saved=True pass another out")
+    y, saved = forward_into(scheme, x, out)
     return (y, saved) if return_saved else y
 
 
@@ -132,7 +162,7 @@ def _running_state(func, momentum, num_batches_tracked, updating, running_mean):
 @accepts_device_arrays
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                training=False, momentum=0.1, eps=1e-5, axis=1, *,
-               num_batches_tracked=None, return_saved=False):
+               num_batches_tracked=None, return_saved=False, out=None):
     """Batch normalization (Ioffe and Szegedy 2015).
 
     Per channel ``c`` along ``axis``, over all other axes,
@@ -164,6 +194,12 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
         Batches already averaged in, for ``momentum=None``.
     return_saved : bool, default False
         Also return the :class:`Saved` record for the backward.
+    out : array, optional
+        Where to write the result, which is returned: ``x``'s shape and
+        dtype, on its side (host or device), writeable, any layout;
+        checked before anything is computed or updated.  ``out=x``
+        works in place, but not with ``return_saved=True`` (the backward
+        needs the unmodified ``x``).
 
     Returns
     -------
@@ -204,7 +240,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
         bias=bias, running_mean=running_mean, running_var=running_var,
         **_running_state(func, momentum, num_batches_tracked, updating,
                          running_mean))
-    return _run(scheme, x, return_saved)
+    return _run(scheme, x, return_saved, out)
 
 
 @_backward_of("batch_norm", """\
@@ -213,8 +249,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     >>> dx.shape
     (4, 6, 5)
 """)
-def batch_norm_backward(dy, x, saved):
-    return normalize_backward(dy, x, saved, "batch_norm")
+def batch_norm_backward(dy, x, saved, *, dx_out=None):
+    return normalize_backward(dy, x, saved, "batch_norm", dx_out=dx_out)
 
 
 # --------------------------------------------------------------------------
@@ -224,7 +260,8 @@ def batch_norm_backward(dy, x, saved):
 @accepts_device_arrays
 def instance_norm(x, running_mean=None, running_var=None, weight=None,
                   bias=None, use_input_stats=True, momentum=0.1, eps=1e-5,
-                  axis=1, *, num_batches_tracked=None, return_saved=False):
+                  axis=1, *, num_batches_tracked=None, return_saved=False,
+                  out=None):
     """Instance normalization (Ulyanov et al. 2016).
 
     Per sample ``n`` (axis 0) and channel ``c`` (``axis``), over the other
@@ -261,6 +298,12 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None,
         Batches already averaged in, for ``momentum=None``.
     return_saved : bool, default False
         Also return the :class:`~normkit.Saved` record for the backward.
+    out : array, optional
+        Where to write the result, which is returned: ``x``'s shape and
+        dtype, on its side (host or device), writeable, any layout;
+        checked before anything is computed or updated.  ``out=x``
+        works in place, but not with ``return_saved=True`` (the backward
+        needs the unmodified ``x``).
 
     Returns
     -------
@@ -302,7 +345,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None,
         running_var=running_var,
         **_running_state(func, momentum, num_batches_tracked, updating,
                          running_mean))
-    return _run(scheme, x, return_saved)
+    return _run(scheme, x, return_saved, out)
 
 
 @_backward_of("instance_norm", """\
@@ -311,8 +354,8 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None,
     >>> dx.shape
     (4, 6, 5)
 """)
-def instance_norm_backward(dy, x, saved):
-    return normalize_backward(dy, x, saved, "instance_norm")
+def instance_norm_backward(dy, x, saved, *, dx_out=None):
+    return normalize_backward(dy, x, saved, "instance_norm", dx_out=dx_out)
 
 
 # --------------------------------------------------------------------------
@@ -331,7 +374,7 @@ def _trailing_scheme(cls, func, x, normalized_shape, weight, bias, eps):
 
 @accepts_device_arrays
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
-               return_saved=False):
+               return_saved=False, out=None):
     """Layer normalization (Ba, Kiros and Hinton 2016).
 
     Over the trailing ``len(normalized_shape)`` axes of each sample, with
@@ -355,6 +398,12 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
     eps : float, default 1e-5
     return_saved : bool, default False
         Also return the :class:`~normkit.Saved` record for the backward.
+    out : array, optional
+        Where to write the result, which is returned: ``x``'s shape and
+        dtype, on its side (host or device), writeable, any layout;
+        checked before anything is computed or updated.  ``out=x``
+        works in place, but not with ``return_saved=True`` (the backward
+        needs the unmodified ``x``).
 
     Returns
     -------
@@ -385,7 +434,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
     eps = check_eps(eps, func)
     scheme = _trailing_scheme(LayerNorm, func, x, normalized_shape, weight,
                               bias, eps)
-    return _run(scheme, x, return_saved)
+    return _run(scheme, x, return_saved, out)
 
 
 @_backward_of("layer_norm", """\
@@ -394,12 +443,13 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
     >>> dweight.shape
     (5,)
 """)
-def layer_norm_backward(dy, x, saved):
-    return normalize_backward(dy, x, saved, "layer_norm")
+def layer_norm_backward(dy, x, saved, *, dx_out=None):
+    return normalize_backward(dy, x, saved, "layer_norm", dx_out=dx_out)
 
 
 @accepts_device_arrays
-def rms_norm(x, normalized_shape, weight=None, eps=None, *, return_saved=False):
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, return_saved=False,
+             out=None):
     """Root mean square layer normalization (Zhang and Sennrich 2019).
 
     Over the trailing ``len(normalized_shape)`` axes of each sample, with no
@@ -423,6 +473,12 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, return_saved=False):
     eps : float or None
     return_saved : bool
         Also return the :class:`~normkit.Saved` record for the backward.
+    out : array, optional
+        Where to write the result, which is returned: ``x``'s shape and
+        dtype, on its side (host or device), writeable, any layout;
+        checked before anything is computed or updated.  ``out=x``
+        works in place, but not with ``return_saved=True`` (the backward
+        needs the unmodified ``x``).
 
     Returns
     -------
@@ -452,7 +508,7 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, return_saved=False):
     eps = None if eps is None else check_eps(eps, func)
     scheme = _trailing_scheme(RMSNorm, func, x, normalized_shape, weight,
                               None, eps)
-    return _run(scheme, x, return_saved)
+    return _run(scheme, x, return_saved, out)
 
 
 @_backward_of("rms_norm", """\
@@ -465,8 +521,8 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, return_saved=False):
         Gradient with respect to ``x``.
     dweight : array or None
         Gradient of the gain (None without one).""")
-def rms_norm_backward(dy, x, saved):
-    dx, dweight, _ = normalize_backward(dy, x, saved, "rms_norm")
+def rms_norm_backward(dy, x, saved, *, dx_out=None):
+    dx, dweight, _ = normalize_backward(dy, x, saved, "rms_norm", dx_out=dx_out)
     return dx, dweight
 
 
@@ -476,7 +532,7 @@ def rms_norm_backward(dy, x, saved):
 
 @accepts_device_arrays
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, axis=1, *,
-               return_saved=False):
+               return_saved=False, out=None):
     """Group normalization (Wu and He 2018).
 
     The ``C`` channels (``axis``) of each sample are split into
@@ -503,6 +559,12 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, axis=1, *,
         Channel axis (not 0, the batch axis).
     return_saved : bool, default False
         Also return the :class:`~normkit.Saved` record for the backward.
+    out : array, optional
+        Where to write the result, which is returned: ``x``'s shape and
+        dtype, on its side (host or device), writeable, any layout;
+        checked before anything is computed or updated.  ``out=x``
+        works in place, but not with ``return_saved=True`` (the backward
+        needs the unmodified ``x``).
 
     Returns
     -------
@@ -541,7 +603,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, axis=1, *,
     eps = check_eps(eps, func)
     scheme = GroupNorm.bound(func, True, num_groups=groups, num_channels=C,
                              axis=ax, eps=eps, weight=weight, bias=bias)
-    return _run(scheme, x, return_saved)
+    return _run(scheme, x, return_saved, out)
 
 
 @_backward_of("group_norm", """\
@@ -550,8 +612,8 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, axis=1, *,
     >>> dx.shape, dweight.shape
     ((4, 6, 5), (6,))
 """)
-def group_norm_backward(dy, x, saved):
-    return normalize_backward(dy, x, saved, "group_norm")
+def group_norm_backward(dy, x, saved, *, dx_out=None):
+    return normalize_backward(dy, x, saved, "group_norm", dx_out=dx_out)
 
 
 # --------------------------------------------------------------------------
@@ -561,7 +623,8 @@ def group_norm_backward(dy, x, saved):
 @accepts_device_arrays
 def batch_renorm(x, running_mean, running_std, weight=None, bias=None,
                  training=False, momentum=0.1, eps=1e-5, rmax=3.0, dmax=5.0,
-                 axis=1, *, num_batches_tracked=None, return_saved=False):
+                 axis=1, *, num_batches_tracked=None, return_saved=False,
+                 out=None):
     """Batch Renormalization (Ioffe 2017, Algorithm 1).
 
     In training, per channel with the batch mean ``mu_B`` and biased
@@ -601,6 +664,12 @@ def batch_renorm(x, running_mean, running_std, weight=None, bias=None,
     return_saved : bool, default False
         Also return the :class:`~normkit.Saved` record for the backward
         (``saved.r`` and ``saved.d`` hold the corrections).
+    out : array, optional
+        Where to write the result, which is returned: ``x``'s shape and
+        dtype, on its side (host or device), writeable, any layout;
+        checked before anything is computed or updated.  ``out=x``
+        works in place, but not with ``return_saved=True`` (the backward
+        needs the unmodified ``x``).
 
     Returns
     -------
@@ -643,7 +712,7 @@ def batch_renorm(x, running_mean, running_std, weight=None, bias=None,
         **_running_state(func, momentum, num_batches_tracked, bool(training),
                          running_mean))
     scheme.check_limits()
-    return _run(scheme, x, return_saved)
+    return _run(scheme, x, return_saved, out)
 
 
 @_backward_of("batch_renorm", """\
@@ -653,8 +722,8 @@ def batch_renorm(x, running_mean, running_std, weight=None, bias=None,
     >>> dweight.shape, dbias
     ((6,), None)
 """)
-def batch_renorm_backward(dy, x, saved):
-    return normalize_backward(dy, x, saved, "batch_renorm")
+def batch_renorm_backward(dy, x, saved, *, dx_out=None):
+    return normalize_backward(dy, x, saved, "batch_renorm", dx_out=dx_out)
 
 
 def batch_renorm_schedule(step, warmup=5000, rmax_step=40000, dmax_step=25000,
@@ -711,7 +780,7 @@ def batch_renorm_schedule(step, warmup=5000, rmax_step=40000, dmax_step=25000,
 def ghost_batch_norm(x, virtual_batch_size, running_mean=None,
                      running_var=None, weight=None, bias=None, training=False,
                      momentum=0.1, eps=1e-5, axis=1, *,
-                     num_batches_tracked=None, return_saved=False):
+                     num_batches_tracked=None, return_saved=False, out=None):
     """Ghost Batch Normalization (Hoffer, Hubara and Soudry 2017).
 
     The batch (axis 0) is split into ``N / v`` virtual ("ghost") batches of
@@ -761,6 +830,13 @@ def ghost_batch_norm(x, virtual_batch_size, running_mean=None,
     num_batches_tracked : int, optional
         Batches already averaged in, for ``momentum=None``.
     return_saved : bool, default False
+        Also return the :class:`~normkit.Saved` record for the backward.
+    out : array, optional
+        Where to write the result, which is returned: ``x``'s shape and
+        dtype, on its side (host or device), writeable, any layout;
+        checked before anything is computed or updated.  ``out=x``
+        works in place, but not with ``return_saved=True`` (the backward
+        needs the unmodified ``x``).
 
     Returns
     -------
@@ -800,7 +876,7 @@ def ghost_batch_norm(x, virtual_batch_size, running_mean=None,
         running_mean=running_mean, running_var=running_var,
         **_running_state(func, momentum, num_batches_tracked, updating,
                          running_mean))
-    return _run(scheme, x, return_saved)
+    return _run(scheme, x, return_saved, out)
 
 
 @_backward_of("ghost_batch_norm", """\
@@ -809,8 +885,8 @@ def ghost_batch_norm(x, virtual_batch_size, running_mean=None,
     >>> dx.shape
     (4, 6, 5)
 """)
-def ghost_batch_norm_backward(dy, x, saved):
-    return normalize_backward(dy, x, saved, "ghost_batch_norm")
+def ghost_batch_norm_backward(dy, x, saved, *, dx_out=None):
+    return normalize_backward(dy, x, saved, "ghost_batch_norm", dx_out=dx_out)
 
 
 # --------------------------------------------------------------------------
@@ -818,7 +894,7 @@ def ghost_batch_norm_backward(dy, x, saved):
 # --------------------------------------------------------------------------
 
 @accepts_device_arrays
-def weight_norm(v, g, axis=0, *, return_saved=False):
+def weight_norm(v, g, axis=0, *, return_saved=False, out=None):
     """Weight Normalization (Salimans and Kingma 2016).
 
     .. math::
@@ -841,6 +917,12 @@ def weight_norm(v, g, axis=0, *, return_saved=False):
     axis : int
     return_saved : bool
         Also return the record for :func:`weight_norm_backward`.
+    out : array, optional
+        Where to write the result, which is returned: ``v``'s shape and
+        dtype, on its side (host or device), writeable, any layout;
+        checked before anything is computed or updated.  ``out=v``
+        works in place, but not with ``return_saved=True`` (the backward
+        needs the unmodified ``v``).
 
     Returns
     -------
@@ -869,10 +951,11 @@ def weight_norm(v, g, axis=0, *, return_saved=False):
     func = "weight_norm"
     ax, _ = unit_view(v, axis, func)
     check_param(g, "g", (v.shape[ax],), func)
-    return _run(WeightNorm.bound(func, True, g=g, axis=ax), v, return_saved)
+    return _run(WeightNorm.bound(func, True, g=g, axis=ax), v, return_saved,
+                out, "v")
 
 
-def weight_norm_backward(dw, v, saved):
+def weight_norm_backward(dw, v, saved, *, dx_out=None):
     """Backward of :func:`weight_norm`: ``(dv, dg)``.
 
     With ``vhat = v / ||v||`` per unit, ``dg = sum(dw * vhat)`` and
@@ -887,6 +970,9 @@ def weight_norm_backward(dw, v, saved):
         The forward's input, unmodified.
     saved : Saved
         The record of ``weight_norm(..., return_saved=True)``.
+    dx_out : array, optional
+        Where to write ``dv``, returned: ``v``'s shape and dtype, on its
+        side; ``dw`` itself for a backward in place.
 
     Returns
     -------
@@ -905,11 +991,11 @@ def weight_norm_backward(dw, v, saved):
     >>> np.round(dg, 6).tolist(), bool(np.allclose(dv, 0.0))
     ([1.0, 1.0, 1.0], True)
     """
-    return WeightNorm.gradients(dw, v, saved, "weight_norm")
+    return WeightNorm.gradients(dw, v, saved, "weight_norm", dx_out=dx_out)
 
 
 def spectral_norm(w, u, v, n_power_iterations=1, eps=1e-12, training=True,
-                  axis=0, *, return_saved=False):
+                  axis=0, *, return_saved=False, out=None):
     """Spectral Normalization (Miyato et al. 2018): ``w / sigma(w)``.
 
     ``w`` is seen as the matrix ``W`` of ``w.shape[axis]`` rows (its other
@@ -935,6 +1021,12 @@ def spectral_norm(w, u, v, n_power_iterations=1, eps=1e-12, training=True,
     axis : int
     return_saved : bool
         Also return the record for :func:`spectral_norm_backward`.
+    out : array, optional
+        Where to write the result, which is returned: ``w``'s shape and
+        dtype, on its side (host or device), writeable, any layout;
+        checked before anything is computed or updated.  ``out=w``
+        works in place, but not with ``return_saved=True`` (the backward
+        needs the unmodified ``w``).
 
     Returns
     -------
@@ -976,10 +1068,10 @@ def spectral_norm(w, u, v, n_power_iterations=1, eps=1e-12, training=True,
         raise ValueError(f"{func}: eps must be > 0, got 0.0")
     scheme = SpectralNorm.bound(func, training, weight_shape=w.shape, axis=ax,
                                 u=u, v=v, n_power_iterations=n_iter, eps=eps)
-    return _run(scheme, w, return_saved)
+    return _run(scheme, w, return_saved, out, "w")
 
 
-def spectral_norm_backward(dy, w, saved):
+def spectral_norm_backward(dy, w, saved, *, dx_out=None):
     """Backward of :func:`spectral_norm`: ``dw``.
 
     ``u`` and ``v`` are constants (as in the paper and in PyTorch), so with
@@ -995,6 +1087,8 @@ def spectral_norm_backward(dy, w, saved):
         The forward's input, unmodified.
     saved : SpectralSaved
         The record of ``spectral_norm(..., return_saved=True)``.
+    dx_out : array, optional
+        Where to write ``dw``, returned: ``w``'s shape and dtype.
 
     Returns
     -------
@@ -1011,5 +1105,9 @@ def spectral_norm_backward(dy, w, saved):
     >>> normkit.spectral_norm_backward(np.eye(2), w, saved).tolist()
     [[-0.25, 0.0], [0.0, 0.5]]
     """
-    check_backward("spectral_norm_backward", dy, w, saved, SpectralSaved)
-    return SpectralNorm.gradients(dy, w, saved)
+    if dx_out is None:
+        check_backward("spectral_norm_backward", dy, w, saved, SpectralSaved)
+        return SpectralNorm.gradients(dy, w, saved)
+    dy, w, dx_out = check_backward("spectral_norm_backward", dy, w, saved,
+                                   SpectralSaved, dx_out)
+    return written(dx_out, SpectralNorm.gradients(dy, w, saved))

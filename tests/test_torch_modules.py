@@ -28,7 +28,14 @@ LAYERS = {
     "bn3d": (lambda: nn.BatchNorm3d(2), (3, 2, 2, 3, 2)),
     "in1d": (lambda: nn.InstanceNorm1d(3, affine=True,
                                        track_running_stats=True), (2, 3, 5)),
+    "in1d_unbatched": (lambda: nn.InstanceNorm1d(3, affine=True,
+                                                 track_running_stats=True),
+                       (3, 5)),
     "in2d": (lambda: nn.InstanceNorm2d(3), (2, 3, 3, 4)),
+    "in2d_unbatched": (lambda: nn.InstanceNorm2d(3, affine=True), (3, 3, 4)),
+    "in3d_unbatched": (lambda: nn.InstanceNorm3d(2, affine=True,
+                                                 track_running_stats=True),
+                       (2, 2, 3, 2)),
     "in3d": (lambda: nn.InstanceNorm3d(2, affine=True), (2, 2, 2, 3, 2)),
     "ln": (lambda: nn.LayerNorm((3, 4)), (2, 5, 3, 4)),
     "ln_nobias": (lambda: nn.LayerNorm(4, bias=False), (3, 4)),
@@ -90,7 +97,8 @@ def test_matches_torch_module(key, dtype):
             want_y, want_g = _run(theirs, x, dy)
             got_y, got_g = _run(ours, x, dy)
             _close(got_y, want_y, dtype, f"{key} {mode} {fmt} y")
-            if fmt is torch.channels_last and key.startswith(("bn", "gn", "in")):
+            if (fmt is torch.channels_last and key.startswith(("bn", "gn", "in"))
+                        and "unbatched" not in key):  # (C, D, H, W): no batch
                 assert got_y.is_contiguous(memory_format=torch.channels_last)
             for i, (a, b) in enumerate(zip(got_g, want_g)):
                 _close(a, b, dtype, f"{key} {mode} {fmt} grad {i}")
@@ -243,6 +251,67 @@ def test_contiguous_cpu_input_is_not_copied():
     x = torch.randn(4, 3, 5)
     layer(x)
     assert Recorder.seen[-1] == (x.data_ptr(), (4, 3, 5))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_outputs_are_torch_allocated_and_written_by_the_kernels(channels_last):
+    """The forward's ``y`` and the backward's ``dx`` are tensors torch
+    allocated (in the input's memory format), handed to the scheme as
+    ``out`` / ``dx_out`` and written there by the kernels; the input
+    reaches the kernels as its own memory."""
+    bn = nkt.BatchNorm2d(3)
+    seen = {}
+    scheme_type = type(bn.scheme)
+    forward, backward = scheme_type._forward, scheme_type._backward
+
+    def spy_forward(self, x, out=None):
+        seen["x"], seen["out"] = x.ctypes.data, out.ctypes.data
+        return forward(self, x, out=out)
+
+    def spy_backward(self, dy, x, saved, dx_out=None):
+        seen["dx_out"] = dx_out.ctypes.data
+        return backward(self, dy, x, saved, dx_out=dx_out)
+
+    x = torch.randn(4, 3, 5, 6)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(scheme_type, "_forward", spy_forward)
+        mp.setattr(scheme_type, "_backward", spy_backward)
+        y = bn(x)
+        y.backward(torch.ones_like(y))
+    assert seen["x"] == x.data_ptr()
+    assert seen["out"] == y.data_ptr()
+    assert seen["dx_out"] == x.grad.data_ptr()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+    reference = nn.BatchNorm2d(3)
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.testing.assert_close(y, reference(x2))
+    reference(x2).backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_unbatched_instance_norm_matches_torch():
+    theirs = nn.InstanceNorm1d(3, affine=True, track_running_stats=True)
+    ours = nkt.InstanceNorm1d(3, affine=True, track_running_stats=True)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 7, dtype=torch.float32)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = theirs(xa), ours(xb)
+    torch.testing.assert_close(yb, ya)
+    dy = torch.randn_like(x)
+    ya.backward(dy)
+    yb.backward(dy)
+    torch.testing.assert_close(xb.grad, xa.grad)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    ours.eval()
+    theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x))
+    with pytest.raises(ValueError, match="expected 2D or 3D input"):
+        ours(torch.randn(2, 3, 4, 5))
 
 
 def test_channels_last_input_reaches_kernels_as_its_memory():

@@ -108,16 +108,18 @@ def accepts_device_arrays(fn):
 
 
 def to_host(a):
-    """A host NumPy copy of ``a`` (host arrays are copied too)."""
+    """A host NumPy copy of ``a`` (host arrays are copied too); device
+    arrays are copied on the stream of
+    :func:`normkit.backend.cuda.launch_stream`."""
     if is_device_array(a):
-        return as_device_array(a).copy_to_host()
+        return importlib.import_module(f"{__name__}.cuda").to_host(a)
     return np.array(a, copy=True)
 
 
 def to_device(a):
-    """A device copy of host array ``a``."""
-    from numba import cuda
-    return cuda.to_device(np.ascontiguousarray(a))
+    """A device copy of host array ``a`` (on the stream of
+    :func:`normkit.backend.cuda.launch_stream`)."""
+    return importlib.import_module(f"{__name__}.cuda").to_device(a)
 
 
 from . import cpu  # noqa: E402  (the CPU backend needs the helpers above)

@@ -702,6 +702,32 @@ def from_kernel_array(flat, shape, dtype):
     return flat.view(dtype).reshape(shape)
 
 
+def _output(out, flat):
+    """The flat array a kernel writes its result into: the caller's ``out``
+    itself (its storage, :func:`as_kernel_array`) when it is C-contiguous
+    with the input's dtype, else a new array like ``flat``;
+    :func:`_deliver` copies the latter into ``out``.  ``out`` may be the
+    input itself: the elementwise kernels read and write each position
+    once, in that order."""
+    if out is not None and out.flags.c_contiguous:
+        target = as_kernel_array(out)
+        if target.dtype == flat.dtype:
+            return target
+    return np.empty_like(flat)
+
+
+def _deliver(result, out, shape, dtype):
+    """A kernel's flat ``result`` as the caller's array: ``out`` (written
+    by the kernel, or copied into) or, without ``out``,
+    :func:`from_kernel_array`."""
+    if out is None:
+        return from_kernel_array(result, shape, dtype)
+    if result.size and result.ctypes.data == out.ctypes.data:
+        return out  # the kernel wrote into out
+    np.copyto(out, from_kernel_array(result, shape, dtype), casting="unsafe")
+    return out
+
+
 def _params(values, size, work):
     """Per-column parameters as a flat ``(size,)`` array the kernels read
     with :func:`~normkit.backend.storage.load`: as they are (no copy) when
@@ -753,45 +779,46 @@ def moments(x, view, centered=True):
     return merge_partials(moment_partials(x, view), centered)
 
 
-def apply_affine(x, view, mean, alpha, gamma=None, beta=None):
+def apply_affine(x, view, mean, alpha, gamma=None, beta=None, out=None):
     """See :meth:`normkit.backend.protocol.Backend.apply_affine`."""
     if _no_values(view):
-        return np.empty(x.shape, x.dtype)
+        return np.empty(x.shape, x.dtype) if out is None else out
     flat = as_kernel_array(x)
     plan = make_plan(view)
     coef = np.zeros((view.P, view.K, N_COEF))
     coef[..., COEF_MEAN] = _rows(mean, view)
     coef[..., COEF_A] = _rows(alpha, view)
-    out = np.empty_like(flat)
+    y = _output(out, flat)
     kj = view.K * view.J
     work = compute_dtype(flat.dtype)
-    apply(flat, flat, out, False, *view.dims, plan, coef,
+    apply(flat, flat, y, False, *view.dims, plan, coef,
           _params(gamma, kj, work), _params(beta, kj, work))
-    return from_kernel_array(out, x.shape, x.dtype)
+    return _deliver(y, out, x.shape, x.dtype)
 
 
-def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True):
+def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True,
+                    out=None):
     """See :meth:`normkit.backend.protocol.Backend.normalize_batch`."""
     if _no_values(view):
         mean, var = moments(x, view, centered)
-        return np.empty(x.shape, x.dtype), mean, var
+        return (np.empty(x.shape, x.dtype) if out is None else out), mean, var
     flat = as_kernel_array(x)
     plan = make_plan(view)
     kj = view.K * view.J
     if plan.fused and centered:
         gamma = _params(gamma, kj, compute_dtype(flat.dtype))
         beta = _params(beta, kj, compute_dtype(flat.dtype))
-        out = np.empty_like(flat)
+        y = _output(out, flat)
         mean = np.empty((view.P, view.K))
         var = np.empty((view.P, view.K))
-        forward_fused(flat, out, *view.dims, plan, gamma, beta, float(eps),
+        forward_fused(flat, y, *view.dims, plan, gamma, beta, float(eps),
                       mean, var)
-        return from_kernel_array(out, x.shape, x.dtype), mean, var
+        return _deliver(y, out, x.shape, x.dtype), mean, var
     mean, var = moments(flat, view, centered)
     with np.errstate(divide="ignore", invalid="ignore"):  # eps = 0: inf, NaN
         rstd = 1.0 / np.sqrt(var + eps)
-    y = apply_affine(flat, view, mean, rstd, gamma, beta)
-    return from_kernel_array(y, x.shape, x.dtype), mean, var
+    y = apply_affine(flat, view, mean, rstd, gamma, beta, _output(out, flat))
+    return _deliver(y, out, x.shape, x.dtype), mean, var
 
 
 def _backward_inputs(dy, x, view, mean, rstd, gscale, centered):
@@ -831,34 +858,36 @@ def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
     return (group[..., 0], group[..., 1]), (affine[0], affine[1])
 
 
-def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True):
+def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True,
+                 out=None):
     """See :meth:`normkit.backend.protocol.Backend.dx_from_sums`;
     ``group_sums`` is the pair of ``(P, K)`` arrays of :func:`backward_sums`."""
     if _no_values(view):
-        return np.empty(x.shape, x.dtype)
+        return np.empty(x.shape, x.dtype) if out is None else out
     flat_x, flat_dy, mean, rstd, gscale = _backward_inputs(
         dy, x, view, mean, rstd, gscale, centered)
     sums = np.stack([_rows(s, view) for s in group_sums], axis=-1)
     coef = backward_coefficients(sums, float(n), mean, rstd, centered)
-    dx = np.empty_like(flat_x)
+    dx = _output(out, flat_x)
     work = compute_dtype(flat_x.dtype)
     apply(flat_x, flat_dy, dx, True, *view.dims, make_plan(view), coef,
           gscale, np.empty(0, work))
-    return from_kernel_array(dx, x.shape, x.dtype)
+    return _deliver(dx, out, x.shape, x.dtype)
 
 
 def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
-             need_affine=True, centered=True):
+             need_affine=True, centered=True, out=None):
     """See :meth:`normkit.backend.protocol.Backend.backward`."""
     if _no_values(view):
         kj = view.K * view.J
-        return ((np.empty(x.shape, x.dtype), np.zeros(kj), np.zeros(kj))
-                if need_affine else (np.empty(x.shape, x.dtype), None, None))
+        dx = np.empty(x.shape, x.dtype) if out is None else out
+        return ((dx, np.zeros(kj), np.zeros(kj)) if need_affine
+                else (dx, None, None))
     flat_x, flat_dy, mean, rstd, gscale = _backward_inputs(
         dy, x, view, mean, rstd, gscale, centered)
     plan = make_plan(view)
     kj = view.K * view.J
-    dx = np.empty_like(flat_x)
+    dx = _output(out, flat_x)
     if (batch_stats and plan.fused and centered
             and (not need_affine or affine_partials_fit(plan, view))):
         part_affine = np.empty((plan.n_items, 2, kj if need_affine else 0))
@@ -877,7 +906,7 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
         work = compute_dtype(flat_x.dtype)
         apply(flat_x, flat_dy, dx, True, *view.dims, plan, coef,
               gscale, np.empty(0, work))
-    dx = from_kernel_array(dx, x.shape, x.dtype)
+    dx = _deliver(dx, out, x.shape, x.dtype)
     if not need_affine:
         return dx, None, None
     return dx, sums[0], sums[1]
@@ -971,13 +1000,22 @@ def map_view(function, view, args, kinds, out):
             for a, kind in zip(args, kinds)]
     like = args[kinds.index("full")]
     work = flat[kinds.index("full")]
-    results = [np.empty(work.size, work.dtype) for _ in range(function.outputs)]
+    targets = out or (None,) * function.outputs
+    results = [_output(target, work) if target is None or
+               target.size == work.size else np.empty_like(work)
+               for target in targets]
     loop(*flat, *results, *protocol.view_params(view))
-    results = [from_kernel_array(r, like.shape, like.dtype) for r in results]
     if out is None:
-        return tuple(results)
-    for target, result in zip(out, results):
-        target[...] = result.reshape(target.shape)
+        return tuple(from_kernel_array(r, like.shape, like.dtype)
+                     for r in results)
+    return tuple(_deliver(r, target, target.shape, target.dtype)
+                 for r, target in zip(results, out))
+
+
+def copy_into(out, a):
+    """``out[...] = a`` (same shape; converted to ``out``'s dtype); returns
+    ``out``."""
+    np.copyto(out, np.asarray(a).reshape(out.shape), casting="unsafe")
     return out
 
 

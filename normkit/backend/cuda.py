@@ -60,6 +60,8 @@ per-channel arithmetic of the schemes (:func:`map_channels`, which compiles
 on the device.
 """
 
+import contextlib
+import contextvars
 import functools
 import math
 
@@ -75,6 +77,106 @@ MOMENTS, GRADS = 0, 1
 #: Columns of the packed per-group coefficients of the elementwise map:
 #: ``out = (x - mc) * (a*g + h) + dy * (e*g) + (beta + q*g + w)``.
 N_PACKED = 6
+
+#: The stream every launch and copy of this module is queued on (0: Numba's
+#: default stream); set with :func:`launch_stream`.
+_STREAM = contextvars.ContextVar("normkit_cuda_stream", default=0)
+
+
+@contextlib.contextmanager
+def launch_stream(stream):
+    """Queue this backend's kernel launches, allocations and host <-> device
+    copies on ``stream`` inside the ``with`` block.
+
+    Outside any block they go to Numba's default stream, as before.  The
+    setting is a context variable: it holds for the current thread (or
+    asyncio task) only, and blocks nest.  ``normkit.torch`` runs its
+    CUDA calls in ``launch_stream(numba.cuda.external_stream(
+    torch.cuda.current_stream(device).cuda_stream))``, so that normkit's
+    kernels are ordered with torch's work without synchronizing.
+
+    Parameters
+    ----------
+    stream : numba.cuda stream or 0
+        A stream of ``numba.cuda.stream()``, ``numba.cuda.external_stream``
+        (a foreign stream, e.g. torch's), or 0 for the default stream.
+
+    Examples
+    --------
+    >>> from numba import cuda                          # doctest: +SKIP
+    >>> from normkit.backend.cuda import launch_stream  # doctest: +SKIP
+    >>> stream = cuda.stream()                          # doctest: +SKIP
+    >>> with launch_stream(stream):                     # doctest: +SKIP
+    ...     y = normkit.layer_norm(cuda.to_device(x), 8)
+    >>> stream.synchronize()                            # doctest: +SKIP
+    """
+    token = _STREAM.set(stream)
+    try:
+        yield stream
+    finally:
+        _STREAM.reset(token)
+
+
+def current_stream():
+    """The stream of :func:`launch_stream` in effect (0: the default)."""
+    return _STREAM.get()
+
+
+def _device_array(shape, dtype):
+    """``cuda.device_array`` on the current stream."""
+    return cuda.device_array(shape, dtype, stream=_STREAM.get())
+
+
+def to_device(a):
+    """A device copy of host array ``a`` on the current stream."""
+    return cuda.to_device(np.ascontiguousarray(a), stream=_STREAM.get())
+
+
+def to_host(a):
+    """A host copy of device array ``a``, queued on the current stream (it
+    returns once the copy, and the stream's work before it, is done)."""
+    return as_device_array(a).copy_to_host(stream=_STREAM.get())
+
+
+def _copy_into(target, source):
+    """``target[...] = source`` on the device, on the current stream."""
+    if hasattr(target, "setitem"):
+        target.setitem(Ellipsis, source, stream=_STREAM.get())
+    else:  # the simulator's arrays
+        target[...] = source
+
+
+def _pointer(a):
+    """Address of the first element of device array ``a``."""
+    iface = getattr(a, "__cuda_array_interface__", None)
+    if iface is None:  # the simulator's arrays
+        iface = a.__array_interface__
+    return iface["data"][0]
+
+
+def _output(out, flat):
+    """The flat device array a kernel writes into: the caller's ``out``
+    when it is C-contiguous (it has ``flat``'s dtype: the caller checked
+    it), else a new array that :func:`_deliver` copies into ``out``.
+    ``out`` may be the input itself: the elementwise kernels read and
+    write each position once, in that order."""
+    if out is not None:
+        target = as_device_array(out)
+        if target.is_c_contiguous():
+            return target.reshape(target.size)
+    return _device_array(flat.size, flat.dtype)
+
+
+def _deliver(result, out, shape):
+    """A kernel's flat ``result`` as ``shape``: ``out`` (written by the
+    kernel, or copied into) when given."""
+    if out is None:
+        return result.reshape(shape)
+    target = as_device_array(out)
+    if result.size and _pointer(result) != _pointer(target):
+        _copy_into(target, result.reshape(shape))
+    return out
+
 
 _chan_merge = cuda.jit(device=True)(protocol.chan_merge)
 _dx_coefficients = cuda.jit(device=True)(protocol.dx_coefficients)
@@ -482,8 +584,8 @@ def _flat(x):
     assignment kernel), as the CPU backend copies other layouts once."""
     x = as_device_array(x)
     if not x.is_c_contiguous():
-        contiguous = cuda.device_array(x.shape, x.dtype)
-        contiguous[...] = x
+        contiguous = _device_array(x.shape, x.dtype)
+        _copy_into(contiguous, x)
         x = contiguous
     return x.reshape(x.size)
 
@@ -498,7 +600,8 @@ def _optional(values):
 @functools.lru_cache(maxsize=None)
 def _placeholder():
     """A one-element stand-in for an absent optional kernel argument (never
-    read: a flag or the mode tells the kernel it is absent)."""
+    read: a flag or the mode tells the kernel it is absent).  Cached, so
+    made outside any launch stream, once."""
     return cuda.device_array(1, np.float64)
 
 
@@ -516,7 +619,7 @@ def _no_values(view):
 
 def _filled(shape, value):
     """A new float64 device array of ``shape`` holding ``value``."""
-    return cuda.to_device(np.full(shape, value))
+    return to_device(np.full(shape, value))
 
 
 def _reduce(x, dy, view, grid, mode, mean=None, rstd=None, weight=None,
@@ -524,8 +627,8 @@ def _reduce(x, dy, view, grid, mode, mean=None, rstd=None, weight=None,
     """Partials ``(P, chunks, K, 3)`` of the ``reduce`` kernel."""
     reduce = _kernels(_accumulator(x.dtype))["reduce"]
     none = _placeholder()
-    part = cuda.device_array((view.P, grid.n_chunks, view.K, 3), np.float64)
-    reduce[grid.blocks(view.P), grid.threads](
+    part = _device_array((view.P, grid.n_chunks, view.K, 3), np.float64)
+    reduce[grid.blocks(view.P), grid.threads, _STREAM.get()](
         x, none if dy is None else dy,
         none.reshape(1, 1) if mean is None else mean,
         none.reshape(1, 1) if rstd is None else rstd,
@@ -537,9 +640,9 @@ def _reduce(x, dy, view, grid, mode, mean=None, rstd=None, weight=None,
 def _merged(part, mode, centered=True):
     """The ``_merge`` of partials ``part`` as two ``(P, K)`` arrays."""
     P, _, K, _ = part.shape
-    out0 = cuda.device_array((P, K), np.float64)
-    out1 = cuda.device_array((P, K), np.float64)
-    _merge[_launch(P * K)](part, mode, centered, out0, out1)
+    out0 = _device_array((P, K), np.float64)
+    out1 = _device_array((P, K), np.float64)
+    _merge[_launch(P * K) + (_STREAM.get(),)](part, mode, centered, out0, out1)
     return out0, out1
 
 
@@ -555,13 +658,14 @@ def moments(x, view, centered=True):
                    centered)
 
 
-def _apply(flat, dy, view, grid, coef, gamma, beta):
-    """The ``apply`` kernel over ``flat`` (and ``dy`` unless None)."""
+def _apply(flat, dy, view, grid, coef, gamma, beta, out=None):
+    """The ``apply`` kernel over ``flat`` (and ``dy`` unless None), into
+    ``out`` (a flat array) or a new array."""
     apply = _kernels(_accumulator(flat.dtype))["apply"]
-    out = cuda.device_array(flat.size, flat.dtype)
+    out = _output(out, flat)
     gamma, has_gamma = _optional(gamma)
     beta, has_beta = _optional(beta)
-    apply[grid.blocks(view.P), grid.threads](
+    apply[grid.blocks(view.P), grid.threads, _STREAM.get()](
         flat, flat if dy is None else dy, out, dy is not None, coef, gamma,
         has_gamma, beta, has_beta, view.A, view.K, view.J, view.B,
         *grid.args())
@@ -573,10 +677,10 @@ def _coefficients(dtype, view, mean, scale, backward=False, sums=None,
     """Packed coefficients ``(P, K, 6)`` from the ``pack`` kernel."""
     acc = _accumulator(dtype)
     pack = _kernels(acc)["pack"]
-    coef = cuda.device_array((view.P, view.K, N_PACKED), acc)
+    coef = _device_array((view.P, view.K, N_PACKED), acc)
     none = _placeholder()
     sum_g, sum_gx = (none.reshape(1, 1),) * 2 if sums is None else sums
-    pack[_launch(view.P * view.K)](
+    pack[_launch(view.P * view.K) + (_STREAM.get(),)](
         backward, mean, scale, sum_g, sum_gx,
         none if gscale is None else gscale, scale_sums, float(n), centered,
         coef)
@@ -588,40 +692,43 @@ def _as_rows(values, view):
     return _flat(values).reshape(-1, view.K)
 
 
-def apply_affine(x, view, mean, alpha, gamma=None, beta=None):
+def apply_affine(x, view, mean, alpha, gamma=None, beta=None, out=None):
     """Device version of :func:`normkit.engine.apply_affine`; ``mean`` and
     ``alpha`` are device arrays of ``P * K`` or ``K`` values."""
     if _no_values(view):
-        return cuda.device_array(x.shape, x.dtype)
+        return _device_array(x.shape, x.dtype) if out is None else out
     flat = _flat(x)
     grid = grid_for(view)
     coef = _coefficients(flat.dtype, view, _as_rows(mean, view),
                          _as_rows(alpha, view))
-    return _apply(flat, None, view, grid, coef, gamma, beta).reshape(x.shape)
+    y = _apply(flat, None, view, grid, coef, gamma, beta, out)
+    return _deliver(y, out, x.shape)
 
 
-def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True):
+def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True,
+                    out=None):
     """Device version of :func:`normkit.engine.normalize_batch`: one fused
     kernel when every block holds whole groups, else moments, then the
     elementwise map."""
     if _no_values(view):
-        return (cuda.device_array(x.shape, x.dtype),) + moments(x, view)
+        return ((_device_array(x.shape, x.dtype) if out is None else out),
+                *moments(x, view))
     grid = grid_for(view)
     if grid.n_chunks > 1 or not centered:
         mean, var = moments(x, view, centered)
         rstd = protocol.inverse_std(var, eps)
-        return apply_affine(x, view, mean, rstd, gamma, beta), mean, var
+        return apply_affine(x, view, mean, rstd, gamma, beta, out), mean, var
     flat = _flat(x)
     fused = _kernels(_accumulator(flat.dtype))["forward_fused"]
-    out = cuda.device_array(flat.size, flat.dtype)
-    mean = cuda.device_array((view.P, view.K), np.float64)
-    var = cuda.device_array((view.P, view.K), np.float64)
+    y = _output(out, flat)
+    mean = _device_array((view.P, view.K), np.float64)
+    var = _device_array((view.P, view.K), np.float64)
     gamma, has_gamma = _optional(gamma)
     beta, has_beta = _optional(beta)
-    fused[grid.blocks(view.P), grid.threads](
-        flat, out, gamma, has_gamma, beta, has_beta, float(eps), view.A,
+    fused[grid.blocks(view.P), grid.threads, _STREAM.get()](
+        flat, y, gamma, has_gamma, beta, has_beta, float(eps), view.A,
         view.K, view.J, view.B, *grid.args(), mean, var)
-    return out.reshape(x.shape), mean, var
+    return _deliver(y, out, x.shape), mean, var
 
 
 def _grad_inputs(dy, x, view, mean, rstd, centered):
@@ -632,7 +739,7 @@ def _grad_inputs(dy, x, view, mean, rstd, centered):
 
 
 def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
-             need_affine=True, centered=True):
+             need_affine=True, centered=True, out=None):
     """Device version of :func:`normkit.engine.backward`.
 
     The group sums are reduced with the ``gscale`` weights, except with one
@@ -645,7 +752,7 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     """
     if _no_values(view):
         kj = view.K * view.J
-        dx = cuda.device_array(x.shape, x.dtype)
+        dx = _device_array(x.shape, x.dtype) if out is None else out
         return ((dx, _filled(kj, 0.0), _filled(kj, 0.0)) if need_affine
                 else (dx, None, None))
     flat_x, flat_dy, mean, rstd = _grad_inputs(dy, x, view, mean, rstd, centered)
@@ -658,7 +765,8 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     part = None
     if batch_stats and grid.n_chunks == 1:
         dx, part = _backward_fused(flat_x, flat_dy, view, grid, mean, rstd,
-                                   weights, gscale, scale_sums, n, centered)
+                                   weights, gscale, scale_sums, n, centered,
+                                   out)
     else:
         if batch_stats or (need_affine and view.J == 1):
             part = _reduce(flat_x, flat_dy, view, grid, GRADS, mean, rstd,
@@ -666,12 +774,13 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
         sums = _merged(part, GRADS) if batch_stats else None
         coef = _coefficients(flat_x.dtype, view, mean, rstd, True, sums,
                              gscale, scale_sums, n, centered)
-        dx = _apply(flat_x, flat_dy, view, grid, coef, gscale, None)
+        dx = _apply(flat_x, flat_dy, view, grid, coef, gscale, None, out)
+    dx = _deliver(dx, out, x.shape)
     if not need_affine:
-        return dx.reshape(x.shape), None, None
+        return dx, None, None
     sum_dy, sum_dy_xhat = _affine_sums(flat_x, flat_dy, view, grid, mean, rstd,
                                        part if view.J == 1 else None)
-    return dx.reshape(x.shape), sum_dy, sum_dy_xhat
+    return dx, sum_dy, sum_dy_xhat
 
 
 def _affine_sums(flat_x, flat_dy, view, grid, mean, rstd, unit_part=None):
@@ -690,14 +799,14 @@ def _affine_sums(flat_x, flat_dy, view, grid, mean, rstd, unit_part=None):
 
 
 def _backward_fused(flat_x, flat_dy, view, grid, mean, rstd, weights, gscale,
-                    scale_sums, n, centered):
-    """``dx`` and the group partials ``(P, 1, K, 3)`` from the fused
-    backward kernel."""
+                    scale_sums, n, centered, out=None):
+    """``dx`` (flat, in ``out`` when it can be written directly) and the
+    group partials ``(P, 1, K, 3)`` from the fused backward kernel."""
     fused = _kernels(_accumulator(flat_x.dtype))["backward_fused"]
-    dx = cuda.device_array(flat_x.size, flat_x.dtype)
-    part = cuda.device_array((view.P, 1, view.K, 3), np.float64)
+    dx = _output(out, flat_x)
+    part = _device_array((view.P, 1, view.K, 3), np.float64)
     gscale, has_gscale = _optional(gscale)
-    fused[grid.blocks(view.P), grid.threads](
+    fused[grid.blocks(view.P), grid.threads, _STREAM.get()](
         flat_x, flat_dy, dx, mean, rstd, weights, gscale, has_gscale,
         scale_sums, n, centered, view.A, view.K, view.J, view.B, *grid.args(),
         part)
@@ -706,7 +815,9 @@ def _backward_fused(flat_x, flat_dy, view, grid, mean, rstd, weights, gscale,
 
 @functools.lru_cache(maxsize=64)
 def _constant(value, n):
-    """A cached float64 device array of ``n`` copies of ``value``."""
+    """A cached float64 device array of ``n`` copies of ``value``: copied
+    synchronously (not on the launch stream: it outlives the call), so it
+    is complete before any stream reads it."""
     return cuda.to_device(np.full(n, value))
 
 
@@ -744,18 +855,20 @@ def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
     return group, affine
 
 
-def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True):
+def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True,
+                 out=None):
     """See :meth:`normkit.backend.protocol.Backend.dx_from_sums`;
     ``group_sums`` is the pair of ``(P, K)`` arrays of :func:`backward_sums`."""
     if _no_values(view):
-        return cuda.device_array(x.shape, x.dtype)
+        return _device_array(x.shape, x.dtype) if out is None else out
     flat_x, flat_dy, mean, rstd = _grad_inputs(dy, x, view, mean, rstd, centered)
     sums = tuple(_as_rows(s, view) for s in group_sums)
     coef = _coefficients(flat_x.dtype, view, mean, rstd, True, sums, None,
                          False, float(n), centered)
     gscale = None if gscale is None else _flat(gscale)
-    return _apply(flat_x, flat_dy, view, grid_for(view), coef, gscale,
-                  None).reshape(x.shape)
+    dx = _apply(flat_x, flat_dy, view, grid_for(view), coef, gscale, None,
+                out)
+    return _deliver(dx, out, x.shape)
 
 
 def kernel_for(function, key):
@@ -792,10 +905,10 @@ def map_channels(function, args, out):
             for a, scalar in zip(args, scalars)]
     size = next(a.size for a, scalar in zip(flat, scalars) if not scalar)
     if out is None:
-        out = tuple(cuda.device_array(size, np.float64)
+        out = tuple(_device_array(size, np.float64)
                     for _ in range(function.outputs))
     targets = [as_device_array(o).reshape(size) for o in out]
-    kernel[_launch(size)](*flat, *targets)
+    kernel[_launch(size) + (_STREAM.get(),)](*flat, *targets)
     return out
 
 
@@ -807,14 +920,21 @@ def map_view(function, view, args, kinds, out):
             for a, kind in zip(args, kinds)]
     like = flat[kinds.index("full")]
     shape = args[kinds.index("full")].shape
+    targets = [_output(o, like) for o in (out or (None,) * function.outputs)]
+    kernel[_launch(like.size) + (_STREAM.get(),)](
+        *flat, *targets, *protocol.view_params(view))
     if out is None:
-        out = tuple(cuda.device_array(shape, like.dtype)
-                    for _ in range(function.outputs))
-    targets = [as_device_array(o).reshape(like.size) for o in out]
-    kernel[_launch(like.size)](*flat, *targets, *protocol.view_params(view))
+        return tuple(t.reshape(shape) for t in targets)
+    return tuple(_deliver(t, o, shape) for t, o in zip(targets, out))
+
+
+def copy_into(out, a):
+    """``out[...] = a`` on the device, on the current stream (same shape
+    and dtype); returns ``out``."""
+    _copy_into(as_device_array(out), as_device_array(a).reshape(out.shape))
     return out
 
 
 def empty(shape, dtype):
-    """``numba.cuda.device_array``."""
-    return cuda.device_array(shape, dtype)
+    """``numba.cuda.device_array`` (on the stream of :func:`launch_stream`)."""
+    return _device_array(shape, dtype)

@@ -37,7 +37,23 @@ class Backend(Protocol):
     A view with a zero dimension has no values: a backend launches nothing
     for it and returns empty outputs, NaN statistics (the mean of no
     values) and zero sums.  Division by a zero variance (``eps = 0``)
-    gives inf and NaN as IEEE arithmetic does; no operation raises."""
+    gives inf and NaN as IEEE arithmetic does; no operation raises.
+
+    The operations that produce an array of the input's size
+    (:meth:`apply_affine`, :meth:`normalize_batch`, :meth:`dx_from_sums`,
+    :meth:`backward`, :meth:`map_view`) take ``out``: an array of the
+    backend with ``x``'s shape and dtype (any layout; the caller checks
+    it, :func:`normkit.checks.check_out`), written and returned instead of
+    a new array.  The kernels write a C-contiguous ``out`` directly (a
+    float16 one on the CPU after the float32 kernels, one conversion) and
+    any other through one copy.  ``out`` may be the input itself (``x``,
+    or ``dy`` in a backward), the same memory in the same layout: the
+    elementwise maps read and write each position once, and the
+    statistics or sums are complete before the map begins, so every one
+    of these operations is correct in place (on the CPU the last bit may
+    differ from a separate ``out``: LLVM runs the vectorized version of a
+    loop only where its buffers do not alias); an ``out`` overlapping an
+    input partially is not allowed."""
 
     def moment_partials(self, x, view):
         """Mergeable moments ``(P, chunks, K, 3)``: ``(n, mean, M2)`` of each
@@ -55,12 +71,13 @@ class Backend(Protocol):
         """``merge_partials(moment_partials(x, view), centered)``."""
 
     def normalize_batch(self, x, view, gamma=None, beta=None, eps=1e-5,
-                        centered=True):
+                        centered=True, out=None):
         """``(y, mean, var)``: ``y = (x - mean) / sqrt(var + eps) * gamma +
         beta`` with the statistics of ``x`` itself, fused into one pass over
         memory where every work item holds whole groups."""
 
-    def apply_affine(self, x, view, mean, alpha, gamma=None, beta=None):
+    def apply_affine(self, x, view, mean, alpha, gamma=None, beta=None,
+                     out=None):
         """``y = (x - mean) * alpha * gamma + beta`` in ``x.dtype``, with
         ``mean`` and ``alpha`` per group (``P * K`` values, or ``K`` shared
         by every ``p``) and ``gamma``, ``beta`` per ``(k, j)``."""
@@ -74,20 +91,29 @@ class Backend(Protocol):
         arrays ``(sum dy, sum dy*xhat)`` per ``(k, j)``."""
 
     def dx_from_sums(self, dy, x, view, mean, rstd, gscale, group_sums, n,
-                     centered=True):
+                     centered=True, out=None):
         """``dx = rstd * (g*dy - S0/n - xhat * S1/n)`` with ``(S0, S1) =
         group_sums``, a pair of per-group arrays as :meth:`backward_sums`
         returns (``n = inf``: fixed statistics,
         ``dx = g * dy * rstd``)."""
 
     def backward(self, dy, x, view, mean, rstd, gscale=None, batch_stats=True,
-                 need_affine=True, centered=True):
+                 need_affine=True, centered=True, out=None):
         """``(dx, sum dy, sum dy*xhat)``: :meth:`backward_sums` then
         :meth:`dx_from_sums` with ``n = A*J*B`` (``inf`` unless
         ``batch_stats``), fused where groups fit one work item."""
 
+    def map_view(self, function, view, args, kinds, out):
+        """Run a :class:`channelwise` function over every element of an
+        input of ``view`` (:meth:`channelwise.over`); ``out`` is None or a
+        tuple of one array per output."""
+
     def map_channels(self, function, args, out):
         """Run a :class:`channelwise` function elementwise over ``args``."""
+
+    def copy_into(self, out, a):
+        """``out[...] = a`` for two arrays of the backend of one shape;
+        returns ``out``."""
 
     def empty(self, shape, dtype):
         """An uninitialized array of the backend."""

@@ -21,20 +21,22 @@ written with exactly these names.
 """
 
 from dataclasses import dataclass, field, replace
+import functools
+import inspect
 import math
 
 import numpy as np
 
 from .. import backend, engine
 from ..backend.protocol import channelwise, copy, inverse_std
-from ..checks import (check_eps, check_input, check_momentum,
-                      check_positive_int)
+from ..checks import (check_eps, check_input, check_momentum, check_out,
+                      check_positive_int, overlap)
 from ..view import View
 
 __all__ = ["Saved", "Normalizer", "RunningStatsNormalizer", "normalize",
            "normalize_with_statistics", "normalize_backward",
            "affine_gradients", "check_backward", "cast", "update_running",
-           "momentum_factor"]
+           "momentum_factor", "forward_into", "backward_into"]
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ class Saved:
 
 
 def normalize(x, view, weight=None, bias=None, eps=1e-5, *, return_saved=False,
-              variant="normalize", centered=True):
+              variant="normalize", centered=True, out=None):
     """Normalize ``x`` over a :class:`~normkit.view.View` with its own
     statistics.
 
@@ -149,6 +151,12 @@ def normalize(x, view, weight=None, bias=None, eps=1e-5, *, return_saved=False,
     centered : bool, default True
         False normalizes by the root mean square about zero instead,
         ``y = x / sqrt(mean(x**2) + eps) * weight + bias`` (RMSNorm).
+    out : array, optional
+        Write ``y`` there and return it: ``x``'s shape and dtype, on its
+        side (host or device), any layout.  ``x`` itself normalizes in
+        place (the statistics are complete before ``y`` is written), but
+        then the backward, which recomputes ``xhat`` from ``x``, cannot
+        run.
 
     Returns
     -------
@@ -168,7 +176,8 @@ def normalize(x, view, weight=None, bias=None, eps=1e-5, *, return_saved=False,
     if isinstance(x, np.ndarray) and math.prod(view.dims) != x.size:
         raise ValueError(f"{variant}: view {view} covers "
                          f"{math.prod(view.dims)} values but x has {x.size}")
-    y, mean, var = engine.normalize_batch(x, view, weight, bias, eps, centered)
+    y, mean, var = engine.normalize_batch(x, view, weight, bias, eps, centered,
+                                          out=out)
     if not return_saved:
         return y
     saved = Saved(variant, view, x.shape, mean, inverse_std(var, eps), True,
@@ -178,7 +187,7 @@ def normalize(x, view, weight=None, bias=None, eps=1e-5, *, return_saved=False,
 
 
 def normalize_with_statistics(x, view, mean, rstd, weight=None, bias=None, *,
-                              variant="normalize"):
+                              variant="normalize", out=None):
     """``y = (x - mean) * rstd * weight + bias`` with given statistics.
 
     ``mean`` and ``rstd`` hold one value per group (``P * K``) or per
@@ -196,6 +205,9 @@ def normalize_with_statistics(x, view, mean, rstd, weight=None, bias=None, *,
     weight, bias : array of ``K * J`` values, optional
     variant : str, default "normalize"
         Name recorded in the :class:`Saved` record.
+    out : array, optional
+        Write ``y`` there and return it (``x``'s shape and dtype, on its
+        side); ``x`` itself for inference in place (an elementwise map).
 
     Returns
     -------
@@ -217,7 +229,7 @@ def normalize_with_statistics(x, view, mean, rstd, weight=None, bias=None, *,
         rstd = np.asarray(rstd, np.float64)
     mean = mean.reshape(rows, view.K)
     rstd = rstd.reshape(rows, view.K)
-    y = engine.apply_affine(x, view, mean, rstd, weight, bias)
+    y = engine.apply_affine(x, view, mean, rstd, weight, bias, out=out)
     return y, Saved(variant, view, x.shape, mean, rstd, False, weight,
                     bias is not None, bias_shape=_shape_of(bias))
 
@@ -230,11 +242,13 @@ def _size(a):
     return math.prod(a.shape)
 
 
-def check_backward(func, dy, x, saved, saved_type=Saved):
+def check_backward(func, dy, x, saved, saved_type=Saved, dx_out=None):
     """Check the arguments of a backward: ``saved`` is a ``saved_type``
-    record, ``x`` and ``dy`` are float arrays of the forward input's shape.
-    Returns ``dy`` and ``x`` as Numba device arrays where they are device
-    arrays."""
+    record, ``x`` and ``dy`` are float arrays of the forward input's shape
+    (and ``dx_out``, if given, an array of ``x``'s shape and dtype on the
+    same side, see :func:`normkit.checks.check_out`).  Returns ``dy`` and
+    ``x`` as Numba device arrays where they are device arrays (with
+    ``dx_out``: ``(dy, x, dx_out)``)."""
     if not isinstance(saved, saved_type):
         raise TypeError(f"{func}: saved must be the {saved_type.__name__} "
                         f"record returned by the forward with "
@@ -242,6 +256,8 @@ def check_backward(func, dy, x, saved, saved_type=Saved):
     arrays = {"x": x, "dy": dy}
     if getattr(saved, "mean", None) is not None:
         arrays["saved.mean"] = saved.mean
+    if dx_out is not None:
+        arrays["dx_out"] = dx_out
     arrays = backend.same_device(func, arrays)
     for name in ("x", "dy"):
         check_input(arrays[name], name, func)
@@ -249,10 +265,70 @@ def check_backward(func, dy, x, saved, saved_type=Saved):
             raise ValueError(f"{func}: {name} must have the forward input's "
                              f"shape {tuple(saved.shape)}, got "
                              f"{arrays[name].shape}")
-    return arrays["dy"], arrays["x"]
+    if dx_out is None:
+        return arrays["dy"], arrays["x"]
+    dx_out = check_out(arrays["dx_out"], arrays["x"], func, "dx_out")
+    check_out(dx_out, arrays["dy"], func, "dx_out", "dy")
+    return arrays["dy"], arrays["x"], dx_out
 
 
-def normalize_backward(dy, x, saved, variant=None):
+@functools.lru_cache(maxsize=None)
+def takes(function, name):
+    """True when ``function`` accepts the keyword argument ``name`` (the
+    base class asks a scheme's ``_forward`` for ``out`` and its
+    ``_backward`` or gradient function for ``dx_out``)."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def written(out, y):
+    """``out`` holding ``y``: returned as it is when ``y`` is ``out`` (or
+    a view of its memory in the same layout), else ``y`` is copied into
+    it (one copy, on ``out``'s backend)."""
+    if y is out or overlap(y, out) == "same":
+        return out
+    return backend.backend_for(out).copy_into(out, y)
+
+
+def forward_into(scheme, x, out=None):
+    """``(y, saved)`` of ``scheme._forward(x)`` with ``y`` written into
+    ``out`` (checked by the caller) when given.
+
+    A scheme whose ``_forward`` accepts ``out`` (every built-in, and a
+    plug-in that only overrides :meth:`Normalizer.view`) writes there
+    directly; for any other, its result is copied into ``out`` (correct,
+    at the cost of one copy).  A ``_forward`` that accepts ``out`` must
+    allow ``out`` to be ``x`` itself: read ``x`` fully (statistics)
+    before the pass that writes ``out``, as :func:`normalize` does.
+    """
+    if out is None:
+        return scheme._forward(x)
+    if takes(type(scheme)._forward, "out"):
+        y, saved = scheme._forward(x, out=out)
+    else:
+        y, saved = scheme._forward(x)
+    return written(out, y), saved
+
+
+def backward_into(scheme, dy, x, saved, dx_out=None):
+    """``(dx, grads)`` of ``scheme._backward(dy, x, saved)`` with ``dx``
+    written into ``dx_out`` (checked by the caller) when given: directly
+    when the scheme's ``_backward`` accepts ``dx_out``, else by one copy
+    (see :func:`forward_into`)."""
+    if dx_out is None:
+        return scheme._backward(dy, x, saved)
+    if takes(type(scheme)._backward, "dx_out"):
+        dx, grads = scheme._backward(dy, x, saved, dx_out=dx_out)
+    else:
+        dx, grads = scheme._backward(dy, x, saved)
+    return written(dx_out, dx), grads
+
+
+def normalize_backward(dy, x, saved, variant=None, *, dx_out=None):
     """Backward of any forward pass: ``(dx, dweight, dbias)``.
 
     With ``g = weight * dy`` and ``n`` values per group, when the
@@ -289,6 +365,12 @@ def normalize_backward(dy, x, saved, variant=None):
         The record of the forward (``return_saved=True``).
     variant : str, optional
         Expected ``saved.variant``; a record of another forward raises.
+    dx_out : array, optional
+        Write ``dx`` there and return it: ``x``'s shape and dtype, on its
+        side, any layout; ``dy`` (or ``x``) itself for a backward in place
+        (the sums are complete before ``dx`` is written).  A scheme's own
+        gradient function (``saved.gradients``) receives it when it
+        accepts ``dx_out``; otherwise its ``dx`` is copied there.
 
     Returns
     -------
@@ -297,18 +379,29 @@ def normalize_backward(dy, x, saved, variant=None):
         Shaped and typed like the weight (None without weight or bias).
     """
     func = f"{variant or getattr(saved, 'variant', 'normalize')}_backward"
-    dy, x = check_backward(func, dy, x, saved)
+    if dx_out is None:
+        dy, x = check_backward(func, dy, x, saved)
+    else:
+        dy, x, dx_out = check_backward(func, dy, x, saved, dx_out=dx_out)
     if variant is not None and saved.variant != variant:
         raise ValueError(f"{func}: saved comes from {saved.variant}, not "
                          f"{variant}")
-    if saved.gradients is not None:
+    if saved.gradients is None:
+        return affine_gradients(dy, x, saved, dx_out=dx_out)
+    if dx_out is None:
         return saved.gradients(dy, x, saved)
-    return affine_gradients(dy, x, saved)
+    if takes(saved.gradients, "dx_out"):
+        return saved.gradients(dy, x, saved, dx_out=dx_out)
+    dx, *grads = saved.gradients(dy, x, saved)
+    return (written(dx_out, dx), *grads)
 
 
-def affine_gradients(dy, x, saved, gscale=None, weight_sum=None):
+def affine_gradients(dy, x, saved, gscale=None, weight_sum=None, *,
+                     dx_out=None):
     """The gradients of ``y = xhat * g + beta`` for checked arguments:
-    ``(dx, dweight, dbias)`` with ``g = gscale`` (default the weight).
+    ``(dx, dweight, dbias)`` with ``g = gscale`` (default the weight);
+    ``dx`` is written into ``dx_out`` when given (see
+    :func:`normalize_backward`).
 
     ``dweight`` is ``sum(dy * xhat)`` per ``(k, j)``, or
     ``weight_sum(sum_dy, sum_dy_xhat)`` for a scheme whose output is not
@@ -321,7 +414,7 @@ def affine_gradients(dy, x, saved, gscale=None, weight_sum=None):
     need_affine = weight is not None or saved.has_bias
     dx, sum_dy, sum_dy_xhat = engine.backward(
         dy, x, saved.view, saved.mean, saved.rstd, gscale, saved.batch_stats,
-        need_affine, saved.centered)
+        need_affine, saved.centered, out=dx_out)
     dweight = dbias = None
     if weight is not None:
         if weight_sum is not None:
@@ -513,9 +606,13 @@ class Normalizer:
         raise NotImplementedError(f"{self.label} must implement view() or "
                                   f"_forward()")
 
-    def _forward(self, x):
+    def _forward(self, x, out=None):
         """Return ``(y, saved)``; the default normalizes over :meth:`view`
-        with the input's statistics, ``weight`` and ``bias``."""
+        with the input's statistics, ``weight`` and ``bias``.
+
+        ``out`` (checked by the caller, possibly ``x`` itself) is where
+        ``y`` goes; a subclass may leave it out of its signature, and its
+        result is then copied there (:func:`forward_into`)."""
         view = self.view(x.shape)
         size = view.K * view.J
         if self.weight is not None and self.weight.size != size:
@@ -523,16 +620,18 @@ class Normalizer:
                              f"values but the input needs {size}")
         return normalize(x, view, self.weight, self.bias, self.eps,
                          return_saved=True, variant=self.label,
-                         centered=self.centered)
+                         centered=self.centered, out=out)
 
-    def _backward(self, dy, x, saved):
+    def _backward(self, dy, x, saved, dx_out=None):
         """Return ``(dx, grads)`` for the ``saved`` record of
         :meth:`_forward`.
 
         The default is :func:`normalize_backward`, with ``grads`` holding
-        ``weight`` and ``bias`` where the layer has them.
+        ``weight`` and ``bias`` where the layer has them, and ``dx``
+        written into ``dx_out`` when given (a subclass may leave
+        ``dx_out`` out of its signature: its ``dx`` is then copied there).
         """
-        dx, dweight, dbias = normalize_backward(dy, x, saved)
+        dx, dweight, dbias = normalize_backward(dy, x, saved, dx_out=dx_out)
         grads = {name: grad for name, grad in (("weight", dweight),
                                                ("bias", dbias))
                  if getattr(self, name) is not None}
@@ -540,37 +639,84 @@ class Normalizer:
 
     # ---- the protocol ----------------------------------------------------
 
-    def forward(self, x):
-        """Normalize ``x``; remembers what the backward needs."""
+    def forward(self, x, out=None):
+        """Normalize ``x``; remembers what the backward needs.
+
+        Parameters
+        ----------
+        x : array
+            float16, float32 or float64, host or device.
+        out : array, optional
+            Where to write the result, returned: ``x``'s shape and dtype,
+            on its side (host or device), writeable, any layout; checked
+            before anything is computed or updated.  ``out=x`` normalizes
+            in place (inference with running statistics is an elementwise
+            map; with batch statistics the statistics are complete before
+            ``y`` is written); the input is then gone, so :meth:`backward`
+            of that forward raises.
+
+        Returns
+        -------
+        y : array, shape and dtype of ``x`` (``out`` when given)
+        """
         if backend.is_device_array(x):
             x = backend.as_device_array(x)
         check_input(x, "x", self.label)
+        if out is not None:
+            if backend.is_device_array(out):
+                out = backend.same_device(self.label, {"x": x, "out": out})["out"]
+            check_out(out, x, self.label)
         self._follow(x)
-        y, saved = self._forward(x)
-        self._tape = (x, saved)
+        y, saved = forward_into(self, x, out)
+        in_place = out is not None and overlap(out, x) != "none"
+        self._tape = (None if in_place else x, saved)
         return y
 
     __call__ = forward
 
-    def backward(self, dy):
+    def backward(self, dy, dx_out=None):
         """Gradient with respect to the input of the most recent forward.
 
         Sets ``self.grads`` to the parameters' gradients by name (e.g.
         ``{"weight": dweight, "bias": dbias}``; empty without parameters),
         and returns ``dx``.  Bad ``dy`` raises and leaves ``grads`` as it
         was.
+
+        Parameters
+        ----------
+        dy : array
+            Gradient with respect to the forward's output.
+        dx_out : array, optional
+            Where to write ``dx``, returned: the input's shape and dtype on
+            its side; ``dy`` itself for a backward in place.
+
+        Returns
+        -------
+        dx : array (``dx_out`` when given)
         """
         if self._tape is None:
             raise RuntimeError(f"{self.label}.backward called before any "
                                f"forward")
         x, saved = self._tape
+        if x is None:
+            raise RuntimeError(f"{self.label}.backward: the last forward wrote "
+                               f"its output over its input (out=x), and the "
+                               f"backward needs that input; run the forward "
+                               f"with another out")
         if backend.is_device_array(dy):
             dy = backend.as_device_array(dy)
         check_input(dy, "dy", f"{self.label}.backward")
         if dy.shape != x.shape:
             raise ValueError(f"{self.label}.backward: dy must have the forward "
                              f"input's shape {x.shape}, got {dy.shape}")
-        dx, self.grads = self._backward(dy, x, saved)
+        if dx_out is not None:
+            func = f"{self.label}.backward"
+            if backend.is_device_array(dx_out):
+                dx_out = backend.same_device(func, {"x": x, "dx_out": dx_out}
+                                             )["dx_out"]
+            check_out(dx_out, x, func, "dx_out")
+            check_out(dx_out, dy, func, "dx_out", "dy")
+        dx, self.grads = backward_into(self, dy, x, saved, dx_out)
         return dx
 
     def _follow(self, x):
@@ -750,20 +896,22 @@ class RunningStatsNormalizer(Normalizer):
                 update_running(getattr(self, self.spread_name), var, factor, n)
         self.num_batches_tracked += 1
 
-    def normalize_running(self, x, view):
+    def normalize_running(self, x, view, out=None):
         """Inference with the running statistics: ``(y, saved)`` of
         :func:`normalize_with_statistics` with ``running_mean`` and
-        ``1 / sqrt(running_var + eps)``."""
+        ``1 / sqrt(running_var + eps)`` (``y`` written into ``out`` when
+        given, ``x`` itself included)."""
         return normalize_with_statistics(
             x, view, self.running_mean, inverse_std(self.running_var, self.eps),
-            self.weight, self.bias, variant=self.label)
+            self.weight, self.bias, variant=self.label, out=out)
 
-    def normalize_tracked(self, x, view):
+    def normalize_tracked(self, x, view, out=None):
         """Normalize with the statistics of each group of ``view`` and, in
         training, fold them into the running statistics
-        (:meth:`update_running_stats`): ``(y, saved)``."""
+        (:meth:`update_running_stats`): ``(y, saved)`` (``y`` written into
+        ``out`` when given)."""
         y, saved = normalize(x, view, self.weight, self.bias, self.eps,
-                             return_saved=True, variant=self.label)
+                             return_saved=True, variant=self.label, out=out)
         if self.training:
             self.update_running_stats(saved.mean, saved.var, view.group_size)
         return y, saved

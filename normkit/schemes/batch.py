@@ -94,14 +94,14 @@ class BatchNorm(RunningStatsNormalizer):
                             allowed_ndim=self.allowed_ndim)
         return channel_view(shape, ax, per_sample=False)
 
-    def _forward(self, x):
+    def _forward(self, x, out=None):
         view = self.view(x.shape)
         if not self.training and self.running_mean is not None:
-            return self.normalize_running(x, view)
+            return self.normalize_running(x, view, out)
         check_batch_eps(self.eps, self.label)
         if view.group_size == 1:
             raise values_per_channel_error(x)
-        return self.normalize_tracked(x, view)
+        return self.normalize_tracked(x, view, out)
 
 
 def _for_input(shape, torch_name, axes, example):
@@ -275,13 +275,13 @@ class BatchRenorm(RunningStatsNormalizer):
                 raise ValueError(f"{self.label}: {name} must be a finite "
                                  f"number >= {low}, got {value!r}")
 
-    def _forward(self, x):
+    def _forward(self, x, out=None):
         view = self.view(x.shape)
         self.check_limits()
         if not self.training:
             return normalize_with_statistics(
                 x, view, self.running_mean, reciprocal(self.running_std),
-                self.weight, self.bias, variant=self.label)
+                self.weight, self.bias, variant=self.label, out=out)
         if view.group_size == 1:
             raise values_per_channel_error(x)
         mean, var = engine.moments(x, view)
@@ -292,7 +292,8 @@ class BatchRenorm(RunningStatsNormalizer):
         alpha, rstd = quotient(r, sigma), reciprocal(sigma)
         weight = 1.0 if self.weight is None else self.weight
         beta = shift(weight, 0.0 if self.bias is None else self.bias, d)
-        y = engine.apply_affine(x, view, mean, alpha, self.weight, beta)
+        y = engine.apply_affine(x, view, mean, alpha, self.weight, beta,
+                                out=out)
         if view.group_size:
             self.update_running_stats(mean, sigma.reshape(1, view.K), None)
         else:  # an empty batch: counted, the statistics left alone
@@ -303,17 +304,19 @@ class BatchRenorm(RunningStatsNormalizer):
                         gradients=self.gradients)
 
     @staticmethod
-    def gradients(dy, x, saved):
+    def gradients(dy, x, saved, dx_out=None):
         """Training backward: ``g = weight * r * dy`` in
         :func:`~normkit.normalize_backward`'s formula and ``dweight =
-        sum(dy * (xhat * r + d))``."""
+        sum(dy * (xhat * r + d))``; ``dx`` written into ``dx_out`` when
+        given."""
         weight = saved.weight
         gscale = saved.r if weight is None else product(weight, saved.r)
         if not saved.view.group_size:  # no values: r, d are NaN, sums 0
-            return affine_gradients(dy, x, saved, gscale)
+            return affine_gradients(dy, x, saved, gscale, dx_out=dx_out)
         return affine_gradients(dy, x, saved, gscale,
                                 lambda sum_dy, sum_dy_xhat: renorm_weight_sum(
-                                    sum_dy_xhat, saved.r, sum_dy, saved.d))
+                                    sum_dy_xhat, saved.r, sum_dy, saved.d),
+                                dx_out=dx_out)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, rmax={self.rmax}, dmax={self.dmax}"
@@ -372,12 +375,12 @@ class GhostBatchNorm(RunningStatsNormalizer):
                             min_axis=1)
         return ghost_view(shape, ax, self.virtual_batch_size)
 
-    def _forward(self, x):
+    def _forward(self, x, out=None):
         if not self.training and self.running_mean is not None:
             ax = check_channels(self.label, x.shape, self.axis,
                                 self.num_features, min_axis=1)
             return self.normalize_running(
-                x, channel_view(x.shape, ax, per_sample=False))
+                x, channel_view(x.shape, ax, per_sample=False), out)
         view = self.view(x.shape)
         check_batch_eps(self.eps, self.label)
         if view.P and view.group_size == 1:
@@ -385,7 +388,7 @@ class GhostBatchNorm(RunningStatsNormalizer):
                              f"channel in each virtual batch, got "
                              f"{view.group_size} (input size {tuple(x.shape)}, "
                              f"virtual_batch_size={self.virtual_batch_size})")
-        return self.normalize_tracked(x, view)
+        return self.normalize_tracked(x, view, out)
 
     def extra_repr(self):
         return (f"{super().extra_repr()}, "

@@ -99,19 +99,29 @@ class InstanceNorm(RunningStatsNormalizer):
                             min_axis=1, hint=hint)
         return channel_view(shape, ax, per_sample=True)
 
-    def _forward(self, x):
+    def _forward(self, x, out=None):
         if self.allowed_ndim is not None:
             check_ndim(x, self.label, allowed=self.allowed_ndim)
         if x.ndim == self.unbatched_ndim:  # a batch of one, axis as batched
-            y, saved = self._forward(x.reshape((1,) + tuple(x.shape)))
+            batched = (1,) + tuple(x.shape)
+            y, saved = self._forward(x.reshape(batched),
+                                     _batch_of_one(out, batched))
             return y.reshape(x.shape), saved.replace(shape=tuple(x.shape))
         view = self.view(x.shape)
         if not self.training and self.running_mean is not None:
-            return self.normalize_running(x, view)
+            return self.normalize_running(x, view, out)
         if view.group_size == 1:
             raise ValueError("Expected more than 1 spatial element when "
                              f"training, got input size {tuple(x.shape)}")
-        return self.normalize_tracked(x, view)
+        return self.normalize_tracked(x, view, out)
+
+
+def _batch_of_one(out, batched):
+    """``out`` viewed as a batch of one (None when a device array cannot be
+    viewed so: the result is then copied into ``out``)."""
+    if out is None or isinstance(out, np.ndarray):
+        return None if out is None else out[None]
+    return out.reshape(batched) if out.is_c_contiguous() else None
 
 
 class InstanceNorm1d(InstanceNorm):
@@ -358,8 +368,8 @@ class RMSNorm(LayerNorm):
     def extra_repr(self):
         return f"{self.normalized_shape}, eps={self.eps}"
 
-    def _forward(self, x):
+    def _forward(self, x, out=None):
         view = self.view(x.shape)
         eps = float(np.finfo(x.dtype).eps) if self.eps is None else self.eps
         return normalize(x, view, self.weight, None, eps, return_saved=True,
-                         variant=self.label, centered=False)
+                         variant=self.label, centered=False, out=out)

@@ -117,23 +117,24 @@ class WeightNorm(Reparametrization):
         self.g = np.sqrt(view.group_size * mean_square).reshape(-1)
         return self
 
-    def _forward(self, v):
+    def _forward(self, v, out=None):
         view = self._checked_view(v, self.label)
         gain = product(self.g, _inverse_sqrt(view.group_size))
         return normalize(v, view, gain, None, 0.0, return_saved=True,
-                         variant=self.label, centered=False)
+                         variant=self.label, centered=False, out=out)
 
     @staticmethod
-    def gradients(dw, v, saved, variant=None):
+    def gradients(dw, v, saved, variant=None, dx_out=None):
         """``(dv, dg)``: with ``vhat = v / ||v||`` per unit, ``dg =
         sum(dw * vhat)`` and ``dv = g / ||v|| * (dw - vhat * sum(dw *
         vhat))``, the engine's uncentered backward with gain ``g /
-        sqrt(n)``."""
-        dv, dgain, _ = normalize_backward(dw, v, saved, variant)
+        sqrt(n)`` (``dv`` written into ``dx_out`` when given)."""
+        dv, dgain, _ = normalize_backward(dw, v, saved, variant,
+                                          dx_out=dx_out)
         return dv, product(dgain, _inverse_sqrt(saved.view.group_size))
 
-    def _backward(self, dw, v, saved):
-        dv, dg = self.gradients(dw, v, saved)
+    def _backward(self, dw, v, saved, dx_out=None):
+        dv, dg = self.gradients(dw, v, saved, dx_out=dx_out)
         return dv, {"g": cast(dg, self.g.shape, self.g.dtype)}
 
     def extra_repr(self):

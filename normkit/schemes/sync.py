@@ -183,7 +183,7 @@ def send_failure(communicator, num_features, backward=False):
         communicator.allgather(np.full((3, num_features), _FAILED))
 
 
-def sync_gradients(dy, x, saved, sending=None):
+def sync_gradients(dy, x, saved, sending=None, *, dx_out=None):
     """Backward of a synchronized forward: ``(dx, dweight, dbias)``.
 
     One all-reduce of ``(sum g*dy, sum g*dy*xhat)`` per channel (and one
@@ -191,7 +191,8 @@ def sync_gradients(dy, x, saved, sending=None):
     global count of the forward.  ``dweight`` and ``dbias`` are this rank's
     contributions (``sum dy * xhat`` and ``sum dy`` over its slice), as in
     PyTorch: sum them over ranks with the other parameters' gradients
-    (what DistributedDataParallel does).
+    (what DistributedDataParallel does).  ``dx`` is written into
+    ``dx_out`` when given.
     """
     comm = saved.extras["communicator"]
     count = saved.extras["count"]
@@ -220,7 +221,8 @@ def sync_gradients(dy, x, saved, sending=None):
     if on_device and not device_comm:
         s0, s1 = backend.to_device(s0), backend.to_device(s1)
     dx = engine.dx_from_sums(dy, x, view, saved.mean, saved.rstd, gscale,
-                             (s0.reshape(1, K), s1.reshape(1, K)), count)
+                             (s0.reshape(1, K), s1.reshape(1, K)), count,
+                             out=dx_out)
     dweight = dbias = None
     if weight is not None:
         dweight = cast(sum_dy_xhat, weight.shape, weight.dtype)
@@ -312,13 +314,15 @@ class SyncBatchNorm(BatchNorm):
     def _syncing(self):
         return self.training and self.communicator.size > 1
 
-    def forward(self, x):
-        """Normalize this rank's slice ``x`` with the global statistics."""
+    def forward(self, x, out=None):
+        """Normalize this rank's slice ``x`` with the global statistics
+        (written into ``out`` when given, as :meth:`Normalizer.forward
+        <normkit.schemes.Normalizer.forward>`)."""
         if not self._syncing():
-            return super().forward(x)
+            return super().forward(x, out)
         self._owed = "forward"
         try:
-            return super().forward(x)
+            return super().forward(x, out)
         except Exception:
             if self._owed == "forward":
                 send_failure(self.communicator, self.num_features)
@@ -328,17 +332,17 @@ class SyncBatchNorm(BatchNorm):
 
     __call__ = forward
 
-    def backward(self, dy):
+    def backward(self, dy, dx_out=None):
         """Gradient with respect to this rank's slice (see
-        :func:`sync_gradients`)."""
+        :func:`sync_gradients`), written into ``dx_out`` when given."""
         tape = self._tape
         owes = (tape[1].extras.get("communicator") is not None
                 if tape is not None else self._syncing())
         if not owes:
-            return super().backward(dy)
+            return super().backward(dy, dx_out)
         self._owed = "backward"
         try:
-            return super().backward(dy)
+            return super().backward(dy, dx_out)
         except Exception:
             if self._owed == "backward":
                 send_failure(self.communicator, self.num_features, True)
@@ -346,9 +350,9 @@ class SyncBatchNorm(BatchNorm):
         finally:
             self._owed = None
 
-    def _forward(self, x):
+    def _forward(self, x, out=None):
         if not self.training:
-            return super()._forward(x)
+            return super()._forward(x, out)
         view = self.view(x.shape)
         comm = self.communicator
         mean, var, count, rstd = _sync(x, view, comm, self.eps, self.label,
@@ -359,7 +363,8 @@ class SyncBatchNorm(BatchNorm):
                              f"rank(s) (input size {tuple(x.shape)} here)")
         self.update_running_stats(mean, var, count)
         y, saved = normalize_with_statistics(x, view, mean, rstd, self.weight,
-                                             self.bias, variant=self.label)
+                                             self.bias, variant=self.label,
+                                             out=out)
         return y, saved.replace(batch_stats=True, var=var,
                                 extras={"communicator": comm, "count": count},
                                 gradients=sync_gradients)
@@ -367,11 +372,12 @@ class SyncBatchNorm(BatchNorm):
     def _paid(self):
         self._owed = None
 
-    def _backward(self, dy, x, saved):
+    def _backward(self, dy, x, saved, dx_out=None):
         if saved.gradients is not sync_gradients:
-            return super()._backward(dy, x, saved)
+            return super()._backward(dy, x, saved, dx_out)
         dy, x = check_backward(f"{self.label}.backward", dy, x, saved)
-        dx, dweight, dbias = sync_gradients(dy, x, saved, self._paid)
+        dx, dweight, dbias = sync_gradients(dy, x, saved, self._paid,
+                                            dx_out=dx_out)
         grads = {name: grad for name, grad in (("weight", dweight),
                                                ("bias", dbias))
                  if getattr(self, name) is not None}

@@ -36,8 +36,23 @@ flags, the gradient function).  The record is therefore split in two:
 
 The backward joins the two again: the cached layout, the tensors saved by
 autograd, and NumPy views of the parameters as they are now.
+
+Memory and streams
+------------------
+The tensors the operators return (``y``, ``dx``) are allocated by torch
+(``torch.empty`` on the input's device and in its memory format: torch's
+caching allocator on CUDA) and handed to the scheme as ``out`` /
+``dx_out`` (:func:`normkit.schemes.base.forward_into`), so the kernels
+write them directly; the input reaches the kernels without a copy.  On
+CUDA every launch, allocation and host <-> device copy of normkit runs on
+torch's current stream of the input's device
+(:func:`normkit.backend.cuda.launch_stream` with
+``numba.cuda.external_stream``), so it is ordered with torch's own work
+without synchronizing, and tensors are imported without Numba's
+per-array synchronization (``as_cuda_array(..., sync=False)``).
 """
 
+import contextlib
 import itertools
 import math
 import weakref
@@ -45,7 +60,8 @@ import weakref
 import numpy as np
 import torch
 
-from ..schemes.base import Saved
+from .. import backend
+from ..schemes.base import Saved, backward_into, forward_into
 
 __all__ = ["scheme_forward", "scheme_backward", "register_scheme",
            "NormkitInputError"]
@@ -118,9 +134,11 @@ def _bind(entry, training, state, channels_last):
 def _channels_last(x, entry):
     """True when ``x`` is handed to the kernels as its channels-last view:
     a 4-D or 5-D tensor laid out channels-last but not contiguous, for a
-    scheme with a channel ``axis`` (1, switched to -1 for the view)."""
+    scheme with a channel ``axis`` (1, switched to -1 for the view), unless
+    it is the scheme's unbatched input (no batch axis to keep first)."""
     if (not entry.channel_axis or x.dim() not in (4, 5)
-            or x.is_contiguous()):
+            or x.is_contiguous()
+            or x.dim() == getattr(entry.scheme, "unbatched_ndim", None)):
         return False
     fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     return x.is_contiguous(memory_format=fmt)
@@ -145,8 +163,42 @@ def _array(t, channels_last=False):
         t = t.float()
     if t.is_cuda:
         from numba import cuda
-        return cuda.as_cuda_array(t)
+        # no synchronization on import: normkit's work is queued on torch's
+        # current stream (_torch_stream), after whatever produced t
+        return cuda.as_cuda_array(t, sync=False)
     return t.numpy()
+
+
+def _output(like, entry):
+    """A torch-allocated result for input ``like`` (its shape, device and
+    memory format, :func:`_empty_like_input`), the buffer the kernels
+    write into (the same tensor, or a float32 one for bfloat16, which
+    NumPy and Numba lack), and a function returning the result once
+    they have."""
+    result = _empty_like_input(like, entry)
+    if result.dtype != torch.bfloat16:
+        return result, result, lambda: result
+    work = torch.empty_like(result, dtype=torch.float32)
+    return result, work, lambda: result.copy_(work)
+
+
+@contextlib.contextmanager
+def _torch_stream(x):
+    """For a CUDA tensor ``x``: run normkit's launches, allocations and
+    copies inside the block on torch's current stream of ``x``'s device
+    (with that device current for Numba); nothing for CPU tensors."""
+    if not x.is_cuda:
+        yield
+        return
+    from numba import cuda
+    from ..backend.cuda import launch_stream
+    index = x.device.index
+    if index is None:
+        index = torch.cuda.current_device()
+    with cuda.gpus[index]:
+        stream = torch.cuda.current_stream(x.device)
+        with launch_stream(cuda.external_stream(stream.cuda_stream)):
+            yield
 
 
 def _tensor(a, like, channels_last=False, dtype=None):
@@ -191,20 +243,6 @@ def _state(entry, params, buffers):
     return state, write_back
 
 
-def _sync_stream(x, after=False):
-    """normkit's CUDA kernels run on the legacy default stream: when
-    torch's current stream is another one, wait for it before the kernels
-    and for the kernels (``after``) before returning to it."""
-    if x.is_cuda:
-        stream = torch.cuda.current_stream(x.device)
-        if stream != torch.cuda.default_stream(x.device):
-            if after:
-                from numba import cuda
-                cuda.synchronize()
-            else:
-                stream.synchronize()
-
-
 # --------------------------------------------------------------------------
 # the Saved record as tensors
 # --------------------------------------------------------------------------
@@ -218,7 +256,7 @@ def _layout_key(x, training, entry):
 def _host64(a):
     if isinstance(a, np.ndarray) or np.isscalar(a):
         return np.asarray(a, np.float64)
-    return np.asarray(a.copy_to_host(), np.float64)
+    return np.asarray(backend.to_host(a), np.float64)  # on the launch stream
 
 
 def _pack(saved):
@@ -256,8 +294,7 @@ def _unpack(layout, mean, rstd, aux, weight):
     def place(a, dtype):
         a = a.astype(dtype, copy=False)
         if mean.is_cuda:
-            from numba import cuda
-            return cuda.to_device(np.ascontiguousarray(a))
+            return backend.to_device(a)  # on the launch stream
         return a
 
     fields, extras = {}, dict(layout["skeleton"].extras)
@@ -316,27 +353,28 @@ def scheme_forward(x: torch.Tensor, params: list[torch.Tensor],
     channels_last = _channels_last(x, entry)
     if not channels_last and not x.is_contiguous():
         x = x.contiguous()
-    _sync_stream(x)
+    y, work, finish = _output(x, entry)
     buffers = [b.clone() for b in buffers]
-    state, write_back = _state(entry, params, buffers)
-    scheme = _bind(entry, training, state, channels_last)
-    y, saved = scheme._forward(_array(x, channels_last))
-    _sync_stream(x, after=True)
-    for t, name in write_back:
-        value = getattr(scheme, name)
-        if isinstance(value, (int, np.integer)):
-            t.fill_(int(value))
-        else:
-            t.copy_(_tensor(value, t))
-    if not isinstance(saved, Saved):
-        raise TypeError(f"{scheme.label}: normkit.torch needs a scheme whose "
-                        f"_forward returns a normkit.Saved record, got "
-                        f"{type(saved).__name__}")
-    mean, rstd, aux, layout = _pack(saved)
+    with _torch_stream(x):
+        state, write_back = _state(entry, params, buffers)
+        scheme = _bind(entry, training, state, channels_last)
+        _, saved = forward_into(scheme, _array(x, channels_last),
+                                _array(work, channels_last))
+        for t, name in write_back:
+            value = getattr(scheme, name)
+            if isinstance(value, (int, np.integer)):
+                t.fill_(int(value))
+            else:
+                t.copy_(_tensor(value, t))
+        if not isinstance(saved, Saved):
+            raise TypeError(f"{scheme.label}: normkit.torch needs a scheme "
+                            f"whose _forward returns a normkit.Saved record, "
+                            f"got {type(saved).__name__}")
+        mean, rstd, aux, layout = _pack(saved)
     entry.layouts[_layout_key(x, training, entry)] = layout
     stats = [torch.from_numpy(np.array(a, np.float64)).to(x.device)
              for a in (mean, rstd, aux)]
-    return (_tensor(y, x, channels_last), *stats, buffers)
+    return (finish(), *stats, buffers)
 
 
 @scheme_forward.register_fake
@@ -364,18 +402,19 @@ def scheme_backward(dy: torch.Tensor, x: torch.Tensor,
     if channels_last:
         fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         dy = dy.contiguous(memory_format=fmt)
-    _sync_stream(x)
-    state = {name: _array(t) for name, t in zip(entry.param_names, params)}
-    scheme = _bind(entry, training, state, channels_last)
-    saved = _unpack(layout, mean, rstd, aux, state.get("weight"))
-    dx, grads = scheme._backward(_array(dy, channels_last),
-                                 _array(x, channels_last), saved)
-    _sync_stream(x, after=True)
-    out = [_tensor(dx, x, channels_last)]
-    for name, t in zip(entry.param_names, params):
-        grad = grads.get(name)
-        out.append(torch.zeros_like(t) if grad is None
-                   else _tensor(grad, t).reshape(t.shape))
+    dx, work, finish = _output(x, entry)
+    with _torch_stream(x):
+        state = {name: _array(t) for name, t in zip(entry.param_names, params)}
+        scheme = _bind(entry, training, state, channels_last)
+        saved = _unpack(layout, mean, rstd, aux, state.get("weight"))
+        _, grads = backward_into(scheme, _array(dy, channels_last),
+                                 _array(x, channels_last), saved,
+                                 _array(work, channels_last))
+        out = [finish()]
+        for name, t in zip(entry.param_names, params):
+            grad = grads.get(name)
+            out.append(torch.zeros_like(t) if grad is None
+                       else _tensor(grad, t).reshape(t.shape))
     return out
 
 

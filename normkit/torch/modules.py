@@ -306,6 +306,8 @@ class BatchNorm3d(_BatchNorm):
 
 
 class _InstanceNorm(SchemeModule):
+    scheme_class = schemes.InstanceNorm
+
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
                  track_running_stats=False, device=None, dtype=None):
         self.num_features = num_features
@@ -314,7 +316,7 @@ class _InstanceNorm(SchemeModule):
         # torch's InstanceNorm never counts batches and reads momentum=None
         # as 0: the counter stays a buffer (for state_dict) but is not
         # handed to the scheme
-        super().__init__(schemes.InstanceNorm(
+        super().__init__(self.scheme_class(
             num_features, eps, 0.0 if momentum is None else momentum, affine,
             track_running_stats), device=device, dtype=dtype)
         self._buffer_names = tuple(name for name in self._buffer_names
@@ -324,8 +326,8 @@ class _InstanceNorm(SchemeModule):
 
 
 class InstanceNorm1d(_InstanceNorm):
-    """``torch.nn.InstanceNorm1d`` on normkit's kernels: (N, C, L) (the
-    unbatched (C, L) form of torch is not accepted).
+    """``torch.nn.InstanceNorm1d`` on normkit's kernels: (N, C, L), or
+    unbatched (C, L) as torch accepts it (normalized as a batch of one).
 
     Parameters
     ----------
@@ -342,13 +344,17 @@ class InstanceNorm1d(_InstanceNorm):
     >>> import normkit.torch
     >>> normkit.torch.InstanceNorm1d(3)(torch.randn(2, 3, 6)).shape
     torch.Size([2, 3, 6])
+    >>> normkit.torch.InstanceNorm1d(3)(torch.randn(3, 6)).shape   # (C, L)
+    torch.Size([3, 6])
     """
 
-    expected_ndim = (3,)
+    scheme_class = schemes.InstanceNorm1d
+    expected_ndim = (2, 3)
 
 
 class InstanceNorm2d(_InstanceNorm):
-    """``torch.nn.InstanceNorm2d`` on normkit's kernels: (N, C, H, W).
+    """``torch.nn.InstanceNorm2d`` on normkit's kernels: (N, C, H, W), or
+    unbatched (C, H, W).
 
     Parameters
     ----------
@@ -367,11 +373,13 @@ class InstanceNorm2d(_InstanceNorm):
     torch.Size([2, 3, 4, 4])
     """
 
-    expected_ndim = (4,)
+    scheme_class = schemes.InstanceNorm2d
+    expected_ndim = (3, 4)
 
 
 class InstanceNorm3d(_InstanceNorm):
-    """``torch.nn.InstanceNorm3d`` on normkit's kernels: (N, C, D, H, W).
+    """``torch.nn.InstanceNorm3d`` on normkit's kernels: (N, C, D, H, W),
+    or unbatched (C, D, H, W).
 
     Parameters
     ----------
@@ -390,7 +398,8 @@ class InstanceNorm3d(_InstanceNorm):
     torch.Size([2, 2, 3, 3, 3])
     """
 
-    expected_ndim = (5,)
+    scheme_class = schemes.InstanceNorm3d
+    expected_ndim = (4, 5)
 
 
 class LayerNorm(SchemeModule):
