@@ -253,12 +253,17 @@ def test_contiguous_cpu_input_is_not_copied():
     assert Recorder.seen[-1] == (x.data_ptr(), (4, 3, 5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_outputs_are_torch_allocated_and_written_by_the_kernels(channels_last):
+def test_outputs_are_torch_allocated_and_written_by_the_kernels(channels_last,
+                                                                dtype):
     """The forward's ``y`` and the backward's ``dx`` are tensors torch
     allocated (in the input's memory format), handed to the scheme as
     ``out`` / ``dx_out`` and written there by the kernels; the input
-    reaches the kernels as its own memory."""
+    reaches the kernels as its own memory (float16 and, with ml_dtypes,
+    bfloat16 too: no widened copy)."""
+    if dtype is torch.bfloat16:
+        pytest.importorskip("ml_dtypes")
     bn = nkt.BatchNorm2d(3)
     seen = {}
     scheme_type = type(bn.scheme)
@@ -272,7 +277,7 @@ def test_outputs_are_torch_allocated_and_written_by_the_kernels(channels_last):
         seen["dx_out"] = dx_out.ctypes.data
         return backward(self, dy, x, saved, dx_out=dx_out)
 
-    x = torch.randn(4, 3, 5, 6)
+    x = torch.randn(4, 3, 5, 6).to(dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     x.requires_grad_(True)
@@ -285,12 +290,13 @@ def test_outputs_are_torch_allocated_and_written_by_the_kernels(channels_last):
     assert seen["out"] == y.data_ptr()
     assert seen["dx_out"] == x.grad.data_ptr()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    assert y.is_contiguous(memory_format=fmt)
+    assert y.is_contiguous(memory_format=fmt) and y.dtype == dtype
     reference = nn.BatchNorm2d(3)
-    x2 = x.detach().clone().requires_grad_(True)
-    torch.testing.assert_close(y, reference(x2))
-    reference(x2).backward(torch.ones_like(y))
-    torch.testing.assert_close(x.grad, x2.grad)
+    x2 = x.detach().float().requires_grad_(True)
+    tolerance = {} if dtype is torch.float32 else {"rtol": 0, "atol": 2e-2}
+    torch.testing.assert_close(y.float(), reference(x2), **tolerance)
+    reference(x2).backward(torch.ones_like(x2))
+    torch.testing.assert_close(x.grad.float(), x2.grad, **tolerance)
 
 
 def test_unbatched_instance_norm_matches_torch():

@@ -69,7 +69,28 @@ __all__ = ["scheme_forward", "scheme_backward", "register_scheme",
 _SAVED_ARRAYS = ("var", "r", "d")
 
 #: The NumPy dtype the kernels see for each tensor dtype.
-_NUMPY_DTYPES = {torch.float16: np.float16, torch.bfloat16: np.float32,
+def _bfloat16_dtype():
+    """``ml_dtypes``' bfloat16 NumPy dtype (the kernels read it in place),
+    or None without ``ml_dtypes``."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+#: NumPy's view of torch.bfloat16 on the CPU, when ml_dtypes is installed.
+_BFLOAT16 = _bfloat16_dtype()
+
+
+def _in_place(t):
+    """Whether the kernels read and write ``t``'s memory as it is: every
+    dtype but bfloat16 on a GPU, or without ``ml_dtypes``."""
+    return t.dtype != torch.bfloat16 or (not t.is_cuda and _BFLOAT16 is not None)
+
+
+_NUMPY_DTYPES = {torch.float16: np.float16,
+                 torch.bfloat16: np.float32 if _BFLOAT16 is None else _BFLOAT16,
                  torch.float32: np.float32, torch.float64: np.float64}
 
 
@@ -155,11 +176,14 @@ def _inverse_perm(ndim):
 def _array(t, channels_last=False):
     """A NumPy view (CPU) or Numba device array (CUDA) of ``t``'s memory;
     ``channels_last``: of the (N, spatial..., C) permutation.  bfloat16 is
-    widened to float32 (one copy: NumPy has no bfloat16)."""
+    viewed as ``ml_dtypes.bfloat16`` on the CPU, and widened to float32
+    (one copy) on a GPU or without ``ml_dtypes``."""
     t = t.detach()
     if channels_last:
         t = t.permute(_perm(t.dim()))
     if t.dtype == torch.bfloat16:
+        if _in_place(t):
+            return t.view(torch.int16).numpy().view(_BFLOAT16)
         t = t.float()
     if t.is_cuda:
         from numba import cuda
@@ -172,11 +196,11 @@ def _array(t, channels_last=False):
 def _output(like, entry):
     """A torch-allocated result for input ``like`` (its shape, device and
     memory format, :func:`_empty_like_input`), the buffer the kernels
-    write into (the same tensor, or a float32 one for bfloat16, which
-    NumPy and Numba lack), and a function returning the result once
-    they have."""
+    write into (the same tensor, or a float32 one where bfloat16 cannot be
+    read in place, :func:`_in_place`), and a function returning the result
+    once they have."""
     result = _empty_like_input(like, entry)
-    if result.dtype != torch.bfloat16:
+    if _in_place(result):
         return result, result, lambda: result
     work = torch.empty_like(result, dtype=torch.float32)
     return result, work, lambda: result.copy_(work)
@@ -204,7 +228,10 @@ def _torch_stream(x):
 def _tensor(a, like, channels_last=False, dtype=None):
     """``a`` (a kernel result) as a tensor on ``like``'s device, without a
     copy where possible; ``channels_last`` permutes back."""
-    if isinstance(a, np.ndarray):
+    if isinstance(a, np.ndarray) and a.dtype == _BFLOAT16:
+        t = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(
+            torch.bfloat16)
+    elif isinstance(a, np.ndarray):
         t = torch.from_numpy(np.ascontiguousarray(a))
     else:
         t = torch.as_tensor(a, device=like.device)
@@ -238,7 +265,7 @@ def _state(entry, params, buffers):
             write_back.append((t, name))
         else:
             state[name] = _array(t)
-            if t.dtype == torch.bfloat16:
+            if not _in_place(t):
                 write_back.append((t, name))
     return state, write_back
 
