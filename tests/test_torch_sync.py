@@ -32,7 +32,8 @@ from sync_checks import ThreadGroup  # noqa: E402
 from test_distributed import _run  # noqa: E402
 
 IN_PROCESS = [s for s in checks.SCENARIOS
-              if s[0] is not checks.ddp_step_matches_one_process]
+              if s[0] not in (checks.ddp_step_matches_one_process,
+                              checks.compiled_matches_eager)]
 
 
 @pytest.mark.parametrize("size", [2, 3])
@@ -44,7 +45,7 @@ def test_threads(scenario, size):
 
 
 @pytest.mark.parametrize("nprocs, keep", [
-    (2, []),                                            # every scenario, DDP
+    (2, []),                                # every scenario, DDP, compile
     (3, ["unequal-contiguous-float64", "empty-channels_last-float32",
          "counts", "bad_input", "forwards_then", "ddp"]),
 ])
@@ -53,6 +54,8 @@ def test_gloo_processes(nprocs, keep):
                 str(nprocs)] + keep, 240, {})
     assert f"all {nprocs} ranks passed" in out, out[-3000:]
     assert out.count(": ok ddp_step") == nprocs, out[-3000:]
+    if not keep:
+        assert out.count(": ok compiled_matches_eager") == nprocs, out[-3000:]
 
 
 # --------------------------------------------------------------------------

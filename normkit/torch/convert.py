@@ -153,7 +153,7 @@ def convert_sync_batchnorm(model, process_group=None):
     returned converted), as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``
     does.  Convert before wrapping the model in
     ``DistributedDataParallel``; ``init_process_group`` may come later
-    (the communicator is made at the first training forward).
+    (the communicator is made at its first use).
 
     Parameters
     ----------

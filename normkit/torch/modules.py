@@ -9,8 +9,6 @@ through the custom operators of :mod:`normkit.torch._ops`.  The named
 classes below take the constructor arguments of torch's modules.
 """
 
-import copy
-
 import numpy as np
 import torch
 from torch import nn
@@ -344,19 +342,20 @@ class SyncBatchNorm(_BatchNorm):
     running statistics like every other rank; more than one value per
     channel is needed over all ranks.
 
-    The communicator is made at the first training forward, so the module
-    can be built (and converted) before ``init_process_group``: from
-    ``process_group`` (default: the world group) with
-    :func:`normkit.distributed.from_torch`.  While ``torch.distributed``
-    is not initialized, the module is BatchNorm on the local batch (as
-    torch's).
+    The communicator (:func:`normkit.distributed.from_torch` over
+    ``process_group``, default the world group) is made at its first use,
+    inside the operator, so the module can be built (and converted) before
+    ``init_process_group``, and a compiled model makes it at run time too.
+    While ``torch.distributed`` is not initialized, the module is
+    BatchNorm on the local batch (as torch's).
 
     Errors: an input this module rejects (not a float tensor, another
     device than the parameters, fewer than 2 dimensions, another number of
     channels) raises on its rank, which still joins the step's collective
     with a failure flag, so that every other rank raises a
     ``RuntimeError`` naming it instead of waiting (nothing is updated
-    anywhere).  A rank that never reaches the module leaves the others in
+    anywhere; eager mode: under ``torch.compile`` the bad rank fails while
+    tracing, and the others wait for the group's ``timeout``).  A rank that never reaches the module leaves the others in
     the collective until the process group's ``timeout``.
 
     Parameters
@@ -398,43 +397,28 @@ class SyncBatchNorm(_BatchNorm):
         self.process_group = process_group
         super().__init__(num_features, eps, momentum, affine,
                          track_running_stats, device=device, dtype=dtype)
-        if communicator is not None:
-            self.scheme.communicator = distributed.check_communicator(
-                communicator, "SyncBatchNorm")
-        self._given = communicator is not None
-        self._from_group = None
-
-    def _communicator(self):
-        """The communicator of this step: the one given, else (made once)
-        ``from_torch(process_group)`` when ``torch.distributed`` is
-        initialized, else one process."""
-        if not self._given:
-            if self._from_group is None:
-                dist = torch.distributed
-                if not (dist.is_available() and dist.is_initialized()):
-                    self.scheme.communicator = distributed.local()
-                    return self.scheme.communicator
-                self._from_group = distributed.from_torch(self.process_group)
-            self.scheme.communicator = self._from_group
-        return self.scheme.communicator
+        self.scheme.communicator = (
+            _GroupCommunicator(process_group) if communicator is None
+            else distributed.check_communicator(communicator, "SyncBatchNorm"))
 
     def _check(self, x):
         if isinstance(x, torch.Tensor) and x.dim() < 2:
             raise ValueError(f"{type(self).__name__}: expected at least 2D "
                              f"input (got {x.dim()}D input)")
         super()._check(x)
-        self.scheme.view(tuple(x.shape))          # the number of channels
 
     def forward(self, input):
         """Normalize this rank's slice ``input`` with the statistics of
         every rank's slice (training) or the running ones."""
-        comm = self._communicator()
-        if self.training and comm.size > 1:
-            try:
-                self._check(input)
-            except Exception:
-                send_failure(comm, self.num_features)   # the others raise
-                raise
+        if self.training and not torch.compiler.is_compiling():
+            comm = self.scheme.communicator
+            if comm.size > 1:
+                try:
+                    self._check(input)
+                    self.scheme.view(tuple(input.shape))    # channels
+                except Exception:
+                    send_failure(comm, self.num_features)   # the others raise
+                    raise
         return super().forward(input)
 
     @classmethod
@@ -468,16 +452,45 @@ class SyncBatchNorm(_BatchNorm):
                 f"momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}")
 
-    def __getstate__(self):
-        # a torch.distributed communicator does not travel (copies and
-        # pickles make their own at their first training forward)
-        state = super().__getstate__()
-        if not state.get("_given"):
-            state["_from_group"] = None
-            scheme = copy.copy(state["scheme"])
-            scheme.communicator = distributed.local()
-            state["scheme"] = scheme
-        return state
+
+class _GroupCommunicator:
+    """The communicator of a ``torch.distributed`` process group, made when
+    first used (inside the operator, so also under ``torch.compile``):
+    :func:`normkit.distributed.from_torch` once ``torch.distributed`` is
+    initialized, one process (:func:`normkit.distributed.local`) until
+    then.  Copies and pickles carry the group, not the connection."""
+
+    def __init__(self, group=None):
+        self.group = group
+        self._inner = None
+
+    @property
+    def inner(self):
+        if self._inner is None:
+            dist = torch.distributed
+            if not (dist.is_available() and dist.is_initialized()):
+                return distributed.local()
+            self._inner = distributed.from_torch(self.group)
+        return self._inner
+
+    rank = property(lambda self: self.inner.rank)
+    size = property(lambda self: self.inner.size)
+    device_arrays = property(lambda self: self.inner.device_arrays)
+
+    def allgather(self, a):
+        return self.inner.allgather(a)
+
+    def allreduce(self, a):
+        return self.inner.allreduce(a)
+
+    def __reduce__(self):
+        return type(self), (self.group,)
+
+    def __deepcopy__(self, memo):
+        return type(self)(self.group)
+
+    def __repr__(self):
+        return f"process_group({self.group!r})"
 
 
 class _InstanceNorm(SchemeModule):
