@@ -116,7 +116,9 @@ def _interleaved(comm, cases):
 def run_torch(comm):
     """A training step (forward, backward through autograd) of
     normkit.torch.SyncBatchNorm against normkit.torch.BatchNorm2d and
-    torch.nn.BatchNorm2d on this rank's slice."""
+    torch.nn.BatchNorm2d on this rank's slice, the step's two collectives
+    alone, and a normkit.torch.BatchNorm2d step with those collectives
+    after its forward and its backward."""
     import numba
     import torch
     import normkit.torch as nkt
@@ -137,7 +139,20 @@ def run_torch(comm):
                 layer(x).backward(dy)
             return call
 
-        med = _interleaved(comm, {k: step(v) for k, v in layers.items()})
+        cases = {k: step(v) for k, v in layers.items()}
+        gather, reduce = np.zeros((3, C)), np.zeros(2 * C + comm.size)
+        cases["collectives"] = lambda: (comm.allgather(gather),
+                                        comm.allreduce(reduce))
+
+        def batchnorm_then_collectives(layer=layers["batchnorm"]):
+            x.grad = None
+            y = layer(x)
+            comm.allgather(gather)
+            y.backward(dy)
+            comm.allreduce(reduce)
+
+        cases["batchnorm_then_collectives"] = batchnorm_then_collectives
+        med = _interleaved(comm, cases)
         row = dict(transport="gloo", modules="normkit.torch", C=C,
                    shape=list(shape), ranks=comm.size, steps=STEPS,
                    **{f"{k}_ms": round(v, 4) for k, v in med.items()},
