@@ -309,8 +309,9 @@ class BatchNorm3d(_BatchNorm):
 
 class SyncBatchNorm(_BatchNorm):
     """``torch.nn.SyncBatchNorm`` on normkit's kernels: BatchNorm over a
-    batch split across the processes of ``process_group``, on the CPU
-    (gloo) as on the GPU.
+    batch split across the processes of ``process_group``, CPU tensors
+    over gloo included (CUDA tensors go through the same operator, with
+    NCCL moving the per-channel arrays on the device).
 
     In training every rank normalizes its slice with the mean and biased
     variance of the global batch,
@@ -354,9 +355,9 @@ class SyncBatchNorm(_BatchNorm):
     channels) raises on its rank, which still joins the step's collective
     with a failure flag, so that every other rank raises a
     ``RuntimeError`` naming it instead of waiting (nothing is updated
-    anywhere; eager mode: under ``torch.compile`` the bad rank fails while
-    tracing, and the others wait for the group's ``timeout``).  A rank that never reaches the module leaves the others in
-    the collective until the process group's ``timeout``.
+    anywhere).  That is eager mode: under ``torch.compile`` the bad rank
+    fails while tracing, and the others wait for the group's
+    ``timeout``, as they do for a rank that never reaches the module.
 
     Parameters
     ----------
