@@ -138,8 +138,10 @@ def test_convert_sync_batchnorm_carries_everything():
     for name in ("1", "2.0", "2.1", "3", "6"):
         layer = model.get_submodule(name)
         assert isinstance(layer, nkt.SyncBatchNorm), name
-        assert not layer.training and layer.running_mean is None or \
-            layer.running_mean.dtype == torch.float64
+        assert not layer.training, name
+        assert all(t.dtype == torch.float64 for t in
+                   list(layer.parameters()) + list(layer.buffers())
+                   if t.is_floating_point()), name
     for name in ("0", "4", "5"):
         assert type(model.get_submodule(name)) is types[name]
     after = model.state_dict()
