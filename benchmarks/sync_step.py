@@ -12,6 +12,13 @@ torch.distributed with gloo:
     mpiexec -n 2 python benchmarks/sync_step.py mpi
     python benchmarks/sync_step.py gloo          # spawns 2 processes
 
+``torch`` mode (2 gloo processes too) times a training step through
+autograd of the torch modules instead: normkit.torch.SyncBatchNorm over
+the world group against normkit.torch.BatchNorm2d (and torch's own
+torch.nn.BatchNorm2d) on the same local slice:
+
+    python benchmarks/sync_step.py torch
+
 Each rank runs its kernels on one Numba thread (2 processes on 2 cores;
 set NUMBA_NUM_THREADS=1 too, so that no idle pool threads spin).
 Prints one line per configuration (rank 0; the medians are of the slower
@@ -91,14 +98,82 @@ def run(comm, kind):
     return rows
 
 
-def _gloo_rank(rank, port):
+def _interleaved(comm, cases):
+    """Median (ms) of the slower rank's time per call of each case, the
+    cases run in turn at every step, the ranks lined up before each."""
+    times = {name: [] for name in cases}
+    for step in range(WARMUP + STEPS):
+        for name, case in cases.items():
+            comm.allreduce(np.zeros(1))
+            t0 = time.perf_counter()
+            case()
+            t1 = time.perf_counter()
+            if step >= WARMUP:
+                times[name].append(t1 - t0)
+    return {k: _median_max(comm, v) * 1e3 for k, v in times.items()}
+
+
+def run_torch(comm):
+    """A training step (forward, backward through autograd) of
+    normkit.torch.SyncBatchNorm against normkit.torch.BatchNorm2d and
+    torch.nn.BatchNorm2d on this rank's slice, the step's two collectives
+    alone, and a normkit.torch.BatchNorm2d step with those collectives
+    after its forward and its backward."""
+    import numba
+    import torch
+    import normkit.torch as nkt
+    numba.set_num_threads(1)
+    torch.set_num_threads(1)
+    rows = []
+    for C, shape in CONFIGS:
+        g = torch.Generator().manual_seed(comm.rank)
+        x = torch.randn(shape, generator=g).requires_grad_()
+        dy = torch.randn(shape, generator=g)
+        layers = {"sync": nkt.SyncBatchNorm(C),
+                  "batchnorm": nkt.BatchNorm2d(C),
+                  "torch_batchnorm": torch.nn.BatchNorm2d(C)}
+
+        def step(layer):
+            def call():
+                x.grad = None
+                layer(x).backward(dy)
+            return call
+
+        cases = {k: step(v) for k, v in layers.items()}
+        gather, reduce = np.zeros((3, C)), np.zeros(2 * C + comm.size)
+        cases["collectives"] = lambda: (comm.allgather(gather),
+                                        comm.allreduce(reduce))
+
+        def batchnorm_then_collectives(layer=layers["batchnorm"]):
+            x.grad = None
+            y = layer(x)
+            comm.allgather(gather)
+            y.backward(dy)
+            comm.allreduce(reduce)
+
+        cases["batchnorm_then_collectives"] = batchnorm_then_collectives
+        med = _interleaved(comm, cases)
+        row = dict(transport="gloo", modules="normkit.torch", C=C,
+                   shape=list(shape), ranks=comm.size, steps=STEPS,
+                   **{f"{k}_ms": round(v, 4) for k, v in med.items()},
+                   overhead_ms=round(med["sync"] - med["batchnorm"], 4))
+        rows.append(row)
+        if comm.rank == 0:
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def _gloo_rank(rank, port, kind="gloo"):
     import torch.distributed as dist
     from normkit import distributed
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        run(distributed.from_torch(), "gloo")
+        if kind == "torch":
+            run_torch(distributed.from_torch())
+        else:
+            run(distributed.from_torch(), "gloo")
     finally:
         dist.destroy_process_group()
 
@@ -108,14 +183,14 @@ def main():
     if kind == "mpi":
         from normkit import distributed
         run(distributed.from_mpi(), "mpi")
-    elif kind == "gloo":
+    elif kind in ("gloo", "torch"):
         import torch.multiprocessing as mp
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        mp.spawn(_gloo_rank, args=(port,), nprocs=2, join=True)
+        mp.spawn(_gloo_rank, args=(port, kind), nprocs=2, join=True)
     else:
-        raise SystemExit("usage: sync_step.py mpi|gloo")
+        raise SystemExit("usage: sync_step.py mpi|gloo|torch")
 
 
 if __name__ == "__main__":

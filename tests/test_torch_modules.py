@@ -152,6 +152,11 @@ SCHEMES = {
     "batch_renorm": (lambda d: nkt.BatchRenorm(3, dtype=d), (6, 3), 50.0, 30),
     "ghost_batch_norm": (lambda d: nkt.GhostBatchNorm(3, 2, dtype=d),
                          (4, 3, 2), 0, 1),
+    # one process (its collectives made all the same): tests/test_torch_sync.py
+    # runs it on several
+    "sync_batch_norm": (lambda d: nkt.SyncBatchNorm(
+        3, dtype=d, communicator=normkit.distributed.CountingCommunicator()),
+        (4, 3, 2), 0, 1),
     "plugin": (lambda d: nkt.SchemeModule(PositionNorm(), dtype=d),
                (2, 3, 4), 0, 1),
 }
@@ -181,6 +186,7 @@ def test_gradcheck(name, training):
 
 @pytest.mark.parametrize("name, training", [("batch_norm", True),
                                             ("batch_renorm", True),
+                                            ("sync_batch_norm", True),
                                             ("batch_norm", False)])
 def test_opcheck(name, training):
     make, shape, loc, scale = SCHEMES[name]

@@ -7,6 +7,8 @@
 - autograd through normkit's own backward, as the custom operators
   ``torch.ops.normkit.scheme_forward`` / ``scheme_backward`` (so
   ``torch.compile(model, fullgraph=True)`` keeps them in one graph);
+- :class:`SyncBatchNorm` over ``torch.distributed`` (gloo on the CPU
+  too) and :func:`convert_sync_batchnorm`;
 - :func:`convert` (swap a model's normalization layers),
   :func:`fold_batch_norm` and :func:`freeze_batch_norm`.
 
@@ -18,15 +20,17 @@ CPU tensors reach the kernels as NumPy views of their memory
 
 from ._ops import NormkitInputError, scheme_backward, scheme_forward
 from .convert import (DEFAULT_MAPPING, FrozenBatchNorm, convert,
-                      fold_batch_norm, freeze_batch_norm)
+                      convert_sync_batchnorm, fold_batch_norm,
+                      freeze_batch_norm)
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchRenorm,
                       GhostBatchNorm, GroupNorm, InstanceNorm1d,
                       InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm,
-                      SchemeModule, module)
+                      SchemeModule, SyncBatchNorm, module)
 
 __all__ = ["SchemeModule", "module", "BatchNorm1d", "BatchNorm2d",
-           "BatchNorm3d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-           "LayerNorm", "GroupNorm", "RMSNorm", "BatchRenorm", "GhostBatchNorm",
-           "convert", "fold_batch_norm", "freeze_batch_norm",
-           "FrozenBatchNorm", "DEFAULT_MAPPING", "NormkitInputError",
-           "scheme_forward", "scheme_backward"]
+           "BatchNorm3d", "SyncBatchNorm", "InstanceNorm1d", "InstanceNorm2d",
+           "InstanceNorm3d", "LayerNorm", "GroupNorm", "RMSNorm", "BatchRenorm",
+           "GhostBatchNorm", "convert", "convert_sync_batchnorm",
+           "fold_batch_norm", "freeze_batch_norm", "FrozenBatchNorm",
+           "DEFAULT_MAPPING", "NormkitInputError", "scheme_forward",
+           "scheme_backward"]

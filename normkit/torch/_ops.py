@@ -21,7 +21,9 @@ flags, the gradient function).  The record is therefore split in two:
 
 - its arrays travel as tensors: ``mean`` and ``rstd`` as float64 tensors
   of their own shape, every other array (``var``, ``r``, ``d`` and each
-  array in ``extras``, in that order) flattened and concatenated into one
+  array in ``extras``, in that order) and every number in ``extras``
+  (SyncBatchNorm's global ``count``, which depends on the other ranks'
+  batches, not on this one's shape) flattened and concatenated into one
   float64 tensor ``aux``;
 - the rest is a *layout*: the record with its arrays taken out, plus the
   name, shape and dtype of each piece of ``aux``.  A scheme's layout must
@@ -32,7 +34,12 @@ flags, the gradient function).  The record is therefore split in two:
   fake implementation reads the shapes from it; when it is asked first
   (``torch.compile`` tracing, ``opcheck``), it runs the scheme once on a
   zero input of the same shape with copies of the buffers (nothing the
-  caller owns changes) to learn it.
+  caller owns changes) to learn it.  That dry run contacts no other
+  process: a scheme setting that is a
+  :class:`~normkit.distributed.Communicator` is replaced for it by a
+  rehearsal of the same size whose collectives return placeholders of
+  the right shape (a trace on one rank must not start a collective the
+  others never join).
 
 The backward joins the two again: the cached layout, the tensors saved by
 autograd, and NumPy views of the parameters as they are now.
@@ -55,12 +62,14 @@ per-array synchronization (``as_cuda_array(..., sync=False)``).
 import contextlib
 import itertools
 import math
+import numbers
 import weakref
 
 import numpy as np
 import torch
 
 from .. import backend
+from ..distributed import Communicator
 from ..schemes.base import Saved, backward_into, forward_into
 
 __all__ = ["scheme_forward", "scheme_backward", "register_scheme",
@@ -68,7 +77,6 @@ __all__ = ["scheme_forward", "scheme_backward", "register_scheme",
 
 _SAVED_ARRAYS = ("var", "r", "d")
 
-#: The NumPy dtype the kernels see for each tensor dtype.
 def _bfloat16_dtype():
     """``ml_dtypes``' bfloat16 NumPy dtype (the kernels read it in place),
     or None without ``ml_dtypes``."""
@@ -89,6 +97,7 @@ def _in_place(t):
     return t.dtype != torch.bfloat16 or (not t.is_cuda and _BFLOAT16 is not None)
 
 
+#: The NumPy dtype the kernels see for each tensor dtype.
 _NUMPY_DTYPES = {torch.float16: np.float16,
                  torch.bfloat16: np.float32 if _BFLOAT16 is None else _BFLOAT16,
                  torch.float32: np.float32, torch.float64: np.float64}
@@ -137,11 +146,34 @@ def _entry(key):
                            f"(its module was deleted)") from None
 
 
-def _bind(entry, training, state, channels_last):
-    """A scheme over the given arrays with the template's settings."""
+class _Rehearsal:
+    """A communicator for the layout's dry run: the size and rank of the
+    real one, no process contacted.  Its all-gathers return 2s (every
+    rank holding values) and its all-reduces 0s (no rank failed), shaped
+    as the real collectives' results; the dry run keeps only shapes."""
+
+    device_arrays = False
+
+    def __init__(self, real):
+        self.rank, self.size = real.rank, real.size
+
+    def allgather(self, a):
+        return np.full((self.size,) + tuple(a.shape), 2.0)
+
+    def allreduce(self, a):
+        return np.zeros(tuple(a.shape))
+
+
+def _bind(entry, training, state, channels_last, rehearse=False):
+    """A scheme over the given arrays with the template's settings
+    (``rehearse``: communicators replaced by :class:`_Rehearsal`)."""
     template = entry.scheme
     settings = {name: value for name, value in vars(template).items()
                 if name not in ("_tape", "grads", "training")}
+    if rehearse:
+        settings = {name: _Rehearsal(value)
+                    if isinstance(value, Communicator) else value
+                    for name, value in settings.items()}
     settings.update(state)
     if channels_last:
         settings["axis"] = -1
@@ -286,6 +318,12 @@ def _host64(a):
     return np.asarray(backend.to_host(a), np.float64)  # on the launch stream
 
 
+def _is_number(value):
+    """A plain number (Python or NumPy scalar, not a flag): it travels in
+    ``aux`` and comes back as the same type."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _pack(saved):
     """``(mean, rstd, aux, layout)`` of a Saved record: the first three as
     float64 NumPy arrays."""
@@ -296,7 +334,9 @@ def _pack(saved):
             pieces.append((("field", name), value))
     extras = {}
     for name, value in saved.extras.items():
-        if hasattr(value, "shape") and hasattr(value, "dtype"):
+        if _is_number(value):
+            pieces.append((("number", name), value))
+        elif hasattr(value, "shape") and hasattr(value, "dtype"):
             pieces.append((("extra", name), value))
         else:
             extras[name] = value
@@ -307,7 +347,8 @@ def _pack(saved):
         "skeleton": saved.replace(mean=None, rstd=None, weight=None, r=None,
                                   d=None, var=None, extras=extras),
         "mean": mean.shape, "rstd": rstd.shape,
-        "aux": [(where, tuple(np.shape(value)), np.dtype(value.dtype))
+        "aux": [(where, tuple(np.shape(value)),
+                 type(value) if where[0] == "number" else np.dtype(value.dtype))
                 for where, value in pieces],
     }
     return mean, rstd, aux, layout
@@ -328,7 +369,10 @@ def _unpack(layout, mean, rstd, aux, weight):
     flat, offset = host(aux), 0
     for (kind, name), shape, dtype in layout["aux"]:
         size = math.prod(shape)
-        value = place(flat[offset:offset + size].reshape(shape), dtype)
+        if kind == "number":
+            value = dtype(flat[offset].item())
+        else:
+            value = place(flat[offset:offset + size].reshape(shape), dtype)
         offset += size
         (fields if kind == "field" else extras)[name] = value
     return layout["skeleton"].replace(
@@ -353,7 +397,7 @@ def _layout(entry, x, training):
         for name in entry.buffer_names:
             value = getattr(entry.scheme, name)
             state[name] = value if isinstance(value, int) else np.array(value)
-        scheme = _bind(entry, training, state, channels_last)
+        scheme = _bind(entry, training, state, channels_last, rehearse=True)
         _, saved = scheme._forward(np.zeros(shape, dtype))
         layout = _pack(saved)[3]
         entry.layouts[key] = layout

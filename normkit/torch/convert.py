@@ -7,8 +7,8 @@ from torch import nn
 from ..fold import fold_batch_norm_weights
 from . import modules as nk
 
-__all__ = ["convert", "fold_batch_norm", "freeze_batch_norm",
-           "FrozenBatchNorm", "DEFAULT_MAPPING"]
+__all__ = ["convert", "convert_sync_batchnorm", "fold_batch_norm",
+           "freeze_batch_norm", "FrozenBatchNorm", "DEFAULT_MAPPING"]
 
 
 def _carry(new, old):
@@ -116,10 +116,17 @@ def convert(model, mapping=None):
 
     def replace(layer):
         if isinstance(layer, nk.SchemeModule):
-            return layer
+            return None
         build = _build_for(layer, table)
         return None if build is None else build(layer)
 
+    return _swap(model, replace)
+
+
+def _swap(model, replace):
+    """``model`` with every module ``m`` for which ``replace(m)`` is not
+    None replaced by it (in place; the top module is returned replaced);
+    normkit's modules are not descended into."""
     top = replace(model)
     if top is not None:
         return top
@@ -131,6 +138,53 @@ def convert(model, mapping=None):
             if new is not None and new is not child:
                 setattr(parent, name, new)
     return model
+
+
+def convert_sync_batchnorm(model, process_group=None):
+    """Replace every BatchNorm of ``model`` by
+    :class:`normkit.torch.SyncBatchNorm` over ``process_group``.
+
+    Every ``torch.nn.BatchNorm1d/2d/3d`` (and ``torch.nn.SyncBatchNorm``)
+    and every ``normkit.torch`` ``BatchNorm1d/2d/3d`` becomes a
+    :class:`~normkit.torch.SyncBatchNorm` carrying its parameters, buffers,
+    device, dtype, ``requires_grad`` and train/eval mode; other layers
+    (normkit's SyncBatchNorm included) are left alone.  ``model`` is
+    changed in place and returned (a BatchNorm passed as ``model`` is
+    returned converted), as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``
+    does.  Convert before wrapping the model in
+    ``DistributedDataParallel``; ``init_process_group`` may come later
+    (the communicator is made at its first use).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    process_group : torch.distributed.ProcessGroup, optional
+        The ranks sharing each batch (default: the world group).
+
+    Returns
+    -------
+    torch.nn.Module
+
+    Examples
+    --------
+    >>> import torch
+    >>> import normkit.torch
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3),
+    ...                             torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+    >>> model = normkit.torch.convert_sync_batchnorm(model)
+    >>> type(model[1]).__name__, model[1].num_features
+    ('SyncBatchNorm', 8)
+    """
+    def replace(layer):
+        if (not isinstance(layer, _BATCH_NORMS)
+                or isinstance(layer, nk.SyncBatchNorm)):
+            return None
+        return _carry(nk.SyncBatchNorm(layer.num_features, layer.eps,
+                                       layer.momentum, layer.affine,
+                                       layer.track_running_stats,
+                                       process_group), layer)
+
+    return _swap(model, replace)
 
 
 # --------------------------------------------------------------------------

@@ -13,12 +13,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import registry, schemes
+from .. import distributed, registry, schemes
+from ..schemes.sync import send_failure
 from ._ops import NormkitInputError, register_scheme, scheme_forward
 
 __all__ = ["SchemeModule", "module", "BatchNorm1d", "BatchNorm2d",
-           "BatchNorm3d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-           "LayerNorm", "GroupNorm", "RMSNorm", "BatchRenorm", "GhostBatchNorm"]
+           "BatchNorm3d", "SyncBatchNorm", "InstanceNorm1d", "InstanceNorm2d",
+           "InstanceNorm3d", "LayerNorm", "GroupNorm", "RMSNorm", "BatchRenorm",
+           "GhostBatchNorm"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -303,6 +305,193 @@ class BatchNorm3d(_BatchNorm):
 
     scheme_class = schemes.BatchNorm3d
     expected_ndim = (5,)
+
+
+class SyncBatchNorm(_BatchNorm):
+    """``torch.nn.SyncBatchNorm`` on normkit's kernels: BatchNorm over a
+    batch split across the processes of ``process_group``, CPU tensors
+    over gloo included (CUDA tensors go through the same operator, with
+    NCCL moving the per-channel arrays on the device).
+
+    In training every rank normalizes its slice with the mean and biased
+    variance of the global batch,
+
+    .. math::
+
+        y = \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} \\gamma + \\beta,
+        \\qquad (n, \\mu, M_2) = \\mathrm{Chan}\\big((n_r, \\mu_r, M_{2,r})
+        _{r = 0 \\ldots R-1}\\big), \\quad \\sigma^2 = M_2 / n,
+
+    the per-channel moments of every rank merged exactly in float64, in
+    rank order, after ONE all-gather (:class:`normkit.SyncBatchNorm`, the
+    scheme this module runs); the running statistics are updated
+    identically on every rank with the global unbiased variance ``M2 / (n
+    - 1)``.  The backward (normkit's, through autograd) makes ONE
+    all-reduce of the per-channel sums ``sum g*dy`` and ``sum g*dy*xhat``.
+    ``weight`` and ``bias`` gradients are this rank's contributions, as in
+    torch: DistributedDataParallel averages them with the other
+    parameters' gradients.  Inference uses the running statistics and
+    makes no collective (``track_running_stats=False``: the local
+    slice's, as torch does).
+
+    Input ``(N, C, *)`` of any rank >= 2, contiguous or channels-last
+    (handed to the kernels as the channels-last view, no copy), float16,
+    bfloat16, float32 or float64.  Ranks may hold different numbers of
+    samples, or none: a rank whose slice is ``(0, C, ...)`` still joins
+    both collectives (contributing ``n = 0`` and zero sums), returns an
+    empty output and zero ``weight``/``bias`` gradients, and updates its
+    running statistics like every other rank; more than one value per
+    channel is needed over all ranks.
+
+    The communicator (:func:`normkit.distributed.from_torch` over
+    ``process_group``, default the world group) is made at its first use,
+    inside the operator, so the module can be built (and converted) before
+    ``init_process_group``, and a compiled model makes it at run time too.
+    While ``torch.distributed`` is not initialized, the module is
+    BatchNorm on the local batch (as torch's).
+
+    Errors: an input this module rejects (not a float tensor, another
+    device than the parameters, fewer than 2 dimensions, another number of
+    channels) raises on its rank, which still joins the step's collective
+    with a failure flag, so that every other rank raises a
+    ``RuntimeError`` naming it instead of waiting (nothing is updated
+    anywhere).  That is eager mode: under ``torch.compile`` the bad rank
+    fails while tracing, and the others wait for the group's
+    ``timeout``, as they do for a rank that never reaches the module.
+
+    Parameters
+    ----------
+    num_features : int
+        Channels ``C``.
+    eps : float, default 1e-5
+    momentum : float or None, default 0.1
+        None: cumulative average.
+    affine : bool, default True
+    track_running_stats : bool, default True
+    process_group : torch.distributed.ProcessGroup, optional
+        The ranks sharing the batch (default: the world group).
+    device, dtype : optional
+        Of the parameters and buffers.
+    communicator : normkit.distributed.Communicator, optional
+        Keyword only: a communicator to use instead of ``process_group``
+        (:func:`normkit.distributed.from_mpi`, a
+        :class:`~normkit.distributed.CountingCommunicator` to count the
+        collectives).
+
+    Examples
+    --------
+    >>> import torch
+    >>> import normkit.torch
+    >>> bn = normkit.torch.SyncBatchNorm(3)   # under torchrun: the world group
+    >>> x = torch.randn(4, 3, 5, 5)
+    >>> torch.allclose(bn(x), torch.nn.BatchNorm2d(3)(x), atol=1e-5)  # one process
+    True
+    >>> sorted(bn.state_dict()) == sorted(torch.nn.SyncBatchNorm(3).state_dict())
+    True
+    """
+
+    scheme_class = schemes.SyncBatchNorm
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, process_group=None, device=None,
+                 dtype=None, *, communicator=None):
+        self.process_group = process_group
+        super().__init__(num_features, eps, momentum, affine,
+                         track_running_stats, device=device, dtype=dtype)
+        self.scheme.communicator = (
+            _GroupCommunicator(process_group) if communicator is None
+            else distributed.check_communicator(communicator, "SyncBatchNorm"))
+
+    def _check(self, x):
+        if isinstance(x, torch.Tensor) and x.dim() < 2:
+            raise ValueError(f"{type(self).__name__}: expected at least 2D "
+                             f"input (got {x.dim()}D input)")
+        super()._check(x)
+
+    def forward(self, input):
+        """Normalize this rank's slice ``input`` with the statistics of
+        every rank's slice (training) or the running ones."""
+        if self.training and not torch.compiler.is_compiling():
+            comm = self.scheme.communicator
+            if comm.size > 1:
+                try:
+                    self._check(input)
+                    self.scheme.view(tuple(input.shape))    # channels
+                except Exception:
+                    send_failure(comm, self.num_features)   # the others raise
+                    raise
+        return super().forward(input)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, process_group=None):
+        """:func:`normkit.torch.convert_sync_batchnorm`, as torch's
+        classmethod.
+
+        Parameters
+        ----------
+        module : torch.nn.Module
+        process_group : torch.distributed.ProcessGroup, optional
+
+        Returns
+        -------
+        torch.nn.Module
+
+        Examples
+        --------
+        >>> import torch
+        >>> from normkit.torch import SyncBatchNorm
+        >>> model = SyncBatchNorm.convert_sync_batchnorm(
+        ...     torch.nn.Sequential(torch.nn.BatchNorm2d(4)))
+        >>> type(model[0]).__name__
+        'SyncBatchNorm'
+        """
+        from .convert import convert_sync_batchnorm
+        return convert_sync_batchnorm(module, process_group)
+
+    def extra_repr(self):
+        return (f"{self.num_features}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}")
+
+
+class _GroupCommunicator:
+    """The communicator of a ``torch.distributed`` process group, made when
+    first used (inside the operator, so also under ``torch.compile``):
+    :func:`normkit.distributed.from_torch` once ``torch.distributed`` is
+    initialized, one process (:func:`normkit.distributed.local`) until
+    then.  Copies and pickles carry the group, not the connection."""
+
+    def __init__(self, group=None):
+        self.group = group
+        self._inner = None
+
+    @property
+    def inner(self):
+        if self._inner is None:
+            dist = torch.distributed
+            if not (dist.is_available() and dist.is_initialized()):
+                return distributed.local()
+            self._inner = distributed.from_torch(self.group)
+        return self._inner
+
+    rank = property(lambda self: self.inner.rank)
+    size = property(lambda self: self.inner.size)
+    device_arrays = property(lambda self: self.inner.device_arrays)
+
+    def allgather(self, a):
+        return self.inner.allgather(a)
+
+    def allreduce(self, a):
+        return self.inner.allreduce(a)
+
+    def __reduce__(self):
+        return type(self), (self.group,)
+
+    def __deepcopy__(self, memo):
+        return type(self)(self.group)
+
+    def __repr__(self):
+        return f"process_group({self.group!r})"
 
 
 class _InstanceNorm(SchemeModule):
