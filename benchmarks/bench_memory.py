@@ -6,15 +6,15 @@ imports (NumPy, Numba and, when installed, torch: some 360 MB here) and
 only compare with each other.  The ``track_`` benchmarks here measure
 what one pass itself allocates instead: with :mod:`tracemalloc`, started
 after the imports and a warm-up call (compilation, caches), the peak of
-the bytes NumPy holds during one training forward (or one backward),
+the bytes NumPy, Numba and Python hold during one training forward (or one backward),
 divided by the input's bytes.
 
 Every pass must allocate its output (``y``, or ``dx``): 1.0 is the floor,
 and anything above it is scratch of the input's size (partials of a few
 long rows split across threads, float16 widened to float32 and back).
-Allocations made inside compiled kernels (Numba's runtime, not NumPy) are
-not traced; they are meant to be proportional to the number of groups and
-work items only.
+Allocations made inside compiled kernels are traced too: Numba's runtime
+allocates through Python's raw allocator, which :mod:`tracemalloc` sees.
+``tests/test_memory.py`` asserts the bound these numbers show.
 
 Unit: "bytes/input byte".
 """
@@ -48,7 +48,7 @@ DTYPES = ("float32", "float16")
 
 
 def peak_allocated(function):
-    """Peak bytes NumPy (and Python) allocate while ``function()`` runs,
+    """Peak bytes NumPy, Numba and Python allocate while ``function()`` runs,
     over what was held when it started; its result is held until the
     peak has been read, as a caller would hold it."""
     gc.collect()

@@ -51,7 +51,12 @@ def test_one_process_is_batchnorm_and_counts():
     bn = normkit.BatchNorm(3)
     x = np.random.default_rng(0).normal(size=(4, 3, 2))
     np.testing.assert_array_equal(sync(x), bn(x))
-    np.testing.assert_array_equal(sync.backward(x), bn.backward(x))
+    # dy = x lies in the span of 1 and xhat, so dx is a cancellation residue
+    # (about 1e-6 of dy): the split and the fused backward kernels, which
+    # contract different multiply-adds, agree to the last bits of the O(1)
+    # terms, not bit for bit
+    np.testing.assert_allclose(sync.backward(x), bn.backward(x), rtol=0,
+                               atol=1e-15)
     np.testing.assert_array_equal(sync.running_var, bn.running_var)
     assert comm.count == 2
 

@@ -47,7 +47,7 @@ _inline = njit(cache=True, nogil=True, inline="always")
 def is_bfloat16(dtype):
     """True for the bfloat16 dtype of ``ml_dtypes`` (recognised by name, so
     that normkit never imports ``ml_dtypes`` itself)."""
-    return dtype.name == "bfloat16" and dtype.itemsize == 2
+    return dtype.kind == "V" and dtype.itemsize == 2 and dtype.name == "bfloat16"
 
 
 def storage_view(x):
