@@ -52,7 +52,7 @@ from normkit.population import has_running_statistics
 
 from . import data, trainer
 from ._threads import single_threaded
-from .variants import VARIANTS
+from .variants import row
 
 #: Bumped whenever the protocol changes what a cell computes.
 PROTOCOL_VERSION = 2
@@ -130,7 +130,7 @@ def train_cell(variant, batch_size, seed, settings=Settings()):
                             settings.weight_decay)
     total = settings.total_steps(batch_size, len(y_train))
     peak = settings.learning_rate(batch_size)
-    schedule = apply_schedule(VARIANTS[variant].schedule, norms, total)
+    schedule = apply_schedule(row(variant).schedule, norms, total)
 
     def before(step, x, y):
         schedule(step)
