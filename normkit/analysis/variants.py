@@ -168,8 +168,12 @@ def row(name):
 
 
 def _choices():
-    return list(VARIANTS) + [name for name in normkit.available()
-                             if name not in VARIANTS]
+    """Rows of :data:`VARIANTS`, then registered schemes they can build."""
+    from normkit import registry
+    return list(VARIANTS) + [
+        name for name, cls in registry._schemes().items()
+        if name not in VARIANTS
+        and all(arg in _ARGUMENTS for arg in _required(cls) or ["?"])]
 
 
 def check_variants(names):
