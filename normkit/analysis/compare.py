@@ -151,7 +151,7 @@ def run_compare(out, variants, batch_sizes, seeds, settings=sweep.Settings(),
 
 
 def run_sweeps(sweeps, batch_sizes, seeds, out, jobs=1, scheduler=None,
-              progress=True, on_cell=None):
+              progress=True, on_cell=None, warm=True):
     """Run several sweeps of :func:`~normkit.analysis.sweep.run_sweep` in
     one folder behind one progress bar (on stderr), on one Dask client
     when ``scheduler`` is given (connected once, closed at the end when
@@ -159,7 +159,10 @@ def run_sweeps(sweeps, batch_sizes, seeds, out, jobs=1, scheduler=None,
 
     ``sweeps`` is a sequence of ``(variants, settings)``; returns the
     cells of each sweep, in order.  ``on_cell(cell, reused)`` follows
-    every cell.
+    every cell.  With ``warm``, the first sweep with cells to compute
+    fills the kernel cache (:func:`~normkit.analysis.sweep.run_sweep`) for
+    all: the sweeps of a study differ in settings, not in the kernels
+    their networks run.
     """
     total = sum(len(variants) for variants, _ in sweeps) * len(batch_sizes) * len(seeds)
     bar = report.ProgressBar(total, eta_after=jobs) if progress else None
@@ -182,9 +185,11 @@ def run_sweeps(sweeps, batch_sizes, seeds, out, jobs=1, scheduler=None,
     if isinstance(scheduler, str) and len(sweeps) > 1:
         client, local = cluster.connect(scheduler, jobs)
     try:
+        # the sweeps of one study share their kernels (the same network
+        # with other settings): one warm-up, for the first sweep to compute
         return [sweep.run_sweep(variants, batch_sizes, seeds, settings, out,
-                                jobs, advance, scheduler=client or scheduler,
-                                on_start=begin)
+                                jobs, advance, warm=warm and not began,
+                                scheduler=client or scheduler, on_start=begin)
                 for variants, settings in sweeps]
     finally:
         if bar is not None:

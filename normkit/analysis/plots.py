@@ -318,7 +318,7 @@ def plot_sigmoid(results, out):
     for name, keys, ylabel in (
             ("accuracy.png", ("accuracy",), "test accuracy (%)"),
             ("percentiles.png", tuple(f"p{q}" for q in (15, 50, 85)),
-             "sigmoid input (last hidden layer, unit 0)")):
+             "sigmoid input")):
         figure, axes = _panels(len(rows))
         scale = 100 if keys == ("accuracy",) else 1
         for axis, row in zip(axes, rows):
@@ -353,7 +353,8 @@ def plot_sigmoid(results, out):
         _legend_below(figure, handles, labels, ncol=3)
         figure.suptitle("MNIST, 3 x 100 sigmoid units, batch 60: "
                         + ("test accuracy" if len(keys) == 1 else
-                           "a last-hidden-layer sigmoid input over the test set"))
+                           "the input of one sigmoid of the last hidden layer "
+                           "(unit 0) over the test images"))
         written.append(_save(figure, out / name))
     return written
 

@@ -250,8 +250,17 @@ def _warm_in_this_process(variants, batch_sizes, settings, announce):
     """Run ``settings.compile`` here; returns ``(normkit.__file__, number
     of functions compiled)``."""
     from ._compiling import announce_compilation
+    from .variants import check_variants
+    # a scheme given to normkit.register in the calling program is unknown
+    # here (entry-point plug-ins are known): its cells compile for themselves
+    known = []
+    for variant in variants:
+        try:
+            known += check_variants([variant])
+        except ValueError:
+            pass
     with announce_compilation(COMPILING if announce else None) as listener:
-        settings.compile(variants, batch_sizes)
+        settings.compile(known, batch_sizes)
     return normkit.__file__, listener.compiled
 
 

@@ -280,7 +280,7 @@ def print_table(results, stream):
 
 def run_study(name, out="normkit-results", variants=None, seeds=None,
               batch_sizes=None, steps=None, jobs=1, scheduler=None,
-              plots=True, stream=None, progress=True):
+              plots=True, stream=None, progress=True, warm=True):
     """Run the study ``name`` of :data:`STUDIES`; what ``normkit study
     NAME`` runs.
 
@@ -307,6 +307,13 @@ def run_study(name, out="normkit-results", variants=None, seeds=None,
     stream : file, optional
         Where the table goes (default: stdout); progress goes to stderr.
     progress : bool
+    warm : bool
+        Fill Numba's on-disk cache from a separate process first, as
+        :func:`~normkit.analysis.run_sweep` does (a scheme given to
+        :func:`normkit.register` in this program is unknown there: its
+        kernels are compiled by the processes that run its cells, and
+        worker processes, spawned, do not know it at all: run such a
+        scheme with ``jobs=1``, or install it as an entry-point plug-in).
 
     Returns
     -------
@@ -352,7 +359,7 @@ def run_study(name, out="normkit-results", variants=None, seeds=None,
         out.mkdir(parents=True, exist_ok=True)
     planned = study.sweeps(variants, steps)
     runs = run_sweeps([(v, s) for _, v, s in planned], batch_sizes, seeds,
-                      out, jobs, scheduler, progress)
+                      out, jobs, scheduler, progress, warm=warm)
     sweeps = [{"label": label, "settings": asdict(settings), "cells": cells}
               for (label, _, settings), cells in zip(planned, runs)]
     results = {"study": name,
