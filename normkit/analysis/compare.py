@@ -176,9 +176,10 @@ def run_sweeps(sweeps, batch_sizes, seeds, out, jobs=1, scheduler=None,
             on_cell(cell, was_reused)
 
     def begin(n):
-        if n and not began and bar is not None:
+        if n and not began:
             began.append(True)
-            bar.begin()
+            if bar is not None:
+                bar.begin()
 
     from . import cluster
     client = local = None
