@@ -140,9 +140,9 @@ def train_mlp_cell(variant, batch_size, seed, settings=MLPSettings()):
         ``diverged`` (a non-finite loss stopped the run), ``curve`` (per
         checkpoint: ``step``, ``accuracy``, ``percentiles``) and
         ``probes`` (per probe: ``step``, the fields of
-        :func:`~normkit.analysis.landscape.gradient_direction` with
+        ``normkit.analysis.landscape.gradient_direction`` with
         ``step_sizes``, and ``ics``, the rows of
-        :func:`~normkit.analysis.landscape.internal_covariate_shift`).
+        ``normkit.analysis.landscape.internal_covariate_shift``).
     """
     x_train, y_train, x_test, y_test = flat_split(settings.dataset)
     rng = np.random.default_rng(seed)

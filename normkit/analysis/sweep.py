@@ -95,7 +95,7 @@ class Settings:
         return train_cell(variant, batch_size, seed, self)
 
     def compile(self, variants, batch_sizes):
-        """Take the kernel paths of these cells once (:func:`compile_kernels`)."""
+        """Take the kernel paths of these cells once (``compile_kernels``)."""
         compile_kernels(variants, batch_sizes, self)
 
 

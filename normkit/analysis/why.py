@@ -281,7 +281,7 @@ def print_table(results, stream):
 def run_study(name, out="normkit-results", variants=None, seeds=None,
               batch_sizes=None, steps=None, jobs=1, scheduler=None,
               plots=True, stream=None, progress=True, warm=True):
-    """Run the study ``name`` of :data:`STUDIES`; what ``normkit study
+    """Run the study ``name`` of ``STUDIES``; what ``normkit study
     NAME`` runs.
 
     Parameters
@@ -293,7 +293,8 @@ def run_study(name, out="normkit-results", variants=None, seeds=None,
         Output folder (created; finished cells in it are reused).
     variants : sequence of str, optional
         Rows of ``VARIANTS`` or registered schemes (plug-ins included);
-        default: :func:`dense_variants`.
+        default: ``normkit.analysis.why.dense_variants()``, the rows of
+        ``VARIANTS`` that normalize dense features, and ``none``.
     seeds, batch_sizes : sequences of int, optional
         Default: the study's (``STUDIES[name]``).
     steps : int, optional
@@ -331,10 +332,13 @@ def run_study(name, out="normkit-results", variants=None, seeds=None,
 
     Examples
     --------
+    A run of two steps, nothing written:
+
+    >>> import io
     >>> from normkit.analysis import run_study
     >>> results = run_study("placement", out=None, variants=["batch_norm"],
     ...                     seeds=[0], batch_sizes=[8], steps=2, plots=False,
-    ...                     progress=False, stream=open("/dev/null", "w"))
+    ...                     progress=False, warm=False, stream=io.StringIO())
     >>> [(r["sweep"], r["variant"]) for r in results["summary"]]
     [('before the activation', 'batch_norm'), ('after the activation', 'batch_norm')]
     """
@@ -378,3 +382,51 @@ def run_study(name, out="normkit-results", variants=None, seeds=None,
     print(f"\nwrote {', '.join(str(p) for p in written) or 'nothing'}; "
           f"elapsed {report.duration(time.monotonic() - start)}", file=stream)
     return results
+
+
+def _named(name, fields, example):
+    """``run_study`` bound to the study ``name``, documented as such."""
+    def study(out=f"normkit-results/{name}", **options):
+        return run_study(name, out, **options)
+    study.__name__ = study.__qualname__ = name.replace("-", "_") + "_study"
+    study.__doc__ = f"""{STUDIES[name].about[0].upper() + STUDIES[name].about[1:]}:
+    ``normkit study {name}``.
+
+    Parameters
+    ----------
+    out : path or None
+        Output folder (None: write nothing).
+    **options
+        ``variants``, ``seeds``, ``batch_sizes``, ``steps``, ``jobs``,
+        ``scheduler``, ``plots``, ``stream``, ``progress``, ``warm``: as
+        for :func:`run_study`.
+
+    Returns
+    -------
+    dict
+        As :func:`run_study`; ``summary`` holds {fields}.
+
+    Examples
+    --------
+    >>> import io
+    >>> from normkit.analysis import {study.__name__}
+    >>> results = {study.__name__}(None, variants=["batch_norm"], seeds=[0],
+    ...     steps=2, plots=False, progress=False, warm=False,
+    ...     stream=io.StringIO())
+    >>> {example}
+    """
+    return study
+
+
+mnist_sigmoid_study = _named(
+    "mnist-sigmoid", "the rows of ``normkit.analysis.why.summarize_sigmoid``",
+    "sorted(results['summary'][0])[:3]\n    ['accuracy_half', 'accuracy_half_std', 'accuracy_mean']")
+learning_rate_study = _named(
+    "learning-rate", "the rows of ``normkit.analysis.why.summarize_final``",
+    "[r['sweep'] for r in results['summary']][:3]\n    ['relu, lr 1x', 'relu, lr 5x', 'relu, lr 30x']")
+landscape_study = _named(
+    "landscape", "the rows of ``normkit.analysis.why.summarize_landscape``",
+    "[r['variant'] for r in results['summary']]\n    ['batch_norm', 'batch_norm + noise']")
+placement_study = _named(
+    "placement", "the rows of ``normkit.analysis.why.summarize_final``",
+    "sorted({r['sweep'] for r in results['summary']})\n    ['after the activation', 'before the activation']")
