@@ -317,6 +317,10 @@ def _check_summary(name, results):
         per_cell = [np.mean([p["beta"] for p in c["probes"] if p["step"] > 0])
                     for c in cells]
         assert row["beta_mean"] == pytest.approx(np.mean(per_cell))
+        first = [next(p["gradient_changes"] for p in c["probes"] if p["step"] > 0)
+                 for c in cells]
+        assert row["gradient_change_first_mean"] == pytest.approx(
+            np.mean([max(changes) for changes in first]))
         per_cell = [np.mean([next(r["cosine"] for r in p["ics"] if r["layer"] == 2)
                              for p in c["probes"] if p["step"] > 0])
                     for c in cells]

@@ -463,14 +463,17 @@ def plot_landscape(results, out):
             axis = axes[line, column]
             for row in rows:
                 draw(axis, row, f"ics{layer}_{key}")
+            if key == "l2":
+                axis.set_yscale("log")
             axis.set_title(f"dense layer {layer + 1}", fontsize=10)
-            axis.set_ylabel(f"ICS: {label}")
+            axis.set_ylabel(f"ICS: {label}" + (", log scale" if key == "l2" else ""))
             axis.set_xlabel("training step")
             axis.grid(alpha=0.3)
     _legend_below(figure, handles, [r["variant"] for r in rows])
-    figure.suptitle("Internal covariate shift (Santurkar et al. Definition 2.1): "
-                    "a layer's weight gradient G before and G' after the layers "
-                    "below it take their update")
+    figure.suptitle("Internal covariate shift (Santurkar et al. 2018, "
+                    "Definition 2.1): a layer's weight gradient G before,\nand "
+                    "G' after, the layers below it take the step's update "
+                    "(means over seeds)")
     written.append(_save(figure, out / "ics.png"))
     return written
 

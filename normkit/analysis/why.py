@@ -182,8 +182,9 @@ def summarize_sigmoid(sweeps):
 
 def summarize_landscape(sweeps):
     """``landscape``: per sweep and variant, over probes after step 0 and
-    seeds (mean and std over seeds of each cell's mean over probes):
-    ``loss_range`` (``max_eta L(w - eta g) - min_eta L``),
+    seeds (``NAME_mean`` and ``NAME_std``: mean and std over seeds of each
+    cell's mean over probes; ``NAME_first_mean`` and ``NAME_first_std``:
+    of its first probe after step 0): ``loss_range`` (``max_eta L(w - eta g) - min_eta L``),
     ``gradient_change`` (``max_eta ||grad L(w - eta g) - g||``), ``beta``,
     and ``ics`` per dense layer after the first (``l2`` and ``cosine``);
     ``probes``, the per-step means over seeds, for the figure."""
@@ -205,10 +206,13 @@ def summarize_landscape(sweeps):
             row = {"variant": label, "sweep": one["label"], "layers": layers,
                    **{k: v for k, v in _final_rows("", cells)[0].items()
                       if k in ("accuracy_mean", "accuracy_std", "diverged")}}
+            probed = [[p for p in c["probes"] if p["step"] > 0] for c in cells]
+            probed = [probes for probes in probed if probes]
             for name, measure in measures.items():
                 row[f"{name}_mean"], row[f"{name}_std"] = _spread(
-                    [np.mean([measure(p) for p in c["probes"] if p["step"] > 0])
-                     for c in cells if any(p["step"] > 0 for p in c["probes"])])
+                    [np.mean([measure(p) for p in probes]) for probes in probed])
+                row[f"{name}_first_mean"], row[f"{name}_first_std"] = _spread(
+                    [measure(probes[0]) for probes in probed])
             steps = sorted({p["step"] for c in cells for p in c["probes"]})
             row["probes"] = [
                 {"step": step, **{name: float(np.mean(
@@ -253,17 +257,23 @@ def print_table(results, stream):
                 "sigmoid input over the test images")
     elif name == "landscape":
         layers = summary[0]["layers"]
-        headers = (["variant", "accuracy", "loss range", "grad change", "beta"]
+        probes = results["sweeps"][0]["cells"][0]["probes"]
+        first = next(p["step"] for p in probes if p["step"] > 0)
+        headers = (["variant", "accuracy", "probes", "loss range",
+                    "grad change", "beta"]
                    + [f"ICS l2 / cos, layer {i + 1}" for i in layers])
-        rows = [[r["variant"], _percent(r["accuracy_mean"], r["accuracy_std"], r["diverged"])]
-                + [f"{r[f'{k}_mean']:.3g} ± {r[f'{k}_std']:.2g}"
+        rows = [[r["variant"], _percent(r["accuracy_mean"], r["accuracy_std"],
+                                        r["diverged"]) if which == "" else "",
+                 f"step {first}" if which else "mean"]
+                + [f"{r[f'{k}{which}_mean']:.3g} ± {r[f'{k}{which}_std']:.2g}"
                    for k in ("loss_range", "gradient_change", "beta")]
-                + [f"{r[f'ics{i}_l2_mean']:.3g} / {r[f'ics{i}_cosine_mean']:.2f}"
-                   for i in layers] for r in summary]
-        note = ("means over the probes after step 0, then mean ± std over "
-                "seeds; step sizes "
-                + ", ".join(f"{m:g}" for m in results["sweeps"][0]["cells"][0]
-                            ["probes"][0]["step_sizes"]))
+                + [f"{r[f'ics{i}_l2{which}_mean']:.3g} / "
+                   f"{r[f'ics{i}_cosine{which}_mean']:.3f}" for i in layers]
+                for r in summary for which in ("_first", "")]
+        note = (f"at the first probe (step {first}) and the mean over the "
+                f"probes after step 0 (each cell's, then mean ± std over "
+                f"seeds); step sizes eta = "
+                + ", ".join(f"{m:g}" for m in probes[0]["step_sizes"]))
     else:
         sizes = sorted({r["batch_size"] for r in summary})
         lines = _group(summary, "variant", "sweep")
