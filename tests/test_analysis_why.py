@@ -361,3 +361,40 @@ def test_figures(tmp_path, null):
                         "landscape": ["ics.png", "landscape.png"],
                         "placement": ["placement.png"]}[name]
         assert results["study"] == name
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["study", "nope"], "argument NAME: invalid choice: 'nope'"),
+    (["study", "landscape", "--steps", "0"], "argument --steps"),
+    (["study", "landscape", "--variants", "nope"], "argument --variants"),
+    (["study", "placement", "--variants", "weight_norm"], "argument --variants"),
+    (["study", "placement", "--batch-sizes", "1"], "argument --batch-sizes"),
+    (["study", "placement", "--seeds", "0,0"], "argument --seeds"),
+    (["study", "placement", "--jobs", "0"], "argument --jobs")])
+def test_study_command_names_the_bad_option(argv, named, capsys):
+    from normkit import cli
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert named in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_study_command_runs_and_resumes(tmp_path, capsys):
+    from normkit import cli
+    argv = ["study", "placement", "--variants", "batch_norm", "--seeds", "0",
+            "--batch-sizes", "8", "--steps", "3", "--jobs", "1",
+            "--no-plots", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    [before, after] = results["summary"]
+    assert (before["sweep"], after["sweep"]) == ("before the activation",
+                                                  "after the activation")
+    for row in (before, after):
+        line = next(line for line in out.splitlines()
+                    if line.strip().startswith("batch_norm") and row["sweep"] in line)
+        assert f"{100 * row['accuracy_mean']:.1f} ± 0.0" in line
+    assert len(list((tmp_path / "cells").iterdir())) == 2
+    assert cli.main(argv) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["sweeps"] == \
+        results["sweeps"]
