@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 import sys
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -64,7 +65,7 @@ class Study:
     batch_sizes: tuple
     seeds: tuple
     steps: int
-    sweeps: object
+    sweeps: Callable
 
 
 def _sigmoid(variants, steps):
@@ -114,7 +115,11 @@ STUDIES = {
 
 
 def _spread(values):
+    """Mean and sample standard deviation (0 for one value; NaN for none:
+    every run diverged before it was measured)."""
     values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        return float("nan"), float("nan")
     return (float(values.mean()),
             float(values.std(ddof=1)) if values.size > 1 else 0.0)
 
@@ -126,17 +131,20 @@ def _group(cells, *keys):
     return groups
 
 
+def _accuracy(cells):
+    """Final test accuracy (mean and std over the cells' seeds) and the
+    number of diverged runs."""
+    mean, std = _spread([c["test_accuracy"] for c in cells])
+    return {"seeds": len(cells), "accuracy_mean": mean, "accuracy_std": std,
+            "diverged": sum(c["diverged"] for c in cells)}
+
+
 def _final_rows(label, cells):
-    """Accuracy (mean, std over seeds) and divergence per variant and
-    batch size of one sweep."""
-    rows = []
-    for (variant, batch_size), group in _group(cells, "variant", "batch_size").items():
-        mean, std = _spread([c["test_accuracy"] for c in group])
-        rows.append({"sweep": label, "variant": variant,
-                     "batch_size": batch_size, "seeds": len(group),
-                     "accuracy_mean": mean, "accuracy_std": std,
-                     "diverged": sum(c["diverged"] for c in group)})
-    return rows
+    """:func:`_accuracy` per variant and batch size of one sweep."""
+    return [{"sweep": label, "variant": variant, "batch_size": batch_size,
+             **_accuracy(group)}
+            for (variant, batch_size), group in _group(
+                cells, "variant", "batch_size").items()]
 
 
 def _curves(cells):
@@ -164,18 +172,17 @@ def summarize_sigmoid(sweeps):
     rows = []
     for (variant,), cells in _group(sweeps[0]["cells"], "variant").items():
         curve = _curves(cells)
-        row = {"variant": variant, "curve": curve,
-               **{k: v for k, v in _final_rows("", cells)[0].items()
-                  if k in ("accuracy_mean", "accuracy_std", "diverged")}}
+        row = {"variant": variant, "curve": curve, **_accuracy(cells)}
         total = cells[0]["settings"]["steps"]
         for name, at in (("quarter", total // 4), ("half", total // 2)):
             near = min(curve, key=lambda r: abs(r["step"] - at))
             row[f"accuracy_{name}"] = near["accuracy_mean"]
             row[f"accuracy_{name}_std"] = near["accuracy_std"]
+        later = [[p for p in c["curve"] if p["step"] > 0] for c in cells]
         for i, q in enumerate(PERCENTILES):
-            drift = [np.ptp([p["percentiles"][i] for p in c["curve"]
-                             if p["step"] > 0]) for c in cells if c["curve"]]
-            row[f"p{q}_drift_mean"], row[f"p{q}_drift_std"] = _spread(drift)
+            row[f"p{q}_drift_mean"], row[f"p{q}_drift_std"] = _spread(
+                [np.ptp([p["percentiles"][i] for p in points])
+                 for points in later if points])
         rows.append(row)
     return rows
 
@@ -204,8 +211,7 @@ def summarize_landscape(sweeps):
                         lambda p, layer=layer, key=key: next(
                             r[key] for r in p["ics"] if r["layer"] == layer))
             row = {"variant": label, "sweep": one["label"], "layers": layers,
-                   **{k: v for k, v in _final_rows("", cells)[0].items()
-                      if k in ("accuracy_mean", "accuracy_std", "diverged")}}
+                   **_accuracy(cells)}
             probed = [[p for p in c["probes"] if p["step"] > 0] for c in cells]
             probed = [probes for probes in probed if probes]
             for name, measure in measures.items():
