@@ -361,45 +361,32 @@ def plot_sigmoid(results, out):
 
 def plot_final(results, out):
     """``learning-rate`` and ``placement``: final test accuracy, one panel
-    per variant, a line per group of sweeps (activation, or placement),
-    against the learning-rate multiple or the batch size; a red cross
-    marks settings where a run diverged."""
+    per variant, a line per activation (or placement) against the
+    learning-rate multiple (or the batch size), ± one standard deviation
+    over seeds; a red cross marks settings where a run diverged."""
+    from .why import FINAL_AXES
     rows = results["summary"]
     learning = results["study"] == "learning-rate"
+    line_key, x_key, _ = FINAL_AXES[results["study"]]
     variants = list(dict.fromkeys(r["variant"] for r in rows))
+    lines = list(dict.fromkeys(r[line_key] for r in rows))
+    ticks = sorted({r[x_key] for r in rows})
     figure, axes = _panels(len(variants))
-    lines = {}
     for axis, variant in zip(axes, variants):
-        for row in rows:
-            if row["variant"] != variant:
-                continue
-            if learning:
-                line, multiple = row["sweep"].split(", lr ")
-                x = float(multiple.rstrip("x"))
-            else:
-                line, x = row["sweep"], row["batch_size"]
-            lines.setdefault(line, STYLES[len(lines) % len(STYLES)])
-        for line, style in lines.items():
-            group = [r for r in rows if r["variant"] == variant
-                     and (r["sweep"].startswith(line + ", lr ") if learning
-                          else r["sweep"] == line)]
-            xs = [float(r["sweep"].split(", lr ")[1].rstrip("x")) if learning
-                  else r["batch_size"] for r in group]
-            order = np.argsort(xs)
-            xs = np.array(xs)[order]
-            mean = np.array([100 * group[i]["accuracy_mean"] for i in order])
-            std = np.array([100 * group[i]["accuracy_std"] for i in order])
-            axis.errorbar(xs, mean, yerr=std, color=color(variant),
-                          linestyle=style, marker=MARKERS[list(lines).index(line)],
-                          markersize=4, capsize=2)
-            bad = [i for i in order if group[i]["diverged"]]
-            axis.plot([xs[list(order).index(i)] for i in bad],
-                      [100 * group[i]["accuracy_mean"] for i in bad],
+        for index, line in enumerate(lines):
+            group = sorted((r for r in rows if r["variant"] == variant
+                            and r[line_key] == line), key=lambda r: r[x_key])
+            xs = [r[x_key] for r in group]
+            axis.errorbar(xs, [100 * r["accuracy_mean"] for r in group],
+                          yerr=[100 * r["accuracy_std"] for r in group],
+                          color=color(variant), linestyle=STYLES[index],
+                          marker=MARKERS[index], markersize=4, capsize=2)
+            bad = [r for r in group if r["diverged"]]
+            axis.plot([r[x_key] for r in bad],
+                      [100 * r["accuracy_mean"] for r in bad],
                       linestyle="none", marker="x", color="red",
                       markersize=9, markeredgewidth=2)
         axis.set_title(variant, color=color(variant), fontsize=10)
-        ticks = sorted({float(r["sweep"].split(", lr ")[1].rstrip("x")) if learning
-                        else r["batch_size"] for r in rows})
         axis.set_xscale("log")
         axis.set_xticks(ticks)
         axis.set_xticklabels([f"{t:g}" + ("x" if learning else "") for t in ticks])
@@ -407,14 +394,14 @@ def plot_final(results, out):
         axis.set_xlabel("learning rate (x base)" if learning else "batch size")
         axis.set_ylim(0, 100)
     for axis in axes[::4]:
-        axis.set_ylabel("test accuracy (%)")
-    handles = [plt.Line2D([], [], color="black", linestyle=style,
-                          marker=MARKERS[i])
-               for i, style in enumerate(lines.values())]
-    handles += [plt.Line2D([], [], linestyle="none", marker="x", color="red",
-                           markeredgewidth=2)]
-    _legend_below(figure, handles, list(lines) + ["a run diverged (non-finite loss)"],
-                  ncol=len(handles))
+        axis.set_ylabel("final test accuracy (%)")
+    handles = [plt.Line2D([], [], color="black", linestyle=STYLES[i],
+                          marker=MARKERS[i]) for i in range(len(lines))]
+    handles.append(plt.Line2D([], [], linestyle="none", marker="x",
+                              color="red", markeredgewidth=2))
+    labels = [f"{line} the activation" if line_key == "placement" else line
+              for line in lines] + ["a run diverged (non-finite loss)"]
+    _legend_below(figure, handles, labels, ncol=len(handles))
     figure.suptitle("MNIST, 3 x 100 units: final test accuracy, mean ± std "
                     "over seeds")
     return [_save(figure, out / ("learning_rate.png" if learning

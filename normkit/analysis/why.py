@@ -140,8 +140,14 @@ def _accuracy(cells):
 
 
 def _final_rows(label, cells):
-    """:func:`_accuracy` per variant and batch size of one sweep."""
+    """:func:`_accuracy` per variant and batch size of one sweep, with the
+    sweep's ``activation``, ``placement`` and learning rate as a multiple
+    of :data:`BASE_LR` (``lr_multiple``)."""
+    settings = cells[0]["settings"]
     return [{"sweep": label, "variant": variant, "batch_size": batch_size,
+             "activation": settings["activation"],
+             "placement": settings["placement"],
+             "lr_multiple": round(settings["lr"] / BASE_LR, 6),
              **_accuracy(group)}
             for (variant, batch_size), group in _group(
                 cells, "variant", "batch_size").items()]
@@ -235,6 +241,15 @@ def summarize_final(sweeps):
     return [row for one in sweeps for row in _final_rows(one["label"], one["cells"])]
 
 
+#: ``learning-rate`` and ``placement``: the field telling the lines of
+#: a table (and figure) apart, the field along its columns (and x axis),
+#: and the columns' titles.
+FINAL_AXES = {
+    "learning-rate": ("activation", "lr_multiple",
+                      lambda v: f"lr {v:g}x ({v * BASE_LR:g})"),
+    "placement": ("placement", "batch_size", lambda v: f"batch {v}"),
+}
+
 SUMMARIES = {"mnist-sigmoid": summarize_sigmoid,
              "learning-rate": summarize_final,
              "landscape": summarize_landscape, "placement": summarize_final}
@@ -281,14 +296,16 @@ def print_table(results, stream):
                 f"seeds); step sizes eta = "
                 + ", ".join(f"{m:g}" for m in probes[0]["step_sizes"]))
     else:
-        sizes = sorted({r["batch_size"] for r in summary})
-        lines = _group(summary, "variant", "sweep")
-        headers = ["variant", "sweep"] + [f"batch {b}" for b in sizes]
-        rows = [[variant, label] + [
+        line, column, title = FINAL_AXES[name]
+        values = sorted({r[column] for r in summary})
+        lines = _group(summary, "variant", line)
+        headers = ["variant", line] + [title(v) for v in values]
+        rows = [list(key) + [
             next((_percent(r["accuracy_mean"], r["accuracy_std"], r["diverged"])
-                  for r in group if r["batch_size"] == b), "") for b in sizes]
-            for (variant, label), group in lines.items()]
-        note = "test accuracy (%); (k!): k runs stopped at a non-finite loss"
+                  for r in group if r[column] == v), "") for v in values]
+            for key, group in lines.items()]
+        note = ("final test accuracy (%); (k!): k runs stopped at a "
+                "non-finite loss")
     print(f"\n== normkit study {name} ==\n{note}; mean ± std over seeds {seeds}:",
           file=stream)
     print(report.format_table(headers, rows), file=stream)
