@@ -391,9 +391,9 @@ def test_study_command_runs_and_resumes(tmp_path, capsys):
     assert (before["sweep"], after["sweep"]) == ("before the activation",
                                                   "after the activation")
     for row in (before, after):
-        line = next(line for line in out.splitlines()
-                    if line.strip().startswith("batch_norm") and row["sweep"] in line)
-        assert f"{100 * row['accuracy_mean']:.1f} ± 0.0" in line
+        line = next(line.split() for line in out.splitlines()
+                    if line.split()[:2] == ["batch_norm", row["placement"]])
+        assert line[2:] == [f"{100 * row['accuracy_mean']:.1f}", "±", "0.0"]
     assert len(list((tmp_path / "cells").iterdir())) == 2
     assert cli.main(argv) == 0
     assert json.loads((tmp_path / "results.json").read_text())["sweeps"] == \
