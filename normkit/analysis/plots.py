@@ -392,15 +392,19 @@ def plot_final(results, out):
         axis.set_xticklabels([f"{t:g}" + ("x" if learning else "") for t in ticks])
         axis.minorticks_off()
         axis.set_xlabel("learning rate (x base)" if learning else "batch size")
-        axis.set_ylim(0, 100)
+    # one scale for all panels, down to the lowest band
+    low = min(100 * (r["accuracy_mean"] - r["accuracy_std"]) for r in rows)
+    axes[0].set_ylim(max(0.0, 5 * np.floor(low / 5) - 5), 100)
     for axis in axes[::4]:
         axis.set_ylabel("final test accuracy (%)")
     handles = [plt.Line2D([], [], color="black", linestyle=STYLES[i],
                           marker=MARKERS[i]) for i in range(len(lines))]
-    handles.append(plt.Line2D([], [], linestyle="none", marker="x",
-                              color="red", markeredgewidth=2))
     labels = [f"{line} the activation" if line_key == "placement" else line
-              for line in lines] + ["a run diverged (non-finite loss)"]
+              for line in lines]
+    if any(r["diverged"] for r in rows):
+        handles.append(plt.Line2D([], [], linestyle="none", marker="x",
+                                  color="red", markeredgewidth=2))
+        labels.append("a run diverged (non-finite loss)")
     _legend_below(figure, handles, labels, ncol=len(handles))
     figure.suptitle("MNIST, 3 x 100 units: final test accuracy, mean ± std "
                     "over seeds")
