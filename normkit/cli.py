@@ -182,14 +182,8 @@ def _add_compare_parser(commands):
                         help="the study to run (default: quick)")
     parser.add_argument("--out", default="normkit-results",
                         help="output folder (default: normkit-results)")
-    parser.add_argument("--variants", type=_variant_list,
-                        help="comma-separated (default: all: "
-                             + ",".join(study_variants.VARIANTS) + ")")
-    parser.add_argument("--batch-sizes", type=_int_list("batch sizes", 2),
-                        help="comma-separated, each >= 2 (default: "
-                             "2,4,8,16,32,64)")
-    parser.add_argument("--seeds", type=_int_list("seeds", 0),
-                        help="comma-separated seeds (default: 0,1,2)")
+    _add_cell_options(parser, "all: " + ",".join(study_variants.VARIANTS),
+                      "2,4,8,16,32,64")
     parser.add_argument("--epochs", type=_positive_int,
                         help="epochs at every batch size (default: the "
                              "preset's: quick 20, mnist 10)")
@@ -201,6 +195,17 @@ def _add_compare_parser(commands):
                              "maps (default: 7)")
     _add_run_options(parser)
     return parser
+
+
+def _add_cell_options(parser, variants, batch_sizes):
+    """--variants, --batch-sizes and --seeds, with their defaults named."""
+    parser.add_argument("--variants", type=_variant_list,
+                        help="comma-separated rows of the variants table or "
+                             f"registered schemes (default: {variants})")
+    parser.add_argument("--batch-sizes", type=_int_list("batch sizes", 2),
+                        help=f"comma-separated, each >= 2 (default: {batch_sizes})")
+    parser.add_argument("--seeds", type=_int_list("seeds", 0),
+                        help="comma-separated seeds (default: 0,1,2)")
 
 
 def _add_run_options(parser):
@@ -235,14 +240,7 @@ def _add_study_parser(commands):
                         help="the study: " + ", ".join(STUDIES))
     parser.add_argument("--out", help="output folder (default: "
                                       "normkit-results/NAME)")
-    parser.add_argument("--variants", type=_variant_list,
-                        help="comma-separated variants or registered schemes "
-                             "(default: " + ",".join(dense_variants()) + ")")
-    parser.add_argument("--batch-sizes", type=_int_list("batch sizes", 2),
-                        help="comma-separated, each >= 2 (default: the "
-                             "study's)")
-    parser.add_argument("--seeds", type=_int_list("seeds", 0),
-                        help="comma-separated seeds (default: 0,1,2)")
+    _add_cell_options(parser, ",".join(dense_variants()), "the study's")
     parser.add_argument("--steps", type=_positive_int,
                         help="optimizer steps of every run (default: the "
                              "study's)")
