@@ -322,8 +322,9 @@ def run_study(name, out="normkit-results", variants=None, seeds=None,
     name : str
         ``"mnist-sigmoid"``, ``"learning-rate"``, ``"landscape"`` or
         ``"placement"``.
-    out : path
-        Output folder (created; finished cells in it are reused).
+    out : path or None
+        Output folder (created; finished cells in it are reused); None
+        keeps everything in memory.
     variants : sequence of str, optional
         Rows of ``VARIANTS`` or registered schemes (plug-ins included);
         default: ``normkit.analysis.why.dense_variants()``, the rows of
@@ -337,7 +338,8 @@ def run_study(name, out="normkit-results", variants=None, seeds=None,
     scheduler : str or dask.distributed.Client, optional
         As for :func:`~normkit.analysis.run_sweep`.
     plots : bool
-        Write the study's PNG figures (needs matplotlib).
+        Write the study's PNG figures into ``out`` (needs matplotlib;
+        nothing is written when ``out`` is None).
     stream : file, optional
         Where the table goes (default: stdout); progress goes to stderr.
     progress : bool
