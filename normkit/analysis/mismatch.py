@@ -34,7 +34,7 @@ import numpy as np
 from ..population import (has_running_statistics,
                           reestimate_population_statistics)
 from ._threads import single_threaded
-from .variants import VARIANTS, check_variants
+from .variants import VARIANTS, check_variants, row
 
 #: Ways of obtaining inference statistics: name -> momentum while training
 #: (population re-estimation trains with the default and then re-estimates).
@@ -98,7 +98,7 @@ def mismatch_study(variants=tuple(VARIANTS), batch_sizes=(2, 4, 8, 16, 32, 64),
     for v_index, variant in enumerate(check_variants(variants)):
         for batch_size in batch_sizes:
             features = _Features(shape, seed, (v_index, batch_size))
-            probe = VARIANTS[variant].conv(shape, batch_size)
+            probe = row(variant).conv(shape, batch_size)
             if probe is None or not has_running_statistics(probe):
                 rows.append(_mismatch_row(variant, batch_size, "batch", "none",
                                           probe, features, eval_batches))
@@ -122,7 +122,7 @@ def mismatch_study(variants=tuple(VARIANTS), batch_sizes=(2, 4, 8, 16, 32, 64),
 def _trained(variant, shape, features, batch_size, steps, method, momentum):
     """A fresh layer after ``steps`` drifting training batches (and, for
     ``population``, re-estimation over as many final-distribution ones)."""
-    layer = VARIANTS[variant].conv(shape, batch_size)
+    layer = row(variant).conv(shape, batch_size)
     layer.momentum = momentum
     for step in range(steps):
         layer(features.batch(batch_size, min(1.0, 2.0 * step / steps)))
@@ -166,7 +166,7 @@ def batch_dependence(variants=tuple(VARIANTS), batch_sizes=(2, 4, 8, 16, 32, 64)
                 raise ValueError(f"batch_dependence: batch sizes must be >= 2, "
                                  f"got {batch_size}")
             features = _Features(shape, seed, (v_index, batch_size))
-            layer = VARIANTS[variant].conv(shape, batch_size)
+            layer = row(variant).conv(shape, batch_size)
             changes = []
             if layer is not None:
                 for _ in range(warmup):

@@ -283,3 +283,199 @@ def plot_mismatch(mismatch, dependence, path):
     elif note:
         figure.text(0.5, -0.02, note, ha="center", fontsize=8)
     return _save(figure, path, legend)
+
+
+def _panels(n, columns=4, width=3.1, height=2.5):
+    """A figure of ``n`` panels (the spare ones hidden) and their axes."""
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(width * columns,
+                                                        height * rows + 0.8),
+                                squeeze=False, sharex=True, sharey=True,
+                                layout="constrained")
+    for axis in axes.flat[n:]:
+        axis.set_visible(False)
+    for axis in axes.flat[:n]:
+        axis.tick_params(labelbottom=True, labelleft=True)
+        axis.grid(alpha=0.3)
+    return figure, list(axes.flat[:n])
+
+
+def _legend_below(figure, handles, labels, ncol=4):
+    figure.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                  ncol=ncol, fontsize=9, frameon=False)
+
+
+def plot_sigmoid(results, out):
+    """``mnist-sigmoid``: test accuracy against steps (``accuracy.png``),
+    one panel per variant with no normalization in grey for reference,
+    and the 15/50/85th percentiles of the sigmoid input
+    (``percentiles.png``), one panel per variant; bands: ± one standard
+    deviation over seeds."""
+    rows = results["summary"]
+    reference = next((r for r in rows if r["variant"] == "none"), None)
+    written = []
+    for name, keys, ylabel in (
+            ("accuracy.png", ("accuracy",), "test accuracy (%)"),
+            ("percentiles.png", tuple(f"p{q}" for q in (15, 50, 85)),
+             "sigmoid input")):
+        figure, axes = _panels(len(rows))
+        scale = 100 if keys == ("accuracy",) else 1
+        for axis, row in zip(axes, rows):
+            steps = [p["step"] for p in row["curve"]]
+            if reference is not None and row is not reference:
+                for key in keys:
+                    axis.plot([p["step"] for p in reference["curve"]],
+                              [scale * p[f"{key}_mean"] for p in reference["curve"]],
+                              color="#bbbbbb", linewidth=2.5, zorder=1)
+            for index, key in enumerate(keys):
+                mean = np.array([scale * p[f"{key}_mean"] for p in row["curve"]])
+                std = np.array([scale * p[f"{key}_std"] for p in row["curve"]])
+                axis.plot(steps, mean, color=color(row["variant"]),
+                          linestyle=STYLES[index % len(STYLES)], zorder=3)
+                axis.fill_between(steps, mean - std, mean + std, alpha=0.2,
+                                  color=color(row["variant"]), linewidth=0)
+            axis.set_title(row["variant"], color=color(row["variant"]), fontsize=10)
+            axis.set_xlabel("training step")
+        for axis in axes[::4]:
+            axis.set_ylabel(ylabel)
+        if keys == ("accuracy",):
+            axes[0].set_ylim(max(0, min(scale * p["accuracy_mean"] for r in rows
+                                        for p in r["curve"][1:]) - 5), 100)
+        handles = [plt.Line2D([], [], color="black", linestyle=STYLES[i])
+                   for i in range(len(keys))]
+        labels = ([f"{q}th percentile" for q in (15, 50, 85)]
+                  if len(keys) > 1 else ["mean over seeds"])
+        handles += [plt.Line2D([], [], color="#bbbbbb", linewidth=2.5),
+                    plt.Rectangle((0, 0), 1, 1, color="#888888", alpha=0.3)]
+        labels += ["none (no normalization), for reference",
+                   "± 1 std over seeds"]
+        _legend_below(figure, handles, labels, ncol=3)
+        figure.suptitle("MNIST, 3 x 100 sigmoid units, batch 60: "
+                        + ("test accuracy" if len(keys) == 1 else
+                           "the input of one sigmoid of the last hidden layer "
+                           "(unit 0) over the test images"))
+        written.append(_save(figure, out / name))
+    return written
+
+
+def plot_final(results, out):
+    """``learning-rate`` and ``placement``: final test accuracy, one panel
+    per variant, a line per activation (or placement) against the
+    learning-rate multiple (or the batch size), ± one standard deviation
+    over seeds; a red cross marks settings where a run diverged."""
+    from .why import FINAL_AXES
+    rows = results["summary"]
+    learning = results["study"] == "learning-rate"
+    line_key, x_key, _ = FINAL_AXES[results["study"]]
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    lines = list(dict.fromkeys(r[line_key] for r in rows))
+    ticks = sorted({r[x_key] for r in rows})
+    figure, axes = _panels(len(variants))
+    for axis, variant in zip(axes, variants):
+        for index, line in enumerate(lines):
+            group = sorted((r for r in rows if r["variant"] == variant
+                            and r[line_key] == line), key=lambda r: r[x_key])
+            xs = [r[x_key] for r in group]
+            axis.errorbar(xs, [100 * r["accuracy_mean"] for r in group],
+                          yerr=[100 * r["accuracy_std"] for r in group],
+                          color=color(variant), linestyle=STYLES[index],
+                          marker=MARKERS[index], markersize=4, capsize=2)
+            bad = [r for r in group if r["diverged"]]
+            axis.plot([r[x_key] for r in bad],
+                      [100 * r["accuracy_mean"] for r in bad],
+                      linestyle="none", marker="x", color="red",
+                      markersize=9, markeredgewidth=2)
+        axis.set_title(variant, color=color(variant), fontsize=10)
+        axis.set_xscale("log")
+        axis.set_xticks(ticks)
+        axis.set_xticklabels([f"{t:g}" + ("x" if learning else "") for t in ticks])
+        axis.minorticks_off()
+        axis.set_xlabel("learning rate (x base)" if learning else "batch size")
+    # one scale for all panels, down to the lowest band
+    low = min(100 * (r["accuracy_mean"] - r["accuracy_std"]) for r in rows)
+    axes[0].set_ylim(max(0.0, 5 * np.floor(low / 5) - 5), 100)
+    for axis in axes[::4]:
+        axis.set_ylabel("final test accuracy (%)")
+    handles = [plt.Line2D([], [], color="black", linestyle=STYLES[i],
+                          marker=MARKERS[i]) for i in range(len(lines))]
+    labels = [f"{line} the activation" if line_key == "placement" else line
+              for line in lines]
+    if any(r["diverged"] for r in rows):
+        handles.append(plt.Line2D([], [], linestyle="none", marker="x",
+                                  color="red", markeredgewidth=2))
+        labels.append("a run diverged (non-finite loss)")
+    _legend_below(figure, handles, labels, ncol=len(handles))
+    figure.suptitle("MNIST, 3 x 100 units: final test accuracy, mean ± std "
+                    "over seeds")
+    return [_save(figure, out / ("learning_rate.png" if learning
+                                 else "placement.png"))]
+
+
+def plot_landscape(results, out):
+    """``landscape``: along training, the loss range, the gradient change
+    and the effective beta-smoothness along the gradient
+    (``landscape.png``), and internal covariate shift, ``l2`` and
+    cosine, per dense layer after the first (``ics.png``); one line per
+    variant (means over seeds; the noisy-BatchNorm control dashed)."""
+    rows = results["summary"]
+
+    def draw(axis, row, key):
+        steps = [p["step"] for p in row["probes"] if p["step"] > 0]
+        axis.plot(steps, [p[key] for p in row["probes"] if p["step"] > 0],
+                  color=color(row["variant"].split(" + ")[0]), marker="o",
+                  markersize=3, linestyle="--" if "noise" in row["variant"] else "-",
+                  linewidth=2.5 if row["variant"] in ("none", "batch_norm") else 1.2)
+
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
+    for axis, (key, title) in zip(axes, (
+            ("loss_range", "loss range along the gradient\nmax - min of L(w - eta g)"),
+            ("gradient_change", "gradient predictiveness\nmax ||grad L(w - eta g) - g||"),
+            ("beta", "effective beta-smoothness\nmax ||grad L(w - eta g) - g|| / ||eta g||"))):
+        for row in rows:
+            draw(axis, row, key)
+        axis.set_yscale("log")
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("training step")
+        axis.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=color(r["variant"].split(" + ")[0]),
+                          linestyle="--" if "noise" in r["variant"] else "-")
+               for r in rows]
+    _legend_below(figure, handles, [r["variant"] for r in rows])
+    figure.suptitle("MNIST, 3 x 100 ReLU, batch 60: the landscape along the "
+                    "gradient at each probe (means over seeds)")
+    written = [_save(figure, out / "landscape.png")]
+    layers = rows[0]["layers"]
+    figure, axes = plt.subplots(2, len(layers), figsize=(4 * len(layers), 6.5),
+                                squeeze=False, layout="constrained")
+    for column, layer in enumerate(layers):
+        for line, (key, label) in enumerate((("l2", "||G - G'||"),
+                                             ("cosine", "cos(G, G')"))):
+            axis = axes[line, column]
+            for row in rows:
+                draw(axis, row, f"ics{layer}_{key}")
+            if key == "l2":
+                axis.set_yscale("log")
+            axis.set_title(f"dense layer {layer + 1}", fontsize=10)
+            axis.set_ylabel(f"ICS: {label}" + (", log scale" if key == "l2" else ""))
+            axis.set_xlabel("training step")
+            axis.grid(alpha=0.3)
+    _legend_below(figure, handles, [r["variant"] for r in rows])
+    figure.suptitle("Internal covariate shift (Santurkar et al. 2018, "
+                    "Definition 2.1): a layer's weight gradient G before,\nand "
+                    "G' after, the layers below it take the step's update "
+                    "(means over seeds)")
+    written.append(_save(figure, out / "ics.png"))
+    return written
+
+
+def plot_study(results, out):
+    """The figures of a study of :mod:`normkit.analysis.why` into the
+    folder ``out``; returns their paths."""
+    from pathlib import Path
+    out = Path(out)
+    if results["study"] == "mnist-sigmoid":
+        return plot_sigmoid(results, out)
+    if results["study"] == "landscape":
+        return plot_landscape(results, out)
+    return plot_final(results, out)

@@ -52,7 +52,7 @@ from normkit.population import has_running_statistics
 
 from . import data, trainer
 from ._threads import single_threaded
-from .variants import VARIANTS
+from .variants import row
 
 #: Bumped whenever the protocol changes what a cell computes.
 PROTOCOL_VERSION = 2
@@ -85,6 +85,19 @@ class Settings:
             return self.steps
         return (train_size // batch_size) * self.epochs
 
+    def train(self, variant, batch_size, seed):
+        """One cell of a sweep with these settings (:func:`train_cell`).
+
+        Every settings class that :func:`run_sweep` accepts provides
+        ``train`` (one cell, a JSON-able dict) and ``compile`` (the
+        warm-up's kernel paths), so the sweep's resuming, workers and Dask
+        cluster serve every study."""
+        return train_cell(variant, batch_size, seed, self)
+
+    def compile(self, variants, batch_sizes):
+        """Take the kernel paths of these cells once (``compile_kernels``)."""
+        compile_kernels(variants, batch_sizes, self)
+
 
 def cell_key(variant, batch_size, seed, settings):
     """Stable name of a cell: its coordinates and a hash of its settings."""
@@ -115,30 +128,17 @@ def train_cell(variant, batch_size, seed, settings=Settings()):
                             settings)
     optimizer = trainer.SGD(network.parameters(), 0.0, settings.momentum,
                             settings.weight_decay)
-    schedule = VARIANTS[variant].schedule
-    per_epoch = len(y_train) // batch_size
     total = settings.total_steps(batch_size, len(y_train))
     peak = settings.learning_rate(batch_size)
-    step, losses, diverged = 0, [], False
-    while step < total and not diverged:
-        order = rng.permutation(len(y_train))
-        losses = []
-        for b in range(min(per_epoch, total - step)):
-            index = order[b * batch_size:(b + 1) * batch_size]
-            if schedule is not None:
-                for layer in norms:
-                    for name, value in schedule(step, total).items():
-                        setattr(layer, name, value)
-            optimizer.lr = 0.5 * peak * (1.0 + math.cos(math.pi * step / total))
-            loss, grad = trainer.softmax_cross_entropy(network(x_train[index]),
-                                                       y_train[index])
-            if not math.isfinite(loss):
-                diverged = True
-                break
-            network.backward(grad)
-            optimizer.step()
-            losses.append(loss)
-            step += 1
+    schedule = apply_schedule(row(variant).schedule, norms, total)
+
+    def before(step, x, y):
+        schedule(step)
+        optimizer.lr = 0.5 * peak * (1.0 + math.cos(math.pi * step / total))
+
+    step, losses, diverged, order = train_steps(
+        network, optimizer, x_train, y_train, batch_size, total, rng, before)
+    per_epoch = len(y_train) // batch_size
     batches = None if diverged else [
         x_train[order[b * batch_size:(b + 1) * batch_size]]
         for b in range(per_epoch)]
@@ -150,6 +150,52 @@ def train_cell(variant, batch_size, seed, settings=Settings()):
             "population_reestimated": reestimated,
             "train_loss": float(np.mean(losses)) if losses else None,
             "steps": step, "diverged": diverged}
+
+
+def apply_schedule(schedule, norms, total):
+    """``set(step)``: put a variant's ``schedule(step, total)`` attributes on
+    each layer of ``norms`` (nothing when ``schedule`` is None)."""
+    def set_attributes(step):
+        if schedule is not None:
+            for layer in norms:
+                for name, value in schedule(step, total).items():
+                    setattr(layer, name, value)
+    return set_attributes
+
+
+def train_steps(network, optimizer, x, y, batch_size, total, rng,
+                before_step=None):
+    """The training loop every study shares: ``total`` SGD steps on
+    batches of ``batch_size`` drawn without replacement from ``(x, y)``,
+    reshuffled each epoch (the last incomplete batch dropped), with softmax
+    cross-entropy; stops at the first non-finite loss.
+
+    ``before_step(step, x_batch, y_batch)`` runs before each step's
+    forward pass (schedules, the learning rate, measurements).
+
+    Returns ``(steps, losses, diverged, order)``: the steps taken, the
+    losses of the last epoch's steps, whether a non-finite loss stopped
+    the run, and the last epoch's permutation of the samples.
+    """
+    per_epoch = len(y) // batch_size
+    step, losses, diverged = 0, [], False
+    while step < total and not diverged:
+        order = rng.permutation(len(y))
+        losses = []
+        for b in range(min(per_epoch, total - step)):
+            index = order[b * batch_size:(b + 1) * batch_size]
+            if before_step is not None:
+                before_step(step, x[index], y[index])
+            loss, grad = trainer.softmax_cross_entropy(network(x[index]),
+                                                       y[index])
+            if not math.isfinite(loss):
+                diverged = True
+                break
+            network.backward(grad)
+            optimizer.step()
+            losses.append(loss)
+            step += 1
+    return step, losses, diverged, order
 
 
 def _build(variant, rng, batch_size, image_shape, settings):
@@ -201,11 +247,20 @@ COMPILING = ("compiling the study's kernels (first run only, cached on disk "
 
 
 def _warm_in_this_process(variants, batch_sizes, settings, announce):
-    """Run :func:`compile_kernels` here; returns ``(normkit.__file__,
-    number of functions compiled)``."""
+    """Run ``settings.compile`` here; returns ``(normkit.__file__, number
+    of functions compiled)``."""
     from ._compiling import announce_compilation
+    from .variants import check_variants
+    # a scheme given to normkit.register in the calling program is unknown
+    # here (entry-point plug-ins are known): its cells compile for themselves
+    known = []
+    for variant in variants:
+        try:
+            known += check_variants([variant])
+        except ValueError:
+            pass
     with announce_compilation(COMPILING if announce else None) as listener:
-        compile_kernels(variants, batch_sizes, settings)
+        settings.compile(known, batch_sizes)
     return normkit.__file__, listener.compiled
 
 
@@ -237,16 +292,18 @@ def warm_kernel_cache(variants, batch_sizes, settings=Settings(),
         the child prints :data:`COMPILING` to stderr when it starts
         compiling, and only then.
     """
+    kind = type(settings)
     args = json.dumps({"path": sys.path, "variants": list(variants),
                        "batch_sizes": list(batch_sizes),
+                       "module": kind.__module__, "kind": kind.__qualname__,
                        "settings": asdict(settings), "announce": announce})
-    code = ("import json, sys\n"
+    code = ("import importlib, json, sys\n"
             "a = json.loads(sys.argv[1])\n"
             "sys.path[:] = a['path']\n"
             "from normkit.analysis import sweep\n"
+            "kind = getattr(importlib.import_module(a['module']), a['kind'])\n"
             "print(json.dumps(sweep._warm_in_this_process(a['variants'], "
-            "a['batch_sizes'], sweep.Settings(**a['settings']), "
-            "a['announce'])))\n")
+            "a['batch_sizes'], kind(**a['settings']), a['announce'])))\n")
     done = subprocess.run([sys.executable, "-c", code, args], check=True,
                           stdout=subprocess.PIPE, text=True)
     path, compiled = json.loads(done.stdout.strip().splitlines()[-1])
@@ -286,7 +343,7 @@ def load_cell(path, variant, batch_size, seed, settings):
 
 def _train_task(task):
     variant, batch_size, seed, settings = task
-    return train_cell(variant, batch_size, seed, settings)
+    return settings.train(variant, batch_size, seed)
 
 
 def run_sweep(variants, batch_sizes, seeds, settings=Settings(), out=None,
@@ -296,7 +353,10 @@ def run_sweep(variants, batch_sizes, seeds, settings=Settings(), out=None,
     Parameters
     ----------
     variants, batch_sizes, seeds : sequences
-    settings : Settings
+    settings : Settings or MLPSettings
+        The shared settings; any frozen dataclass of JSON values with
+        ``train(variant, batch_size, seed)`` (one cell) and
+        ``compile(variants, batch_sizes)`` (the warm-up) will do.
     out : path, optional
         Folder of the cell files (``cells/<key>.json``).  Cells found there
         with the same coordinates and settings are reused, not recomputed.

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from .variants import VARIANTS
+from .variants import row as variant_row
 
 DTYPE = np.float32
 
@@ -217,7 +217,7 @@ def build_network(variant, rng, batch_size, image_shape=(1, 8, 8), width=8,
                            classes, last_stage)
     if network != "small":
         raise ValueError(f"unknown network {network!r}; choose small or conv")
-    row = VARIANTS[variant]
+    row = variant_row(variant)
     channels, height, width_px = image_shape
     conv_norm = row.conv((width, height, width_px), batch_size)
     dense_norm = row.dense((hidden,), batch_size)
@@ -261,7 +261,7 @@ def conv_stages(image_size, last_stage=7, width=8):
 
 def _build_conv(variant, rng, batch_size, image_shape, width, classes,
                 last_stage):
-    row = VARIANTS[variant]
+    row = variant_row(variant)
     layers, norms = [], []
     for index, (in_channels, out, stride, size) in enumerate(
             conv_stages(image_shape[1], last_stage, width)):
@@ -328,3 +328,104 @@ def accuracy(network, images, labels, batch=512):
         logits = network(images[start:start + batch])
         correct += int((logits.argmax(axis=1) == labels[start:start + batch]).sum())
     return correct / len(labels)
+
+
+class Sigmoid(_Layer):
+    """``y = 1 / (1 + exp(-x))``; ``dx = dy * y * (1 - y)``."""
+
+    def __call__(self, x):
+        # exp(-log(1 + exp(-x))): no overflow for large negative inputs
+        self._y = np.exp(-np.logaddexp(0, -x))
+        return self._y
+
+    def backward(self, dy):
+        return dy * self._y * (1 - self._y)
+
+
+#: Activation layers by name (the ``activation`` of :func:`build_mlp`).
+ACTIVATIONS = {"relu": ReLU, "sigmoid": Sigmoid}
+
+
+class StepNoise(_Layer):
+    """Non-stationary noise after a normalizer: the control of Santurkar et
+    al. (2018, section 2), whose "noisy BatchNorm" networks see each
+    normalized unit's distribution move at every step.
+
+    In training, step ``t`` (the attribute :attr:`step`, set before each
+    step) multiplies unit ``j`` by ``a_j`` and adds ``b_j``, with ``a_j``
+    uniform in ``[1, 1 + level]`` and ``b_j`` uniform in ``[-level,
+    level]``, drawn afresh per step from ``(*seed, t)`` (``seed`` a tuple
+    of integers; so every forward
+    pass of one step sees the same noise); inference uses the noise's mean
+    (``a = 1 + level / 2``, ``b = 0``).  ``dx = a * dy``.
+    """
+
+    def __init__(self, features, level, seed):
+        self.features, self.level, self.seed = features, level, seed
+        self.step = 0
+
+    def coefficients(self):
+        """``(a, b)`` of the current step (training) or their mean
+        (inference)."""
+        if not self.training:
+            return 1.0 + self.level / 2, 0.0
+        draw = np.random.default_rng([*self.seed, self.step])
+        a = 1.0 + self.level * draw.random(self.features)
+        b = self.level * (2.0 * draw.random(self.features) - 1.0)
+        return a, b
+
+    def __call__(self, x):
+        a, b = self.coefficients()
+        self._a = np.asarray(a, x.dtype)
+        return x * self._a + np.asarray(b, x.dtype)
+
+    def backward(self, dy):
+        return dy * self._a
+
+
+def build_mlp(variant, rng, batch_size, in_features, width=100, depth=3,
+              classes=10, activation="sigmoid", placement="before",
+              noise=0.0, seed=0):
+    """The fully connected network of Ioffe and Szegedy's MNIST experiment
+    (2015, section 4.1: three hidden layers of 100 sigmoid units) with
+    ``variant``'s normalizer on every hidden layer::
+
+        [dense in -> width -> norm -> activation] x depth -> dense -> classes
+
+    ``placement="before"`` normalizes the dense output (the paper's
+    choice), ``"after"`` the activation's output (``dense -> activation ->
+    norm``).  With ``noise > 0`` a :class:`StepNoise` of that level
+    follows every normalizer (seeded by ``seed`` and the layer's index).
+
+    Returns
+    -------
+    network : Sequential
+    norms : list
+        The normalization layers in network order (empty for ``"none"``).
+    noises : list
+        The :class:`StepNoise` layers (empty without noise).
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, "
+                         f"got {activation!r}")
+    if placement not in ("before", "after"):
+        raise ValueError(f"placement must be 'before' or 'after', got "
+                         f"{placement!r}")
+    row = variant_row(variant)
+    layers, norms, noises = [], [], []
+    features = in_features
+    for index in range(depth):
+        block = [Dense(features, width, rng)]
+        norm = row.dense((width,), batch_size)
+        normalize = [] if norm is None else [norm]
+        if norm is not None:
+            norms.append(norm)
+            if noise > 0:
+                noises.append(StepNoise(width, noise, (seed, index)))
+                normalize.append(noises[-1])
+        act = [ACTIVATIONS[activation]()]
+        block += normalize + act if placement == "before" else act + normalize
+        layers += block
+        features = width
+    layers.append(Dense(features, classes, rng))
+    return Sequential(layers), norms, noises
