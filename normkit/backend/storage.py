@@ -9,17 +9,12 @@ is ever made: a float16 pass moves half the bytes of a float32 one.
 
 Storage codes (the dtype of the flat array a kernel receives):
 
-=====================  ================  ================================
-array dtype            kernel sees        element conversion
-=====================  ================  ================================
-float32, float64       itself             none
-float16 (IEEE binary16)  ``uint16`` bits  F16C ``vcvtph2ps`` / ``vcvtps2ph``
-                                          where the CPU has it, else the
-                                          integer bit patterns of
-                                          :mod:`normkit.backend.half`
-bfloat16 (``ml_dtypes``) ``int16`` bits   the top 16 bits of a float32;
-                                          rounding to nearest even
-=====================  ================  ================================
+- float32 and float64 arrays: themselves, no conversion;
+- float16 (IEEE binary16): its ``uint16`` bits, converted by the CPU's
+  F16C instructions (``vcvtph2ps`` / ``vcvtps2ph``) where it has them,
+  else by the integer bit patterns of :mod:`normkit.backend.half`;
+- bfloat16 (``ml_dtypes``): its ``int16`` bits, the top 16 bits of a
+  float32, rounded to nearest even on the way back.
 
 float16 narrowing rounds to nearest, ties to even, as
 ``astype(np.float16)`` does; bfloat16 narrowing rounds the same way, keeps
