@@ -133,42 +133,47 @@ MIN_TRAFFIC = {"copy": 2, "fwd": 2, "fwd+bwd": 5, "torch fwd": 2,
                "torch fwd+bwd": 5}
 
 
+def _input_bytes(case):
+    return int(np.prod(case.shape)) * _bench.numpy_dtype(case.dtype).itemsize
+
+
+def bandwidths(case, t):
+    """Effective bandwidth in GB/s of each pass in :data:`MIN_TRAFFIC`: the
+    bytes it must move at least over its time (None where not timed)."""
+    nbytes = _input_bytes(case)
+    return {name: None if t[name] is None
+            else MIN_TRAFFIC[name] * nbytes / t[name] / 1e9
+            for name in MIN_TRAFFIC}
+
+
 def json_record(case, t):
     """Every measured cell of one case, for ``--json``.
 
     Times in milliseconds (None where not timed) and, for each pass in
-    :data:`MIN_TRAFFIC`, its effective bandwidth in GB/s: the bytes it must
-    move at least over its time.  ``frac_copy`` is that bandwidth over the
+    :data:`MIN_TRAFFIC`, its effective bandwidth in GB/s
+    (:func:`bandwidths`).  ``frac_copy`` is that bandwidth over the
     copy's, so 1.0 means "as fast as a copy moves its bytes".
     """
-    nbytes = int(np.prod(case.shape)) * _bench.numpy_dtype(case.dtype).itemsize
     ms = {name: None if t[name] is None else 1e3 * t[name] for name in TIMED}
-    gbps = {name: None if t[name] is None
-            else MIN_TRAFFIC[name] * nbytes / t[name] / 1e9
-            for name in MIN_TRAFFIC}
+    gbps = bandwidths(case, t)
     frac = {name: None if gbps[name] is None else gbps[name] / gbps["copy"]
             for name in MIN_TRAFFIC if name != "copy"}
     return {"variant": case.variant, "shape": list(case.shape),
-            "layout": case.layout, "dtype": case.dtype, "bytes": nbytes,
+            "layout": case.layout, "dtype": case.dtype,
+            "bytes": _input_bytes(case),
             "ms": ms, "gbps": gbps, "frac_copy": frac,
             "seconds": t}
 
 
-def _gbps(case, t, name):
-    """Effective bandwidth of pass ``name`` in GB/s (see :func:`json_record`)."""
-    if t[name] is None:
-        return "-"
-    nbytes = int(np.prod(case.shape)) * _bench.numpy_dtype(case.dtype).itemsize
-    return f"{MIN_TRAFFIC[name] * nbytes / t[name] / 1e9:.1f}"
-
-
 def table_row(case, t):
     """Formatted cells of one row of the markdown table."""
+    gbps = {name: "-" if value is None else f"{value:.1f}"
+            for name, value in bandwidths(case, t).items()}
     return [case.variant, str(case.shape), case.layout, case.dtype,
-            _ms(t["copy"]), _gbps(case, t, "copy"),
-            _ms(t["fwd"]), _ratio(t["fwd"], t["copy"]), _gbps(case, t, "fwd"),
+            _ms(t["copy"]), gbps["copy"],
+            _ms(t["fwd"]), _ratio(t["fwd"], t["copy"]), gbps["fwd"],
             _ms(t["fwd+bwd"]), _ratio(t["fwd+bwd"], t["copy"]),
-            _gbps(case, t, "fwd+bwd"),
+            gbps["fwd+bwd"],
             "skipped" if t["ref fwd"] is None else _ms(t["ref fwd"]),
             _ms(t["torch fwd"]), _ms(t["torch fwd+bwd"]),
             _ratio(t["torch fwd"], t["fwd"]),

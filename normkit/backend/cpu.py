@@ -535,24 +535,18 @@ def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
                 xs = x[r * width + lo:r * width + hi]
                 ds = dy[r * width + lo:r * width + hi]
                 gs = gscale[lo:hi]
+                s_dy = aff_dy[lo:hi] if with_affine else aff_dy
+                s_dyx = aff_dyx[lo:hi] if with_affine else aff_dyx
                 s1 = 0.0
                 s2 = 0.0
-                if with_affine:
-                    s_dy = aff_dy[lo:hi]
-                    s_dyx = aff_dyx[lo:hi]
-                    for i in range(xs.size):
-                        g = load(ds, i)
-                        gx = g * ((load(xs, i) - m) * rs)
+                for i in range(xs.size):
+                    g = load(ds, i)
+                    gx = g * ((load(xs, i) - m) * rs)
+                    if with_affine:
                         s_dy[i] += g
                         s_dyx[i] += gx
-                        s1 += float(_param(gs, i, 1.0)) * g
-                        s2 += float(_param(gs, i, 1.0)) * gx
-                else:
-                    for i in range(xs.size):
-                        g = load(ds, i)
-                        gx = g * ((load(xs, i) - m) * rs)
-                        s1 += float(_param(gs, i, 1.0)) * g
-                        s2 += float(_param(gs, i, 1.0)) * gx
+                    s1 += float(_param(gs, i, 1.0)) * g
+                    s2 += float(_param(gs, i, 1.0)) * gx
                 group_out[k, 0] += s1
                 group_out[k, 1] += s2
         return
@@ -806,8 +800,8 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True,
     plan = make_plan(view)
     kj = view.K * view.J
     if plan.fused and centered:
-        gamma = _params(gamma, kj, compute_dtype(flat.dtype))
-        beta = _params(beta, kj, compute_dtype(flat.dtype))
+        work = compute_dtype(flat.dtype)
+        gamma, beta = _params(gamma, kj, work), _params(beta, kj, work)
         y = _output(out, flat)
         mean = np.empty((view.P, view.K))
         var = np.empty((view.P, view.K))

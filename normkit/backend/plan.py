@@ -148,10 +148,14 @@ def reduction_plan(view, n_threads=None):
     if (affine_partials_fit(plan, view) or B != 1 or K != 1
             or J < WIDE_GROUP):
         return plan
-    pieces = max(1, min(ITEMS_PER_THREAD * n_threads,
-                        P * A * J // MIN_ITEM_ELEMENTS))
-    l_per = ceil_div(J, pieces)
+    l_per = ceil_div(J, _target_items(P * A * J, n_threads))
     return Plan(P, 1, 1, 1, A, 1, l_per, ceil_div(J, l_per))
+
+
+def _target_items(total, n_threads):
+    """Items to split ``total`` values into: :data:`ITEMS_PER_THREAD` per
+    thread, none smaller than :data:`MIN_ITEM_ELEMENTS`, at least one."""
+    return max(1, min(ITEMS_PER_THREAD * n_threads, total // MIN_ITEM_ELEMENTS))
 
 
 def _enough(items, target, n_threads):
@@ -166,7 +170,7 @@ def _plan(view, n_threads):
     total = P * A * K * L
     if total == 0:  # nothing to split: one item per p, its groups whole
         return Plan(1, P, K, 1, A, 1, L, 1)
-    target = max(1, min(ITEMS_PER_THREAD * n_threads, total // MIN_ITEM_ELEMENTS))
+    target = _target_items(total, n_threads)
     if _enough(P, target, n_threads):
         p_per = ceil_div(P, min(P, target))
         return Plan(p_per, ceil_div(P, p_per), K, 1, A, 1, L, 1)

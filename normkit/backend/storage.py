@@ -26,6 +26,7 @@ from llvmlite import binding, ir
 import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic, overload
+from numba.np.numpy_support import as_dtype
 
 from . import half
 
@@ -146,13 +147,9 @@ def compute_empty(a, n):
     return np.empty(n, a.dtype)
 
 
-def _storage_dtype(a):
-    return a.dtype if isinstance(a, types.Array) else a
-
-
 @overload(load)
 def _load_impl(a, index):
-    dtype = _storage_dtype(a)
+    dtype = a.dtype
     if dtype == types.uint16:
         return lambda a, index: _half_to_single(a[index])
     if dtype == types.int16:
@@ -162,7 +159,7 @@ def _load_impl(a, index):
 
 @overload(store)
 def _store_impl(a, index, value):
-    dtype = _storage_dtype(a)
+    dtype = a.dtype
     if dtype == types.uint16:
         def impl(a, index, value):
             a[index] = _single_to_half(value)
@@ -175,18 +172,19 @@ def _store_impl(a, index, value):
     return impl
 
 
-def _compute_type(a):
-    dtype = _storage_dtype(a)
-    return types.float32 if dtype in (types.uint16, types.int16) else dtype
+def _compute_scalar(a):
+    """The NumPy scalar type of :func:`compute_dtype` for the Numba array
+    type ``a``."""
+    return compute_dtype(as_dtype(a.dtype)).type
 
 
 @overload(compute_zero)
 def _compute_zero_impl(a):
-    zero = getattr(np, str(_compute_type(a)))(0)
+    zero = _compute_scalar(a)(0)
     return lambda a: zero
 
 
 @overload(compute_empty)
 def _compute_empty_impl(a, n):
-    dtype = getattr(np, str(_compute_type(a)))
+    dtype = _compute_scalar(a)
     return lambda a, n: np.empty(n, dtype)
