@@ -215,6 +215,14 @@ def ref_backward(case, dy, x=None, **overrides):
 TOLERANCE = {np.dtype(np.float16): 1e-2, np.dtype(np.float32): 1e-4,
              np.dtype(np.float64): 1e-10}
 
+try:  # bfloat16 (ml_dtypes, in the test extra): 7 fraction bits to float16's 10
+    import ml_dtypes
+except ImportError:
+    BFLOAT16 = None
+else:
+    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+    TOLERANCE[BFLOAT16] = 2e-2
+
 
 def tol_for(dtype):
     return TOLERANCE[np.dtype(dtype)]

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from conftest import (MATRIX_ARGS, VARIANT_NAMES, VARIANTS, assert_close_scaled,
+from conftest import (BFLOAT16, MATRIX_ARGS, VARIANT_NAMES, VARIANTS, assert_close_scaled,
                       make_case, make_layer, matrix, nk_backward, nk_forward,
                       numerical_grad, ref_backward)
 from test_reference import PINNED_RENORM, SATURATED_RENORM
@@ -31,6 +31,19 @@ def test_backward_matches_reference(name, ndim, layout, mode, affine, dtype, rng
     assert got[0].dtype == np.dtype(dtype)
     assert got[0].shape == case.x.shape
     check_grads(got, ref_backward(case, dy), dtype, affine)
+
+
+@pytest.mark.skipif(BFLOAT16 is None, reason="needs ml_dtypes")
+@pytest.mark.parametrize("layout", ["first", "last"])
+@pytest.mark.parametrize("name,mode", [(n, m) for n in VARIANT_NAMES
+                                       for m in VARIANTS[n].modes()])
+def test_bfloat16_backward_matches_reference(name, mode, layout, rng):
+    case = make_case(name, 3, layout, mode, True, dtype=BFLOAT16, rng=rng)
+    (y, saved), _ = nk_forward(case, return_saved=True)
+    dy = rng.normal(size=y.shape).astype(BFLOAT16)
+    got = nk_backward(case, dy, saved)
+    assert got[0].dtype == BFLOAT16 and got[0].shape == case.x.shape
+    check_grads(got, ref_backward(case, dy), BFLOAT16, True)
 
 
 def fd_params():

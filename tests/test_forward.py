@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from conftest import (MATRIX_ARGS, VARIANT_NAMES, assert_close_scaled,
-                      make_case, matrix, nk_forward, ref_forward)
+from conftest import (BFLOAT16, MATRIX_ARGS, VARIANT_NAMES, VARIANTS,
+                      assert_close_scaled, make_case, matrix, nk_forward,
+                      ref_forward)
 
 
 @pytest.mark.parametrize(MATRIX_ARGS, matrix())
@@ -19,6 +20,22 @@ def test_forward_matches_reference(name, ndim, layout, mode, affine, dtype, rng)
     # running statistics are updated in place exactly like the reference
     for key, value in new_stats.items():
         assert_close_scaled(used[key], value, dtype, what=key)
+
+
+@pytest.mark.skipif(BFLOAT16 is None, reason="needs ml_dtypes")
+@pytest.mark.parametrize("layout", ["first", "last"])
+@pytest.mark.parametrize("name,mode", [(n, m) for n in VARIANT_NAMES
+                                       for m in VARIANTS[n].modes()])
+def test_bfloat16_forward_matches_reference(name, mode, layout, rng):
+    """bfloat16 read and written by the kernels (no widened copy), against
+    the float64 reference on the same bfloat16 values."""
+    case = make_case(name, 4, layout, mode, True, dtype=BFLOAT16, rng=rng)
+    y, used = nk_forward(case)
+    expected, new_stats = ref_forward(case)
+    assert y.dtype == BFLOAT16 and y.shape == case.x.shape
+    assert_close_scaled(y, expected, BFLOAT16, what="y")
+    for key, value in new_stats.items():
+        assert_close_scaled(used[key], value, BFLOAT16, what=key)
 
 
 @pytest.mark.parametrize("name", VARIANT_NAMES)
