@@ -276,15 +276,17 @@ def _p_moments(x, p, r, A, K, J, B, out_n, out_mean, out_m2, scratch):
 
 
 @_kernel
-def moments_kernel(x, P, A, K, J, B, plan, part_n, part_mean, part_m2):
-    """Partial moments: ``part_*[p, chunk, k]`` for every item of ``plan``."""
+def moments_kernel(x, P, A, K, J, B, plan, part):
+    """Partial moments ``part[p, chunk, k] = (count, mean, M2)`` for every
+    item of ``plan``."""
     L = J * B
     for item in prange(_n_items(plan)):
         p0, p1, r, chunk = _item_bounds(item, P, A, K, L, plan)
         scratch = np.empty(2 * K * J if _rows_style(A, B) else 0)
         for p in range(p0, p1):
-            _p_moments(x, p, r, A, K, J, B, part_n[p, chunk],
-                       part_mean[p, chunk], part_m2[p, chunk], scratch)
+            summary = part[p, chunk]
+            _p_moments(x, p, r, A, K, J, B, summary[:, 0], summary[:, 1],
+                       summary[:, 2], scratch)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -509,8 +511,7 @@ def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
     """Backward sums of one ``p`` over the ranges ``r = (a0, a1, k0, k1, l0,
     l1)``, with ``xhat = (x - mean) * rstd``:
 
-    - ``group_out[k] = (sum gscale*dy, sum gscale*dy*xhat)`` per group
-      (overwritten);
+    - ``group_out[k] += (sum gscale*dy, sum gscale*dy*xhat)`` per group;
     - ``affine_out += (sum dy, sum dy*xhat)`` per ``(k, j)``, unless
       ``affine_out`` has no columns (the affine sums are not wanted).
 
@@ -522,7 +523,6 @@ def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
     aff_dy = affine_out[0]
     aff_dyx = affine_out[1]
     with_affine = aff_dy.size > 0
-    group_out[k0:k1] = 0.0
     if B == 1 and J >= WIDE_GROUP:
         # Wide groups: fold straight into the group and affine sums.
         c0, c1 = _column_range(K, L, l0, l1)
@@ -614,13 +614,22 @@ def backward_reduce(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
     """
     L = J * B
     n_slots = part_affine.shape[0]
+    # One wide group per p (LayerNorm rows) is taken in tiles of columns,
+    # each tile through every p of the item, so that the tile's affine sums
+    # stay in cache between the rows that add into them.
+    step = TILE if B == 1 and K == 1 and J >= WIDE_GROUP else L
     for item in prange(_n_items(plan)):
         p0, p1, r, chunk = _item_bounds(item, P, A, K, L, plan)
+        a0, a1, k0, k1, l0, l1 = r
         scratch = np.empty(3 * K * J if _narrow_groups(J, B) else 0)
         slot = item % n_slots
         for p in range(p0, p1):
-            _p_reduce(dy, x, p, r, A, K, J, B, mean[p], rstd[p],
-                      gscale, part_group[p, chunk], part_affine[slot], scratch)
+            part_group[p, chunk, k0:k1] = 0.0
+        for t0 in range(l0, l1, step):
+            tile = (a0, a1, k0, k1, t0, min(l1, t0 + step))
+            for p in range(p0, p1):
+                _p_reduce(dy, x, p, tile, A, K, J, B, mean[p], rstd[p], gscale,
+                          part_group[p, chunk], part_affine[slot], scratch)
 
 
 @_inner
@@ -672,6 +681,7 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
         coef = np.empty((K, N_COEF))
         part_affine[item] = 0.0
         for p in range(p0, p1):
+            sums[:] = 0.0
             _p_reduce(dy, x, p, r, A, K, J, B, mean[p], rstd[p],
                       gscale, sums, part_affine[item], scratch)
             finish_backward_p(sums, n, mean[p], rstd[p], coef, r[2], r[3], True)
@@ -722,18 +732,36 @@ def _deliver(result, out, shape, dtype):
     return out
 
 
-def _params(values, size, work):
+def _params(values, size, x_storage, like=None):
     """Per-column parameters as a flat ``(size,)`` array the kernels read
     with :func:`~normkit.backend.storage.load`: as they are (no copy) when
-    they compute in ``work`` like the input, else converted to ``work``; an
-    empty array for None (the kernels then use 1 for a scale, 0 for a
-    shift)."""
+    their storage is the input's (``x_storage``, an array or dtype), else
+    converted to the input's compute dtype; for None, an empty array (the
+    kernels then use 1 for a scale, 0 for a shift) of the type of ``like``
+    (the other parameter's array, when there is one).
+
+    Two types per input storage at most (its own, its compute dtype), and
+    one for both parameters of a pair, keep the kernels' specializations
+    (and their compilation) few.
+    """
+    storage = np.dtype(getattr(x_storage, "dtype", x_storage))
     if values is None:
-        return np.empty(0, dtype=work)
+        return np.empty(0, dtype=storage if like is None else like.dtype)
     values = np.asarray(values)
-    if compute_dtype(values.dtype) == work:
-        return storage_view(values).reshape(size)
-    return np.ascontiguousarray(values, dtype=work).reshape(size)
+    stored = storage_view(values)
+    if stored.dtype == storage:
+        return stored.reshape(size)
+    return np.ascontiguousarray(values, dtype=compute_dtype(storage)).reshape(size)
+
+
+def _affine_params(gamma, beta, size, x_storage):
+    """``gamma`` and ``beta`` through :func:`_params`, a missing one typed
+    like the other."""
+    gamma = _params(gamma, size, x_storage)
+    beta = _params(beta, size, x_storage, like=gamma)
+    if gamma.size == 0 and beta.size:
+        gamma = np.empty(0, beta.dtype)
+    return gamma, beta
 
 
 def _rows(values, view):
@@ -757,8 +785,7 @@ def moment_partials(x, view):
     flat = as_kernel_array(x)
     plan = make_plan(view)
     part = np.empty((view.P, plan.n_chunks, view.K, 3))
-    moments_kernel(flat, *view.dims, plan, part[..., 0], part[..., 1],
-                   part[..., 2])
+    moments_kernel(flat, *view.dims, plan, part)
     return part
 
 
@@ -784,9 +811,8 @@ def apply_affine(x, view, mean, alpha, gamma=None, beta=None, out=None):
     coef[..., COEF_A] = _rows(alpha, view)
     y = _output(out, flat)
     kj = view.K * view.J
-    work = compute_dtype(flat.dtype)
     apply(flat, flat, y, False, *view.dims, plan, coef,
-          _params(gamma, kj, work), _params(beta, kj, work))
+          *_affine_params(gamma, beta, kj, flat))
     return _deliver(y, out, x.shape, x.dtype)
 
 
@@ -800,8 +826,7 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True,
     plan = make_plan(view)
     kj = view.K * view.J
     if plan.fused and centered:
-        work = compute_dtype(flat.dtype)
-        gamma, beta = _params(gamma, kj, work), _params(beta, kj, work)
+        gamma, beta = _affine_params(gamma, beta, kj, flat)
         y = _output(out, flat)
         mean = np.empty((view.P, view.K))
         var = np.empty((view.P, view.K))
@@ -821,7 +846,7 @@ def _backward_inputs(dy, x, view, mean, rstd, gscale, centered):
     rstd = np.ascontiguousarray(_rows(rstd, view))
     mean = (np.ascontiguousarray(_rows(mean, view)) if centered
             else np.zeros_like(rstd))
-    gscale = _params(gscale, view.K * view.J, compute_dtype(flat_x.dtype))
+    gscale = _params(gscale, view.K * view.J, flat_x)
     return flat_x, flat_dy, mean, rstd, gscale
 
 
@@ -863,9 +888,8 @@ def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True,
     sums = np.stack([_rows(s, view) for s in group_sums], axis=-1)
     coef = backward_coefficients(sums, float(n), mean, rstd, centered)
     dx = _output(out, flat_x)
-    work = compute_dtype(flat_x.dtype)
     apply(flat_x, flat_dy, dx, True, *view.dims, make_plan(view), coef,
-          gscale, np.empty(0, work))
+          gscale, np.empty(0, gscale.dtype))
     return _deliver(dx, out, x.shape, x.dtype)
 
 
@@ -897,9 +921,8 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
         else:  # fixed statistics: dx = g * dy * rstd, the sums drop out
             group_sums, n = np.zeros((view.P, view.K, 2)), math.inf
         coef = backward_coefficients(group_sums, n, mean, rstd, centered)
-        work = compute_dtype(flat_x.dtype)
         apply(flat_x, flat_dy, dx, True, *view.dims, plan, coef,
-              gscale, np.empty(0, work))
+              gscale, np.empty(0, gscale.dtype))
     dx = _deliver(dx, out, x.shape, x.dtype)
     if not need_affine:
         return dx, None, None
