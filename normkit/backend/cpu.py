@@ -46,9 +46,14 @@ from .plan import (WIDE_GROUP, affine_partials_fit, disjoint_columns,
 #: propagate exactly as in plain IEEE arithmetic.
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 
-#: Elements per two-pass tile (and roughly per row tile): small enough to stay
-#: in L1/L2 between the two passes.
+#: Elements per two-pass tile: small enough to stay in L1/L2 between the
+#: two passes.
 TILE = 4096
+
+#: Elements per tile of rows in the channels-last moments, where every tile
+#: but the first takes one pass: large enough that the per-column float64
+#: merge after each tile costs little next to the tile's own sums.
+ROW_TILE = 4 * TILE
 
 # Columns of the per-(p, k) coefficient table used by the elementwise kernel.
 COEF_MEAN, COEF_A, COEF_H, COEF_E, COEF_C = 0, 1, 2, 3, 4
@@ -198,7 +203,7 @@ def _rows_moments(rows, col_mean, col_m2, center, s1, sq):
     tiles, which the float64 merge adds exactly.
     """
     n_rows, width = rows.shape
-    rows_per_tile = max(1, TILE // width)
+    rows_per_tile = max(1, ROW_TILE // width)
     n = 0.0
     for r0 in range(0, n_rows, rows_per_tile):
         tile = rows[r0:min(r0 + rows_per_tile, n_rows)]
