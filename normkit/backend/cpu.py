@@ -619,22 +619,14 @@ def backward_reduce(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
     """
     L = J * B
     n_slots = part_affine.shape[0]
-    # One wide group per p (LayerNorm rows) is taken in tiles of columns,
-    # each tile through every p of the item, so that the tile's affine sums
-    # stay in cache between the rows that add into them.
-    step = TILE if B == 1 and K == 1 and J >= WIDE_GROUP else L
     for item in prange(_n_items(plan)):
         p0, p1, r, chunk = _item_bounds(item, P, A, K, L, plan)
-        a0, a1, k0, k1, l0, l1 = r
         scratch = np.empty(3 * K * J if _narrow_groups(J, B) else 0)
         slot = item % n_slots
         for p in range(p0, p1):
-            part_group[p, chunk, k0:k1] = 0.0
-        for t0 in range(l0, l1, step):
-            tile = (a0, a1, k0, k1, t0, min(l1, t0 + step))
-            for p in range(p0, p1):
-                _p_reduce(dy, x, p, tile, A, K, J, B, mean[p], rstd[p], gscale,
-                          part_group[p, chunk], part_affine[slot], scratch)
+            part_group[p, chunk, r[2]:r[3]] = 0.0
+            _p_reduce(dy, x, p, r, A, K, J, B, mean[p], rstd[p],
+                      gscale, part_group[p, chunk], part_affine[slot], scratch)
 
 
 @_inner
