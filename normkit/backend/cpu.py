@@ -120,6 +120,19 @@ def _column_range(K, L, l0, l1):
     return 0, K * L
 
 
+@_inner
+def _group_steps(r, B):
+    """The ranges ``r`` of an item that holds whole groups, in the steps
+    a fused kernel takes them: one group at a time for segments (``B >
+    1``), so that a group's data stays in cache between its reduction and
+    its elementwise pass (the item's groups together can exceed the L2
+    cache); all at once otherwise (``B == 1``: rows of ``K * J`` values,
+    which the kernels take whole)."""
+    a0, a1, k0, k1, l0, l1 = r
+    step = 1 if B > 1 else max(1, k1 - k0)
+    return [(a0, a1, k, min(k1, k + step), l0, l1) for k in range(k0, k1, step)]
+
+
 # --------------------------------------------------------------------------
 # moments
 # --------------------------------------------------------------------------
@@ -497,13 +510,14 @@ def forward_fused(x, out, P, A, K, J, B, plan, gamma, beta, eps, mean_out,
         m2 = np.empty(K)
         coef = np.empty((K, N_COEF))
         for p in range(p0, p1):
-            _p_moments(x, p, r, A, K, J, B, n, mean_out[p], m2,
-                       scratch)
-            _finish_forward_p(n, mean_out[p], m2, eps, coef, r[2], r[3])
-            for k in range(r[2], r[3]):
-                var_out[p, k] = m2[k] / n[k]
-            _p_apply(x, x, out, False, p, r, A, K, J, B, coef,
-                     gamma, beta, x_scratch)
+            for g in _group_steps(r, B):
+                _p_moments(x, p, g, A, K, J, B, n, mean_out[p], m2,
+                           scratch)
+                _finish_forward_p(n, mean_out[p], m2, eps, coef, g[2], g[3])
+                for k in range(g[2], g[3]):
+                    var_out[p, k] = m2[k] / n[k]
+                _p_apply(x, x, out, False, p, g, A, K, J, B, coef,
+                         gamma, beta, x_scratch)
 
 
 # --------------------------------------------------------------------------
@@ -678,12 +692,14 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
         coef = np.empty((K, N_COEF))
         part_affine[item] = 0.0
         for p in range(p0, p1):
-            sums[:] = 0.0
-            _p_reduce(dy, x, p, r, A, K, J, B, mean[p], rstd[p],
-                      gscale, sums, part_affine[item], scratch)
-            finish_backward_p(sums, n, mean[p], rstd[p], coef, r[2], r[3], True)
-            _p_apply(x, dy, dx, True, p, r, A, K, J, B, coef,
-                     gscale, no_beta, x_scratch)
+            for g in _group_steps(r, B):
+                sums[g[2]:g[3]] = 0.0
+                _p_reduce(dy, x, p, g, A, K, J, B, mean[p], rstd[p],
+                          gscale, sums, part_affine[item], scratch)
+                finish_backward_p(sums, n, mean[p], rstd[p], coef, g[2], g[3],
+                                  True)
+                _p_apply(x, dy, dx, True, p, g, A, K, J, B, coef,
+                         gscale, no_beta, x_scratch)
 
 
 # --------------------------------------------------------------------------
