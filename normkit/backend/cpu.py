@@ -121,16 +121,19 @@ def _column_range(K, L, l0, l1):
 
 
 @_inner
-def _group_steps(r, B):
-    """The ranges ``r`` of an item that holds whole groups, in the steps
-    a fused kernel takes them: one group at a time for segments (``B >
-    1``), so that a group's data stays in cache between its reduction and
-    its elementwise pass (the item's groups together can exceed the L2
-    cache); all at once otherwise (``B == 1``: rows of ``K * J`` values,
-    which the kernels take whole)."""
-    a0, a1, k0, k1, l0, l1 = r
-    step = 1 if B > 1 else max(1, k1 - k0)
-    return [(a0, a1, k, min(k1, k + step), l0, l1) for k in range(k0, k1, step)]
+def _group_step(r, B):
+    """How many groups of an item's ranges ``r`` (whole groups) a fused
+    kernel takes at once: one for segments (``B > 1``), so that a group's
+    data stays in cache between its reduction and its elementwise pass (the
+    item's groups together can exceed the L2 cache); all of them otherwise
+    (``B == 1``: rows of ``K * J`` values, which the kernels take whole)."""
+    return 1 if B > 1 else max(1, r[3] - r[2])
+
+
+@_inner
+def _groups(r, k, step):
+    """The ranges ``r`` restricted to the groups ``[k, k + step)``."""
+    return (r[0], r[1], k, min(r[3], k + step), r[4], r[5])
 
 
 # --------------------------------------------------------------------------
@@ -509,8 +512,10 @@ def forward_fused(x, out, P, A, K, J, B, plan, gamma, beta, eps, mean_out,
         n = np.empty(K)
         m2 = np.empty(K)
         coef = np.empty((K, N_COEF))
+        step = _group_step(r, B)
         for p in range(p0, p1):
-            for g in _group_steps(r, B):
+            for first in range(r[2], r[3], step):
+                g = _groups(r, first, step)
                 _p_moments(x, p, g, A, K, J, B, n, mean_out[p], m2,
                            scratch)
                 _finish_forward_p(n, mean_out[p], m2, eps, coef, g[2], g[3])
@@ -691,8 +696,10 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
         sums = np.empty((K, 2))
         coef = np.empty((K, N_COEF))
         part_affine[item] = 0.0
+        step = _group_step(r, B)
         for p in range(p0, p1):
-            for g in _group_steps(r, B):
+            for first in range(r[2], r[3], step):
+                g = _groups(r, first, step)
                 sums[g[2]:g[3]] = 0.0
                 _p_reduce(dy, x, p, g, A, K, J, B, mean[p], rstd[p],
                           gscale, sums, part_affine[item], scratch)
