@@ -274,16 +274,22 @@ def median_times(fns, repeat=5, warmup=2):
     After ``warmup`` untimed runs of each (compilation, page faults,
     caches), the callables are timed in turn, round after round, so that a
     drift of the machine's speed during the measurement affects all of them
-    alike.
+    alike.  Each round starts one callable later than the one before, so
+    that every callable follows every other equally often: a thread pool
+    that keeps its threads spinning for a moment after a parallel pass
+    (Numba's and torch's both do) then slows each of them alike, not always
+    the one timed right after it.
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
+    names = list(fns)
+    times = {name: [] for name in names}
+    for round_ in range(repeat):
+        start_at = round_ % len(names)
+        for name in names[start_at:] + names[:start_at]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
