@@ -535,7 +535,8 @@ def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
     """Backward sums of one ``p`` over the ranges ``r = (a0, a1, k0, k1, l0,
     l1)``, with ``xhat = (x - mean) * rstd``:
 
-    - ``group_out[k] += (sum gscale*dy, sum gscale*dy*xhat)`` per group;
+    - ``group_out[k] = (sum gscale*dy, sum gscale*dy*xhat)`` per group
+      (overwritten);
     - ``affine_out += (sum dy, sum dy*xhat)`` per ``(k, j)``, unless
       ``affine_out`` has no columns (the affine sums are not wanted).
 
@@ -547,6 +548,7 @@ def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
     aff_dy = affine_out[0]
     aff_dyx = affine_out[1]
     with_affine = aff_dy.size > 0
+    group_out[k0:k1] = 0.0
     if B == 1 and J >= WIDE_GROUP:
         # Wide groups: fold straight into the group and affine sums.
         c0, c1 = _column_range(K, L, l0, l1)
@@ -643,7 +645,6 @@ def backward_reduce(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
         scratch = np.empty(3 * K * J if _narrow_groups(J, B) else 0)
         slot = item % n_slots
         for p in range(p0, p1):
-            part_group[p, chunk, r[2]:r[3]] = 0.0
             _p_reduce(dy, x, p, r, A, K, J, B, mean[p], rstd[p],
                       gscale, part_group[p, chunk], part_affine[slot], scratch)
 
@@ -700,7 +701,6 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
         for p in range(p0, p1):
             for first in range(r[2], r[3], step):
                 g = _groups(r, first, step)
-                sums[g[2]:g[3]] = 0.0
                 _p_reduce(dy, x, p, g, A, K, J, B, mean[p], rstd[p],
                           gscale, sums, part_affine[item], scratch)
                 finish_backward_p(sums, n, mean[p], rstd[p], coef, g[2], g[3],
@@ -752,35 +752,35 @@ def _deliver(result, out, shape, dtype):
     return out
 
 
-def _params(values, size, x_storage, like=None):
+def _params(values, size, x_storage):
     """Per-column parameters as a flat ``(size,)`` array the kernels read
     with :func:`~normkit.backend.storage.load`: as they are (no copy) when
-    their storage is the input's (``x_storage``, an array or dtype), else
-    converted to the input's compute dtype; for None, an empty array (the
-    kernels then use 1 for a scale, 0 for a shift) of the type of ``like``
-    (the other parameter's array, when there is one).
+    their storage is that of the input's kernel array ``x_storage``, else
+    converted to the input's compute dtype; for None, an empty array of
+    that storage (the kernels then use 1 for a scale, 0 for a shift).
 
-    Two types per input storage at most (its own, its compute dtype), and
-    one for both parameters of a pair, keep the kernels' specializations
-    (and their compilation) few.
+    Two types per input storage at most (its own, its compute dtype) keep
+    the kernels' specializations (and their compilation) few.
     """
-    storage = np.dtype(getattr(x_storage, "dtype", x_storage))
     if values is None:
-        return np.empty(0, dtype=storage if like is None else like.dtype)
+        return np.empty(0, x_storage.dtype)
     values = np.asarray(values)
     stored = storage_view(values)
-    if stored.dtype == storage:
+    if stored.dtype == x_storage.dtype:
         return stored.reshape(size)
-    return np.ascontiguousarray(values, dtype=compute_dtype(storage)).reshape(size)
+    return np.ascontiguousarray(
+        values, dtype=compute_dtype(x_storage.dtype)).reshape(size)
 
 
 def _affine_params(gamma, beta, size, x_storage):
-    """``gamma`` and ``beta`` through :func:`_params`, a missing one typed
-    like the other."""
+    """``gamma`` and ``beta`` through :func:`_params`, a missing one's
+    empty array typed like the other (one specialization for the pair)."""
     gamma = _params(gamma, size, x_storage)
-    beta = _params(beta, size, x_storage, like=gamma)
-    if gamma.size == 0 and beta.size:
+    beta = _params(beta, size, x_storage)
+    if gamma.size == 0:
         gamma = np.empty(0, beta.dtype)
+    elif beta.size == 0:
+        beta = np.empty(0, gamma.dtype)
     return gamma, beta
 
 
