@@ -760,6 +760,89 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
 
 
 # --------------------------------------------------------------------------
+# two-pass drivers: one compiled call where statistics span work items
+# --------------------------------------------------------------------------
+#
+# Where a group is split across items (BatchNorm), its statistics are only
+# complete once every item has finished, so a pass takes two kernel
+# launches with a merge between them.  These drivers make that one call
+# from Python: for a small input, the Python between the launches
+# (allocations, the merge, the coefficients, argument typing for each
+# launch) cost about a third of the pass.
+
+_driver = njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+
+
+@_driver
+def moments_of(x, P, A, K, J, B, plan, centered):
+    """``(mean, var)`` of shape ``(P, K)``: :func:`moments_kernel` over
+    ``plan``, then :func:`_merge` (see there for ``centered``)."""
+    part = np.empty((P, plan.n_ach * plan.n_lch, K, 3))
+    moments_kernel(x, P, A, K, J, B, plan, part)
+    return _merge(part, centered)
+
+
+@_driver
+def normalize_two_pass(x, out, P, A, K, J, B, plan, gamma, beta, eps,
+                       centered):
+    """:func:`moments_of`, then ``out = (x - mean) / sqrt(var + eps) *
+    gamma + beta`` by :func:`apply`; returns ``(mean, var)``."""
+    mean, var = moments_of(x, P, A, K, J, B, plan, centered)
+    coef = np.zeros((P, K, N_COEF))
+    for p in range(P):
+        for k in range(K):
+            coef[p, k, COEF_MEAN] = mean[p, k]
+            coef[p, k, COEF_A] = 1.0 / np.sqrt(var[p, k] + eps)
+    apply(x, x, out, False, P, A, K, J, B, plan, coef, gamma, beta)
+    return mean, var
+
+
+@_driver
+def backward_sums_of(dy, x, P, A, K, J, B, plan, slots, mean, rstd, gscale,
+                     need_affine):
+    """Group sums ``(P, K, 2)`` and affine sums ``(2, K * J)`` (``(2, 0)``
+    unless ``need_affine``) of :func:`backward_reduce` over ``plan``,
+    with ``slots`` affine partials (1 where the items' columns are
+    disjoint), each summed in item and chunk order."""
+    width = K * J if need_affine else 0
+    part_group = np.empty((P, plan.n_ach * plan.n_lch, K, 2))
+    part_affine = np.zeros((slots, 2, width))
+    backward_reduce(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
+                    part_group, part_affine)
+    group = np.zeros((P, K, 2))
+    for p in range(P):
+        for chunk in range(part_group.shape[1]):
+            group[p] += part_group[p, chunk]
+    affine = part_affine[0]  # summed in place: no array of its size more
+    for slot in range(1, slots):
+        affine += part_affine[slot]
+    return group, affine
+
+
+@_driver
+def backward_two_pass(dy, x, dx, P, A, K, J, B, plan, sums_plan, slots, mean,
+                      rstd, gscale, no_beta, batch_stats, need_affine,
+                      centered):
+    """``dx`` of a normalization into ``dx`` from :func:`backward_sums_of`
+    over ``sums_plan`` and :func:`apply` over ``plan``; returns the affine
+    sums.  Without ``batch_stats`` the statistics were fixed (``dx = g *
+    dy * rstd``): the group sums drop out and are not computed."""
+    if batch_stats or need_affine:
+        group, affine = backward_sums_of(dy, x, P, A, K, J, B, sums_plan,
+                                         slots, mean, rstd, gscale,
+                                         need_affine)
+    else:
+        group, affine = np.zeros((P, K, 2)), np.zeros((2, 0))
+    n = float(A * J * B)
+    if not batch_stats:
+        group[:] = 0.0
+        n = np.inf
+    coef = backward_coefficients(group, n, mean, rstd, centered)
+    apply(x, dy, dx, True, P, A, K, J, B, plan, coef, gscale, no_beta)
+    return affine
+
+
+# --------------------------------------------------------------------------
 # the protocol (normkit.backend.protocol.Backend) for NumPy arrays
 # --------------------------------------------------------------------------
 
@@ -867,7 +950,10 @@ def merge_partials(partials, centered=True):
 def moments(x, view, centered=True):
     """Per-group mean and biased variance (see
     :func:`normkit.engine.moments`)."""
-    return merge_partials(moment_partials(x, view), centered)
+    if _no_values(view):
+        return merge_partials(moment_partials(x, view), centered)
+    return moments_of(as_kernel_array(x), *view.dims, make_plan(view),
+                      centered)
 
 
 def apply_affine(x, view, mean, alpha, gamma=None, beta=None, out=None):
@@ -894,19 +980,16 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True,
         return (np.empty(x.shape, x.dtype) if out is None else out), mean, var
     flat = as_kernel_array(x)
     plan = make_plan(view)
-    kj = view.K * view.J
+    gamma, beta = _affine_params(gamma, beta, view.K * view.J, flat)
+    y = _output(out, flat)
     if plan.fused and centered:
-        gamma, beta = _affine_params(gamma, beta, kj, flat)
-        y = _output(out, flat)
         mean = np.empty((view.P, view.K))
         var = np.empty((view.P, view.K))
         forward_fused(flat, y, *view.dims, plan, gamma, beta, float(eps),
                       mean, var)
-        return _deliver(y, out, x.shape, x.dtype), mean, var
-    mean, var = moments(flat, view, centered)
-    with np.errstate(divide="ignore", invalid="ignore"):  # eps = 0: inf, NaN
-        rstd = 1.0 / np.sqrt(var + eps)
-    y = apply_affine(flat, view, mean, rstd, gamma, beta, _output(out, flat))
+    else:
+        mean, var = normalize_two_pass(flat, y, *view.dims, plan, gamma,
+                                       beta, float(eps), bool(centered))
     return _deliver(y, out, x.shape, x.dtype), mean, var
 
 
@@ -920,18 +1003,12 @@ def _backward_inputs(dy, x, view, mean, rstd, gscale, centered):
     return flat_x, flat_dy, mean, rstd, gscale
 
 
-def _reduce(flat_dy, flat_x, view, mean, rstd, gscale, need_affine=True):
-    """Group sums ``(P, K, 2)`` and affine sums ``(2, K * J)`` (``(2, 0)``
-    unless ``need_affine``) of :func:`backward_reduce` over the
-    :func:`~normkit.backend.plan.reduction_plan` of ``view``."""
+def _sums_plan(view):
+    """The :func:`~normkit.backend.plan.reduction_plan` of ``view`` and its
+    number of affine partials (one where the items' columns are
+    disjoint)."""
     plan = reduction_plan(view)
-    part_group = np.empty((view.P, plan.n_chunks, view.K, 2))
-    slots = 1 if disjoint_columns(plan, view) else plan.n_items
-    part_affine = np.zeros((slots, 2, view.K * view.J if need_affine else 0))
-    backward_reduce(flat_dy, flat_x, *view.dims, plan, mean, rstd, gscale,
-                    part_group, part_affine)
-    affine = part_affine[0] if slots == 1 else part_affine.sum(axis=0)
-    return part_group.sum(axis=1), affine
+    return plan, 1 if disjoint_columns(plan, view) else plan.n_items
 
 
 def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
@@ -943,7 +1020,9 @@ def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
                 (np.zeros(kj), np.zeros(kj)))
     flat_x, flat_dy, mean, rstd, gscale = _backward_inputs(
         dy, x, view, mean, rstd, gscale, centered)
-    group, affine = _reduce(flat_dy, flat_x, view, mean, rstd, gscale)
+    group, affine = backward_sums_of(flat_dy, flat_x, *view.dims,
+                                     *_sums_plan(view), mean, rstd, gscale,
+                                     True)
     return (group[..., 0], group[..., 1]), (affine[0], affine[1])
 
 
@@ -983,16 +1062,10 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
                        gscale, part_affine)
         sums = part_affine.sum(axis=0)
     else:
-        if batch_stats or need_affine:
-            group_sums, sums = _reduce(flat_dy, flat_x, view, mean, rstd,
-                                       gscale, need_affine)
-        if batch_stats:
-            n = float(view.group_size)
-        else:  # fixed statistics: dx = g * dy * rstd, the sums drop out
-            group_sums, n = np.zeros((view.P, view.K, 2)), math.inf
-        coef = backward_coefficients(group_sums, n, mean, rstd, centered)
-        apply(flat_x, flat_dy, dx, True, *view.dims, plan, coef,
-              gscale, np.empty(0, gscale.dtype))
+        sums = backward_two_pass(flat_dy, flat_x, dx, *view.dims, plan,
+                                 *_sums_plan(view), mean, rstd, gscale,
+                                 np.empty(0, gscale.dtype), bool(batch_stats),
+                                 bool(need_affine), bool(centered))
     dx = _deliver(dx, out, x.shape, x.dtype)
     if not need_affine:
         return dx, None, None
