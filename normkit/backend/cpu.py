@@ -803,41 +803,42 @@ def normalize_two_pass(x, out, P, A, K, J, B, plan, gamma, beta, eps,
 
 
 @_driver
-def backward_sums_of(dy, x, P, A, K, J, B, plan, slots, mean, rstd, gscale,
-                     need_affine):
+def backward_sums_of(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
+                     part_group, part_affine):
     """Group sums ``(P, K, 2)`` and affine sums ``(2, K * J)`` (``(2, 0)``
-    unless ``need_affine``) of :func:`backward_reduce` over ``plan``,
-    with ``slots`` affine partials (1 where the items' columns are
-    disjoint), each summed in item and chunk order."""
-    width = K * J if need_affine else 0
-    part_group = np.empty((P, plan.n_ach * plan.n_lch, K, 2))
-    part_affine = np.zeros((slots, 2, width))
+    when ``part_affine`` has no columns) of :func:`backward_reduce` over
+    ``plan`` into the caller's partials (``part_affine`` zero: made with
+    ``np.zeros``, whose pages the system hands out zeroed, not written
+    twice), each summed in item and chunk order, the affine sums in place
+    in ``part_affine[0]``."""
     backward_reduce(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
                     part_group, part_affine)
     group = np.zeros((P, K, 2))
     for p in range(P):
         for chunk in range(part_group.shape[1]):
             group[p] += part_group[p, chunk]
-    affine = part_affine[0]  # summed in place: no array of its size more
-    for slot in range(1, slots):
+    affine = part_affine[0]
+    for slot in range(1, part_affine.shape[0]):
         affine += part_affine[slot]
     return group, affine
 
 
 @_driver
-def backward_two_pass(dy, x, dx, P, A, K, J, B, plan, sums_plan, slots, mean,
-                      rstd, gscale, no_beta, batch_stats, need_affine,
+def backward_two_pass(dy, x, dx, P, A, K, J, B, plan, sums_plan, part_group,
+                      part_affine, mean, rstd, gscale, no_beta, batch_stats,
                       centered):
     """``dx`` of a normalization into ``dx`` from :func:`backward_sums_of`
-    over ``sums_plan`` and :func:`apply` over ``plan``; returns the affine
-    sums.  Without ``batch_stats`` the statistics were fixed (``dx = g *
-    dy * rstd``): the group sums drop out and are not computed."""
-    if batch_stats or need_affine:
+    over ``sums_plan`` (into ``part_group``, ``part_affine``) and
+    :func:`apply` over ``plan``; returns the affine sums.  Without
+    ``batch_stats`` the statistics were fixed (``dx = g * dy * rstd``):
+    the group sums drop out, and no sums are computed unless
+    ``part_affine`` has columns."""
+    if batch_stats or part_affine.shape[2] > 0:
         group, affine = backward_sums_of(dy, x, P, A, K, J, B, sums_plan,
-                                         slots, mean, rstd, gscale,
-                                         need_affine)
+                                         mean, rstd, gscale, part_group,
+                                         part_affine)
     else:
-        group, affine = np.zeros((P, K, 2)), np.zeros((2, 0))
+        group, affine = np.zeros((P, K, 2)), part_affine[0]
     n = float(A * J * B)
     if not batch_stats:
         group[:] = 0.0
@@ -1008,12 +1009,16 @@ def _backward_inputs(dy, x, view, mean, rstd, gscale, centered):
     return flat_x, flat_dy, mean, rstd, gscale
 
 
-def _sums_plan(view):
-    """The :func:`~normkit.backend.plan.reduction_plan` of ``view`` and its
-    number of affine partials (one where the items' columns are
-    disjoint)."""
+def _sums_partials(view, need_affine=True):
+    """The :func:`~normkit.backend.plan.reduction_plan` of ``view`` and the
+    partials :func:`backward_sums_of` fills: ``(P, chunks, K, 2)`` group
+    sums and zeroed ``(slots, 2, K * J)`` affine sums (no columns unless
+    ``need_affine``), one slot where the items' columns are disjoint, else
+    one per item."""
     plan = reduction_plan(view)
-    return plan, 1 if disjoint_columns(plan, view) else plan.n_items
+    slots = 1 if disjoint_columns(plan, view) else plan.n_items
+    return (plan, np.empty((view.P, plan.n_chunks, view.K, 2)),
+            np.zeros((slots, 2, view.K * view.J if need_affine else 0)))
 
 
 def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
@@ -1025,9 +1030,9 @@ def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
                 (np.zeros(kj), np.zeros(kj)))
     flat_x, flat_dy, mean, rstd, gscale = _backward_inputs(
         dy, x, view, mean, rstd, gscale, centered)
-    group, affine = backward_sums_of(flat_dy, flat_x, *view.dims,
-                                     *_sums_plan(view), mean, rstd, gscale,
-                                     True)
+    plan, part_group, part_affine = _sums_partials(view)
+    group, affine = backward_sums_of(flat_dy, flat_x, *view.dims, plan, mean,
+                                     rstd, gscale, part_group, part_affine)
     return (group[..., 0], group[..., 1]), (affine[0], affine[1])
 
 
@@ -1068,9 +1073,9 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
         sums = part_affine.sum(axis=0)
     else:
         sums = backward_two_pass(flat_dy, flat_x, dx, *view.dims, plan,
-                                 *_sums_plan(view), mean, rstd, gscale,
-                                 np.empty(0, gscale.dtype), bool(batch_stats),
-                                 bool(need_affine), bool(centered))
+                                 *_sums_partials(view, need_affine), mean,
+                                 rstd, gscale, np.empty(0, gscale.dtype),
+                                 bool(batch_stats), bool(centered))
     dx = _deliver(dx, out, x.shape, x.dtype)
     if not need_affine:
         return dx, None, None
