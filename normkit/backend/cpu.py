@@ -12,7 +12,10 @@ is a block of ``p`` values, a block of groups, a chunk of ``a`` values and
 a chunk of ``l`` offsets.  Each item writes its own partial results (never
 into a slot that another item writes), and partials are merged afterwards
 with Chan's formula, in a fixed order, so a given shape and thread count
-gives the same bits on every run.
+gives the same bits on every run.  Where a group spans items (BatchNorm),
+a pass takes two parallel launches with a merge between them; a compiled
+driver (:func:`normalize_two_pass`, :func:`backward_two_pass`) runs them
+as one call from Python.
 
 Moments are computed by two passes over tiles of at most :data:`TILE`
 elements (the tile is in cache for its second pass): a provisional center,
