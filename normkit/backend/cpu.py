@@ -17,14 +17,15 @@ a pass takes two parallel launches with a merge between them; a compiled
 driver (:func:`normalize_two_pass`, :func:`backward_two_pass`) runs them
 as one call from Python.
 
-Moments are computed by two passes over tiles of at most :data:`TILE`
-elements (the tile is in cache for its second pass): a provisional center,
-then sums of deviations from it and of their squares (the corrected
+Moments are sums over tiles of at most :data:`TILE` elements of the
+deviations from a provisional center and of their squares (the corrected
 two-pass algorithm), in the input's precision, which vectorises twice as
-wide for float32.  Tile summaries are merged in float64 with Chan's
-formula, so the variance never suffers the E[x^2] - E[x]^2 cancellation and
-is never negative.  The elementwise maps and the backward sums run in
-float64.
+wide for float32: the center of a group's first tile is that tile's own
+mean (a pass of its own, the tile staying in cache for the second), every
+later tile's the running mean of the tiles before it (one pass).  Tile
+summaries are merged in float64 with Chan's formula, so the variance never
+suffers the E[x^2] - E[x]^2 cancellation and is never negative.  The
+elementwise maps and the backward sums run in float64.
 
 Dtype policy: a C-contiguous input is never copied (any other layout is
 copied once).  float16 and bfloat16 are read and written by the kernels
@@ -182,23 +183,28 @@ def _tile_summary(n, center, s1, sq):
 
 
 @_inlined
-def _segment_moments(x, start, stop):
-    """(count, mean, M2) of ``x[start:stop]``.
+def _segment_moments(x, start, stop, n, mean, m2):
+    """``(count, mean, M2)`` of ``x[start:stop]`` merged into the running
+    summary ``(n, mean, m2)`` (zeros for none yet).
 
-    Each tile takes two passes in the input's precision (the tile is in
-    cache for the second): the first finds a provisional center, the second
-    sums deviations from it and their squares.  Tiles are merged in float64.
+    Tiles are summed in the input's precision about a provisional center,
+    then merged in float64: the first tile of a summary takes two passes
+    (its own mean is the center; the tile is in cache for the second), every
+    later one a single pass about the running mean, which is already close
+    to the tile's mean, as in :func:`_rows_moments`.  A tile far from that
+    center (data that drifts) loses only digits that are small next to the
+    spread between tiles, which the float64 merge adds exactly.
     """
-    n = 0.0
-    mean = 0.0
-    m2 = 0.0
     for t0 in range(start, stop, TILE):
         tile = x[t0:min(t0 + TILE, stop)]
         zero = compute_zero(x)
-        total = zero
-        for i in range(tile.size):
-            total += load(tile, i)
-        center = _cast_like(float(total) / tile.size, zero)
+        if n == 0.0:
+            total = zero
+            for i in range(tile.size):
+                total += load(tile, i)
+            center = _cast_like(float(total) / tile.size, zero)
+        else:
+            center = _cast_like(mean, zero)
         s1 = zero
         sq = zero
         for i in range(tile.size):
@@ -325,9 +331,8 @@ def _p_moments(x, p, r, A, K, J, B, out_n, out_mean, out_m2, scratch):
     for a in range(a0, a1):
         for k in range(k0, k1):
             start = ((p * A + a) * K + k) * L
-            sn, smean, sm2 = _segment_moments(x, start + l0, start + l1)
-            out_n[k], out_mean[k], out_m2[k] = _chan_merge(
-                out_n[k], out_mean[k], out_m2[k], sn, smean, sm2)
+            out_n[k], out_mean[k], out_m2[k] = _segment_moments(
+                x, start + l0, start + l1, out_n[k], out_mean[k], out_m2[k])
 
 
 @_kernel
