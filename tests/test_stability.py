@@ -44,18 +44,22 @@ def test_batch_norm_large_mean_running_stats_float32(axis, rng):
     np.testing.assert_allclose(rv, erv, rtol=1e-3)
 
 
+@pytest.mark.parametrize("axis", AXES)
 @pytest.mark.parametrize("first_offset", [0.0, 1e3], ids=["steady", "outlying-first"])
-def test_channels_last_moments_of_drifting_rows_float32(first_offset, rng):
-    """Channels-last statistics take later tiles' centers from the running
-    mean: rows whose level drifts (each sample of the batch at its own
-    mean, far from 1e4, with a tiny spread) and a first sample far from the
-    rest still give the float64 variance to float32 precision."""
+def test_moments_of_drifting_data_float32(first_offset, axis, rng):
+    """Every tile of a group but its first is summed about the running mean
+    (channels-last row tiles, channels-first segments): data whose level
+    drifts (each sample of the batch at its own mean, far from 1e4, with a
+    tiny spread) and a first sample far from the rest still give the
+    float64 variance to float32 precision."""
     levels = 1e4 + rng.uniform(-5.0, 5.0, size=(512, 1, 1, 1))
     levels[0] += first_offset
     x = (levels + rng.normal(0.0, 0.01, size=(512, 4, 4, 16))).astype(np.float32)
-    view = normkit.engine.channel_view(x.shape, 3, per_sample=False)
+    if axis == 1:
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    view = normkit.engine.channel_view(x.shape, axis % x.ndim, per_sample=False)
     mean, var = normkit.engine.moments(x, view)
-    wide = x.astype(np.float64).reshape(-1, 16)
+    wide = np.moveaxis(x.astype(np.float64), axis, -1).reshape(-1, 16)
     np.testing.assert_allclose(mean[0], wide.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(var[0], wide.var(axis=0), rtol=1e-5)
 
