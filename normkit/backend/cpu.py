@@ -216,7 +216,7 @@ def _segment_moments(x, start, stop, n, mean, m2):
     return n, mean, m2
 
 
-#: Rows a column sum over a tile takes per step (see :func:`_column_sums`).
+#: Rows a column sum over a tile takes per step (see ``_column_sums``).
 ROW_STEP = 4
 
 
@@ -789,7 +789,8 @@ _driver = njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
 @_driver
 def moments_of(x, P, A, K, J, B, plan, centered):
     """``(mean, var)`` of shape ``(P, K)``: :func:`moments_kernel` over
-    ``plan``, then :func:`_merge` (see there for ``centered``)."""
+    ``plan``, then their merge in chunk order (:func:`merge_partials`,
+    whose ``centered`` this is)."""
     part = np.empty((P, plan.n_ach * plan.n_lch, K, 3))
     moments_kernel(x, P, A, K, J, B, plan, part)
     return _merge(part, centered)
