@@ -50,14 +50,16 @@ from .plan import (WIDE_GROUP, affine_partials_fit, disjoint_columns,
 #: propagate exactly as in plain IEEE arithmetic.
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 
-#: Elements per two-pass tile: small enough to stay in L1/L2 between the
-#: two passes.
-TILE = 4096
+#: Elements per tile of the segment moments.  A group's first tile takes
+#: two passes (in L1 between them), every later one a single pass, so a
+#: small tile keeps the extra pass short; the float64 merge after each
+#: tile costs little next to 1024 values.
+TILE = 1024
 
 #: Elements per tile of rows in the channels-last moments, where every tile
 #: but the first takes one pass: large enough that the per-column float64
 #: merge after each tile costs little next to the tile's own sums.
-ROW_TILE = 4 * TILE
+ROW_TILE = 16384
 
 # Columns of the per-(p, k) coefficient table used by the elementwise kernel.
 COEF_MEAN, COEF_A, COEF_H, COEF_E, COEF_C = 0, 1, 2, 3, 4
