@@ -1,4 +1,5 @@
-"""The command line (``python -m normkit``) and ``benchmarks/compare.py``."""
+"""The command line (``python -m normkit``), ``benchmarks/compare.py`` and
+``benchmarks/overhead.py``."""
 
 import importlib.util
 from pathlib import Path
@@ -54,9 +55,9 @@ def test_bad_options_exit_2(argv, capsys):
     assert exc.value.code == 2
 
 
-def _load_compare():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
-    spec = importlib.util.spec_from_file_location("normkit_compare", path)
+def _load_script(name):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"normkit_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -66,7 +67,7 @@ def _load_compare():
                                   _bench.Case("batch_renorm", (2, 4, 5), 1)],
                          ids=lambda case: case.variant)
 def test_compare_script_runs_one_tiny_case(case):
-    compare = _load_compare()
+    compare = _load_script("compare")
     times = compare.measure(case, repeat=1, quick=True)
     assert set(times) == set(compare.TIMED)
     for name in ("copy", "fwd", "fwd+bwd", "ref fwd"):
@@ -75,6 +76,31 @@ def test_compare_script_runs_one_tiny_case(case):
         assert times["torch fwd+bwd"] > 0
     row = compare.table_row(case, times)
     assert len(row) == len(compare.HEADERS) and row[0] == case.variant
+
+
+@pytest.mark.parametrize("case", [
+    _bench.Case("batch_norm", (3, 5, 4), -1),
+    _bench.Case("group_norm", (2, 4, 3), 1, "float16", groups=2),
+    _bench.Case("layer_norm", (3, 8), -1),
+    _bench.Case("layer_norm", (2, 3, 4, 5), -1, normalized_ndim=3)],
+    ids=lambda case: f"{case.variant}-{case.layout}-{case.dtype}")
+def test_overhead_script_times_the_same_normalization_both_ways(case):
+    """The engine-only callable computes exactly the API's forward, so the
+    difference of their times is the Python around the kernels."""
+    overhead = _load_script("overhead")
+    timed = overhead.callables(case)
+    y, _, _ = timed["engine"]()
+    np.testing.assert_array_equal(y, timed["api"]())
+    assert y.shape == case.shape and y.dtype.name == case.dtype
+
+
+def test_overhead_script_tiny_shapes():
+    overhead = _load_script("overhead")
+    shapes = {(case.variant, case.layout): overhead.tiny(case).shape
+              for case in overhead.CASES}
+    assert shapes[("batch_norm", "first")] == (2, 64, 1, 1)
+    assert shapes[("group_norm", "last")] == (2, 1, 1, 64)
+    assert shapes[("layer_norm", "rows")] == (2, 1024)
 
 
 @pytest.mark.parametrize("variant", _bench.TORCH_VARIANTS)

@@ -1,0 +1,100 @@
+"""What a forward costs beyond its kernels, in situ and on a warm cache.
+
+Usage::
+
+    python benchmarks/overhead.py [--repeat 200]
+
+For each cell three callables are timed in turn, round after round (each
+round starting one later, :func:`normkit._bench.median_times`): the
+training forward through the API, as ``benchmarks/compare.py`` times it
+(checks, the scheme, its record and, for BatchNorm, the running
+statistics, around the kernels); the same normalization through the
+engine alone (:func:`normkit.engine.normalize_batch` over the view the
+forward records, with its weight, bias and eps: the backend's kernels and
+their dispatch); and ``x.copy()``.  The difference of the first two is the
+Python around the kernels *in situ*: a large input's kernels push that
+code's data out of the caches, so it runs at memory's pace, not the
+cache's.  The same difference over a tiny input of the cell's layout (two
+samples, every other axis but the channels or the normalized row of
+length 1) is that cost on a warm cache.  Nothing here asserts on a time.
+"""
+
+import argparse
+
+import normkit
+from normkit import _bench, engine
+from normkit._bench import Case
+
+#: The cells: the small batches of ``benchmarks/compare.py``, then large
+#: ones for scale.
+CASES = (
+    [Case(v, (2, 64, 56, 56), 1) for v in ("batch_norm", "group_norm")]
+    + [Case(v, (2, 56, 56, 64), -1) for v in ("batch_norm", "group_norm")]
+    + [Case("batch_norm", (32, 64, 56, 56), 1),
+       Case("group_norm", (32, 64, 56, 56), 1),
+       Case("batch_norm", (32, 56, 56, 64), -1),
+       Case("group_norm", (32, 56, 56, 64), -1, "float16"),
+       Case("layer_norm", (8192, 1024), -1)]
+)
+
+
+def tiny(case):
+    """``case`` over two samples with every axis but the channels (or the
+    normalized row) of length 1."""
+    if case.variant in _bench.ROW_VARIANTS:
+        kept = {len(case.shape) - 1}
+    else:
+        kept = {case.axis % len(case.shape)}
+    shape = tuple(2 if i == 0 else n if i in kept else 1
+                  for i, n in enumerate(case.shape))
+    return Case(case.variant, shape, case.axis, case.dtype,
+                normalized_ndim=case.normalized_ndim)
+
+
+def callables(case):
+    """The API forward, the engine's normalization of the same view, and
+    the copy of ``case``'s input."""
+    inputs = _bench.make_inputs(case)
+    api = _bench.implementations(case, inputs)
+    _, saved = getattr(normkit, case.variant)(inputs.x, **inputs.kwargs,
+                                              return_saved=True)
+    weight = inputs.kwargs.get("weight")
+    bias = inputs.kwargs.get("bias")
+
+    def engine_only():
+        return engine.normalize_batch(inputs.x, saved.view, weight, bias)
+
+    return {"api": api["fwd"], "engine": engine_only, "copy": api["copy"]}
+
+
+def measure(case, repeat):
+    """Median microseconds of the API forward, the engine alone and the
+    copy, for ``case`` and for :func:`tiny` ``(case)``."""
+    large = _bench.median_times(callables(case), repeat)
+    small = _bench.median_times(callables(tiny(case)), repeat)
+    return ({k: 1e6 * t for k, t in large.items()},
+            {k: 1e6 * t for k, t in small.items()})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=_bench.positive_int, default=200)
+    args = parser.parse_args(argv)
+    print(f"{_bench.machine_info()}; us, median of {args.repeat}")
+    rows = []
+    for case in CASES:
+        cell, warm = measure(case, args.repeat)
+        dtype = "" if case.dtype == "float32" else f" {case.dtype}"
+        name = (f"{case.variant} {'x'.join(map(str, case.shape))} "
+                f"{case.layout}{dtype}")
+        rows.append([name, f"{cell['api']:.0f}", f"{cell['engine']:.0f}",
+                     f"{cell['copy']:.0f}",
+                     f"{cell['api'] - cell['engine']:.0f}",
+                     f"{warm['api'] - warm['engine']:.0f}"])
+    print(_bench.format_table(
+        ["cell", "api", "engine", "copy", "api - engine",
+         "same, tiny input"], rows))
+
+
+if __name__ == "__main__":
+    main()
