@@ -51,9 +51,11 @@ from .plan import (WIDE_GROUP, affine_partials_fit, disjoint_columns,
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 
 #: Elements per tile of the segment moments.  A group's first tile takes
-#: two passes (in L1 between them), every later one a single pass, so a
-#: small tile keeps the extra pass short; the float64 merge after each
-#: tile costs little next to 1024 values.
+#: two passes (in L1 between them), every later one a single pass about the
+#: running mean.  Smaller tiles hand more of the sum to the float64 merge:
+#: for one group of 200704 float32 values of mean 1e4 and std 1, the
+#: variance's relative error was 3.5e-7 with tiles of 4096 and is 3.4e-8;
+#: no clear difference in speed was measured (old and new alternating).
 TILE = 1024
 
 #: Elements per tile of rows in the channels-last moments, where every tile
