@@ -17,7 +17,11 @@ itself (or ``dy`` in a backward) for a pass in place, but not overlap
 them partially (:func:`normkit.checks.check_out`).
 """
 
-from .backend import backend_for
+import math
+
+import numpy as np
+
+from .backend import backend_for, same_device
 from .checks import check_input, check_out
 from .backend.cpu import as_kernel_array, from_kernel_array  # noqa: F401
 from .backend.plan import Plan, make_plan  # noqa: F401
@@ -153,7 +157,7 @@ def _check_dx_out(out, dy, x, func):
 
 
 def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
-             need_affine=True, centered=True, *, out=None):
+             need_affine=True, centered=True, *, out=None, affine_out=None):
     """Gradients of ``y = xhat * g + beta`` with ``xhat = (x - mean) * rstd``.
 
     Parameters
@@ -180,13 +184,51 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
         Write ``dx`` there and return it: ``x``'s shape and dtype, on its
         side; ``dy`` or ``x`` themselves for a pass in place (the sums are
         complete before ``dx`` is written).
+    affine_out : pair of arrays, optional
+        With ``need_affine``: where to write ``sum_dy`` and
+        ``sum_dy_xhat`` (each ``K * J`` values, any shape, float16, bfloat16,
+        float32 or float64, writeable, on ``x``'s side), e.g. the
+        parameters' gradients in their own dtype.  The sums are still
+        accumulated in float64 and rounded once; over few wide rows the
+        kernels write them there directly, without a float64 array of
+        the rows' width.
 
     Returns
     -------
     dx : array, shape and dtype of ``x``
-    sum_dy, sum_dy_xhat : array ``(K * J,)`` float64, or None
+    sum_dy, sum_dy_xhat : array ``(K * J,)`` float64 (``affine_out``'s
+        arrays when given), or None
     """
     check_input(x, "x", "engine.backward")
     _check_dx_out(out, dy, x, "engine.backward")
+    if affine_out is not None:
+        affine_out = _checked_affine_out(affine_out, x, view, need_affine)
     return backend_for(x).backward(dy, x, view, mean, rstd, gscale,
-                                   batch_stats, need_affine, centered, out)
+                                   batch_stats, need_affine, centered, out,
+                                   affine_out)
+
+
+def _checked_affine_out(affine_out, x, view, need_affine):
+    """``affine_out`` of :func:`backward` as a tuple, checked: two
+    writeable float arrays of ``K * J`` values on ``x``'s side."""
+    func = "engine.backward"
+    if not need_affine:
+        raise ValueError(f"{func}: affine_out is given but need_affine is "
+                         f"False")
+    if not isinstance(affine_out, (tuple, list)) or len(affine_out) != 2:
+        raise TypeError(f"{func}: affine_out must be a pair of arrays "
+                        f"(sum dy, sum dy*xhat), got {affine_out!r}")
+    names = ("affine_out[0]", "affine_out[1]")
+    if not all(type(a) is np.ndarray for a in (x, *affine_out)):
+        affine_out = tuple(same_device(func, {"x": x, **dict(
+            zip(names, affine_out))}).values())[1:]
+    size = view.K * view.J
+    for name, a in zip(names, affine_out):
+        check_input(a, name, func)
+        if math.prod(a.shape) != size:
+            raise ValueError(f"{func}: {name} must hold K * J = {size} "
+                             f"values, got shape {a.shape}")
+        if isinstance(a, np.ndarray) and not a.flags.writeable:
+            raise ValueError(f"{func}: {name} is written and must be "
+                             f"writeable")
+    return tuple(affine_out)

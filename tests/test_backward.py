@@ -5,6 +5,8 @@ import dataclasses
 import numpy as np
 import pytest
 
+import normkit
+
 from conftest import (BFLOAT16, MATRIX_ARGS, VARIANT_NAMES, VARIANTS, assert_close_scaled,
                       make_case, make_layer, matrix, nk_backward, nk_forward,
                       numerical_grad, ref_backward)
@@ -140,3 +142,72 @@ def test_saved_holds_statistics_not_xhat(name, rng):
     for a in arrays:
         assert a.size < case.x.size, a.shape
     assert any(np.shares_memory(a, used["weight"]) for a in arrays)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, "bfloat16"])
+@pytest.mark.parametrize("variant", ["layer_norm", "rms_norm"])
+def test_gradients_of_wide_parameters_match_the_reference(variant, dtype, rng):
+    """Parameters of :data:`~normkit.schemes.base.DIRECT_GRADIENTS` values
+    or more get their gradients written by the backend in their own dtype
+    and shape (over two rows: by the column kernels): the same values as
+    the reference's, and as the float64 sums of the engine rounded once."""
+    from normkit import reference
+    from normkit.schemes.base import DIRECT_GRADIENTS
+    if dtype == "bfloat16":
+        if BFLOAT16 is None:
+            pytest.skip("needs ml_dtypes")
+        dtype = BFLOAT16
+    width = DIRECT_GRADIENTS + 7
+    x = rng.normal(1.0, 2.0, (2, 1, width)).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    weight = rng.uniform(0.5, 1.5, (1, width)).astype(dtype)
+    kwargs = {"weight": weight}
+    if variant == "layer_norm":
+        kwargs["bias"] = rng.standard_normal((1, width)).astype(dtype)
+    forward = getattr(normkit, variant)
+    y, saved = forward(x, (1, width), **kwargs, return_saved=True)
+    got = getattr(normkit, f"{variant}_backward")(dy, x, saved)
+    f64 = {k: v.astype(np.float64) for k, v in kwargs.items()}
+    want = getattr(reference, f"{variant}_backward")(
+        dy.astype(np.float64), x.astype(np.float64), (1, width), **f64)
+    assert got[1].dtype == np.dtype(dtype) and got[1].shape == weight.shape
+    assert_close_scaled(got[0], want[0], dtype, what="dx")
+    assert_close_scaled(got[1], want[1], dtype, 10, what="dweight")
+    if variant == "layer_norm":
+        assert got[2].dtype == np.dtype(dtype) and got[2].shape == weight.shape
+        assert_close_scaled(got[2], want[2], dtype, 10, what="dbias")
+    else:  # RMSNorm has no bias: (dx, dweight)
+        assert len(got) == 2
+    # the engine's float64 sums, rounded once, are what the layer returns
+    _, _, sum_dy_xhat = normkit.engine.backward(
+        dy, x, saved.view, saved.mean, saved.rstd, weight.reshape(-1),
+        centered=variant == "layer_norm")
+    ulp = {1: 2 ** -7, 2: 2 ** -10, 4: 2 ** -23, 8: 2 ** -52}
+    np.testing.assert_allclose(
+        got[1].reshape(-1).astype(np.float64),
+        sum_dy_xhat.astype(dtype).astype(np.float64),
+        rtol=ulp[np.dtype(dtype).itemsize if np.dtype(dtype) != BFLOAT16 else 1],
+        atol=1e-12)
+
+
+@pytest.mark.parametrize(MATRIX_ARGS, matrix(ndims=(3,), affines=(True,)))
+def test_gradients_written_by_the_backend_equal_the_cast_sums(
+        name, ndim, layout, mode, affine, dtype, rng, monkeypatch):
+    """Every variant's gradients with the backend writing them in the
+    parameters' dtype (``affine_out``, forced for every size here) equal
+    those cast from the float64 sums (the default for small parameters):
+    shapes, dtypes and values."""
+    import normkit.schemes.base as base
+    case = make_case(name, ndim, layout, mode, affine, dtype=dtype, rng=rng)
+    (y, saved), _ = nk_forward(case, return_saved=True)
+    dy = rng.normal(size=y.shape).astype(dtype)
+    cast = nk_backward(case, dy, saved)
+    monkeypatch.setattr(base, "DIRECT_GRADIENTS", 1)
+    direct = nk_backward(case, dy, saved)
+    assert len(direct) == len(cast)
+    for d, c in zip(direct, cast):
+        if c is None:
+            assert d is None
+            continue
+        assert d.dtype == c.dtype and d.shape == c.shape
+        assert_close_scaled(d, c, dtype, what=name)

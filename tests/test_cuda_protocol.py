@@ -103,3 +103,54 @@ def test_channelwise_over_matches_the_cpu_on_device(dtype, rng):
     assert host(got).dtype == dtype
     np.testing.assert_allclose(host(got).astype(np.float64),
                                expected.astype(np.float64), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("name", ["ln", "bn-last"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_backward_writes_affine_out_on_device_like_the_cpu(name, dtype, rng):
+    """``affine_out`` on the device receives the affine sums in its dtype,
+    as on the host; a host array among device ones raises."""
+    shape, view = VIEWS[name]()
+    x = rng.normal(1.0, 2.0, shape)
+    dy = rng.standard_normal(shape)
+    mean, var = engine.moments(x, view)
+    rstd = 1.0 / np.sqrt(var + 1e-5)
+    kj = view.K * view.J
+    want = engine.backward(dy, x, view, mean, rstd, affine_out=(
+        np.zeros(kj, dtype), np.zeros((1, kj), dtype)))
+    out = (cuda.to_device(np.zeros(kj, dtype)),
+           cuda.to_device(np.zeros((1, kj), dtype)))
+    got = engine.backward(cuda.to_device(dy), cuda.to_device(x), view,
+                          cuda.to_device(mean), cuda.to_device(rstd),
+                          affine_out=out)
+    np.testing.assert_allclose(host(got[0]), want[0], rtol=1e-10, atol=1e-12)
+    rtol = 2e-3 if dtype == np.float16 else 1e-6
+    for g, w in zip(got[1:], want[1:]):
+        assert host(g).dtype == dtype and host(g).shape == w.shape
+        np.testing.assert_allclose(host(g).astype(np.float64),
+                                   w.astype(np.float64), rtol=rtol, atol=rtol)
+    with pytest.raises(TypeError, match="host NumPy array"):
+        engine.backward(cuda.to_device(dy), cuda.to_device(x), view,
+                        cuda.to_device(mean), cuda.to_device(rstd),
+                        affine_out=(out[0], np.zeros(kj, dtype)))
+
+
+def test_layer_gradients_written_on_device_match_the_host(rng, monkeypatch):
+    """The layers' path that has the backend write the parameters'
+    gradients (``affine_out``, forced for small parameters here) on device
+    arrays: same values, dtypes and shapes as on the host."""
+    import normkit.schemes.base as base
+    monkeypatch.setattr(base, "DIRECT_GRADIENTS", 1)
+    x = rng.normal(1.0, 2.0, (3, 2, 8)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, (2, 8)).astype(np.float32)
+    b = rng.standard_normal((2, 8)).astype(np.float32)
+    _, saved = normkit.layer_norm(x, (2, 8), w, b, return_saved=True)
+    want = normkit.layer_norm_backward(dy, x, saved)
+    _, saved_d = normkit.layer_norm(cuda.to_device(x), (2, 8), cuda.to_device(w),
+                                    cuda.to_device(b), return_saved=True)
+    got = normkit.layer_norm_backward(cuda.to_device(dy), cuda.to_device(x),
+                                      saved_d)
+    for g, h in zip(got, want):
+        assert host(g).dtype == h.dtype and host(g).shape == h.shape
+        np.testing.assert_allclose(host(g), h, rtol=1e-5, atol=1e-5)

@@ -2,11 +2,14 @@
 merge like one array, backward sums and dx from sums equal the fused
 backward, channelwise arithmetic, the base classes' checks and state."""
 
+import re
+
 import numpy as np
 import pytest
 
 import normkit
 from normkit import engine
+from normkit.backend import plan
 from normkit.schemes import Saved, update_running
 from normkit.view import channel_view, trailing_view
 
@@ -15,6 +18,9 @@ VIEWS = {
     "bn-last": lambda: ((6, 10, 3), channel_view((6, 10, 3), 2, False)),
     "gn": lambda: ((4, 6, 5), channel_view((4, 6, 5), 1, True, 2)),
     "ln": lambda: ((5, 40), trailing_view((5, 40), 1)),
+    # few wide rows: the backward sums take every row of a chunk of
+    # columns (the plan of normkit.backend.plan.column_sums)
+    "ln-wide": lambda: ((2, 40000), trailing_view((2, 40000), 1)),
 }
 
 
@@ -73,6 +79,101 @@ def test_backward_sums_and_dx_from_sums_equal_the_fused_backward(
     np.testing.assert_allclose(group[0], (g5 * d5).sum(axis=(1, 3, 4)), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(group[1], (g5 * d5 * xhat).sum(axis=(1, 3, 4)),
                                rtol=1e-10, atol=1e-12)
+
+
+def _affine_case(name, rng):
+    shape, view = VIEWS[name]()
+    x = rng.normal(1.0, 2.0, size=shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    gscale = rng.uniform(0.5, 2.0, view.K * view.J).astype(np.float32)
+    mean, var = engine.moments(x, view)
+    return x, dy, view, mean, 1.0 / np.sqrt(var + 1e-5), gscale
+
+
+def _affine_sums(dy, x, view, mean, rstd):
+    """``(sum dy, sum dy*xhat)`` per ``(k, j)`` in float64, from their
+    definition."""
+    shape5 = (view.P, 1, view.K, 1, 1)
+    xhat = ((x.reshape(view.dims) - mean.reshape(shape5))
+            * rstd.reshape(shape5))
+    d5 = dy.reshape(view.dims).astype(np.float64)
+    return (d5.sum(axis=(0, 1, 4)).reshape(-1),
+            (d5 * xhat).sum(axis=(0, 1, 4)).reshape(-1))
+
+
+def test_the_wide_case_takes_the_column_sums():
+    shape, view = VIEWS["ln-wide"]()
+    assert plan.column_sums(plan.reduction_plan(view, 2), view)
+    assert not plan.affine_partials_fit(plan.make_plan(view, 2), view)
+
+
+@pytest.mark.parametrize("name", VIEWS)
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16",
+                                   "bfloat16"])
+@pytest.mark.parametrize("batch_stats", [True, False])
+def test_backward_writes_the_affine_sums_into_affine_out(name, dtype,
+                                                         batch_stats, rng):
+    """``affine_out`` holds the float64 sums rounded once to its dtype
+    (whichever path: written by the kernels over few wide rows, converted
+    at the end elsewhere), and ``dx`` does not change."""
+    dt = (pytest.importorskip("ml_dtypes").bfloat16 if dtype == "bfloat16"
+          else np.dtype(dtype))
+    x, dy, view, mean, rstd, gscale = _affine_case(name, rng)
+    dx, sum_dy, sum_dy_xhat = engine.backward(dy, x, view, mean, rstd, gscale,
+                                              batch_stats)
+    sum_dy, sum_dy_xhat = _affine_sums(dy, x, view, mean, rstd)
+    kj = view.K * view.J
+    out = (np.full(kj, np.nan, dt), np.full((1, kj), np.nan, dt))
+    dx2, got_dy, got_dyx = engine.backward(dy, x, view, mean, rstd, gscale,
+                                           batch_stats, affine_out=out)
+    assert got_dy is out[0] and got_dyx is out[1]
+    np.testing.assert_allclose(dx2, dx, rtol=1e-6, atol=1e-7)
+    # one rounding to the output's dtype, on sums of float32 input
+    rtol = {"bfloat16": 2 ** -8, "float16": 2 ** -11}.get(dtype, 1e-6)
+    for got, want in ((got_dy, sum_dy), (got_dyx, sum_dy_xhat)):
+        np.testing.assert_allclose(got.reshape(-1).astype(np.float64), want,
+                                   rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("name", ["ln", "ln-wide"])
+def test_affine_out_not_contiguous_or_of_two_dtypes_is_filled_too(name, rng):
+    x, dy, view, mean, rstd, gscale = _affine_case(name, rng)
+    sum_dy, sum_dy_xhat = _affine_sums(dy, x, view, mean, rstd)
+    kj = view.K * view.J
+    strided = np.zeros(2 * kj, np.float32)[::2]
+    other = np.zeros(kj, np.float64)
+    _, got_dy, got_dyx = engine.backward(dy, x, view, mean, rstd, gscale,
+                                         affine_out=(strided, other))
+    assert got_dy is strided and got_dyx is other
+    np.testing.assert_allclose(strided, sum_dy, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(other, sum_dy_xhat, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("bad, error, words", [
+    (lambda kj: (np.zeros(kj),), TypeError, "pair of arrays"),
+    (lambda kj: (np.zeros(kj), np.zeros(kj + 1)), ValueError,
+     "affine_out[1] must hold K * J"),
+    (lambda kj: (np.zeros(kj, np.int32), np.zeros(kj)), TypeError,
+     "affine_out[0] must have dtype"),
+    (lambda kj: (np.zeros(kj), np.broadcast_to(np.zeros(1), (kj,))),
+     ValueError, "affine_out[1] is written and must be writeable"),
+])
+def test_bad_affine_out_raises_before_anything_is_written(bad, error, words,
+                                                          rng):
+    x, dy, view, mean, rstd, gscale = _affine_case("ln", rng)
+    dx_out = np.full_like(x, 7.0)
+    with pytest.raises(error, match=re.escape(words)):
+        engine.backward(dy, x, view, mean, rstd, gscale, out=dx_out,
+                        affine_out=bad(view.K * view.J))
+    assert np.all(dx_out == 7.0)
+
+
+def test_affine_out_without_need_affine_raises(rng):
+    x, dy, view, mean, rstd, gscale = _affine_case("ln", rng)
+    kj = view.K * view.J
+    with pytest.raises(ValueError, match="need_affine is False"):
+        engine.backward(dy, x, view, mean, rstd, gscale, need_affine=False,
+                        affine_out=(np.zeros(kj), np.zeros(kj)))
 
 
 def test_dx_from_sums_with_fixed_statistics_is_the_scaled_gradient(rng):

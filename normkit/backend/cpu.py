@@ -42,8 +42,8 @@ from numba.extending import overload
 
 from . import protocol
 from .storage import compute_dtype, compute_empty, compute_zero, load, store, storage_view
-from .plan import (WIDE_GROUP, affine_partials_fit, disjoint_columns,
-                   make_plan, reduction_plan)
+from .plan import (WIDE_GROUP, affine_partials_fit, column_sums,
+                   disjoint_columns, make_plan, reduction_plan)
 
 #: Fast-math flags: reassociation lets LLVM vectorise the reductions.  The
 #: flags ``nnan`` and ``ninf`` are deliberately absent so that NaN and Inf
@@ -602,14 +602,15 @@ def _column_backward_sums(d2, x2, center, t_dy, t_dyx):
 
 @_inner
 def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
-              affine_out, scratch):
+              affine_out, first_column, scratch):
     """Backward sums of one ``p`` over the ranges ``r = (a0, a1, k0, k1, l0,
     l1)``, with ``xhat = (x - mean) * rstd``:
 
     - ``group_out[k] = (sum gscale*dy, sum gscale*dy*xhat)`` per group
       (overwritten);
-    - ``affine_out += (sum dy, sum dy*xhat)`` per ``(k, j)``, unless
-      ``affine_out`` has no columns (the affine sums are not wanted).
+    - ``affine_out[:, col - first_column] += (sum dy, sum dy*xhat)`` per
+      column ``col = (k, j)``, unless ``affine_out`` has no columns (the
+      affine sums are not wanted).
 
     ``scratch`` holds at least ``3 * K * J`` float64 values.
     """
@@ -632,8 +633,10 @@ def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
                 xs = x[r * width + lo:r * width + hi]
                 ds = dy[r * width + lo:r * width + hi]
                 gs = gscale[lo:hi]
-                s_dy = aff_dy[lo:hi] if with_affine else aff_dy
-                s_dyx = aff_dyx[lo:hi] if with_affine else aff_dyx
+                s_dy = (aff_dy[lo - first_column:hi - first_column]
+                        if with_affine else aff_dy)
+                s_dyx = (aff_dyx[lo - first_column:hi - first_column]
+                         if with_affine else aff_dyx)
                 s1 = 0.0
                 s2 = 0.0
                 for i in range(xs.size):
@@ -666,8 +669,8 @@ def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
                 group_out[k, 0] += _param(gscale, col, 1.0) * t_dy[col]
                 group_out[k, 1] += _param(gscale, col, 1.0) * s_dyx
                 if with_affine:
-                    aff_dy[col] += t_dy[col]
-                    aff_dyx[col] += s_dyx
+                    aff_dy[col - first_column] += t_dy[col]
+                    aff_dyx[col - first_column] += s_dyx
         return
     for a in range(a0, a1):
         for k in range(k0, k1):
@@ -688,8 +691,8 @@ def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
                 col = k * J + j
                 s_dyx *= rs
                 if with_affine:
-                    aff_dy[col] += s_dy
-                    aff_dyx[col] += s_dyx
+                    aff_dy[col - first_column] += s_dy
+                    aff_dyx[col - first_column] += s_dyx
                 group_out[k, 0] += _param(gscale, col, 1.0) * s_dy
                 group_out[k, 1] += _param(gscale, col, 1.0) * s_dyx
 
@@ -713,7 +716,53 @@ def backward_reduce(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
         slot = item % n_slots
         for p in range(p0, p1):
             _p_reduce(dy, x, p, r, A, K, J, B, mean[p], rstd[p],
-                      gscale, part_group[p, chunk], part_affine[slot], scratch)
+                      gscale, part_group[p, chunk], part_affine[slot], 0,
+                      scratch)
+
+
+#: Columns whose affine sums :func:`backward_reduce_columns` accumulates
+#: over every row at a time (two float64 vectors of this length, in L1/L2).
+COLUMN_BLOCK = 4096
+
+
+@_kernel
+def backward_reduce_columns(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
+                            part_group, sum_dy_out, sum_dyx_out):
+    """Backward sums of one wide group per row (``K == 1``, ``B == 1``,
+    ``J >= WIDE_GROUP``) for a plan whose items take every row of a chunk
+    of the columns (:func:`~normkit.backend.plan.column_sums`).
+
+    ``part_group`` as in :func:`backward_reduce`.  The affine sums ``(sum
+    dy, sum dy*xhat)`` of each block of :data:`COLUMN_BLOCK` columns are
+    accumulated over the rows in float64 scratch, in row order, then
+    stored in ``sum_dy_out`` and ``sum_dyx_out`` (``K * J`` values in any
+    storage, :func:`~normkit.backend.storage.store`; no values: not
+    wanted).  No float64 array of the input's width is made, and the sums
+    are written once, in the caller's dtype.
+    """
+    L = J * B
+    with_affine = sum_dy_out.size > 0
+    no_scratch = np.empty(0)
+    for item in prange(_n_items(plan)):
+        p0, p1, r, chunk = _item_bounds(item, P, A, K, L, plan)
+        block = np.empty((2, COLUMN_BLOCK if with_affine else 0))
+        group = np.empty((K, 2))
+        for p in range(p0, p1):
+            part_group[p, chunk] = 0.0
+        for l0 in range(r[4], r[5], COLUMN_BLOCK):
+            l1 = min(r[5], l0 + COLUMN_BLOCK)
+            block[:, :] = 0.0
+            for p in range(p0, p1):
+                _p_reduce(dy, x, p, (r[0], r[1], r[2], r[3], l0, l1), A, K, J,
+                          B, mean[p], rstd[p], gscale, group, block, l0,
+                          no_scratch)
+                for k in range(K):
+                    part_group[p, chunk, k, 0] += group[k, 0]
+                    part_group[p, chunk, k, 1] += group[k, 1]
+            if with_affine:
+                for i in range(l1 - l0):
+                    store(sum_dy_out, l0 + i, block[0, i])
+                    store(sum_dyx_out, l0 + i, block[1, i])
 
 
 @_inner
@@ -769,7 +818,7 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
             for first in range(r[2], r[3], step):
                 g = _groups(r, first, step)
                 _p_reduce(dy, x, p, g, A, K, J, B, mean[p], rstd[p],
-                          gscale, sums, part_affine[item], scratch)
+                          gscale, sums, part_affine[item], 0, scratch)
                 finish_backward_p(sums, n, mean[p], rstd[p], coef, g[2], g[3],
                                   True)
                 _p_apply(x, dy, dx, True, p, g, A, K, J, B, coef,
@@ -826,14 +875,47 @@ def backward_sums_of(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
     in ``part_affine[0]``."""
     backward_reduce(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
                     part_group, part_affine)
-    group = np.zeros((P, K, 2))
-    for p in range(P):
-        for chunk in range(part_group.shape[1]):
-            group[p] += part_group[p, chunk]
     affine = part_affine[0]
     for slot in range(1, part_affine.shape[0]):
         affine += part_affine[slot]
-    return group, affine
+    return _group_totals(part_group), affine
+
+
+@_inner
+def _group_totals(part_group):
+    """Group sums ``(P, K, 2)`` from their per-chunk partials, in chunk
+    order."""
+    P, n_chunks, K, _ = part_group.shape
+    group = np.zeros((P, K, 2))
+    for p in range(P):
+        for chunk in range(n_chunks):
+            group[p] += part_group[p, chunk]
+    return group
+
+
+@_driver
+def column_sums_of(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
+                   part_group, sum_dy_out, sum_dyx_out):
+    """Group sums ``(P, K, 2)`` of :func:`backward_reduce_columns` over
+    ``plan``, which writes the affine sums into ``sum_dy_out`` and
+    ``sum_dyx_out``."""
+    backward_reduce_columns(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
+                            part_group, sum_dy_out, sum_dyx_out)
+    return _group_totals(part_group)
+
+
+@_inner
+def _dx_pass(x, dy, dx, P, A, K, J, B, plan, group, mean, rstd, gscale,
+             no_beta, batch_stats, centered):
+    """``dx`` into ``dx`` by :func:`apply` over ``plan`` from the group
+    sums ``(P, K, 2)`` (ignored, ``dx = g * dy * rstd``, without
+    ``batch_stats``)."""
+    n = float(A * J * B)
+    if not batch_stats:
+        group[:] = 0.0
+        n = np.inf
+    coef = backward_coefficients(group, n, mean, rstd, centered)
+    apply(x, dy, dx, True, P, A, K, J, B, plan, coef, gscale, no_beta)
 
 
 @_driver
@@ -852,13 +934,26 @@ def backward_two_pass(dy, x, dx, P, A, K, J, B, plan, sums_plan, part_group,
                                          part_affine)
     else:
         group, affine = np.zeros((P, K, 2)), part_affine[0]
-    n = float(A * J * B)
-    if not batch_stats:
-        group[:] = 0.0
-        n = np.inf
-    coef = backward_coefficients(group, n, mean, rstd, centered)
-    apply(x, dy, dx, True, P, A, K, J, B, plan, coef, gscale, no_beta)
+    _dx_pass(x, dy, dx, P, A, K, J, B, plan, group, mean, rstd, gscale,
+             no_beta, batch_stats, centered)
     return affine
+
+
+@_driver
+def backward_columns(dy, x, dx, P, A, K, J, B, plan, sums_plan, part_group,
+                     sum_dy_out, sum_dyx_out, mean, rstd, gscale, no_beta,
+                     batch_stats, centered):
+    """:func:`backward_two_pass` for a ``sums_plan`` of
+    :func:`~normkit.backend.plan.column_sums`: the sums by
+    :func:`column_sums_of`, the affine ones written into ``sum_dy_out``
+    and ``sum_dyx_out`` (no values: not wanted)."""
+    if batch_stats or sum_dy_out.size > 0:
+        group = column_sums_of(dy, x, P, A, K, J, B, sums_plan, mean, rstd,
+                               gscale, part_group, sum_dy_out, sum_dyx_out)
+    else:
+        group = np.zeros((P, K, 2))
+    _dx_pass(x, dy, dx, P, A, K, J, B, plan, group, mean, rstd, gscale,
+             no_beta, batch_stats, centered)
 
 
 # --------------------------------------------------------------------------
@@ -1022,16 +1117,38 @@ def _backward_inputs(dy, x, view, mean, rstd, gscale, centered):
     return flat_x, flat_dy, mean, rstd, gscale
 
 
-def _sums_partials(view, need_affine=True):
-    """The :func:`~normkit.backend.plan.reduction_plan` of ``view`` and the
-    partials :func:`backward_sums_of` fills: ``(P, chunks, K, 2)`` group
-    sums and zeroed ``(slots, 2, K * J)`` affine sums (no columns unless
-    ``need_affine``), one slot where the items' columns are disjoint, else
-    one per item."""
-    plan = reduction_plan(view)
+def _sums_partials(view, plan, need_affine=True):
+    """The partials :func:`backward_sums_of` fills over ``plan`` (a
+    :func:`~normkit.backend.plan.reduction_plan`): ``(P, chunks, K, 2)``
+    group sums and zeroed ``(slots, 2, K * J)`` affine sums (no columns
+    unless ``need_affine``), one slot where the items' columns are
+    disjoint, else one per item."""
     slots = 1 if disjoint_columns(plan, view) else plan.n_items
-    return (plan, np.empty((view.P, plan.n_chunks, view.K, 2)),
+    return (_group_partials(view, plan),
             np.zeros((slots, 2, view.K * view.J if need_affine else 0)))
+
+
+def _group_partials(view, plan):
+    """The ``(P, chunks, K, 2)`` partials of the group sums over ``plan``."""
+    return np.empty((view.P, plan.n_chunks, view.K, 2))
+
+
+def _writes_in_place(affine_out):
+    """Whether :func:`backward_reduce_columns` can write the affine sums
+    into the caller's ``affine_out`` itself: both C-contiguous, of one
+    dtype."""
+    return (affine_out is not None
+            and affine_out[0].dtype == affine_out[1].dtype
+            and affine_out[0].flags.c_contiguous
+            and affine_out[1].flags.c_contiguous)
+
+
+def _affine_results(sums, affine_out):
+    """``(sum dy, sum dy*xhat)``: the float64 ``sums``, or with
+    ``affine_out`` given, its arrays holding them."""
+    if affine_out is None:
+        return sums[0], sums[1]
+    return copy_into(affine_out[0], sums[0]), copy_into(affine_out[1], sums[1])
 
 
 def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
@@ -1043,9 +1160,16 @@ def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
                 (np.zeros(kj), np.zeros(kj)))
     flat_x, flat_dy, mean, rstd, gscale = _backward_inputs(
         dy, x, view, mean, rstd, gscale, centered)
-    plan, part_group, part_affine = _sums_partials(view)
-    group, affine = backward_sums_of(flat_dy, flat_x, *view.dims, plan, mean,
-                                     rstd, gscale, part_group, part_affine)
+    plan = reduction_plan(view)
+    if column_sums(plan, view):
+        affine = np.empty((2, view.K * view.J))
+        group = column_sums_of(flat_dy, flat_x, *view.dims, plan, mean, rstd,
+                               gscale, _group_partials(view, plan),
+                               affine[0], affine[1])
+    else:
+        group, affine = backward_sums_of(flat_dy, flat_x, *view.dims, plan,
+                                         mean, rstd, gscale,
+                                         *_sums_partials(view, plan))
     return (group[..., 0], group[..., 1]), (affine[0], affine[1])
 
 
@@ -1066,18 +1190,25 @@ def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True,
 
 
 def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
-             need_affine=True, centered=True, out=None):
-    """See :meth:`normkit.backend.protocol.Backend.backward`."""
+             need_affine=True, centered=True, out=None, affine_out=None):
+    """See :meth:`normkit.backend.protocol.Backend.backward`.  Where the
+    sums' plan is :func:`~normkit.backend.plan.column_sums` (few wide
+    rows), the kernels write the affine sums straight into ``affine_out``
+    (when both its arrays are C-contiguous, of one dtype); elsewhere they
+    are float64 partials, converted into ``affine_out`` at the end."""
+    kj = view.K * view.J
     if _no_values(view):
-        kj = view.K * view.J
         dx = np.empty(x.shape, x.dtype) if out is None else out
-        return ((dx, np.zeros(kj), np.zeros(kj)) if need_affine
-                else (dx, None, None))
+        if not need_affine:
+            return dx, None, None
+        return (dx, *_affine_results((np.zeros(kj), np.zeros(kj)),
+                                     affine_out))
     flat_x, flat_dy, mean, rstd, gscale = _backward_inputs(
         dy, x, view, mean, rstd, gscale, centered)
     plan = make_plan(view)
-    kj = view.K * view.J
     dx = _output(out, flat_x)
+    no_beta = np.empty(0, gscale.dtype)
+    written = None  # affine_out, where the kernels wrote the sums into it
     if (batch_stats and plan.fused and centered
             and (not need_affine or affine_partials_fit(plan, view))):
         part_affine = np.empty((plan.n_items, 2, kj if need_affine else 0))
@@ -1085,14 +1216,28 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
                        gscale, part_affine)
         sums = part_affine.sum(axis=0)
     else:
-        sums = backward_two_pass(flat_dy, flat_x, dx, *view.dims, plan,
-                                 *_sums_partials(view, need_affine), mean,
-                                 rstd, gscale, np.empty(0, gscale.dtype),
-                                 bool(batch_stats), bool(centered))
+        sums_plan = reduction_plan(view)
+        if column_sums(sums_plan, view):
+            if need_affine and _writes_in_place(affine_out):
+                written = affine_out
+                sums = tuple(as_kernel_array(a) for a in affine_out)
+            else:
+                sums = np.empty((2, kj if need_affine else 0))
+            backward_columns(flat_dy, flat_x, dx, *view.dims, plan,
+                             sums_plan, _group_partials(view, sums_plan),
+                             sums[0], sums[1], mean, rstd, gscale, no_beta,
+                             bool(batch_stats), bool(centered))
+        else:
+            sums = backward_two_pass(
+                flat_dy, flat_x, dx, *view.dims, plan, sums_plan,
+                *_sums_partials(view, sums_plan, need_affine), mean, rstd,
+                gscale, no_beta, bool(batch_stats), bool(centered))
     dx = _deliver(dx, out, x.shape, x.dtype)
     if not need_affine:
         return dx, None, None
-    return dx, sums[0], sums[1]
+    if written is not None:
+        return dx, written[0], written[1]
+    return (dx, *_affine_results(sums, affine_out))
 
 
 # --------------------------------------------------------------------------

@@ -739,7 +739,7 @@ def _grad_inputs(dy, x, view, mean, rstd, centered):
 
 
 def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
-             need_affine=True, centered=True, out=None):
+             need_affine=True, centered=True, out=None, affine_out=None):
     """Device version of :func:`normkit.engine.backward`.
 
     The group sums are reduced with the ``gscale`` weights, except with one
@@ -748,13 +748,15 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     (summed over ``p``) from one pass.  Otherwise the affine sums are
     reduced over the view ``(1, P*A, K*J, 1, B)`` of the same data.  With
     batch statistics and blocks holding whole groups, sums and ``dx`` come
-    from one fused kernel.
+    from one fused kernel.  ``affine_out`` receives the float64 affine
+    sums, converted, at the end.
     """
     if _no_values(view):
         kj = view.K * view.J
         dx = _device_array(x.shape, x.dtype) if out is None else out
-        return ((dx, _filled(kj, 0.0), _filled(kj, 0.0)) if need_affine
-                else (dx, None, None))
+        return ((dx, *_affine_results((_filled(kj, 0.0), _filled(kj, 0.0)),
+                                      affine_out))
+                if need_affine else (dx, None, None))
     flat_x, flat_dy, mean, rstd = _grad_inputs(dy, x, view, mean, rstd, centered)
     grid = grid_for(view)
     gscale = None if gscale is None else _flat(gscale)
@@ -778,9 +780,18 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     dx = _deliver(dx, out, x.shape)
     if not need_affine:
         return dx, None, None
-    sum_dy, sum_dy_xhat = _affine_sums(flat_x, flat_dy, view, grid, mean, rstd,
-                                       part if view.J == 1 else None)
-    return dx, sum_dy, sum_dy_xhat
+    sums = _affine_sums(flat_x, flat_dy, view, grid, mean, rstd,
+                        part if view.J == 1 else None)
+    return (dx, *_affine_results(sums, affine_out))
+
+
+def _affine_results(sums, affine_out):
+    """The float64 affine ``sums``, or ``affine_out`` holding them
+    (converted by :func:`~normkit.backend.protocol.copy`)."""
+    if affine_out is None:
+        return sums
+    return tuple(protocol.copy(values, out=target)
+                 for values, target in zip(sums, affine_out))
 
 
 def _affine_sums(flat_x, flat_dy, view, grid, mean, rstd, unit_part=None):

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numba
 
 __all__ = ["Plan", "make_plan", "reduction_plan", "affine_partials_fit",
-           "disjoint_columns",
+           "disjoint_columns", "column_sums",
            "Grid", "Settings", "SETTINGS", "grid_for", "split_reduced",
            "MIN_ITEM_ELEMENTS", "ITEMS_PER_THREAD", "FUSED_ELEMENTS",
            "WIDE_GROUP", "AFFINE_PARTIALS", "MAX_THREADS"]
@@ -132,6 +132,16 @@ def disjoint_columns(plan, view):
     of ``view`` (one block of ``p``, one chunk of ``a``, ``B == 1``): their
     affine sums can then go straight into one array."""
     return plan.n_pblk == 1 and plan.n_ach == 1 and view.B == 1
+
+
+def column_sums(plan, view):
+    """Whether the backward sums over ``plan`` take one wide group per row
+    (``K == 1``, ``B == 1``, ``J >=`` :data:`WIDE_GROUP`) with every item
+    holding every row of its own columns (:func:`disjoint_columns`), as
+    :func:`reduction_plan` splits few long rows: each item can then finish
+    its columns' affine sums block by block and write them once."""
+    return (disjoint_columns(plan, view) and view.K == 1
+            and view.J >= WIDE_GROUP)
 
 
 def reduction_plan(view, n_threads=None):

@@ -98,10 +98,14 @@ class Backend(Protocol):
         ``dx = g * dy * rstd``)."""
 
     def backward(self, dy, x, view, mean, rstd, gscale=None, batch_stats=True,
-                 need_affine=True, centered=True, out=None):
+                 need_affine=True, centered=True, out=None, affine_out=None):
         """``(dx, sum dy, sum dy*xhat)``: :meth:`backward_sums` then
         :meth:`dx_from_sums` with ``n = A*J*B`` (``inf`` unless
-        ``batch_stats``), fused where groups fit one work item."""
+        ``batch_stats``), fused where groups fit one work item.  With
+        ``affine_out``, a pair of arrays of ``K*J`` values (any float
+        dtype, the backend's), the two affine sums are written there,
+        converted from their float64 accumulation, and returned instead
+        of new float64 arrays."""
 
     def map_view(self, function, view, args, kinds, out):
         """Run a :class:`channelwise` function over every element of an

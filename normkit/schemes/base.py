@@ -36,7 +36,8 @@ from ..view import View
 __all__ = ["Saved", "Normalizer", "RunningStatsNormalizer", "normalize",
            "normalize_with_statistics", "normalize_backward",
            "affine_gradients", "check_backward", "cast", "update_running",
-           "momentum_factor", "forward_into", "backward_into"]
+           "momentum_factor", "forward_into", "backward_into",
+           "DIRECT_GRADIENTS"]
 
 
 @dataclass(frozen=True)
@@ -396,6 +397,15 @@ def normalize_backward(dy, x, saved, variant=None, *, dx_out=None):
     return (written(dx_out, dx), *grads)
 
 
+#: Fewest parameter values (``K * J``) for which :func:`affine_gradients`
+#: has the backend write the gradients in the parameters' dtype
+#: (``affine_out`` of :func:`normkit.engine.backward`; over few wide rows
+#: the kernels then make no float64 array of the rows' width).  Below it
+#: the float64 sums are small, and casting them costs less than checking
+#: the arrays to write into (a few microseconds a backward).
+DIRECT_GRADIENTS = 1 << 15
+
+
 def affine_gradients(dy, x, saved, gscale=None, weight_sum=None, *,
                      dx_out=None):
     """The gradients of ``y = xhat * g + beta`` for checked arguments:
@@ -412,19 +422,30 @@ def affine_gradients(dy, x, saved, gscale=None, weight_sum=None, *,
     if gscale is None and weight is not None:
         gscale = weight.reshape(weight.size)
     need_affine = weight is not None or saved.has_bias
+    size = saved.view.K * saved.view.J
+    bias_shape = (saved.bias_shape or
+                  (weight.shape if weight is not None else (size,)))
+    dtype = weight.dtype if weight is not None else x.dtype
+    gradients = None
+    if need_affine and weight_sum is None and size >= DIRECT_GRADIENTS:
+        # written by the backend in the parameters' dtype (a missing one's
+        # sum into scratch of the same dtype)
+        new = backend.backend_for(x).empty
+        gradients = (new(bias_shape if saved.has_bias else (size,), dtype),
+                     new(weight.shape if weight is not None else (size,),
+                         dtype))
     dx, sum_dy, sum_dy_xhat = engine.backward(
         dy, x, saved.view, saved.mean, saved.rstd, gscale, saved.batch_stats,
-        need_affine, saved.centered, out=dx_out)
-    dweight = dbias = None
-    if weight is not None:
-        if weight_sum is not None:
-            sum_dy_xhat = weight_sum(sum_dy, sum_dy_xhat)
-        dweight = cast(sum_dy_xhat, weight.shape, weight.dtype)
-    if saved.has_bias:
-        shape = (saved.bias_shape or
-                 (weight.shape if weight is not None else (sum_dy.size,)))
-        dtype = weight.dtype if weight is not None else x.dtype
-        dbias = cast(sum_dy, shape, dtype)
+        need_affine, saved.centered, out=dx_out, affine_out=gradients)
+    if need_affine and gradients is None:  # from the float64 sums
+        if weight is not None:
+            if weight_sum is not None:
+                sum_dy_xhat = weight_sum(sum_dy, sum_dy_xhat)
+            sum_dy_xhat = cast(sum_dy_xhat, weight.shape, dtype)
+        if saved.has_bias:
+            sum_dy = cast(sum_dy, bias_shape, dtype)
+    dweight = sum_dy_xhat if weight is not None else None
+    dbias = sum_dy if saved.has_bias else None
     return dx, dweight, dbias
 
 
