@@ -22,6 +22,7 @@ import math
 import numpy as np
 
 from .backend import backend_for, same_device
+from .backend import protocol
 from .checks import check_input, check_out
 from .backend.cpu import as_kernel_array, from_kernel_array  # noqa: F401
 from .backend.plan import Plan, make_plan  # noqa: F401
@@ -203,9 +204,13 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     _check_dx_out(out, dy, x, "engine.backward")
     if affine_out is not None:
         affine_out = _checked_affine_out(affine_out, x, view, need_affine)
-    return backend_for(x).backward(dy, x, view, mean, rstd, gscale,
-                                   batch_stats, need_affine, centered, out,
-                                   affine_out)
+    dx, sum_dy, sum_dy_xhat = backend_for(x).backward(
+        dy, x, view, mean, rstd, gscale, batch_stats, need_affine, centered,
+        out, affine_out)
+    if affine_out is None or sum_dy is affine_out[0]:  # none, or written
+        return dx, sum_dy, sum_dy_xhat
+    return (dx, protocol.copy(sum_dy, out=affine_out[0]),
+            protocol.copy(sum_dy_xhat, out=affine_out[1]))
 
 
 def _checked_affine_out(affine_out, x, view, need_affine):

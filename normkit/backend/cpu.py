@@ -1143,14 +1143,6 @@ def _writes_in_place(affine_out):
             and affine_out[1].flags.c_contiguous)
 
 
-def _affine_results(sums, affine_out):
-    """``(sum dy, sum dy*xhat)``: the float64 ``sums``, or with
-    ``affine_out`` given, its arrays holding them."""
-    if affine_out is None:
-        return sums[0], sums[1]
-    return copy_into(affine_out[0], sums[0]), copy_into(affine_out[1], sums[1])
-
-
 def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
     """See :meth:`normkit.backend.protocol.Backend.backward_sums`: the group
     sums as two ``(P, K)`` arrays, the affine sums as two ``(K*J,)``."""
@@ -1194,15 +1186,13 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     """See :meth:`normkit.backend.protocol.Backend.backward`.  Where the
     sums' plan is :func:`~normkit.backend.plan.column_sums` (few wide
     rows), the kernels write the affine sums straight into ``affine_out``
-    (when both its arrays are C-contiguous, of one dtype); elsewhere they
-    are float64 partials, converted into ``affine_out`` at the end."""
+    (when both its arrays are C-contiguous, of one dtype) and return its
+    arrays; elsewhere they return float64 sums."""
     kj = view.K * view.J
     if _no_values(view):
         dx = np.empty(x.shape, x.dtype) if out is None else out
-        if not need_affine:
-            return dx, None, None
-        return (dx, *_affine_results((np.zeros(kj), np.zeros(kj)),
-                                     affine_out))
+        return ((dx, np.zeros(kj), np.zeros(kj)) if need_affine
+                else (dx, None, None))
     flat_x, flat_dy, mean, rstd, gscale = _backward_inputs(
         dy, x, view, mean, rstd, gscale, centered)
     plan = make_plan(view)
@@ -1237,7 +1227,7 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
         return dx, None, None
     if written is not None:
         return dx, written[0], written[1]
-    return (dx, *_affine_results(sums, affine_out))
+    return dx, sums[0], sums[1]
 
 
 # --------------------------------------------------------------------------

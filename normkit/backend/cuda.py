@@ -748,15 +748,15 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     (summed over ``p``) from one pass.  Otherwise the affine sums are
     reduced over the view ``(1, P*A, K*J, 1, B)`` of the same data.  With
     batch statistics and blocks holding whole groups, sums and ``dx`` come
-    from one fused kernel.  ``affine_out`` receives the float64 affine
-    sums, converted, at the end.
+    from one fused kernel.  The affine sums are float64 whether or not
+    ``affine_out`` is given (:func:`normkit.engine.backward` converts
+    them into it).
     """
     if _no_values(view):
         kj = view.K * view.J
         dx = _device_array(x.shape, x.dtype) if out is None else out
-        return ((dx, *_affine_results((_filled(kj, 0.0), _filled(kj, 0.0)),
-                                      affine_out))
-                if need_affine else (dx, None, None))
+        return ((dx, _filled(kj, 0.0), _filled(kj, 0.0)) if need_affine
+                else (dx, None, None))
     flat_x, flat_dy, mean, rstd = _grad_inputs(dy, x, view, mean, rstd, centered)
     grid = grid_for(view)
     gscale = None if gscale is None else _flat(gscale)
@@ -780,18 +780,9 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     dx = _deliver(dx, out, x.shape)
     if not need_affine:
         return dx, None, None
-    sums = _affine_sums(flat_x, flat_dy, view, grid, mean, rstd,
-                        part if view.J == 1 else None)
-    return (dx, *_affine_results(sums, affine_out))
-
-
-def _affine_results(sums, affine_out):
-    """The float64 affine ``sums``, or ``affine_out`` holding them
-    (converted by :func:`~normkit.backend.protocol.copy`)."""
-    if affine_out is None:
-        return sums
-    return tuple(protocol.copy(values, out=target)
-                 for values, target in zip(sums, affine_out))
+    sum_dy, sum_dy_xhat = _affine_sums(flat_x, flat_dy, view, grid, mean, rstd,
+                                       part if view.J == 1 else None)
+    return dx, sum_dy, sum_dy_xhat
 
 
 def _affine_sums(flat_x, flat_dy, view, grid, mean, rstd, unit_part=None):

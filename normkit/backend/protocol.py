@@ -101,11 +101,13 @@ class Backend(Protocol):
                  need_affine=True, centered=True, out=None, affine_out=None):
         """``(dx, sum dy, sum dy*xhat)``: :meth:`backward_sums` then
         :meth:`dx_from_sums` with ``n = A*J*B`` (``inf`` unless
-        ``batch_stats``), fused where groups fit one work item.  With
+        ``batch_stats``), fused where groups fit one work item.
         ``affine_out``, a pair of arrays of ``K*J`` values (any float
-        dtype, the backend's), the two affine sums are written there,
-        converted from their float64 accumulation, and returned instead
-        of new float64 arrays."""
+        dtype, the backend's) or None, is where the caller wants the two
+        affine sums: a backend may write them there itself, rounded once
+        from their float64 accumulation, and return those two arrays;
+        otherwise it returns float64 sums, which
+        :func:`normkit.engine.backward` converts into them."""
 
     def map_view(self, function, view, args, kinds, out):
         """Run a :class:`channelwise` function over every element of an
