@@ -118,3 +118,38 @@ def test_views_are_free_reshapes():
     assert channel_view((8, 6, 5, 7), 1, False) == View(1, 8, 6, 1, 35)
     assert channel_view((8, 5, 7, 6), 3, True, 2) == View(8, 35, 2, 3, 1)
     assert trailing_view((4, 3, 10), 2) == View(4, 1, 1, 30, 1)
+
+
+@pytest.mark.parametrize("centered", [True, False])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, "bfloat16"])
+@pytest.mark.parametrize("width", [16, 300, 1024])
+def test_fused_rows_give_the_bits_of_the_two_pass_forward(width, dtype,
+                                                          centered, rng):
+    """Rows of one group each (LayerNorm, RMSNorm) take the fused forward's
+    shortcut for rows; it computes each row's moments and map as the
+    general two-pass forward does (moments kernel, merge, map): the same
+    statistics bit for bit, and the same output up to the last bits where the
+    compiler contracts the map's multiply-adds differently."""
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    x = rng.normal(2.0, 3.0, (37, width)).astype(dtype)
+    gamma = rng.normal(1.0, 0.5, width).astype(dtype)
+    beta = rng.normal(0.0, 0.5, width).astype(dtype)
+    view = trailing_view(x.shape, 1)
+    plan = make_plan(view)
+    assert plan.fused and (view.A, view.K, view.B) == (1, 1, 1)
+    y, mean, var = engine.normalize_batch(x, view, gamma, beta, 1e-5, centered)
+    flat = engine.as_kernel_array(x)
+    gamma_k, beta_k = cpu._affine_params(gamma, beta, width, flat)
+    out = np.empty_like(flat)
+    mean_2, var_2 = cpu.normalize_two_pass(flat, out, *view.dims, plan, gamma_k,
+                                           beta_k, 1e-5, centered)
+    assert np.array_equal(mean, mean_2) and np.array_equal(var, var_2)
+    got = y.astype(np.float64).reshape(-1)
+    want = engine.from_kernel_array(out, x.shape, x.dtype).astype(np.float64)
+    ulps = 4 * float(np.finfo(dtype).eps) * np.abs(want).max()
+    np.testing.assert_allclose(got, want.reshape(-1), rtol=0, atol=ulps)
+    if not centered:
+        assert not mean.any()
+        np.testing.assert_allclose(
+            var[:, 0], np.mean(x.astype(np.float64) ** 2, axis=1), rtol=1e-5)

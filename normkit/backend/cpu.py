@@ -371,13 +371,19 @@ def _merge(part, centered):
             if n == 0.0:  # an empty group: no statistics (as np.mean)
                 mean[p, k] = np.nan
                 var[p, k] = np.nan
-            elif centered:
-                mean[p, k] = m
-                var[p, k] = m2 / n
             else:
-                mean[p, k] = 0.0
-                var[p, k] = m2 / n + m * m
+                mean[p, k], var[p, k] = _statistics(n, m, m2, centered)
     return mean, var
+
+
+@_inlined
+def _statistics(n, mean, m2, centered):
+    """The ``(mean, var)`` a forward normalizes with, from a group's
+    ``(count, mean, M2)``: the mean and the biased variance ``M2 / n``, or,
+    when not ``centered``, 0 and the mean square ``M2 / n + mean**2``."""
+    if centered:
+        return mean, m2 / n
+    return 0.0, m2 / n + mean * mean
 
 
 # --------------------------------------------------------------------------
@@ -429,30 +435,15 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
             lo = max(c0, k * J)
             hi = min(c1, (k + 1) * J)
             m, a_k, h, e, c = _coefficients(coef, k)
-            mc = _cast_like(m, compute_zero(x))
-            rest = m - float(mc)
-            # s0 = beta + c - rest*(a*gamma + h) = beta + q*gamma + w
-            a_x = _cast_like(a_k, mc)
-            h_x = _cast_like(h, mc)
-            e_x = _cast_like(e, mc)
-            q_x = _cast_like(-rest * a_k, mc)
-            w_x = _cast_like(c - rest * h, mc)
+            mc, a_x, h_x, e_x, q_x, w_x = _wide_coefficients(
+                m, a_k, h, e, c, compute_zero(x))
             gs = gamma[lo:hi]
             bs = beta[lo:hi]
             for row in range(p * A + a0, p * A + a1):
-                xs = x[row * width + lo:row * width + hi]
-                os = out[row * width + lo:row * width + hi]
-                if use_dy:
-                    ds = dy[row * width + lo:row * width + hi]
-                    for i in range(xs.size):
-                        g = _param(gs, i, 1.0)
-                        store(os, i, (load(xs, i) - mc) * (a_x * g + h_x)
-                              + load(ds, i) * (e_x * g) + (_param(bs, i, 0.0) + q_x * g + w_x))
-                else:
-                    for i in range(xs.size):
-                        g = _param(gs, i, 1.0)
-                        store(os, i, (load(xs, i) - mc) * (a_x * g + h_x)
-                              + (_param(bs, i, 0.0) + q_x * g + w_x))
+                start = row * width
+                _map_segment(x[start + lo:start + hi], dy[start + lo:start + hi],
+                             out[start + lo:start + hi], use_dy, gs, bs,
+                             mc, a_x, h_x, e_x, q_x, w_x)
         return
     if B == 1:
         # Narrow groups: per-column coefficient vectors for this p, whole rows.
@@ -512,6 +503,38 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
                         store(os, i, (load(xs, i) - mc) * sx_x + s0_x)
 
 
+@_inlined
+def _wide_coefficients(m, a, h, e, c, zero):
+    """The coefficients of :func:`_map_segment` in the compute type of
+    ``zero``, from a group's float64 ``(m, a, h, e, c)`` (see
+    :func:`_p_apply`): ``mc`` (``m`` rounded), ``a``, ``h``, ``e``, and
+    ``q = -(m - mc) * a``, ``w = c - (m - mc) * h``, with which the constant
+    term ``beta + c - (m - mc) * (a * gamma + h)`` is ``beta + q * gamma +
+    w``."""
+    mc = _cast_like(m, zero)
+    rest = m - float(mc)
+    return (mc, _cast_like(a, mc), _cast_like(h, mc), _cast_like(e, mc),
+            _cast_like(-rest * a, mc), _cast_like(c - rest * h, mc))
+
+
+@_inlined
+def _map_segment(xs, ds, os, use_dy, gs, bs, mc, a, h, e, q, w):
+    """``os = (xs - mc) * (a * g + h) + ds * (e * g) + (b + q * g + w)``
+    along one contiguous segment of a wide group, with ``g`` and ``b`` the
+    segment's ``gs`` and ``bs`` (empty: 1 and 0; see :func:`_param`) and the
+    ``ds`` term only when ``use_dy``."""
+    if use_dy:
+        for i in range(xs.size):
+            g = _param(gs, i, 1.0)
+            store(os, i, (load(xs, i) - mc) * (a * g + h)
+                  + load(ds, i) * (e * g) + (_param(bs, i, 0.0) + q * g + w))
+    else:
+        for i in range(xs.size):
+            g = _param(gs, i, 1.0)
+            store(os, i, (load(xs, i) - mc) * (a * g + h)
+                  + (_param(bs, i, 0.0) + q * g + w))
+
+
 @_kernel
 def apply(x, dy, out, use_dy, P, A, K, J, B, plan, coef, gamma, beta):
     """Elementwise map of ``_p_apply`` over all items; ``coef`` is
@@ -527,29 +550,34 @@ def apply(x, dy, out, use_dy, P, A, K, J, B, plan, coef, gamma, beta):
 
 
 @_inner
-def _finish_forward_p(n, mean, m2, eps, coef, k0, k1):
+def _finish_forward_p(mean, var, eps, coef, k0, k1):
     """Coefficients that normalize groups ``[k0, k1)`` with their
     statistics (forward)."""
     for k in range(k0, k1):
         coef[k, COEF_MEAN] = mean[k]
-        coef[k, COEF_A] = 1.0 / np.sqrt(m2[k] / n[k] + eps)
+        coef[k, COEF_A] = 1.0 / np.sqrt(var[k] + eps)
         coef[k, COEF_H] = 0.0
         coef[k, COEF_E] = 0.0
         coef[k, COEF_C] = 0.0
 
 
 @_kernel
-def forward_fused(x, out, P, A, K, J, B, plan, gamma, beta, eps, mean_out,
-                  var_out):
+def forward_fused(x, out, P, A, K, J, B, plan, gamma, beta, eps, centered,
+                  mean_out, var_out):
     """Moments and normalization of each group while it is in cache.
 
     Valid only for plans whose items hold whole groups (no split of the
     reduced extent).  Writes ``mean_out[p, k]`` and the biased
-    ``var_out[p, k]``.
+    ``var_out[p, k]`` (0 and the mean square when not ``centered``, see
+    :func:`_statistics`).
     """
     L = J * B
     for item in prange(_n_items(plan)):
         p0, p1, r, _ = _item_bounds(item, P, A, K, L, plan)
+        if A == 1 and K == 1 and B == 1:
+            _rows_forward(x, out, p0, p1, J, gamma, beta, eps, centered,
+                          mean_out, var_out)
+            continue
         scratch = np.empty(2 * K * J if _rows_style(A, B) else 0)
         x_scratch = compute_empty(x, 4 * K * J if _narrow_groups(J, B) else 0)
         n = np.empty(K)
@@ -561,11 +589,37 @@ def forward_fused(x, out, P, A, K, J, B, plan, gamma, beta, eps, mean_out,
                 g = _groups(r, first, step)
                 _p_moments(x, p, g, A, K, J, B, n, mean_out[p], m2,
                            scratch)
-                _finish_forward_p(n, mean_out[p], m2, eps, coef, g[2], g[3])
                 for k in range(g[2], g[3]):
-                    var_out[p, k] = m2[k] / n[k]
+                    mean_out[p, k], var_out[p, k] = _statistics(
+                        n[k], mean_out[p, k], m2[k], centered)
+                _finish_forward_p(mean_out[p], var_out[p], eps, coef, g[2],
+                                  g[3])
                 _p_apply(x, x, out, False, p, g, A, K, J, B, coef,
                          gamma, beta, x_scratch)
+
+
+@_inner
+def _rows_forward(x, out, p0, p1, width, gamma, beta, eps, centered,
+                  mean_out, var_out):
+    """:func:`forward_fused` over whole rows ``[p0, p1)`` of ``width``
+    values, one group each (``A == K == B == 1``: the rows of LayerNorm and
+    RMSNorm): per row its moments and :func:`_statistics`, then the map of
+    a wide group (the same :func:`_segment_moments` and
+    :func:`_map_segment` as the general case), without the
+    per-group tables and ranges of the general case, whose bookkeeping per
+    row cost more than the row itself for rows of a few hundred values."""
+    zero = compute_zero(x)
+    for p in range(p0, p1):
+        lo = p * width
+        n, mean, m2 = _segment_moments(x, lo, lo + width, 0.0, 0.0, 0.0)
+        mean, var = _statistics(n, mean, m2, centered)
+        mean_out[p, 0] = mean
+        var_out[p, 0] = var
+        mc, a_x, h_x, e_x, q_x, w_x = _wide_coefficients(
+            mean, 1.0 / np.sqrt(var + eps), 0.0, 0.0, 0.0, zero)
+        xs = x[lo:lo + width]
+        _map_segment(xs, xs, out[lo:lo + width], False, gamma, beta,
+                     mc, a_x, h_x, e_x, q_x, w_x)
 
 
 # --------------------------------------------------------------------------
@@ -1096,11 +1150,11 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True,
     plan = make_plan(view)
     gamma, beta = _affine_params(gamma, beta, view.K * view.J, flat)
     y = _output(out, flat)
-    if plan.fused and centered:
+    if plan.fused:
         mean = np.empty((view.P, view.K))
         var = np.empty((view.P, view.K))
         forward_fused(flat, y, *view.dims, plan, gamma, beta, float(eps),
-                      mean, var)
+                      bool(centered), mean, var)
     else:
         mean, var = normalize_two_pass(flat, y, *view.dims, plan, gamma,
                                        beta, float(eps), bool(centered))
