@@ -123,13 +123,15 @@ def test_views_are_free_reshapes():
 @pytest.mark.parametrize("centered", [True, False])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, "bfloat16"])
 @pytest.mark.parametrize("width", [16, 300, 1024])
-def test_fused_rows_give_the_bits_of_the_two_pass_forward(width, dtype,
-                                                          centered, rng):
+def test_fused_rows_agree_with_the_two_pass_forward(width, dtype, centered,
+                                                    rng):
     """Rows of one group each (LayerNorm, RMSNorm) take the fused forward's
     shortcut for rows; it computes each row's moments and map as the
-    general two-pass forward does (moments kernel, merge, map): the same
-    statistics bit for bit, and the same output up to the last bits where the
-    compiler contracts the map's multiply-adds differently."""
+    general two-pass forward does (moments kernel, merge, map).  Both are
+    compiled separately, and reassociation lets the compiler order a
+    row's sums differently in each (which it does in some processes, see
+    the user guide on cached code): the same statistics and output up to
+    their last bits."""
     if dtype == "bfloat16":
         dtype = pytest.importorskip("ml_dtypes").bfloat16
     x = rng.normal(2.0, 3.0, (37, width)).astype(dtype)
@@ -144,12 +146,19 @@ def test_fused_rows_give_the_bits_of_the_two_pass_forward(width, dtype,
     out = np.empty_like(flat)
     mean_2, var_2 = cpu.normalize_two_pass(flat, out, *view.dims, plan, gamma_k,
                                            beta_k, 1e-5, centered)
-    assert np.array_equal(mean, mean_2) and np.array_equal(var, var_2)
+    compute_eps = float(np.finfo(np.float64 if dtype == np.float64
+                                 else np.float32).eps)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(mean, mean_2, rtol=0,
+                               atol=16 * compute_eps * np.abs(x64).max())
+    np.testing.assert_allclose(var, var_2, rtol=16 * compute_eps)
     got = y.astype(np.float64).reshape(-1)
     want = engine.from_kernel_array(out, x.shape, x.dtype).astype(np.float64)
-    ulps = 4 * float(np.finfo(dtype).eps) * np.abs(want).max()
+    ulps = 16 * float(np.finfo(dtype).eps) * np.abs(want).max()
     np.testing.assert_allclose(got, want.reshape(-1), rtol=0, atol=ulps)
-    if not centered:
+    if centered:
+        np.testing.assert_allclose(mean[:, 0], x64.mean(axis=1), rtol=1e-5)
+    else:
         assert not mean.any()
-        np.testing.assert_allclose(
-            var[:, 0], np.mean(x.astype(np.float64) ** 2, axis=1), rtol=1e-5)
+        np.testing.assert_allclose(var[:, 0], np.mean(x64 ** 2, axis=1),
+                                   rtol=1e-5)

@@ -81,6 +81,15 @@ def test_backward_sums_and_dx_from_sums_equal_the_fused_backward(
                                rtol=1e-10, atol=1e-12)
 
 
+def test_the_rows_case_takes_the_fused_rows():
+    """"ln" has whole rows of one group per item: the fused backward above
+    runs the rows shortcut (``normkit.backend.cpu._rows_backward``), which
+    the two-step route then checks."""
+    _, view = VIEWS["ln"]()
+    assert plan.make_plan(view).fused
+    assert (view.A, view.K, view.B) == (1, 1, 1)
+
+
 def _affine_case(name, rng):
     shape, view = VIEWS[name]()
     x = rng.normal(1.0, 2.0, size=shape).astype(np.float32)

@@ -654,6 +654,26 @@ def _column_backward_sums(d2, x2, center, t_dy, t_dyx):
             t_dyx[c] += g * (load(x2, (r, c)) - center[c])
 
 
+@_inlined
+def _reduce_segment(xs, ds, m, rs, gs, s_dy, s_dyx, with_affine):
+    """``(sum g * dy, sum g * dy * xhat)`` (float64) along one contiguous
+    segment of a wide group, with ``xhat = (x - m) * rs`` and ``g`` the
+    segment's ``gs`` (empty: 1); ``dy`` and ``dy * xhat`` are added into
+    the segment's affine sums ``s_dy`` and ``s_dyx`` when
+    ``with_affine``."""
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(xs.size):
+        g = load(ds, i)
+        gx = g * ((load(xs, i) - m) * rs)
+        if with_affine:
+            s_dy[i] += g
+            s_dyx[i] += gx
+        s1 += float(_param(gs, i, 1.0)) * g
+        s2 += float(_param(gs, i, 1.0)) * gx
+    return s1, s2
+
+
 @_inner
 def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
               affine_out, first_column, scratch):
@@ -691,16 +711,8 @@ def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
                         if with_affine else aff_dy)
                 s_dyx = (aff_dyx[lo - first_column:hi - first_column]
                          if with_affine else aff_dyx)
-                s1 = 0.0
-                s2 = 0.0
-                for i in range(xs.size):
-                    g = load(ds, i)
-                    gx = g * ((load(xs, i) - m) * rs)
-                    if with_affine:
-                        s_dy[i] += g
-                        s_dyx[i] += gx
-                    s1 += float(_param(gs, i, 1.0)) * g
-                    s2 += float(_param(gs, i, 1.0)) * gx
+                s1, s2 = _reduce_segment(xs, ds, m, rs, gs, s_dy, s_dyx,
+                                         with_affine)
                 group_out[k, 0] += s1
                 group_out[k, 1] += s2
         return
@@ -862,11 +874,15 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
     no_beta = compute_empty(x, 0)
     for item in prange(_n_items(plan)):
         p0, p1, r, _ = _item_bounds(item, P, A, K, L, plan)
-        scratch = np.empty(3 * K * J if _narrow_groups(J, B) else 0)
-        x_scratch = compute_empty(x, 4 * K * J if _narrow_groups(J, B) else 0)
         sums = np.empty((K, 2))
         coef = np.empty((K, N_COEF))
         part_affine[item] = 0.0
+        if A == 1 and K == 1 and B == 1:
+            _rows_backward(dy, x, dx, p0, p1, J, mean, rstd, gscale,
+                           part_affine[item], sums, coef, no_beta)
+            continue
+        scratch = np.empty(3 * K * J if _narrow_groups(J, B) else 0)
+        x_scratch = compute_empty(x, 4 * K * J if _narrow_groups(J, B) else 0)
         step = _group_step(r, B)
         for p in range(p0, p1):
             for first in range(r[2], r[3], step):
@@ -877,6 +893,32 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
                                   True)
                 _p_apply(x, dy, dx, True, p, g, A, K, J, B, coef,
                          gscale, no_beta, x_scratch)
+
+
+@_inner
+def _rows_backward(dy, x, dx, p0, p1, width, mean, rstd, gscale, affine,
+                   sums, coef, no_beta):
+    """:func:`backward_fused` over whole rows ``[p0, p1)`` of ``width``
+    values, one group each (``A == K == B == 1``), as :func:`_rows_forward`
+    is for the forward: per row the sums of :func:`_reduce_segment` (the
+    row's affine sums added into ``affine``, two rows of ``width`` or no
+    columns), its coefficients (:func:`finish_backward_p` into the one-group
+    tables ``sums`` and ``coef``), then ``dx`` by :func:`_map_segment`."""
+    with_affine = affine.shape[1] > 0
+    zero = compute_zero(x)
+    for p in range(p0, p1):
+        lo = p * width
+        xs = x[lo:lo + width]
+        ds = dy[lo:lo + width]
+        sums[0, 0], sums[0, 1] = _reduce_segment(
+            xs, ds, mean[p, 0], rstd[p, 0], gscale, affine[0], affine[1],
+            with_affine)
+        finish_backward_p(sums, float(width), mean[p], rstd[p], coef, 0, 1,
+                          True)
+        m, a, h, e, c = _coefficients(coef, 0)
+        mc, a_x, h_x, e_x, q_x, w_x = _wide_coefficients(m, a, h, e, c, zero)
+        _map_segment(xs, ds, dx[lo:lo + width], True, gscale, no_beta,
+                     mc, a_x, h_x, e_x, q_x, w_x)
 
 
 # --------------------------------------------------------------------------
