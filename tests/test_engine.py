@@ -120,29 +120,44 @@ def test_views_are_free_reshapes():
     assert trailing_view((4, 3, 10), 2) == View(4, 1, 1, 30, 1)
 
 
+#: Views whose groups are each one contiguous run of values (A == 1), which
+#: the fused forward takes group by group without its general tables:
+#: LayerNorm rows (wide and narrow), GroupNorm and InstanceNorm channels
+#: first, GroupNorm over (N, C).
+RUN_VIEWS = {
+    "rows-16": ((37, 16), lambda shape: trailing_view(shape, 1)),
+    "rows-300": ((37, 300), lambda shape: trailing_view(shape, 1)),
+    "rows-1024": ((37, 1024), lambda shape: trailing_view(shape, 1)),
+    "groupnorm-first": ((5, 6, 7, 8), lambda shape: channel_view(shape, 1, True, 3)),
+    "instancenorm": ((5, 6, 7, 8), lambda shape: channel_view(shape, 1, True)),
+    "groupnorm-2d": ((37, 64), lambda shape: channel_view(shape, 1, True, 32)),
+}
+
+
 @pytest.mark.parametrize("centered", [True, False])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, "bfloat16"])
-@pytest.mark.parametrize("width", [16, 300, 1024])
-def test_fused_rows_agree_with_the_two_pass_forward(width, dtype, centered,
+@pytest.mark.parametrize("name", RUN_VIEWS)
+def test_fused_runs_agree_with_the_two_pass_forward(name, dtype, centered,
                                                     rng):
-    """Rows of one group each (LayerNorm, RMSNorm) take the fused forward's
-    shortcut for rows; it computes each row's moments and map as the
-    general two-pass forward does (moments kernel, merge, map).  Both are
-    compiled separately, and reassociation lets the compiler order a
-    row's sums differently in each (which it does in some processes, see
-    the user guide on cached code): the same statistics and output up to
-    their last bits."""
+    """Groups that are contiguous runs take the fused forward's shortcut
+    for them; it computes each group's moments and map as the general
+    two-pass forward does (moments kernel, merge, map).  Both are compiled
+    separately, and reassociation lets the compiler order a group's sums
+    differently in each (which it does in some processes, see the user
+    guide on cached code): the same statistics and output up to their last
+    bits."""
     if dtype == "bfloat16":
         dtype = pytest.importorskip("ml_dtypes").bfloat16
-    x = rng.normal(2.0, 3.0, (37, width)).astype(dtype)
-    gamma = rng.normal(1.0, 0.5, width).astype(dtype)
-    beta = rng.normal(0.0, 0.5, width).astype(dtype)
-    view = trailing_view(x.shape, 1)
+    shape, make_view = RUN_VIEWS[name]
+    x = rng.normal(2.0, 3.0, shape).astype(dtype)
+    view = make_view(shape)
+    gamma = rng.normal(1.0, 0.5, view.K * view.J).astype(dtype)
+    beta = rng.normal(0.0, 0.5, view.K * view.J).astype(dtype)
     plan = make_plan(view)
-    assert plan.fused and (view.A, view.K, view.B) == (1, 1, 1)
+    assert plan.fused and view.A == 1
     y, mean, var = engine.normalize_batch(x, view, gamma, beta, 1e-5, centered)
     flat = engine.as_kernel_array(x)
-    gamma_k, beta_k = cpu._affine_params(gamma, beta, width, flat)
+    gamma_k, beta_k = cpu._affine_params(gamma, beta, gamma.size, flat)
     out = np.empty_like(flat)
     mean_2, var_2 = cpu.normalize_two_pass(flat, out, *view.dims, plan, gamma_k,
                                            beta_k, 1e-5, centered)
@@ -156,9 +171,10 @@ def test_fused_rows_agree_with_the_two_pass_forward(width, dtype, centered,
     want = engine.from_kernel_array(out, x.shape, x.dtype).astype(np.float64)
     ulps = 16 * float(np.finfo(dtype).eps) * np.abs(want).max()
     np.testing.assert_allclose(got, want.reshape(-1), rtol=0, atol=ulps)
+    groups = x64.reshape(view.P, view.K, -1)
     if centered:
-        np.testing.assert_allclose(mean[:, 0], x64.mean(axis=1), rtol=1e-5)
+        np.testing.assert_allclose(mean, groups.mean(axis=2), rtol=1e-5)
     else:
         assert not mean.any()
-        np.testing.assert_allclose(var[:, 0], np.mean(x64 ** 2, axis=1),
+        np.testing.assert_allclose(var, np.mean(groups ** 2, axis=2),
                                    rtol=1e-5)

@@ -479,28 +479,41 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
         return
     for k in range(k0, k1):
         m, a_k, h, e, c = _coefficients(coef, k)
-        mc = _cast_like(m, compute_zero(x))
-        for j in range(l0 // B, (l1 - 1) // B + 1):
-            col = k * J + j
-            g = _param(gamma, col, 1.0)
-            sx = a_k * g + h
-            sx_x = _cast_like(sx, mc)
-            sd_x = _cast_like(e * g, mc)
-            s0_x = _cast_like(_param(beta, col, 0.0) + c - (m - float(mc)) * sx, mc)
-            for a in range(a0, a1):
-                seg = ((p * A + a) * K + k) * L
-                lo = seg + max(l0, j * B)
-                hi = seg + min(l1, (j + 1) * B)
-                xs = x[lo:hi]
-                os = out[lo:hi]
-                if use_dy:
-                    ds = dy[lo:hi]
-                    for i in range(xs.size):
-                        store(os, i, (load(xs, i) - mc) * sx_x
-                              + load(ds, i) * sd_x + s0_x)
-                else:
-                    for i in range(xs.size):
-                        store(os, i, (load(xs, i) - mc) * sx_x + s0_x)
+        _map_group(x, dy, out, use_dy, p, r, A, K, J, B, k, m, a_k, h, e, c,
+                   gamma, beta)
+
+
+@_inlined
+def _map_group(x, dy, out, use_dy, p, r, A, K, J, B, k, m, a_k, h, e, c,
+               gamma, beta):
+    """The map of :func:`_p_apply` over group ``k`` of one ``p`` in the
+    ranges ``r`` for segments (``B > 1``): each channel ``j``'s values with
+    its own scalar coefficients, from the group's float64 ``(m, a, h, e,
+    c)``."""
+    a0, a1, _, _, l0, l1 = r
+    L = J * B
+    mc = _cast_like(m, compute_zero(x))
+    for j in range(l0 // B, (l1 - 1) // B + 1):
+        col = k * J + j
+        g = _param(gamma, col, 1.0)
+        sx = a_k * g + h
+        sx_x = _cast_like(sx, mc)
+        sd_x = _cast_like(e * g, mc)
+        s0_x = _cast_like(_param(beta, col, 0.0) + c - (m - float(mc)) * sx, mc)
+        for a in range(a0, a1):
+            seg = ((p * A + a) * K + k) * L
+            lo = seg + max(l0, j * B)
+            hi = seg + min(l1, (j + 1) * B)
+            xs = x[lo:hi]
+            os = out[lo:hi]
+            if use_dy:
+                ds = dy[lo:hi]
+                for i in range(xs.size):
+                    store(os, i, (load(xs, i) - mc) * sx_x
+                          + load(ds, i) * sd_x + s0_x)
+            else:
+                for i in range(xs.size):
+                    store(os, i, (load(xs, i) - mc) * sx_x + s0_x)
 
 
 @_inlined
@@ -574,9 +587,9 @@ def forward_fused(x, out, P, A, K, J, B, plan, gamma, beta, eps, centered,
     L = J * B
     for item in prange(_n_items(plan)):
         p0, p1, r, _ = _item_bounds(item, P, A, K, L, plan)
-        if A == 1 and K == 1 and B == 1:
-            _rows_forward(x, out, p0, p1, J, gamma, beta, eps, centered,
-                          mean_out, var_out)
+        if A == 1:
+            _runs_forward(x, out, p0, p1, r, K, J, B, gamma, beta, eps,
+                          centered, mean_out, var_out)
             continue
         scratch = np.empty(2 * K * J if _rows_style(A, B) else 0)
         x_scratch = compute_empty(x, 4 * K * J if _narrow_groups(J, B) else 0)
@@ -599,27 +612,37 @@ def forward_fused(x, out, P, A, K, J, B, plan, gamma, beta, eps, centered,
 
 
 @_inner
-def _rows_forward(x, out, p0, p1, width, gamma, beta, eps, centered,
+def _runs_forward(x, out, p0, p1, r, K, J, B, gamma, beta, eps, centered,
                   mean_out, var_out):
-    """:func:`forward_fused` over whole rows ``[p0, p1)`` of ``width``
-    values, one group each (``A == K == B == 1``: the rows of LayerNorm and
-    RMSNorm): per row its moments and :func:`_statistics`, then the map of
-    a wide group (the same :func:`_segment_moments` and
-    :func:`_map_segment` as the general case), without the
-    per-group tables and ranges of the general case, whose bookkeeping per
-    row cost more than the row itself for rows of a few hundred values."""
+    """:func:`forward_fused` over whole groups that are each one contiguous
+    run of ``L = J * B`` values (``A == 1``: the rows of LayerNorm and
+    RMSNorm, GroupNorm and InstanceNorm channels first), for ``p`` in
+    ``[p0, p1)`` and the item's groups ``r[2]:r[3]``: per group its moments
+    and :func:`_statistics`, then its map (a wide group's
+    :func:`_map_segment` where ``B == 1``, else :func:`_map_group`), with
+    the same arithmetic as the general case but none of its per-group
+    tables, whose bookkeeping cost more than a group of a few hundred
+    values."""
+    L = J * B
     zero = compute_zero(x)
     for p in range(p0, p1):
-        lo = p * width
-        n, mean, m2 = _segment_moments(x, lo, lo + width, 0.0, 0.0, 0.0)
-        mean, var = _statistics(n, mean, m2, centered)
-        mean_out[p, 0] = mean
-        var_out[p, 0] = var
-        mc, a_x, h_x, e_x, q_x, w_x = _wide_coefficients(
-            mean, 1.0 / np.sqrt(var + eps), 0.0, 0.0, 0.0, zero)
-        xs = x[lo:lo + width]
-        _map_segment(xs, xs, out[lo:lo + width], False, gamma, beta,
-                     mc, a_x, h_x, e_x, q_x, w_x)
+        for k in range(r[2], r[3]):
+            lo = (p * K + k) * L
+            n, mean, m2 = _segment_moments(x, lo, lo + L, 0.0, 0.0, 0.0)
+            mean, var = _statistics(n, mean, m2, centered)
+            mean_out[p, k] = mean
+            var_out[p, k] = var
+            rstd = 1.0 / np.sqrt(var + eps)
+            if B == 1:
+                mc, a_x, h_x, e_x, q_x, w_x = _wide_coefficients(
+                    mean, rstd, 0.0, 0.0, 0.0, zero)
+                xs = x[lo:lo + L]
+                _map_segment(xs, xs, out[lo:lo + L], False,
+                             gamma[k * J:(k + 1) * J], beta[k * J:(k + 1) * J],
+                             mc, a_x, h_x, e_x, q_x, w_x)
+            else:
+                _map_group(x, x, out, False, p, r, 1, K, J, B, k, mean, rstd,
+                           0.0, 0.0, 0.0, gamma, beta)
 
 
 # --------------------------------------------------------------------------
@@ -899,7 +922,7 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
 def _rows_backward(dy, x, dx, p0, p1, width, mean, rstd, gscale, affine,
                    sums, coef, no_beta):
     """:func:`backward_fused` over whole rows ``[p0, p1)`` of ``width``
-    values, one group each (``A == K == B == 1``), as :func:`_rows_forward`
+    values, one group each (``A == K == B == 1``), as :func:`_runs_forward`
     is for the forward: per row the sums of :func:`_reduce_segment` (the
     row's affine sums added into ``affine``, two rows of ``width`` or no
     columns), its coefficients (:func:`finish_backward_p` into the one-group
