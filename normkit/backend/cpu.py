@@ -581,8 +581,7 @@ def forward_fused(x, out, P, A, K, J, B, plan, gamma, beta, eps, centered,
 
     Valid only for plans whose items hold whole groups (no split of the
     reduced extent).  Writes ``mean_out[p, k]`` and the biased
-    ``var_out[p, k]`` (0 and the mean square when not ``centered``, see
-    :func:`_statistics`).
+    ``var_out[p, k]`` (0 and the mean square when not ``centered``).
     """
     L = J * B
     for item in prange(_n_items(plan)):
