@@ -26,6 +26,7 @@ def _rank(rank, nprocs, port, args):
                             timeout=datetime.timedelta(seconds=60))
     try:
         code = pytest.main(args)
+        dist.barrier()  # every rank done before any tears its group down
     finally:
         dist.destroy_process_group()
     if code != 0:
