@@ -108,7 +108,7 @@ def test_partials_merge_to_the_same_moments_for_any_plan(n_threads, rng):
     view = channel_view(x.shape, 1, False)
     plan = make_plan(view, n_threads)
     part = np.empty((1, plan.n_chunks, 3, 3))
-    cpu.moments_kernel(x.reshape(-1), *view.dims, plan, part)
+    cpu.moments_kernel(x.reshape(-1), *view.dims, tuple(plan), part)
     mean, var = cpu.merge_partials(part)
     np.testing.assert_allclose(mean[0], x.mean(axis=(0, 2, 3)), rtol=1e-13)
     np.testing.assert_allclose(var[0], x.var(axis=(0, 2, 3)), rtol=1e-12)
@@ -159,8 +159,8 @@ def test_fused_runs_agree_with_the_two_pass_forward(name, dtype, centered,
     flat = engine.as_kernel_array(x)
     gamma_k, beta_k = cpu._affine_params(gamma, beta, gamma.size, flat)
     out = np.empty_like(flat)
-    mean_2, var_2 = cpu.normalize_two_pass(flat, out, *view.dims, plan, gamma_k,
-                                           beta_k, 1e-5, centered)
+    mean_2, var_2 = cpu.normalize_two_pass(flat, out, *view.dims, tuple(plan),
+                                           gamma_k, beta_k, 1e-5, centered)
     compute_eps = float(np.finfo(np.float64 if dtype == np.float64
                                  else np.float32).eps)
     x64 = x.astype(np.float64)

@@ -9,7 +9,10 @@ contiguous segment that starts at ``((p * A + a) * K + k) * L``.
 
 Work is split into *items* by a :class:`~normkit.backend.plan.Plan`: an item
 is a block of ``p`` values, a block of groups, a chunk of ``a`` values and
-a chunk of ``l`` offsets.  Each item writes its own partial results (never
+a chunk of ``l`` offsets.  The kernels take a plan's fields as a plain
+tuple (``tuple(plan)``), which Numba's dispatcher types in C; it types a
+NamedTuple with Python code, which costs more on every call, most of all
+after a pass over a large input has evicted that code from the caches.  Each item writes its own partial results (never
 into a slot that another item writes), and partials are merged afterwards
 with Chan's formula, in a fixed order, so a given shape and thread count
 gives the same bits on every run.  Where a group spans items (BatchNorm),
@@ -86,18 +89,19 @@ _dx_coefficients = _inner(protocol.dx_coefficients)
 def _item_bounds(item, P, A, K, L, plan):
     """One item's ``p0, p1``, its other ranges ``r = (a0, a1, k0, k1, l0,
     l1)`` and the index of its chunk of the reduced extent."""
-    l_chunk = item % plan.n_lch
-    rest = item // plan.n_lch
-    a_chunk = rest % plan.n_ach
-    rest //= plan.n_ach
-    k_block = rest % plan.n_kblk
-    p0 = rest // plan.n_kblk * plan.p_per
-    a0 = a_chunk * plan.a_per
-    k0 = k_block * plan.k_per
-    l0 = l_chunk * plan.l_per
-    r = (a0, min(A, a0 + plan.a_per), k0, min(K, k0 + plan.k_per), l0,
-         min(L, l0 + plan.l_per))
-    return p0, min(P, p0 + plan.p_per), r, a_chunk * plan.n_lch + l_chunk
+    p_per, _, k_per, n_kblk, a_per, n_ach, l_per, n_lch = plan
+    l_chunk = item % n_lch
+    rest = item // n_lch
+    a_chunk = rest % n_ach
+    rest //= n_ach
+    k_block = rest % n_kblk
+    p0 = rest // n_kblk * p_per
+    a0 = a_chunk * a_per
+    k0 = k_block * k_per
+    l0 = l_chunk * l_per
+    r = (a0, min(A, a0 + a_per), k0, min(K, k0 + k_per), l0,
+         min(L, l0 + l_per))
+    return p0, min(P, p0 + p_per), r, a_chunk * n_lch + l_chunk
 
 
 @_inner
@@ -117,7 +121,14 @@ def _narrow_groups(J, B):
 
 @_inner
 def _n_items(plan):
-    return plan.n_pblk * plan.n_kblk * plan.n_ach * plan.n_lch
+    _, n_pblk, _, n_kblk, _, n_ach, _, n_lch = plan
+    return n_pblk * n_kblk * n_ach * n_lch
+
+
+@_inner
+def _n_chunks(plan):
+    _, _, _, _, _, n_ach, _, n_lch = plan
+    return n_ach * n_lch
 
 
 @_inner
@@ -962,7 +973,7 @@ def moments_of(x, P, A, K, J, B, plan, centered):
     """``(mean, var)`` of shape ``(P, K)``: :func:`moments_kernel` over
     ``plan``, then their merge in chunk order (:func:`merge_partials`,
     whose ``centered`` this is)."""
-    part = np.empty((P, plan.n_ach * plan.n_lch, K, 3))
+    part = np.empty((P, _n_chunks(plan), K, 3))
     moments_kernel(x, P, A, K, J, B, plan, part)
     return _merge(part, centered)
 
@@ -1170,7 +1181,7 @@ def moment_partials(x, view):
     flat = as_kernel_array(x)
     plan = make_plan(view)
     part = np.empty((view.P, plan.n_chunks, view.K, 3))
-    moments_kernel(flat, *view.dims, plan, part)
+    moments_kernel(flat, *view.dims, tuple(plan), part)
     return part
 
 
@@ -1184,7 +1195,7 @@ def moments(x, view, centered=True):
     :func:`normkit.engine.moments`)."""
     if _no_values(view):
         return merge_partials(moment_partials(x, view), centered)
-    return moments_of(as_kernel_array(x), *view.dims, make_plan(view),
+    return moments_of(as_kernel_array(x), *view.dims, tuple(make_plan(view)),
                       centered)
 
 
@@ -1199,7 +1210,7 @@ def apply_affine(x, view, mean, alpha, gamma=None, beta=None, out=None):
     coef[..., COEF_A] = _rows(alpha, view)
     y = _output(out, flat)
     kj = view.K * view.J
-    apply(flat, flat, y, False, *view.dims, plan, coef,
+    apply(flat, flat, y, False, *view.dims, tuple(plan), coef,
           *_affine_params(gamma, beta, kj, flat))
     return _deliver(y, out, x.shape, x.dtype)
 
@@ -1217,10 +1228,10 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True,
     if plan.fused:
         mean = np.empty((view.P, view.K))
         var = np.empty((view.P, view.K))
-        forward_fused(flat, y, *view.dims, plan, gamma, beta, float(eps),
+        forward_fused(flat, y, *view.dims, tuple(plan), gamma, beta, float(eps),
                       bool(centered), mean, var)
     else:
-        mean, var = normalize_two_pass(flat, y, *view.dims, plan, gamma,
+        mean, var = normalize_two_pass(flat, y, *view.dims, tuple(plan), gamma,
                                        beta, float(eps), bool(centered))
     return _deliver(y, out, x.shape, x.dtype), mean, var
 
@@ -1273,12 +1284,12 @@ def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):
     plan = reduction_plan(view)
     if column_sums(plan, view):
         affine = np.empty((2, view.K * view.J))
-        group = column_sums_of(flat_dy, flat_x, *view.dims, plan, mean, rstd,
-                               gscale, _group_partials(view, plan),
+        group = column_sums_of(flat_dy, flat_x, *view.dims, tuple(plan),
+                               mean, rstd, gscale, _group_partials(view, plan),
                                affine[0], affine[1])
     else:
-        group, affine = backward_sums_of(flat_dy, flat_x, *view.dims, plan,
-                                         mean, rstd, gscale,
+        group, affine = backward_sums_of(flat_dy, flat_x, *view.dims,
+                                         tuple(plan), mean, rstd, gscale,
                                          *_sums_partials(view, plan))
     return (group[..., 0], group[..., 1]), (affine[0], affine[1])
 
@@ -1294,7 +1305,7 @@ def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True,
     sums = np.stack([_rows(s, view) for s in group_sums], axis=-1)
     coef = backward_coefficients(sums, float(n), mean, rstd, centered)
     dx = _output(out, flat_x)
-    apply(flat_x, flat_dy, dx, True, *view.dims, make_plan(view), coef,
+    apply(flat_x, flat_dy, dx, True, *view.dims, tuple(make_plan(view)), coef,
           gscale, np.empty(0, gscale.dtype))
     return _deliver(dx, out, x.shape, x.dtype)
 
@@ -1320,7 +1331,7 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     if (batch_stats and plan.fused and centered
             and (not need_affine or affine_partials_fit(plan, view))):
         part_affine = np.empty((plan.n_items, 2, kj if need_affine else 0))
-        backward_fused(flat_dy, flat_x, dx, *view.dims, plan, mean, rstd,
+        backward_fused(flat_dy, flat_x, dx, *view.dims, tuple(plan), mean, rstd,
                        gscale, part_affine)
         sums = part_affine.sum(axis=0)
     else:
@@ -1331,13 +1342,13 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
                 sums = tuple(as_kernel_array(a) for a in affine_out)
             else:
                 sums = np.empty((2, kj if need_affine else 0))
-            backward_columns(flat_dy, flat_x, dx, *view.dims, plan,
-                             sums_plan, _group_partials(view, sums_plan),
+            backward_columns(flat_dy, flat_x, dx, *view.dims, tuple(plan),
+                             tuple(sums_plan), _group_partials(view, sums_plan),
                              sums[0], sums[1], mean, rstd, gscale, no_beta,
                              bool(batch_stats), bool(centered))
         else:
             sums = backward_two_pass(
-                flat_dy, flat_x, dx, *view.dims, plan, sums_plan,
+                flat_dy, flat_x, dx, *view.dims, tuple(plan), tuple(sums_plan),
                 *_sums_partials(view, sums_plan, need_affine), mean, rstd,
                 gscale, no_beta, bool(batch_stats), bool(centered))
     dx = _deliver(dx, out, x.shape, x.dtype)

@@ -71,7 +71,8 @@ def split_reduced(A, L, pieces, split_l):
 # --------------------------------------------------------------------------
 
 class Plan(NamedTuple):
-    """How the work is split into CPU items (passed to the kernels as is).
+    """How the work is split into CPU items (the kernels take its fields as
+    a plain tuple, ``tuple(plan)``: see :mod:`normkit.backend.cpu`).
 
     Item ``i`` covers a block of ``p_per`` values of ``p``, a block of
     ``k_per`` groups, a chunk of ``a_per`` values of ``a`` and a chunk of
