@@ -36,9 +36,14 @@ __all__ = ["backend_for", "channelwise", "is_device_array", "as_device_array", "
 _SIMULATOR_ARRAYS = "numba.cuda.simulator.cudadrv.devicearray"
 
 
+#: Types that are never device arrays: checked first, as most arguments of
+#: a call are of these.
+_HOST_TYPES = (np.ndarray, np.generic, bool, int, float, str, type(None))
+
+
 def is_device_array(a):
     """True for arrays that live on a CUDA device (or the CUDA simulator)."""
-    if a is None or isinstance(a, (np.ndarray, np.generic)):
+    if isinstance(a, _HOST_TYPES):
         return False
     try:
         if hasattr(a, "__cuda_array_interface__"):
