@@ -232,7 +232,7 @@ def _segment_moments(x, start, stop, n, mean, m2):
 
 
 #: Rows a column sum over a tile takes per step (see ``_column_sums``).
-ROW_STEP = 4
+ROW_STEP = 8
 
 
 @_inner
@@ -241,8 +241,12 @@ def _column_sums(tile, center, s1, sq):
     (tile[r, c] - center[c])**2`` over the rows of a 2-D ``tile``.
 
     :data:`ROW_STEP` rows at a time: the sums of a column then wait on one
-    addition through memory per four rows, not per row, which is what
-    bounds a row-by-row loop over narrow rows held in cache.
+    addition through memory per eight rows, not per row, which is what
+    bounds a row-by-row loop over narrow rows held in cache.  Eight rows
+    rather than four: the moments of channels-last GroupNorm ``(32, 56, 56,
+    64)`` float32 ran at the speed of the channels-first ones (Numba loop of
+    this shape, both threads, median of 60: 529 us for eight rows, 835 for
+    four), and no shape tried was slower.
     """
     n_rows, width = tile.shape
     whole = n_rows - n_rows % ROW_STEP
@@ -253,8 +257,13 @@ def _column_sums(tile, center, s1, sq):
             d1 = load(tile, (r + 1, c)) - m
             d2 = load(tile, (r + 2, c)) - m
             d3 = load(tile, (r + 3, c)) - m
-            s1[c] += (d0 + d1) + (d2 + d3)
-            sq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            d4 = load(tile, (r + 4, c)) - m
+            d5 = load(tile, (r + 5, c)) - m
+            d6 = load(tile, (r + 6, c)) - m
+            d7 = load(tile, (r + 7, c)) - m
+            s1[c] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
+            sq[c] += (((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
+                      + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)))
     for r in range(whole, n_rows):
         for c in range(width):
             d = load(tile, (r, c)) - center[c]
