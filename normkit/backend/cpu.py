@@ -673,9 +673,8 @@ def _column_backward_sums(d2, x2, center, t_dy, t_dyx):
     """``t_dy[c] += sum_r d2[r, c]`` and ``t_dyx[c] += sum_r d2[r, c] *
     (x2[r, c] - center[c])`` (float64 sums) over the rows of 2-D ``d2`` and
     ``x2``, two rows at a time.  Not :data:`ROW_STEP` as in
-    :func:`_column_sums`: with two inputs, four rows of each at once are
-    eight interleaved streams from memory, which the CPU's prefetchers
-    follow worse (channels-last BatchNorm ``(32, 56, 56, 64)``, both
+    :func:`_column_sums`: with two inputs and float64 sums, four rows of
+    each at once ran slower (channels-last BatchNorm ``(32, 56, 56, 64)``, both
     threads, fastest of 60 interleaved runs: 0.91 ms row by row, 1.21 four
     rows at a time, two at a time as row by row; in cache, over ``(2, 56,
     56, 64)``, 34 us row by row and 27 two at a time)."""
