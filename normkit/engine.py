@@ -108,6 +108,8 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True, *,
     -------
     y : array, same shape and dtype as ``x``
     mean, var : array, ``(P, K)`` float64
+    rstd : array, ``(P, K)`` float64
+        ``1 / sqrt(var + eps)``, the factor ``y`` was normalized with.
     """
     check_input(x, "x", "engine.normalize_batch")
     check_out(out, x, "engine.normalize_batch")

@@ -247,7 +247,7 @@ def test_statistics_about_zero(dims, rng):
     dx_ref = rstd * (gdy - xhat * (gdy * xhat).mean(axis=axes, keepdims=True))
     flat, flat_dy = cuda.to_device(x.reshape(-1)), cuda.to_device(dy.reshape(-1))
     zero, ms = _cuda.moments(flat, view, centered=False)
-    y, _, _ = _cuda.normalize_batch(flat, view, centered=False)
+    y, _, _, _ = _cuda.normalize_batch(flat, view, centered=False)
     dx, sum_dy, sum_dy_xhat = _cuda.backward(
         flat_dy, flat, view, zero, cuda.to_device(rstd.reshape(view.P, view.K)),
         cuda.to_device(g.reshape(-1)), True, True, centered=False)

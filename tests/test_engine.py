@@ -124,6 +124,34 @@ def test_views_are_free_reshapes():
 #: the fused forward takes group by group without its general tables:
 #: LayerNorm rows (wide and narrow), GroupNorm and InstanceNorm channels
 #: first, GroupNorm over (N, C).
+@pytest.mark.parametrize("centered", [True, False])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("shape,view_args,route", [
+    ((6, 8, 7, 9), (1, True, 4), "fused, contiguous groups"),
+    ((6, 5, 7, 8), (3, True, 4), "fused, channels-last groups"),
+    ((64, 16, 16, 8), (3, False), "two passes"),
+])
+def test_normalize_batch_returns_the_factor_it_normalized_with(
+        shape, view_args, route, dtype, centered, rng):
+    """``rstd`` is ``1 / sqrt(var + eps)`` per group from every forward
+    route, and ``y`` is ``(x - mean) * rstd`` (no affine)."""
+    x = rng.normal(2.0, 3.0, shape).astype(dtype)
+    view = channel_view(shape, *view_args)
+    assert make_plan(view).fused == route.startswith("fused")
+    eps = 1e-3
+    y, mean, var, rstd = engine.normalize_batch(x, view, eps=eps,
+                                                centered=centered)
+    assert rstd.shape == (view.P, view.K) and rstd.dtype == np.float64
+    np.testing.assert_allclose(rstd, 1.0 / np.sqrt(var + eps), rtol=4e-16)
+    x64 = np.moveaxis(x.astype(np.float64), view_args[0], -1)
+    y64 = np.moveaxis(y.astype(np.float64), view_args[0], -1)
+    groups = x64.reshape(view.P, -1, view.K, view.J)
+    want = (groups - mean[:, None, :, None]) * rstd[:, None, :, None]
+    tolerance = 8 * float(np.finfo(dtype).eps) * np.abs(want).max()
+    np.testing.assert_allclose(y64.reshape(want.shape), want, rtol=0,
+                               atol=tolerance)
+
+
 RUN_VIEWS = {
     "rows-16": ((37, 16), lambda shape: trailing_view(shape, 1)),
     "rows-300": ((37, 300), lambda shape: trailing_view(shape, 1)),
@@ -155,12 +183,13 @@ def test_fused_runs_agree_with_the_two_pass_forward(name, dtype, centered,
     beta = rng.normal(0.0, 0.5, view.K * view.J).astype(dtype)
     plan = make_plan(view)
     assert plan.fused and view.A == 1
-    y, mean, var = engine.normalize_batch(x, view, gamma, beta, 1e-5, centered)
+    y, mean, var, _ = engine.normalize_batch(x, view, gamma, beta, 1e-5,
+                                             centered)
     flat = engine.as_kernel_array(x)
     gamma_k, beta_k = cpu._affine_params(gamma, beta, gamma.size, flat)
     out = np.empty_like(flat)
-    mean_2, var_2 = cpu.normalize_two_pass(flat, out, *view.dims, tuple(plan),
-                                           gamma_k, beta_k, 1e-5, centered)
+    mean_2, var_2, _ = cpu.normalize_two_pass(
+        flat, out, *view.dims, tuple(plan), gamma_k, beta_k, 1e-5, centered)
     compute_eps = float(np.finfo(np.float64 if dtype == np.float64
                                  else np.float32).eps)
     x64 = x.astype(np.float64)

@@ -46,7 +46,7 @@ def test_engine_on_views_without_values(view):
     mean, var = normkit.engine.moments(x, view)
     assert mean.shape == var.shape == (view.P, view.K)
     assert np.isnan(mean).all() and np.isnan(var).all()
-    y, _, _ = normkit.engine.normalize_batch(x, view)
+    y, _, _, _ = normkit.engine.normalize_batch(x, view)
     assert y.shape == (0,) and y.dtype == np.float32
     dx, sum_dy, sum_dy_xhat = normkit.engine.backward(x, x, view, mean, mean)
     assert dx.shape == (0,)

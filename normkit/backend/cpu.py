@@ -583,12 +583,13 @@ def apply(x, dy, out, use_dy, P, A, K, J, B, plan, coef, gamma, beta):
 
 
 @_inner
-def _finish_forward_p(mean, var, eps, coef, k0, k1):
+def _finish_forward_p(mean, var, eps, coef, rstd, k0, k1):
     """Coefficients that normalize groups ``[k0, k1)`` with their
-    statistics (forward)."""
+    statistics (forward), and ``rstd[k] = 1 / sqrt(var[k] + eps)``."""
     for k in range(k0, k1):
+        rstd[k] = 1.0 / np.sqrt(var[k] + eps)
         coef[k, COEF_MEAN] = mean[k]
-        coef[k, COEF_A] = 1.0 / np.sqrt(var[k] + eps)
+        coef[k, COEF_A] = rstd[k]
         coef[k, COEF_H] = 0.0
         coef[k, COEF_E] = 0.0
         coef[k, COEF_C] = 0.0
@@ -596,19 +597,20 @@ def _finish_forward_p(mean, var, eps, coef, k0, k1):
 
 @_kernel
 def forward_fused(x, out, P, A, K, J, B, plan, gamma, beta, eps, centered,
-                  mean_out, var_out):
+                  mean_out, var_out, rstd_out):
     """Moments and normalization of each group while it is in cache.
 
     Valid only for plans whose items hold whole groups (no split of the
-    reduced extent).  Writes ``mean_out[p, k]`` and the biased
-    ``var_out[p, k]`` (0 and the mean square when not ``centered``).
+    reduced extent).  Writes ``mean_out[p, k]``, the biased ``var_out[p,
+    k]`` (0 and the mean square when not ``centered``) and ``rstd_out[p,
+    k] = 1 / sqrt(var_out[p, k] + eps)``, the factor it normalized with.
     """
     L = J * B
     for item in prange(_n_items(plan)):
         p0, p1, r, _ = _item_bounds(item, P, A, K, L, plan)
         if A == 1:
             _runs_forward(x, out, p0, p1, r, K, J, B, gamma, beta, eps,
-                          centered, mean_out, var_out)
+                          centered, mean_out, var_out, rstd_out)
             continue
         scratch = np.empty(2 * K * J if _rows_style(A, B) else 0)
         x_scratch = compute_empty(x, 4 * K * J if _narrow_groups(J, B) else 0)
@@ -624,15 +626,15 @@ def forward_fused(x, out, P, A, K, J, B, plan, gamma, beta, eps, centered,
                 for k in range(g[2], g[3]):
                     mean_out[p, k], var_out[p, k] = _statistics(
                         n[k], mean_out[p, k], m2[k], centered)
-                _finish_forward_p(mean_out[p], var_out[p], eps, coef, g[2],
-                                  g[3])
+                _finish_forward_p(mean_out[p], var_out[p], eps, coef,
+                                  rstd_out[p], g[2], g[3])
                 _p_apply(x, x, out, False, p, g, A, K, J, B, coef,
                          gamma, beta, x_scratch)
 
 
 @_inner
 def _runs_forward(x, out, p0, p1, r, K, J, B, gamma, beta, eps, centered,
-                  mean_out, var_out):
+                  mean_out, var_out, rstd_out):
     """:func:`forward_fused` over whole groups that are each one contiguous
     run of ``L = J * B`` values (``A == 1``: the rows of LayerNorm and
     RMSNorm, GroupNorm and InstanceNorm channels first), for ``p`` in
@@ -652,6 +654,7 @@ def _runs_forward(x, out, p0, p1, r, K, J, B, gamma, beta, eps, centered,
             mean_out[p, k] = mean
             var_out[p, k] = var
             rstd = 1.0 / np.sqrt(var + eps)
+            rstd_out[p, k] = rstd
             if B == 1:
                 mc, a_x, h_x, e_x, q_x, w_x = _wide_coefficients(
                     mean, rstd, 0.0, 0.0, 0.0, zero)
@@ -989,16 +992,16 @@ def moments_of(x, P, A, K, J, B, plan, centered):
 @_driver
 def normalize_two_pass(x, out, P, A, K, J, B, plan, gamma, beta, eps,
                        centered):
-    """:func:`moments_of`, then ``out = (x - mean) / sqrt(var + eps) *
-    gamma + beta`` by :func:`apply`; returns ``(mean, var)``."""
+    """:func:`moments_of`, then ``out = (x - mean) * rstd * gamma + beta``
+    by :func:`apply`, ``rstd = 1 / sqrt(var + eps)``; returns ``(mean,
+    var, rstd)``."""
     mean, var = moments_of(x, P, A, K, J, B, plan, centered)
     coef = np.zeros((P, K, N_COEF))
+    rstd = np.empty((P, K))
     for p in range(P):
-        for k in range(K):
-            coef[p, k, COEF_MEAN] = mean[p, k]
-            coef[p, k, COEF_A] = 1.0 / np.sqrt(var[p, k] + eps)
+        _finish_forward_p(mean[p], var[p], eps, coef[p], rstd[p], 0, K)
     apply(x, x, out, False, P, A, K, J, B, plan, coef, gamma, beta)
-    return mean, var
+    return mean, var, rstd
 
 
 @_driver
@@ -1228,7 +1231,8 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True,
     """See :meth:`normkit.backend.protocol.Backend.normalize_batch`."""
     if _no_values(view):
         mean, var = moments(x, view, centered)
-        return (np.empty(x.shape, x.dtype) if out is None else out), mean, var
+        return ((np.empty(x.shape, x.dtype) if out is None else out), mean,
+                var, protocol.inverse_std(var, eps).reshape(var.shape))
     flat = as_kernel_array(x)
     plan = make_plan(view)
     gamma, beta = _affine_params(gamma, beta, view.K * view.J, flat)
@@ -1236,12 +1240,14 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True,
     if plan.fused:
         mean = np.empty((view.P, view.K))
         var = np.empty((view.P, view.K))
+        rstd = np.empty((view.P, view.K))
         forward_fused(flat, y, *view.dims, tuple(plan), gamma, beta, float(eps),
-                      bool(centered), mean, var)
+                      bool(centered), mean, var, rstd)
     else:
-        mean, var = normalize_two_pass(flat, y, *view.dims, tuple(plan), gamma,
-                                       beta, float(eps), bool(centered))
-    return _deliver(y, out, x.shape, x.dtype), mean, var
+        mean, var, rstd = normalize_two_pass(
+            flat, y, *view.dims, tuple(plan), gamma, beta, float(eps),
+            bool(centered))
+    return _deliver(y, out, x.shape, x.dtype), mean, var, rstd
 
 
 def _backward_inputs(dy, x, view, mean, rstd, gscale, centered):

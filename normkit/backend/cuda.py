@@ -711,13 +711,15 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True,
     kernel when every block holds whole groups, else moments, then the
     elementwise map."""
     if _no_values(view):
+        mean, var = moments(x, view)
         return ((_device_array(x.shape, x.dtype) if out is None else out),
-                *moments(x, view))
+                mean, var, _inverse_std(var, eps))
     grid = grid_for(view)
     if grid.n_chunks > 1 or not centered:
         mean, var = moments(x, view, centered)
-        rstd = protocol.inverse_std(var, eps)
-        return apply_affine(x, view, mean, rstd, gamma, beta, out), mean, var
+        rstd = _inverse_std(var, eps)
+        return (apply_affine(x, view, mean, rstd, gamma, beta, out), mean, var,
+                rstd)
     flat = _flat(x)
     fused = _kernels(_accumulator(flat.dtype))["forward_fused"]
     y = _output(out, flat)
@@ -728,7 +730,14 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True,
     fused[grid.blocks(view.P), grid.threads, _STREAM.get()](
         flat, y, gamma, has_gamma, beta, has_beta, float(eps), view.A,
         view.K, view.J, view.B, *grid.args(), mean, var)
-    return _deliver(y, out, x.shape), mean, var
+    return (_deliver(y, out, x.shape), mean, var,
+            _inverse_std(var, eps))
+
+
+def _inverse_std(var, eps):
+    """``1 / sqrt(var + eps)`` as a device array of ``var``'s shape."""
+    return protocol.inverse_std(var, eps,
+                                out=_device_array(var.shape, np.float64))
 
 
 def _grad_inputs(dy, x, view, mean, rstd, centered):

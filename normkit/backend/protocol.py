@@ -72,9 +72,10 @@ class Backend(Protocol):
 
     def normalize_batch(self, x, view, gamma=None, beta=None, eps=1e-5,
                         centered=True, out=None):
-        """``(y, mean, var)``: ``y = (x - mean) / sqrt(var + eps) * gamma +
-        beta`` with the statistics of ``x`` itself, fused into one pass over
-        memory where every work item holds whole groups."""
+        """``(y, mean, var, rstd)``: ``y = (x - mean) * rstd * gamma +
+        beta``, ``rstd = 1 / sqrt(var + eps)``, with the statistics of ``x``
+        itself, fused into one pass over memory where every work item holds
+        whole groups."""
 
     def apply_affine(self, x, view, mean, alpha, gamma=None, beta=None,
                      out=None):

@@ -177,11 +177,14 @@ def normalize(x, view, weight=None, bias=None, eps=1e-5, *, return_saved=False,
     if isinstance(x, np.ndarray) and math.prod(view.dims) != x.size:
         raise ValueError(f"{variant}: view {view} covers "
                          f"{math.prod(view.dims)} values but x has {x.size}")
-    y, mean, var = engine.normalize_batch(x, view, weight, bias, eps, centered,
-                                          out=out)
+    y, mean, var, rstd = engine.normalize_batch(x, view, weight, bias, eps,
+                                                centered, out=out)
     if not return_saved:
         return y
-    saved = Saved(variant, view, x.shape, mean, inverse_std(var, eps), True,
+    # rstd flat, as these records have always held it: normkit.torch's
+    # operators return it as is, and torch.compile's on-disk cache keys
+    # compiled graphs on their inputs, not on what the operators return.
+    saved = Saved(variant, view, x.shape, mean, rstd.reshape(-1), True,
                   weight, bias is not None, centered=centered, var=var,
                   bias_shape=_shape_of(bias))
     return y, saved
