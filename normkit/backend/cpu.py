@@ -12,10 +12,11 @@ is a block of ``p`` values, a block of groups, a chunk of ``a`` values and
 a chunk of ``l`` offsets.  The kernels take a plan's fields as a plain
 tuple (``tuple(plan)``), which Numba's dispatcher types in C; it types a
 NamedTuple with Python code, which costs more on every call, most of all
-after a pass over a large input has evicted that code from the caches.  Each item writes its own partial results (never
-into a slot that another item writes), and partials are merged afterwards
-with Chan's formula, in a fixed order, so a given shape and thread count
-gives the same bits on every run.  Where a group spans items (BatchNorm),
+after a pass over a large input has evicted that code from the caches.
+Each item writes its own partial results (never into a slot that another
+item writes), and partials are merged afterwards with Chan's formula, in a
+fixed order, so a given shape and thread count gives the same bits on
+every run.  Where a group spans items (BatchNorm),
 a pass takes two parallel launches with a merge between them; a compiled
 driver (:func:`normalize_two_pass`, :func:`backward_two_pass`) runs them
 as one call from Python.
