@@ -120,10 +120,6 @@ def test_views_are_free_reshapes():
     assert trailing_view((4, 3, 10), 2) == View(4, 1, 1, 30, 1)
 
 
-#: Views whose groups are each one contiguous run of values (A == 1), which
-#: the fused forward takes group by group without its general tables:
-#: LayerNorm rows (wide and narrow), GroupNorm and InstanceNorm channels
-#: first, GroupNorm over (N, C).
 @pytest.mark.parametrize("centered", [True, False])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("shape,view_args,route", [
@@ -152,6 +148,10 @@ def test_normalize_batch_returns_the_factor_it_normalized_with(
                                atol=tolerance)
 
 
+#: Views whose groups are each one contiguous run of values (A == 1), which
+#: the fused forward takes group by group without its general tables:
+#: LayerNorm rows (wide and narrow), GroupNorm and InstanceNorm channels
+#: first, GroupNorm over (N, C).
 RUN_VIEWS = {
     "rows-16": ((37, 16), lambda shape: trailing_view(shape, 1)),
     "rows-300": ((37, 300), lambda shape: trailing_view(shape, 1)),
