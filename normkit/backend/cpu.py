@@ -997,7 +997,7 @@ def normalize_two_pass(x, out, P, A, K, J, B, plan, gamma, beta, eps,
     by :func:`apply`, ``rstd = 1 / sqrt(var + eps)``; returns ``(mean,
     var, rstd)``."""
     mean, var = moments_of(x, P, A, K, J, B, plan, centered)
-    coef = np.zeros((P, K, N_COEF))
+    coef = np.empty((P, K, N_COEF))
     rstd = np.empty((P, K))
     for p in range(P):
         _finish_forward_p(mean[p], var[p], eps, coef[p], rstd[p], 0, K)
