@@ -386,3 +386,23 @@ def test_schemes_on_device_match_cpu(forward, backward, running, rng):
         forward(x, **expected)
         for key, value in dev_stats.items():
             np.testing.assert_allclose(host(value), expected[key], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dims,fused", [((3, 1, 2, 16, 1), True),
+                                        ((1, 16, 2, 1, 8), False)])
+def test_normalize_batch_returns_the_factor_it_normalized_with(dims, fused,
+                                                              rng):
+    """``rstd`` is ``1 / sqrt(var + eps)`` per group, written by the fused
+    kernel or computed after the moments, and ``y`` is ``(x - mean) *
+    rstd``."""
+    view = engine.View(*dims)
+    assert (plan.grid_for(view).n_chunks == 1) == fused
+    x = rng.normal(2.0, 3.0, size=view.dims)
+    eps = 1e-3
+    y, mean, var, rstd = _cuda.normalize_batch(cuda.to_device(x.reshape(-1)),
+                                               view, eps=eps)
+    mean, var, rstd = host(mean), host(var), host(rstd)
+    assert rstd.shape == (view.P, view.K)
+    np.testing.assert_allclose(rstd, 1.0 / np.sqrt(var + eps), rtol=4e-16)
+    want = (x - mean[:, None, :, None, None]) * rstd[:, None, :, None, None]
+    np.testing.assert_allclose(host(y), want.reshape(-1), rtol=0, atol=1e-12)

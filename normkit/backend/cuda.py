@@ -457,11 +457,12 @@ def _kernels(acc):
     @cuda.jit
     def forward_fused(x, out, gamma, has_gamma, beta, has_beta, eps, A, K, J,
                       B, columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch,
-                      mean_out, var_out):
+                      mean_out, var_out, rstd_out):
         """Moments and normalization of whole groups in one block: the
         tile is read a second time right after its reduction, from cache.
         Only for grids without splits (``n_chunks == 1``); writes the
-        mean and biased variance per ``(p, k)``."""
+        mean, the biased variance and ``rstd = 1 / sqrt(var + eps)``, the
+        factor it normalized with, per ``(p, k)``."""
         s0 = cuda.shared.array(MAX_THREADS, float64)
         s1 = cuda.shared.array(MAX_THREADS, float64)
         s2 = cuda.shared.array(MAX_THREADS, float64)
@@ -470,11 +471,12 @@ def _kernels(acc):
             columns, k_per, n_ktile, a_per, n_ach, l_per, n_lch, s0, s1, s2)
         m = s1[own]
         var = s2[own] / s0[own]
+        rs = _inverse_sqrt(var + eps)
         if holder:
             mean_out[p, kk] = m
             var_out[p, kk] = var
-        mc, a_x, h_x, e_x, q_x, w_x = packed(m, _inverse_sqrt(var + eps),
-                                             0.0, 0.0, 0.0)
+            rstd_out[p, kk] = rs
+        mc, a_x, h_x, e_x, q_x, w_x = packed(m, rs, 0.0, 0.0, 0.0)
         transform(x, x, out, False, gamma, has_gamma, beta, has_beta, p, A, K,
                   J, B, a0, a1, c0, width, n_act, mc, a_x, h_x, e_x, q_x, w_x)
 
@@ -708,8 +710,8 @@ def apply_affine(x, view, mean, alpha, gamma=None, beta=None, out=None):
 def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True,
                     out=None):
     """Device version of :func:`normkit.engine.normalize_batch`: one fused
-    kernel when every block holds whole groups, else moments, then the
-    elementwise map."""
+    kernel when every block holds whole groups (it writes ``rstd`` too),
+    else moments, then the elementwise map."""
     if _no_values(view):
         mean, var = moments(x, view)
         return ((_device_array(x.shape, x.dtype) if out is None else out),
@@ -723,15 +725,14 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True,
     flat = _flat(x)
     fused = _kernels(_accumulator(flat.dtype))["forward_fused"]
     y = _output(out, flat)
-    mean = _device_array((view.P, view.K), np.float64)
-    var = _device_array((view.P, view.K), np.float64)
+    mean, var, rstd = (_device_array((view.P, view.K), np.float64)
+                       for _ in range(3))
     gamma, has_gamma = _optional(gamma)
     beta, has_beta = _optional(beta)
     fused[grid.blocks(view.P), grid.threads, _STREAM.get()](
         flat, y, gamma, has_gamma, beta, has_beta, float(eps), view.A,
-        view.K, view.J, view.B, *grid.args(), mean, var)
-    return (_deliver(y, out, x.shape), mean, var,
-            _inverse_std(var, eps))
+        view.K, view.J, view.B, *grid.args(), mean, var, rstd)
+    return _deliver(y, out, x.shape), mean, var, rstd
 
 
 def _inverse_std(var, eps):
