@@ -16,6 +16,7 @@ It exits 1 if any kernel fails to compile (or none was recorded).
 """
 
 import argparse
+import fcntl
 import importlib
 import json
 import os
@@ -72,12 +73,19 @@ def install_recorder():
 
 
 def write_launches(launches, path):
-    """Add recorded launches to those saved in ``path`` (test sessions in
-    subprocesses may write there too) for :func:`compile_all`."""
-    path = pathlib.Path(path)
-    saved = path.read_text() if path.exists() else ""
-    known = {tuple(item) for item in json.loads(saved)} if saved.strip() else set()
-    path.write_text(json.dumps(sorted(known | launches)))
+    """Add recorded launches to those saved in ``path`` for
+    :func:`compile_all`.  Other processes may add theirs at the same time
+    (pytest-xdist's workers, test sessions in subprocesses): the file is
+    read and rewritten under an exclusive lock."""
+    with open(path, "a+") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)  # released when the file closes
+        file.seek(0)
+        saved = file.read()
+        known = ({tuple(item) for item in json.loads(saved)} if saved.strip()
+                 else set())
+        file.seek(0)
+        file.truncate()
+        file.write(json.dumps(sorted(known | launches)))
 
 
 def record(path):
