@@ -81,6 +81,36 @@ def test_backward_sums_and_dx_from_sums_equal_the_fused_backward(
                                rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", VIEWS)
+def test_backward_sums_of_float32_input_are_float64_sums(name, rng):
+    """Group and affine sums of float32 ``x``, ``dy`` and weights, from the
+    fused backward and from ``backward_sums``, equal their float64
+    definition to float64 rounding (relative to the sum of the terms'
+    magnitudes): no product or partial sum is rounded to float32 on the
+    way."""
+    shape, view = VIEWS[name]()
+    x = rng.normal(1.0, 2.0, size=shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    gscale = rng.uniform(0.5, 2.0, view.K * view.J).astype(np.float32)
+    mean, var = engine.moments(x, view)
+    rstd = 1.0 / np.sqrt(var + 1e-5)
+    shape5 = (view.P, 1, view.K, 1, 1)
+    d5 = dy.reshape(view.dims).astype(np.float64)
+    dxhat = d5 * ((x.reshape(view.dims) - mean.reshape(shape5))
+                  * rstd.reshape(shape5))
+    g5 = gscale.astype(np.float64).reshape(1, 1, view.K, view.J, 1)
+    want = {"group": [g5 * d5, g5 * dxhat], "affine": [d5, dxhat]}
+    axes = {"group": (1, 3, 4), "affine": (0, 1, 4)}
+    _, *fused_affine = engine.backward(dy, x, view, mean, rstd, gscale)
+    group, affine = engine.backward_sums(dy, x, view, mean, rstd, gscale)
+    for kind, got in (("group", group), ("affine", affine),
+                      ("affine", fused_affine)):
+        for value, terms in zip(got, want[kind]):
+            exact = terms.sum(axis=axes[kind]).reshape(np.shape(value))
+            scale = np.abs(terms).sum(axis=axes[kind]).reshape(exact.shape)
+            assert np.all(np.abs(value - exact) <= 1e-13 * scale), kind
+
+
 def test_the_rows_case_takes_the_fused_rows():
     """"ln" has whole rows of one group per item: the fused backward above
     runs the rows shortcut (``normkit.backend.cpu._rows_backward``), which
