@@ -1004,25 +1004,45 @@ def _rows_backward(dy, x, dx, p0, p1, width, mean, rstd, gscale, affine,
                    sums, coef, no_beta):
     """:func:`backward_fused` over whole rows ``[p0, p1)`` of ``width``
     values, one group each (``A == K == B == 1``), as :func:`_runs_forward`
-    is for the forward: per row the sums of :func:`_reduce_segment` (the
-    row's affine sums added into ``affine``, two rows of ``width`` or no
-    columns), its coefficients (:func:`finish_backward_p` into the one-group
-    tables ``sums`` and ``coef``), then ``dx`` by :func:`_map_segment`."""
+    is for the forward, two rows at a time: their sums by
+    :func:`_reduce_segment_pair` (both rows' affine sums added into
+    ``affine``, two rows of ``width`` or no columns; a last odd row by
+    :func:`_reduce_segment`), then each row's ``dx`` (:func:`_row_dx`)."""
     with_affine = affine.shape[1] > 0
-    zero = compute_zero(x)
-    for p in range(p0, p1):
+    for p in range(p0, p1, 2):
         lo = p * width
         xs = x[lo:lo + width]
         ds = dy[lo:lo + width]
-        sums[0, 0], sums[0, 1] = _reduce_segment(
-            xs, ds, mean[p, 0], rstd[p, 0], gscale, affine[0], affine[1],
-            with_affine)
-        finish_backward_p(sums, float(width), mean[p], rstd[p], coef, 0, 1,
-                          True)
-        m, a, h, e, c = _coefficients(coef, 0)
-        mc, a_x, h_x, e_x, q_x, w_x = _wide_coefficients(m, a, h, e, c, zero)
-        _map_segment(xs, ds, dx[lo:lo + width], True, gscale, no_beta,
-                     mc, a_x, h_x, e_x, q_x, w_x)
+        if p + 1 < p1:
+            hi = lo + width
+            s1, s2, s1_next, s2_next = _reduce_segment_pair(
+                xs, ds, x[hi:hi + width], dy[hi:hi + width], mean[p, 0],
+                rstd[p, 0], mean[p + 1, 0], rstd[p + 1, 0], gscale,
+                affine[0], affine[1], with_affine)
+            _row_dx(x, dy, dx, p + 1, width, s1_next, s2_next, mean, rstd,
+                    gscale, sums, coef, no_beta)
+        else:
+            s1, s2 = _reduce_segment(xs, ds, mean[p, 0], rstd[p, 0], gscale,
+                                     affine[0], affine[1], with_affine)
+        _row_dx(x, dy, dx, p, width, s1, s2, mean, rstd, gscale, sums, coef,
+                no_beta)
+
+
+@_inlined
+def _row_dx(x, dy, dx, p, width, s1, s2, mean, rstd, gscale, sums, coef,
+            no_beta):
+    """``dx`` of row ``p`` from its sums ``(s1, s2)``: the coefficients of
+    :func:`finish_backward_p` (into the one-group tables ``sums`` and
+    ``coef``), then :func:`_map_segment`."""
+    sums[0, 0] = s1
+    sums[0, 1] = s2
+    finish_backward_p(sums, float(width), mean[p], rstd[p], coef, 0, 1, True)
+    m, a, h, e, c = _coefficients(coef, 0)
+    mc, a_x, h_x, e_x, q_x, w_x = _wide_coefficients(m, a, h, e, c,
+                                                     compute_zero(x))
+    lo = p * width
+    _map_segment(x[lo:lo + width], dy[lo:lo + width], dx[lo:lo + width],
+                 True, gscale, no_beta, mc, a_x, h_x, e_x, q_x, w_x)
 
 
 # --------------------------------------------------------------------------
