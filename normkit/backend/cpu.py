@@ -888,7 +888,7 @@ def backward_reduce_columns(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
     ``part_group`` as in :func:`backward_reduce`.  The affine sums ``(sum
     dy, sum dy*xhat)`` of each block of :data:`COLUMN_BLOCK` columns are
     accumulated over the rows in float64 scratch, in row order, two rows
-    at a time (:func:`_reduce_segment_pair`), then
+    at a time (``_reduce_segment_pair``), then
     stored in ``sum_dy_out`` and ``sum_dyx_out`` (``K * J`` values in any
     storage, :func:`~normkit.backend.storage.store`; no values: not
     wanted).  No float64 array of the input's width is made, and the sums
