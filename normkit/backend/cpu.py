@@ -755,13 +755,13 @@ def _reduce_segment_pair(xa, da, xb, db, ma, ra, mb, rb, gs, s_dy, s_dyx,
 
 @_inner
 def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
-              affine_out, first_column, scratch):
+              affine_out, scratch):
     """Backward sums of one ``p`` over the ranges ``r = (a0, a1, k0, k1, l0,
     l1)``, with ``xhat = (x - mean) * rstd``:
 
     - ``group_out[k] = (sum gscale*dy, sum gscale*dy*xhat)`` per group
       (overwritten);
-    - ``affine_out[:, col - first_column] += (sum dy, sum dy*xhat)`` per
+    - ``affine_out[:, col] += (sum dy, sum dy*xhat)`` per
       column ``col = (k, j)``, unless ``affine_out`` has no columns (the
       affine sums are not wanted).
 
@@ -786,10 +786,8 @@ def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
                 xs = x[r * width + lo:r * width + hi]
                 ds = dy[r * width + lo:r * width + hi]
                 gs = gscale[lo:hi]
-                s_dy = (aff_dy[lo - first_column:hi - first_column]
-                        if with_affine else aff_dy)
-                s_dyx = (aff_dyx[lo - first_column:hi - first_column]
-                         if with_affine else aff_dyx)
+                s_dy = aff_dy[lo:hi] if with_affine else aff_dy
+                s_dyx = aff_dyx[lo:hi] if with_affine else aff_dyx
                 s1, s2 = _reduce_segment(xs, ds, m, rs, gs, s_dy, s_dyx,
                                          with_affine)
                 group_out[k, 0] += s1
@@ -814,8 +812,8 @@ def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
                 group_out[k, 0] += _param(gscale, col, 1.0) * t_dy[col]
                 group_out[k, 1] += _param(gscale, col, 1.0) * s_dyx
                 if with_affine:
-                    aff_dy[col - first_column] += t_dy[col]
-                    aff_dyx[col - first_column] += s_dyx
+                    aff_dy[col] += t_dy[col]
+                    aff_dyx[col] += s_dyx
         return
     for a in range(a0, a1):
         for k in range(k0, k1):
@@ -836,8 +834,8 @@ def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
                 col = k * J + j
                 s_dyx *= rs
                 if with_affine:
-                    aff_dy[col - first_column] += s_dy
-                    aff_dyx[col - first_column] += s_dyx
+                    aff_dy[col] += s_dy
+                    aff_dyx[col] += s_dyx
                 group_out[k, 0] += _param(gscale, col, 1.0) * s_dy
                 group_out[k, 1] += _param(gscale, col, 1.0) * s_dyx
 
@@ -861,7 +859,7 @@ def backward_reduce(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
         slot = item % n_slots
         for p in range(p0, p1):
             _p_reduce(dy, x, p, r, A, K, J, B, mean[p], rstd[p],
-                      gscale, part_group[p, chunk], part_affine[slot], 0,
+                      gscale, part_group[p, chunk], part_affine[slot],
                       scratch)
 
 
@@ -906,8 +904,8 @@ def backward_reduce_columns(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
         for l0 in range(r[4], r[5], COLUMN_BLOCK):
             l1 = min(r[5], l0 + COLUMN_BLOCK)
             block[:, :] = 0.0
-            s_dy = block[0, :l1 - l0] if with_affine else block[0]
-            s_dyx = block[1, :l1 - l0] if with_affine else block[1]
+            s_dy = block[0, :l1 - l0]  # no columns without affine sums
+            s_dyx = block[1, :l1 - l0]
             gs = gscale[l0:l1]
             # rows two at a time (_reduce_segment_pair), in row order
             for t in range(0, n_rows, 2):
@@ -992,7 +990,7 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
             for first in range(r[2], r[3], step):
                 g = _groups(r, first, step)
                 _p_reduce(dy, x, p, g, A, K, J, B, mean[p], rstd[p],
-                          gscale, sums, part_affine[item], 0, scratch)
+                          gscale, sums, part_affine[item], scratch)
                 finish_backward_p(sums, n, mean[p], rstd[p], coef, g[2], g[3],
                                   True)
                 _p_apply(x, dy, dx, True, p, g, A, K, J, B, coef,
