@@ -1,5 +1,5 @@
-"""The command line (``python -m normkit``), ``benchmarks/compare.py`` and
-``benchmarks/overhead.py``."""
+"""The command line (``python -m normkit``), ``benchmarks/compare.py``,
+``benchmarks/overhead.py`` and ``benchmarks/passes.py``."""
 
 import importlib.util
 from pathlib import Path
@@ -101,6 +101,42 @@ def test_overhead_script_tiny_shapes():
     assert shapes[("batch_norm", "first")] == (2, 64, 1, 1)
     assert shapes[("group_norm", "last")] == (2, 1, 1, 64)
     assert shapes[("layer_norm", "rows")] == (2, 1024)
+
+
+@pytest.mark.parametrize("case", [
+    _bench.Case("batch_norm", (3, 5, 70000), 1),
+    _bench.Case("group_norm", (2, 4, 3), 1, "float16", groups=2),
+    _bench.Case("batch_norm", (3, 5, 4), -1, "bfloat16"),
+    _bench.Case("rms_norm", (3, 8), -1),
+    _bench.Case("layer_norm", (2, 3, 4, 5), -1, normalized_ndim=3)],
+    ids=lambda case: f"{case.variant}-{case.layout}-{case.dtype}")
+def test_passes_script_times_the_passes_it_names(case):
+    """The forward equals the moments then the map it is set against, and
+    the read, write and copy passes touch every value (several chunks in
+    the first case)."""
+    if case.dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    passes = _load_script("passes")
+    timed = passes.callables(case)
+    assert tuple(timed) == passes.TIMED
+    y, mean, var, rstd = timed["forward"]()
+    y = y.copy()
+    moments = timed["moments"]()
+    np.testing.assert_allclose(moments[0], mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(moments[1], var, rtol=1e-12)
+    mapped = timed["normalize"]()
+    half = case.dtype != "float32"
+    np.testing.assert_allclose(mapped.astype(np.float64), y.astype(np.float64),
+                               rtol=1e-2 if half else 1e-5,
+                               atol=1e-2 if half else 1e-5)
+    x = _bench.make_inputs(case).x
+    stored = passes.storage_view(x)
+    assert timed["read"]() == pytest.approx(stored.astype(np.float64).sum(),
+                                            rel=1e-5)
+    timed["write"]()
+    assert np.all(passes.storage_view(mapped) == 1)
+    timed["copy"]()
+    np.testing.assert_array_equal(passes.storage_view(mapped), stored)
 
 
 @pytest.mark.parametrize("variant", _bench.TORCH_VARIANTS)

@@ -1,0 +1,134 @@
+"""What a forward's passes cost, next to the passes memory allows.
+
+Usage::
+
+    python benchmarks/passes.py [--repeat 21]
+
+A normalization forward must read every value of ``x`` (its statistics)
+before it can write the first value of ``y``, so it is at least a *read
+pass* followed by a *write pass* over an input-sized array.  For each cell
+this times, in warm memory (every output array written before, so no page
+faults: ``benchmarks/first_touch.py`` prices those), interleaved round
+after round (:func:`normkit._bench.median_times`):
+
+- ``read``: a parallel pass that reads ``x`` (a sum per chunk);
+- ``write``: a parallel pass that writes an array of ``x``'s size;
+- ``copy``: ``np.copyto`` from ``x`` into an array of its size;
+- ``moments``: the statistics alone (:func:`normkit.engine.moments`);
+- ``normalize``: the map alone with those statistics
+  (:func:`normkit.engine.apply_affine`);
+- ``forward``: both in one call (:func:`normkit.engine.normalize_batch`),
+  whose kernels normalize a group while it is in cache where a work item
+  holds whole groups.
+
+It prints those medians and three ratios: ``forward`` over ``read +
+write`` (the floor above; near 1, the forward costs what its two passes
+of memory cost), over ``copy``, and over ``moments + normalize`` (what
+normalizing from cache saves).  Nothing here asserts on a time.
+"""
+
+import argparse
+
+import numpy as np
+from numba import njit, prange
+
+import normkit
+from normkit import _bench, engine
+from normkit._bench import Case
+from normkit.backend.storage import storage_view
+
+#: The cells: large forwards of ``benchmarks/compare.py``, each layout and
+#: kind of work item, and one in half precision.
+CASES = (
+    Case("batch_norm", (32, 64, 56, 56), 1),
+    Case("group_norm", (32, 64, 56, 56), 1),
+    Case("batch_norm", (32, 56, 56, 64), -1),
+    Case("layer_norm", (8192, 1024), -1),
+    Case("layer_norm", (32, 64, 56, 56), -1, normalized_ndim=3),
+    Case("batch_norm", (32, 64, 56, 56), 1, "float16"),
+)
+
+#: Values per chunk of the read and write passes (one chunk per prange step).
+CHUNK = 1 << 16
+
+#: Columns timed, in table order.
+TIMED = ("read", "write", "copy", "moments", "normalize", "forward")
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _read_pass(a):
+    """Sum of each chunk of ``a`` (the values as stored), summed."""
+    n_chunks = (a.size + CHUNK - 1) // CHUNK
+    partial = np.zeros(n_chunks)
+    for c in prange(n_chunks):
+        block = a[c * CHUNK:min((c + 1) * CHUNK, a.size)]
+        total = block[0] - block[0]
+        for i in range(block.size):
+            total += block[i]
+        partial[c] = total
+    return partial.sum()
+
+
+@njit(cache=True, parallel=True)
+def _write_pass(a, value):
+    """``a[:] = value``, chunk by chunk in parallel."""
+    n_chunks = (a.size + CHUNK - 1) // CHUNK
+    for c in prange(n_chunks):
+        block = a[c * CHUNK:min((c + 1) * CHUNK, a.size)]
+        for i in range(block.size):
+            block[i] = value
+
+
+def callables(case):
+    """The callables of :data:`TIMED` for ``case``, over one input and one
+    warm output of its shape and dtype."""
+    inputs = _bench.make_inputs(case)
+    x = inputs.x
+    _, saved = getattr(normkit, case.variant)(x, **inputs.kwargs,
+                                              return_saved=True)
+    view, centered = saved.view, saved.centered
+    weight = inputs.kwargs.get("weight")
+    bias = inputs.kwargs.get("bias")
+    out = np.zeros_like(x)
+    stored_x, stored_out = storage_view(x), storage_view(out)
+    one = stored_out.dtype.type(1)
+    mean, var = engine.moments(x, view, centered)
+    rstd = 1.0 / np.sqrt(var + 1e-5)
+    return {
+        "read": lambda: _read_pass(stored_x),
+        "write": lambda: _write_pass(stored_out, one),
+        "copy": lambda: np.copyto(out, x),
+        "moments": lambda: engine.moments(x, view, centered),
+        "normalize": lambda: engine.apply_affine(x, view, mean, rstd, weight,
+                                                 bias, out=out),
+        "forward": lambda: engine.normalize_batch(x, view, weight, bias, 1e-5,
+                                                  centered, out=out),
+    }
+
+
+def row(case, t):
+    """Formatted cells of one row: the medians in ms, then the ratios."""
+    dtype = "" if case.dtype == "float32" else f" {case.dtype}"
+    name = f"{case.variant} {'x'.join(map(str, case.shape))} {case.layout}{dtype}"
+    return ([name] + [f"{1e3 * t[k]:.3f}" for k in TIMED]
+            + [f"{t['forward'] / (t['read'] + t['write']):.2f}",
+               f"{t['forward'] / t['copy']:.2f}",
+               f"{t['forward'] / (t['moments'] + t['normalize']):.2f}"])
+
+
+HEADERS = (["cell"] + [f"{k} ms" for k in TIMED]
+           + ["fwd/(read+write)", "fwd/copy", "fwd/(mom+norm)"])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=_bench.positive_int, default=21)
+    args = parser.parse_args(argv)
+    print(f"{_bench.machine_info()}; warm memory, ms, median of {args.repeat}")
+    rows = [row(case, _bench.median_times(callables(case), args.repeat))
+            for case in CASES]
+    print(_bench.format_table(HEADERS, rows))
+
+
+if __name__ == "__main__":
+    main()
