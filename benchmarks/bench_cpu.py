@@ -180,7 +180,9 @@ class _Measured(_Grid):
     params = [VARIANTS, tuple(FAMILIES), LAYOUTS, BATCHES]
     param_names = ["variant", "family", "layout", "batch"]
     unit = "ratio"
-    #: Timed runs per implementation (after two warm-ups, interleaved).
+    #: Timed runs per implementation, at least: after two warm-ups, in
+    #: whole cycles in which each follows each equally often
+    #: (:func:`normkit._bench.median_times`).
     repeat_runs = 7
 
     def _median_times(self, variant, family, layout, batch, names):

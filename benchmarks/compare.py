@@ -6,7 +6,8 @@ Usage::
                                  [--torch-adapter | --adapter-only]
 
 Every variant's training forward and forward+backward is timed (median of
-``--repeat`` runs after warm-up, interleaved) side by side in one process, next to
+``--repeat`` runs or more after warm-up, interleaved so that each pass
+follows each equally often) side by side in one process, next to
 ``x.copy()`` of the same array, the cheapest pass that allocates an output
 of the input's size: each time is also reported as a multiple of it.
 torch runs with numba's thread count; channels-last inputs are handed to
@@ -258,8 +259,10 @@ def main(argv=None):
     """Run :data:`CASES`, print the markdown table, optionally save JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=_bench.positive_int, default=None,
-                        help="timed runs per measurement (default 7, 3 "
-                             "with --quick)")
+                        help="timed runs per measurement, at least: "
+                             "rounded up to whole cycles in which every "
+                             "timed pass follows each equally often "
+                             "(default 9, 3 with --quick)")
     parser.add_argument("--json", metavar="PATH",
                         help="also write every measured cell to PATH as "
                              "JSON (milliseconds, GB/s, fraction of the "
@@ -276,8 +279,9 @@ def main(argv=None):
     repeat = args.repeat or (3 if args.quick else 9)
 
     machine = _bench.machine_info()
-    print(f"{machine}\ntraining mode, median of {repeat} runs "
-          f"after 2 warm-ups, interleaved; compiling kernels (first run "
+    print(f"{machine}\ntraining mode, median of {repeat} runs or more "
+          f"after 2 warm-ups, interleaved (each pass following each "
+          f"equally often); compiling kernels (first run "
           f"only)...\n",
           flush=True)
     results, rows = [], []

@@ -2,10 +2,10 @@
 
 Usage::
 
-    python benchmarks/overhead.py [--repeat 200]
+    python benchmarks/overhead.py [--repeat 201]
 
-For each cell three callables are timed in turn, round after round (each
-round starting one later, :func:`normkit._bench.median_times`): the
+For each cell three callables are timed interleaved, each following each
+equally often (:func:`normkit._bench.median_times`): the
 training forward through the API, as ``benchmarks/compare.py`` times it
 (checks, the scheme, its record and, for BatchNorm, the running
 statistics, around the kernels); the same normalization through the
@@ -78,9 +78,10 @@ def measure(case, repeat):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=_bench.positive_int, default=200)
+    parser.add_argument("--repeat", type=_bench.positive_int, default=201)
     args = parser.parse_args(argv)
-    print(f"{_bench.machine_info()}; us, median of {args.repeat}")
+    runs = _bench.runs_per_callable(args.repeat, 3)
+    print(f"{_bench.machine_info()}; us, median of {runs}")
     rows = []
     for case in CASES:
         cell, warm = measure(case, args.repeat)

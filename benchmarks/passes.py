@@ -2,14 +2,14 @@
 
 Usage::
 
-    python benchmarks/passes.py [--repeat 21]
+    python benchmarks/passes.py [--repeat 24]
 
 A normalization forward must read every value of ``x`` (its statistics)
 before it can write the first value of ``y``, so it is at least a *read
 pass* followed by a *write pass* over an input-sized array.  For each cell
 this times, in warm memory (every output array written before, so no page
-faults: ``benchmarks/first_touch.py`` prices those), interleaved round
-after round (:func:`normkit._bench.median_times`):
+faults: ``benchmarks/first_touch.py`` prices those), interleaved so that
+each follows each equally often (:func:`normkit._bench.median_times`):
 
 - ``read``: a parallel pass that reads ``x`` (a sum per chunk);
 - ``write``: a parallel pass that writes an array of ``x``'s size;
@@ -126,9 +126,10 @@ HEADERS = (["cell"] + [f"{k} ms" for k in TIMED]
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=_bench.positive_int, default=21)
+    parser.add_argument("--repeat", type=_bench.positive_int, default=24)
     args = parser.parse_args(argv)
-    print(f"{_bench.machine_info()}; warm memory, ms, median of {args.repeat}")
+    runs = _bench.runs_per_callable(args.repeat, len(TIMED))
+    print(f"{_bench.machine_info()}; warm memory, ms, median of {runs}")
     rows = [row(case, _bench.median_times(callables(case), args.repeat))
             for case in CASES]
     print(_bench.format_table(HEADERS, rows))

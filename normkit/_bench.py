@@ -268,29 +268,71 @@ def implementations(case, inputs):
 # timing and reporting
 # --------------------------------------------------------------------------
 
+def balanced_order(n):
+    """Indices ``0 .. n-1`` in a cyclic order of ``n**2`` calls in which
+    every index follows every index, itself included, exactly once.
+
+    Read cyclically: the last call is followed by the first.  The order is
+    an Euler circuit of the complete directed graph on ``n`` vertices with
+    loops (Hierholzer's algorithm: a closed walk, then closed walks over the
+    pairs still unused spliced in where they start).  Each step takes the
+    index called least recently, which spreads every index's ``n`` calls
+    over the cycle.
+    """
+    successors_left = [list(range(n)) for _ in range(n)]
+    last_call = [0] + [-1] * (n - 1)
+    order = [0]
+    position = 0
+    while position < len(order):
+        loop = []
+        current = order[position]
+        while successors_left[current]:
+            following = min(successors_left[current],
+                            key=lambda j: (last_call[j], j))
+            successors_left[current].remove(following)
+            loop.append(following)
+            last_call[following] = position + len(loop)
+            current = following
+        order[position + 1:position + 1] = loop
+        position += 1
+    return order[:-1]
+
+
+def runs_per_callable(repeat, n):
+    """Timed runs of each of ``n`` callables that :func:`median_times`
+    makes for ``repeat``: ``repeat`` rounded up to whole cycles of
+    :func:`balanced_order`, ``n`` runs of each per cycle."""
+    return n * -(-repeat // n)
+
+
 def median_times(fns, repeat=5, warmup=2):
     """Median wall time in seconds of each callable in the dict ``fns``.
 
     After ``warmup`` untimed runs of each (compilation, page faults,
-    caches), the callables are timed in turn, round after round, so that a
-    drift of the machine's speed during the measurement affects all of them
-    alike.  Each round starts one callable later than the one before, so
-    that every callable follows every other equally often: a thread pool
-    that keeps its threads spinning for a moment after a parallel pass
-    (Numba's and torch's both do) then slows each of them alike, not always
-    the one timed right after it.
+    caches), the callables are timed in whole cycles of
+    :func:`balanced_order` (:func:`runs_per_callable` runs of each, at
+    least ``repeat``): every callable follows every callable, itself
+    included, equally often, and each one's runs are spread over the whole
+    measurement.  A thread pool that keeps its threads spinning for a
+    moment after a parallel pass (Numba's and torch's both do), or a
+    callable that leaves the caches full of its own data, then weighs on
+    each of them alike, and so does a drift of the machine's speed.
     """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
     names = list(fns)
+    order = balanced_order(len(names))
+    if warmup:
+        # end on the callable that ends each cycle: the first timed run
+        # follows what it follows in every later cycle
+        first = (order[-1] + 1) % len(names)
+        for name in names[first:] + names[:first]:
+            for _ in range(warmup):
+                fns[name]()
     times = {name: [] for name in names}
-    for round_ in range(repeat):
-        start_at = round_ % len(names)
-        for name in names[start_at:] + names[:start_at]:
+    for _ in range(runs_per_callable(repeat, len(names)) // len(names)):
+        for index in order:
             start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
+            fns[names[index]]()
+            times[names[index]].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -364,8 +364,10 @@ def build_parser():
         "--variant", action="append", choices=_bench.VARIANTS,
         help="only this variant (repeatable; default: all)")
     check_parser.add_argument(
-        "--repeat", type=_positive_int, default=5,
-        help="timed runs per measurement, median reported (default: 5)")
+        "--repeat", type=_positive_int, default=4,
+        help="timed runs per measurement, median reported; rounded up to "
+             "a multiple of 4, every timed callable following each of the "
+             "four equally often (default: 4)")
     parser.compare_parser = _add_compare_parser(commands)
     parser.study_parser = _add_study_parser(commands)
     return parser

@@ -1,6 +1,7 @@
 """The command line (``python -m normkit``), ``benchmarks/compare.py``,
 ``benchmarks/overhead.py`` and ``benchmarks/passes.py``."""
 
+from collections import Counter
 import importlib.util
 from pathlib import Path
 
@@ -61,6 +62,29 @@ def _load_script(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_balanced_order_has_every_ordered_pair_once(n):
+    order = _bench.balanced_order(n)
+    pairs = list(zip(order, order[1:] + order[:1]))  # read cyclically
+    assert sorted(pairs) == [(a, b) for a in range(n) for b in range(n)]
+
+
+@pytest.mark.parametrize("n, repeat, warmup", [(1, 3, 1), (3, 5, 2), (5, 15, 1)])
+def test_median_times_each_callable_follows_each_equally_often(n, repeat, warmup):
+    calls = []
+    fns = {f"f{i}": (lambda i=i: calls.append(i)) for i in range(n)}
+    assert set(_bench.median_times(fns, repeat, warmup)) == set(fns)
+    warm, timed = calls[:n * warmup], calls[n * warmup:]
+    assert sorted(warm) == sorted(list(range(n)) * warmup)
+    cycles = -(-repeat // n)  # whole cycles: at least repeat runs of each
+    assert sorted(timed) == sorted(list(range(n)) * n * cycles)
+    # from the last warm-up on, every ordered pair is as frequent: the first
+    # timed run follows what it follows at the start of every later cycle
+    followed = [warm[-1]] + timed
+    counts = Counter(zip(followed, followed[1:]))
+    assert counts == {(a, b): cycles for a in range(n) for b in range(n)}
 
 
 @pytest.mark.parametrize("case", [_bench.Case("batch_norm", (2, 5, 4), -1),
