@@ -1,5 +1,6 @@
 """The command line (``python -m normkit``), ``benchmarks/compare.py``,
-``benchmarks/overhead.py`` and ``benchmarks/passes.py``."""
+``benchmarks/overhead.py``, ``benchmarks/passes.py`` and
+``benchmarks/spread.py``."""
 
 from collections import Counter
 import importlib.util
@@ -100,6 +101,32 @@ def test_compare_script_runs_one_tiny_case(case):
         assert times["torch fwd+bwd"] > 0
     row = compare.table_row(case, times)
     assert len(row) == len(compare.HEADERS) and row[0] == case.variant
+
+
+def test_spread_script_ranges_and_verdicts():
+    compare = _load_script("compare")
+    spread = _load_script("spread")
+    small = _bench.Case("batch_norm", (2, 4, 3), 1)
+    large = _bench.Case("layer_norm", (1024, 1024), -1)  # 4 MiB of float32
+    only_once = _bench.Case("rms_norm", (4, 8), -1)
+    runs = []
+    for fwd, fwd_bwd, torch_fwd in ((1.1, 2.0, 1.2), (1.5, 3.5, 1.4)):
+        t = {"copy": 1.0, "fwd": fwd, "fwd+bwd": fwd_bwd, "ref fwd": None,
+             "torch fwd": torch_fwd, "torch fwd+bwd": 4.0}
+        cases = (small, large) + ((only_once,) if not runs else ())
+        runs.append({"results": [compare.json_record(c, t) for c in cases]})
+    rows = spread.spread(runs)
+    assert list(rows) == ["batch_norm 2x4x3 first float32",
+                          "layer_norm 1024x1024 rows float32"]
+    small_row, large_row = rows.values()
+    assert (small_row["size"], large_row["size"]) == ("small", "large")
+    np.testing.assert_allclose(large_row["fwd/copy"], [1.1, 1.5])
+    np.testing.assert_allclose(large_row["fwd vs torch"], [1.2 / 1.1, 1.4 / 1.5])
+    assert (large_row["fwd goal"], large_row["fwd+bwd goal"]) == ("some", "some")
+    assert (small_row["fwd goal"], small_row["fwd+bwd goal"]) == ("all", "all")
+    table = [spread.table_row(key, row) for key, row in rows.items()]
+    assert table[0][4] == "FB" and table[1][4] == "fb"
+    assert table[1][5] == "either 0.93-1.09" and table[1][6] == "faster 1.14-2.00"
 
 
 @pytest.mark.parametrize("case", [
