@@ -1,6 +1,6 @@
 """The command line (``python -m normkit``), ``benchmarks/compare.py``,
-``benchmarks/overhead.py``, ``benchmarks/passes.py`` and
-``benchmarks/spread.py``."""
+``benchmarks/overhead.py``, ``benchmarks/passes.py``,
+``benchmarks/spread.py`` and ``benchmarks/follows.py``."""
 
 from collections import Counter
 import importlib.util
@@ -101,6 +101,16 @@ def test_compare_script_runs_one_tiny_case(case):
         assert times["torch fwd+bwd"] > 0
     row = compare.table_row(case, times)
     assert len(row) == len(compare.HEADERS) and row[0] == case.variant
+
+
+def test_follows_script_times_each_forward_after_each_pass():
+    pytest.importorskip("torch")
+    follows = _load_script("follows")
+    medians = follows.follows(_bench.Case("group_norm", (2, 3, 4), -1,
+                                          groups=2), 2)
+    assert set(medians) == {(target, before) for target in follows.TARGETS
+                            for before in follows.PREDECESSORS}
+    assert all(seconds > 0 for seconds in medians.values())
 
 
 def test_spread_script_ranges_and_verdicts():
