@@ -66,9 +66,7 @@ def main(argv=None):
     rows = []
     for case in CASES:
         medians = follows(case, args.repeat)
-        name = (f"{case.variant} {'x'.join(map(str, case.shape))} "
-                f"{case.layout}")
-        rows += [[name, target] + [f"{1e6 * medians[target, before]:.0f}"
+        rows += [[case.label, target] + [f"{1e6 * medians[target, before]:.0f}"
                                    for before in PREDECESSORS]
                  for target in TARGETS]
     print(_bench.format_table(["cell", "timed"] + list(PREDECESSORS), rows))

@@ -85,10 +85,7 @@ def main(argv=None):
     rows = []
     for case in CASES:
         cell, warm = measure(case, args.repeat)
-        dtype = "" if case.dtype == "float32" else f" {case.dtype}"
-        name = (f"{case.variant} {'x'.join(map(str, case.shape))} "
-                f"{case.layout}{dtype}")
-        rows.append([name, f"{cell['api']:.0f}", f"{cell['engine']:.0f}",
+        rows.append([case.label, f"{cell['api']:.0f}", f"{cell['engine']:.0f}",
                      f"{cell['copy']:.0f}",
                      f"{cell['api'] - cell['engine']:.0f}",
                      f"{warm['api'] - warm['engine']:.0f}"])

@@ -112,9 +112,7 @@ def callables(case):
 
 def row(case, t):
     """Formatted cells of one row: the medians in ms, then the ratios."""
-    dtype = "" if case.dtype == "float32" else f" {case.dtype}"
-    name = f"{case.variant} {'x'.join(map(str, case.shape))} {case.layout}{dtype}"
-    return ([name] + [f"{1e3 * t[k]:.3f}" for k in TIMED]
+    return ([case.label] + [f"{1e3 * t[k]:.3f}" for k in TIMED]
             + [f"{t['forward'] / (t['read'] + t['write']):.2f}",
                f"{t['forward'] / t['copy']:.2f}",
                f"{t['forward'] / (t['moments'] + t['normalize']):.2f}"])

@@ -20,6 +20,8 @@ alike (``docs/benchmarks.rst``).
 import json
 import sys
 
+from normkit import _bench
+
 #: Goals of the forward and of the forward+backward, in copies of the
 #: input: a small batch (an input under :data:`SMALL_BYTES`, which the
 #: caches hold and a fixed cost per call weighs on) and every other cell.
@@ -65,8 +67,7 @@ def spread(runs):
             continue
         ms = [cell["ms"] for cell in measured]
         size = "small" if measured[0]["bytes"] < SMALL_BYTES else "large"
-        row = {"runs": len(ms), "size": size,
-               "copy ms": [m["copy"] for m in ms]}
+        row = {"size": size, "copy ms": [m["copy"] for m in ms]}
         for name, goal in zip(("fwd", "fwd+bwd"), GOALS[size]):
             row[f"{name}/copy"] = [m[name] / m["copy"] for m in ms]
             row[f"{name} goal"] = _within(row[f"{name}/copy"], goal)
@@ -103,7 +104,6 @@ def main(argv=None):
     for path in paths:
         with open(path) as f:
             runs.append(json.load(f))
-    from normkit import _bench
     rows = [table_row(key, row) for key, row in spread(runs).items()]
     print(f"{len(runs)} runs; least-greatest over the runs")
     print(_bench.format_table(HEADERS, rows))

@@ -83,6 +83,14 @@ class Case:
             return "rows" if self.normalized_ndim == 1 else "sample"
         return "first" if self.axis == 1 else "last"
 
+    @property
+    def label(self):
+        """``"variant AxBxC layout"``, and the dtype unless float32: one
+        row's name in the benchmark scripts' tables."""
+        dtype = "" if self.dtype == "float32" else f" {self.dtype}"
+        shape = "x".join(map(str, self.shape))
+        return f"{self.variant} {shape} {self.layout}{dtype}"
+
 
 @dataclass
 class Inputs:
@@ -319,6 +327,8 @@ def median_times(fns, repeat=5, warmup=2):
     each of them alike, and so does a drift of the machine's speed.
     """
     names = list(fns)
+    if not names:
+        return {}
     order = balanced_order(len(names))
     if warmup:
         # end on the callable that ends each cycle: the first timed run
