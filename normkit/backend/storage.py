@@ -111,15 +111,34 @@ def _bfloat16_to_single(bits):
     return np.uint32(np.uint32(np.uint16(bits)) << np.uint32(16)).view(np.float32)
 
 
+@intrinsic
+def _single_to_bfloat16_bits(typingctx, value):
+    """float32 -> bfloat16 bits, rounded to nearest even on the 16 dropped
+    bits (a carry into the exponent is right, and turns the largest finite
+    values into inf); a NaN keeps its top bits and becomes quiet.
+
+    Written in LLVM IR so that every step stays 32 bits wide: the same
+    steps in Numba widen its integers to 64 bits, and the NaN select then
+    kept the vectorised loops of the maps at 64-bit lanes, half as many
+    per instruction (a channels-last map storing bfloat16 took about 0.25
+    ns a value against 0.11 for float16).
+    """
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        bits = builder.bitcast(args[0], i32)
+        top = builder.lshr(bits, i32(16))
+        round_up = builder.add(builder.and_(top, i32(1)), i32(0x7FFF))
+        rounded = builder.lshr(builder.add(bits, round_up), i32(16))
+        quiet = builder.or_(top, i32(0x40))
+        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.trunc(builder.select(is_nan, quiet, rounded),
+                             ir.IntType(16))
+    return types.int16(types.float32), codegen
+
+
 @_inline
 def _single_to_bfloat16(value):
-    u = np.float32(value).view(np.uint32)
-    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN: quiet it
-        return np.int16(np.uint16((u >> np.uint32(16)) | np.uint32(0x40)))
-    # round to nearest even on the 16 dropped bits (a carry into the
-    # exponent is right, and turns the largest finite values into inf)
-    u = np.uint32(u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
-    return np.int16(np.uint16(u >> np.uint32(16)))
+    return _single_to_bfloat16_bits(np.float32(value))
 
 
 # --------------------------------------------------------------------------
