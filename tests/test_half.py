@@ -232,3 +232,31 @@ def test_bfloat16_store_matches_ml_dtypes():
     nan = np.isnan(x)
     assert np.isnan(out.view(ml_dtypes.bfloat16)[nan].astype(np.float32)).all()
     np.testing.assert_array_equal(out[~nan], want.view(np.int16)[~nan])
+
+
+
+@njit
+def _product_type_sum(a):
+    total = storage.product_zero(a)
+    for i in range(a.size):
+        total += storage.load(a, i) * storage.load(a, i)
+    return total
+
+
+@pytest.mark.parametrize("dtype, want", [("float16", np.float32),
+                                         ("bfloat16", np.float32),
+                                         ("float32", np.float64),
+                                         ("float64", np.float64)])
+def test_product_zero_type(dtype, want):
+    # The backward sums form their products in float32 only for 16-bit
+    # storage; a float32 input's stay float64.  2048**2 + (1 + 2**-7)**2
+    # (both exact in every storage) needs 36 bits: float32 rounds it.
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    values = np.array([2048.0, 1.0 + 2.0 ** -7])
+    flat = storage.storage_view(values.astype(dtype))
+    exact = values[0] ** 2 + values[1] ** 2
+    assert _product_type_sum(flat) == want(want(values[0] ** 2)
+                                           + want(values[1] ** 2))
+    assert (_product_type_sum(flat) == exact) == (want is np.float64)
+    assert type(storage.product_zero(flat)) is want

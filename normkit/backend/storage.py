@@ -31,7 +31,7 @@ from numba.np.numpy_support import as_dtype
 from . import half
 
 __all__ = ["storage_view", "compute_dtype", "is_bfloat16", "load", "store",
-           "compute_empty", "compute_zero", "F16C"]
+           "compute_empty", "compute_zero", "product_zero", "F16C"]
 
 #: True when the CPU converts float16 in hardware (x86 F16C); the kernels
 #: then use LLVM's ``half`` conversions, which vectorise.
@@ -161,6 +161,15 @@ def compute_zero(a):
     return a.dtype.type(0)
 
 
+def product_zero(a):
+    """Zero of the type in which the backward sums of storage array ``a``
+    form their products and sum each tile (usable in kernels): float32 for
+    16-bit storage, whose values carry 11 or 8 significant bits, so that
+    those loops vectorise 16 wide; float64 otherwise, so that a float32
+    gradient keeps every digit it had."""
+    return (np.float32 if a.dtype.itemsize == 2 else np.float64)(0)
+
+
 def compute_empty(a, n):
     """``np.empty(n)`` of the compute type of ``a`` (usable in kernels)."""
     return np.empty(n, a.dtype)
@@ -200,6 +209,13 @@ def _compute_scalar(a):
 @overload(compute_zero)
 def _compute_zero_impl(a):
     zero = _compute_scalar(a)(0)
+    return lambda a: zero
+
+
+@overload(product_zero)
+def _product_zero_impl(a):
+    zero = (np.float32 if a.dtype in (types.uint16, types.int16)
+            else np.float64)(0)
     return lambda a: zero
 
 
