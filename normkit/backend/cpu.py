@@ -1014,6 +1014,12 @@ def backward_coefficients(sums, n, mean, rstd, centered):
     return coef
 
 
+#: Rows whose affine sums :func:`_rows_backward` gathers in the product
+#: type before adding them to the float64 partials (float32 for 16-bit
+#: storage: 32 terms, far below what a 16-bit gradient can resolve).
+AFFINE_BLOCK_ROWS = 32
+
+
 @_kernel
 def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
                    part_affine):
@@ -1054,10 +1060,19 @@ def _rows_backward(dy, x, dx, p0, p1, width, mean, rstd, gscale, affine,
     """:func:`backward_fused` over whole rows ``[p0, p1)`` of ``width``
     values, one group each (``A == K == B == 1``), as :func:`_runs_forward`
     is for the forward, two rows at a time: their sums by
-    :func:`_reduce_segment_pair` (both rows' affine sums added into
-    ``affine``, two rows of ``width`` or no columns; a last odd row by
-    :func:`_reduce_segment`), then each row's ``dx`` (:func:`_row_dx`)."""
+    :func:`_reduce_segment_pair` (a last odd row by
+    :func:`_reduce_segment`), then each row's ``dx`` (:func:`_row_dx`).
+
+    The rows' affine sums (``affine``: two rows of ``width``, float64, or
+    no columns) gather :data:`AFFINE_BLOCK_ROWS` rows at a time in two
+    vectors of the type of :func:`~normkit.backend.storage.product_zero`,
+    then are added into ``affine``: float32 for 16-bit storage, whose
+    column updates then vectorise twice as wide."""
     with_affine = affine.shape[1] > 0
+    zero = product_zero(x)
+    block_dy = np.full(width if with_affine else 0, zero)
+    block_dyx = np.full(width if with_affine else 0, zero)
+    in_block = 0
     for p in range(p0, p1, 2):
         lo = p * width
         xs = x[lo:lo + width]
@@ -1067,14 +1082,22 @@ def _rows_backward(dy, x, dx, p0, p1, width, mean, rstd, gscale, affine,
             s1, s2, s1_next, s2_next = _reduce_segment_pair(
                 xs, ds, x[hi:hi + width], dy[hi:hi + width], mean[p, 0],
                 rstd[p, 0], mean[p + 1, 0], rstd[p + 1, 0], gscale,
-                affine[0], affine[1], with_affine)
+                block_dy, block_dyx, with_affine)
             _row_dx(x, dy, dx, p + 1, width, s1_next, s2_next, mean, rstd,
                     gscale, sums, coef, no_beta)
         else:
             s1, s2 = _reduce_segment(xs, ds, mean[p, 0], rstd[p, 0], gscale,
-                                     affine[0], affine[1], with_affine)
+                                     block_dy, block_dyx, with_affine)
         _row_dx(x, dy, dx, p, width, s1, s2, mean, rstd, gscale, sums, coef,
                 no_beta)
+        in_block += 2
+        if with_affine and (in_block >= AFFINE_BLOCK_ROWS or p + 2 >= p1):
+            for c in range(width):
+                affine[0, c] += block_dy[c]
+                affine[1, c] += block_dyx[c]
+                block_dy[c] = zero
+                block_dyx[c] = zero
+            in_block = 0
 
 
 @_inlined
