@@ -1014,7 +1014,7 @@ def backward_coefficients(sums, n, mean, rstd, centered):
     return coef
 
 
-#: Rows whose affine sums :func:`_rows_backward` gathers in the product
+#: Rows whose affine sums ``_rows_backward`` gathers in the product
 #: type before adding them to the float64 partials (float32 for 16-bit
 #: storage: 32 terms, far below what a 16-bit gradient can resolve).
 AFFINE_BLOCK_ROWS = 32
