@@ -234,7 +234,6 @@ def test_bfloat16_store_matches_ml_dtypes():
     np.testing.assert_array_equal(out[~nan], want.view(np.int16)[~nan])
 
 
-
 @njit
 def _product_type_sum(a):
     total = storage.product_zero(a)

@@ -167,7 +167,12 @@ def product_zero(a):
     16-bit storage, whose values carry 11 or 8 significant bits, so that
     those loops vectorise 16 wide; float64 otherwise, so that a float32
     gradient keeps every digit it had."""
-    return (np.float32 if a.dtype.itemsize == 2 else np.float64)(0)
+    return _product_scalar(a.dtype)(0)
+
+
+def _product_scalar(dtype):
+    """The NumPy scalar type of :func:`product_zero` for storage ``dtype``."""
+    return np.float32 if np.dtype(dtype).itemsize == 2 else np.float64
 
 
 def compute_empty(a, n):
@@ -214,8 +219,7 @@ def _compute_zero_impl(a):
 
 @overload(product_zero)
 def _product_zero_impl(a):
-    zero = (np.float32 if a.dtype in (types.uint16, types.int16)
-            else np.float64)(0)
+    zero = _product_scalar(as_dtype(a.dtype))(0)
     return lambda a: zero
 
 
