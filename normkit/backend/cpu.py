@@ -1065,8 +1065,10 @@ PAIRED_ROW_BYTES = 4096
 
 @_kernel
 def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
-                   part_affine):
-    """Backward of batch-statistics normalization, group by group in cache.
+                   part_affine, centered):
+    """Backward of batch-statistics normalization, group by group in cache,
+    centered or not (``mean`` then zero, as for
+    :func:`finish_backward_p`).
 
     Valid only for plans whose items hold whole groups.  Writes ``dx`` and the
     per-item ``(sum dy, sum dy*xhat)`` partials of ``part_affine``.
@@ -1081,7 +1083,7 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
         part_affine[item] = 0.0
         if A == 1 and K == 1 and B == 1:
             _rows_backward(dy, x, dx, p0, p1, J, mean, rstd, gscale,
-                           part_affine[item], sums, coef, no_beta)
+                           part_affine[item], sums, coef, no_beta, centered)
             continue
         scratch = np.empty(3 * K * J if _narrow_groups(J, B) else 0)
         x_scratch = compute_empty(x, 4 * K * J if _narrow_groups(J, B) else 0)
@@ -1092,14 +1094,14 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
                 _p_reduce(dy, x, p, g, A, K, J, B, mean[p], rstd[p],
                           gscale, sums, part_affine[item], scratch)
                 finish_backward_p(sums, n, mean[p], rstd[p], coef, g[2], g[3],
-                                  True)
+                                  centered)
                 _p_apply(x, dy, dx, True, p, g, A, K, J, B, coef,
                          gscale, no_beta, x_scratch)
 
 
 @_inner
 def _rows_backward(dy, x, dx, p0, p1, width, mean, rstd, gscale, affine,
-                   sums, coef, no_beta):
+                   sums, coef, no_beta, centered):
     """:func:`backward_fused` over whole rows ``[p0, p1)`` of ``width``
     values, one group each (``A == K == B == 1``), as :func:`_runs_forward`
     is for the forward: row by row (:func:`_rows_backward_single`), or two
@@ -1115,15 +1117,15 @@ def _rows_backward(dy, x, dx, p0, p1, width, mean, rstd, gscale, affine,
     16-bit storage, whose column updates then vectorise twice as wide."""
     if width * x.itemsize >= PAIRED_ROW_BYTES:
         _rows_backward_paired(dy, x, dx, p0, p1, width, mean, rstd, gscale,
-                              affine, sums, coef, no_beta)
+                              affine, sums, coef, no_beta, centered)
     else:
         _rows_backward_single(dy, x, dx, p0, p1, width, mean, rstd, gscale,
-                              affine, sums, coef, no_beta)
+                              affine, sums, coef, no_beta, centered)
 
 
 @_inner
 def _rows_backward_single(dy, x, dx, p0, p1, width, mean, rstd, gscale,
-                          affine, sums, coef, no_beta):
+                          affine, sums, coef, no_beta, centered):
     """:func:`_rows_backward` row by row: each row's sums by
     :func:`_reduce_segment`, then its ``dx`` (:func:`_row_dx`)."""
     with_affine = affine.shape[1] > 0
@@ -1136,7 +1138,7 @@ def _rows_backward_single(dy, x, dx, p0, p1, width, mean, rstd, gscale,
                                  mean[p, 0], rstd[p, 0], gscale, block_dy,
                                  block_dyx, with_affine)
         _row_dx(x, dy, dx, p, width, s1, s2, mean, rstd, gscale, sums, coef,
-                no_beta)
+                no_beta, centered)
         if with_affine and ((p + 1 - p0) % AFFINE_BLOCK_ROWS == 0
                             or p + 1 == p1):
             _add_affine_block(block_dy, block_dyx, affine)
@@ -1144,7 +1146,7 @@ def _rows_backward_single(dy, x, dx, p0, p1, width, mean, rstd, gscale,
 
 @_inner
 def _rows_backward_paired(dy, x, dx, p0, p1, width, mean, rstd, gscale,
-                          affine, sums, coef, no_beta):
+                          affine, sums, coef, no_beta, centered):
     """:func:`_rows_backward` two rows at a time: their sums by
     :func:`_reduce_segment_pair` (a last odd row by
     :func:`_reduce_segment`), then each row's ``dx`` (:func:`_row_dx`)."""
@@ -1163,12 +1165,12 @@ def _rows_backward_paired(dy, x, dx, p0, p1, width, mean, rstd, gscale,
                 rstd[p, 0], mean[p + 1, 0], rstd[p + 1, 0], gscale,
                 block_dy, block_dyx, with_affine)
             _row_dx(x, dy, dx, p + 1, width, s1_next, s2_next, mean, rstd,
-                    gscale, sums, coef, no_beta)
+                    gscale, sums, coef, no_beta, centered)
         else:
             s1, s2 = _reduce_segment(xs, ds, mean[p, 0], rstd[p, 0], gscale,
                                      block_dy, block_dyx, with_affine)
         _row_dx(x, dy, dx, p, width, s1, s2, mean, rstd, gscale, sums, coef,
-                no_beta)
+                no_beta, centered)
         if with_affine and ((p + 2 - p0) % AFFINE_BLOCK_ROWS == 0
                             or p + 2 >= p1):
             _add_affine_block(block_dy, block_dyx, affine)
@@ -1187,13 +1189,14 @@ def _add_affine_block(block_dy, block_dyx, affine):
 
 @_inlined
 def _row_dx(x, dy, dx, p, width, s1, s2, mean, rstd, gscale, sums, coef,
-            no_beta):
+            no_beta, centered):
     """``dx`` of row ``p`` from its sums ``(s1, s2)``: the coefficients of
     :func:`finish_backward_p` (into the one-group tables ``sums`` and
     ``coef``), then :func:`_map_segment`."""
     sums[0, 0] = s1
     sums[0, 1] = s2
-    finish_backward_p(sums, float(width), mean[p], rstd[p], coef, 0, 1, True)
+    finish_backward_p(sums, float(width), mean[p], rstd[p], coef, 0, 1,
+                      centered)
     m, a, h, e, c = _coefficients(coef, 0)
     mc, a_x, h_x, e_x, q_x, w_x = _wide_coefficients(m, a, h, e, c,
                                                      compute_zero(x))
@@ -1579,11 +1582,11 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     dx = _output(out, flat_x)
     no_beta = np.empty(0, gscale.dtype)
     written = None  # affine_out, where the kernels wrote the sums into it
-    if (batch_stats and plan.fused and centered
+    if (batch_stats and plan.fused
             and (not need_affine or affine_partials_fit(plan, view))):
         part_affine = np.empty((plan.n_items, 2, kj if need_affine else 0))
         backward_fused(flat_dy, flat_x, dx, *view.dims, tuple(plan), mean, rstd,
-                       gscale, part_affine)
+                       gscale, part_affine, bool(centered))
         sums = part_affine.sum(axis=0)
     else:
         sums_plan = reduction_plan(view)
