@@ -246,7 +246,14 @@ def overlap(a, b):
     """How arrays ``a`` and ``b`` (both host or both device) share memory:
     ``"none"``, ``"same"`` (the same elements in the same layout: an
     elementwise pass may write one while reading the other) or
-    ``"partial"`` (any other overlap of their byte ranges)."""
+    ``"partial"`` (any other overlap of their byte ranges).  Host arrays
+    whose byte ranges are apart (NumPy's ``may_share_memory``, 0.2 us)
+    skip the layouts (3 us an array)."""
+    if a is b and math.prod(a.shape) > 0:
+        return "same"
+    if (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
+            and not np.may_share_memory(a, b)):
+        return "none"
     a_low, a_high, a_layout = _extent(a)
     b_low, b_high, b_layout = _extent(b)
     if a_high <= b_low or b_high <= a_low:

@@ -285,3 +285,19 @@ def test_sync_batch_norm_takes_out_and_dx_out(rng):
     assert layer.backward(dy, dx_out=dx_out) is dx_out
     np.testing.assert_array_equal(dx_out, reference.backward(dy))
     assert layer.communicator.count == reference.communicator.count == 2
+
+
+def test_overlap_tells_apart_separate_same_and_partial_memory():
+    """:func:`normkit.checks.overlap`, whose shortcut for separate host
+    arrays must not hide a shared byte range or a changed layout."""
+    from normkit.checks import overlap
+    x = np.zeros((4, 6), np.float32)
+    assert overlap(x, x) == "same"
+    assert overlap(x, x[...]) == "same"          # another object, one layout
+    assert overlap(x, x.copy()) == "none"
+    assert overlap(x[:2], x[2:]) == "none"         # one buffer, apart
+    assert overlap(x[:, 1:], x[:, :-1]) == "partial"
+    assert overlap(x.T, x) == "partial"            # same bytes, another layout
+    assert overlap(x[::2], x[1::2]) == "partial"   # interleaved ranges
+    empty = x[:0]
+    assert overlap(empty, empty) == "none"
