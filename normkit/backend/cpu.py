@@ -1053,7 +1053,7 @@ def backward_coefficients(sums, n, mean, rstd, centered):
     return coef
 
 
-#: Bytes a row must hold for :func:`_rows_backward` to sum two rows at
+#: Bytes a row must hold for ``_rows_backward`` to sum two rows at
 #: once.  Shorter rows ran faster one at a time, longer ones two at a time
 #: (LayerNorm backward over 16 MiB of rows of 512 to 4096 values in
 #: float16, bfloat16 or float32, both threads, the two ways alternating, 3
