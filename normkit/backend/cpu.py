@@ -1113,25 +1113,29 @@ def _rows_backward(dy, x, dx, p0, p1, width, mean, rstd, gscale, affine,
     The rows' affine sums (``affine``: two rows of ``width``, float64, or
     no columns) gather :data:`AFFINE_BLOCK_ROWS` rows at a time in two
     vectors of the type of :func:`~normkit.backend.storage.product_zero`
-    (:func:`_add_affine_block` adds them into ``affine``): float32 for
-    16-bit storage, whose column updates then vectorise twice as wide."""
+    (``block_dy``, ``block_dyx``; :func:`_add_affine_block` adds them into
+    ``affine``): float32 for 16-bit storage, whose column updates then
+    vectorise twice as wide."""
+    columns = width if affine.shape[1] > 0 else 0
+    block_dy = np.full(columns, product_zero(x))
+    block_dyx = np.full(columns, product_zero(x))
     if width * x.itemsize >= PAIRED_ROW_BYTES:
         _rows_backward_paired(dy, x, dx, p0, p1, width, mean, rstd, gscale,
-                              affine, sums, coef, no_beta, centered)
+                              affine, block_dy, block_dyx, sums, coef,
+                              no_beta, centered)
     else:
         _rows_backward_single(dy, x, dx, p0, p1, width, mean, rstd, gscale,
-                              affine, sums, coef, no_beta, centered)
+                              affine, block_dy, block_dyx, sums, coef,
+                              no_beta, centered)
 
 
 @_inner
 def _rows_backward_single(dy, x, dx, p0, p1, width, mean, rstd, gscale,
-                          affine, sums, coef, no_beta, centered):
+                          affine, block_dy, block_dyx, sums, coef, no_beta,
+                          centered):
     """:func:`_rows_backward` row by row: each row's sums by
     :func:`_reduce_segment`, then its ``dx`` (:func:`_row_dx`)."""
-    with_affine = affine.shape[1] > 0
-    zero = product_zero(x)
-    block_dy = np.full(width if with_affine else 0, zero)
-    block_dyx = np.full(width if with_affine else 0, zero)
+    with_affine = block_dy.size > 0
     for p in range(p0, p1):
         lo = p * width
         s1, s2 = _reduce_segment(x[lo:lo + width], dy[lo:lo + width],
@@ -1146,14 +1150,12 @@ def _rows_backward_single(dy, x, dx, p0, p1, width, mean, rstd, gscale,
 
 @_inner
 def _rows_backward_paired(dy, x, dx, p0, p1, width, mean, rstd, gscale,
-                          affine, sums, coef, no_beta, centered):
+                          affine, block_dy, block_dyx, sums, coef, no_beta,
+                          centered):
     """:func:`_rows_backward` two rows at a time: their sums by
     :func:`_reduce_segment_pair` (a last odd row by
     :func:`_reduce_segment`), then each row's ``dx`` (:func:`_row_dx`)."""
-    with_affine = affine.shape[1] > 0
-    zero = product_zero(x)
-    block_dy = np.full(width if with_affine else 0, zero)
-    block_dyx = np.full(width if with_affine else 0, zero)
+    with_affine = block_dy.size > 0
     for p in range(p0, p1, 2):
         lo = p * width
         xs = x[lo:lo + width]
