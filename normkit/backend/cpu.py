@@ -41,13 +41,20 @@ and computed in float32: no widened copy of the input, no narrowed copy of
 the output.  The kernels are specialised by Numba for each storage type.
 """
 
+import functools
+import hashlib
+import importlib.util
+import inspect
 import math
+import os
+import sys
 
+import numba
 import numpy as np
 from numba import njit, prange, vectorize
 from numba.extending import overload
 
-from . import protocol
+from . import protocol, storage
 from .storage import (compute_dtype, compute_empty, compute_zero, load,
                       product_zero, store, storage_view)
 from .plan import (WIDE_GROUP, affine_partials_fit, column_sums,
@@ -1622,7 +1629,8 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
 def _compiled_loop(function, key, reads, header, params="", parallel=False,
                    write="o{k}[i] = {value}"):
     """The compiled loop of a channelwise function for one pattern of
-    arguments (cached on the function)."""
+    arguments (cached on the function, and on disk where
+    :func:`_loop_module` can write its source)."""
     loop = function.compiled.get(key)
     if loop is None:
         source = protocol.loop_source(function.arity, function.outputs, reads,
@@ -1630,10 +1638,83 @@ def _compiled_loop(function, key, reads, header, params="", parallel=False,
         namespace = {"f": njit(function.function, error_model="numpy"),
                      "float64": np.float64, "prange": prange,
                      "load": load, "store": store}
-        exec(source, namespace)
-        loop = function.compiled[key] = njit(
-            namespace["loop"], error_model="numpy", parallel=parallel)
+        module = _loop_module(function, source, namespace, parallel)
+        if module is None:
+            exec(source, namespace)
+            loop = njit(namespace["loop"], error_model="numpy",
+                        parallel=parallel)
+        else:
+            loop = njit(module.loop, error_model="numpy", parallel=parallel,
+                        cache=True)
+        function.compiled[key] = loop
     return loop
+
+
+def _loop_directory():
+    """Where :func:`_loop_module` writes the source of the channelwise
+    loops, for Numba to cache their machine code beside it:
+    ``$NUMBA_CACHE_DIR/normkit-loops`` when that is set, else
+    ``normkit/loops`` in the user's cache directory (``$XDG_CACHE_HOME``,
+    default ``~/.cache``).  Files there are named by a digest of what
+    they compile and may be deleted at any time."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return os.path.join(os.environ["NUMBA_CACHE_DIR"], "normkit-loops")
+    cache = (os.environ.get("XDG_CACHE_HOME")
+             or os.path.join(os.path.expanduser("~"), ".cache"))
+    return os.path.join(cache, "normkit", "loops")
+
+
+def _loop_module(function, source, namespace, parallel):
+    """The loop ``source`` of ``function`` run as a module from a file of
+    :func:`_loop_directory`, with ``namespace`` as its globals, so that
+    ``njit(cache=True)`` can keep its machine code on disk (compiling a
+    loop takes about 0.15 s, loading it about 5 ms).  The file's name is a
+    digest of the scalar function's source, the loop's, whether it is
+    ``parallel``, the storage module's source (its ``load`` and ``store``
+    are compiled in) and Numba's version: an edited function gets a new
+    file.  As with Numba's own cache, the functions and globals that the
+    scalar function uses are not part of the digest.  None where the
+    function has no source file (typed at a prompt), closes over
+    variables (their values are compiled in) or the directory cannot be
+    written."""
+    if function.function.__closure__ is not None:
+        return None
+    try:
+        scalar = inspect.getsource(function.function)
+    except (OSError, TypeError):
+        return None
+    digest = hashlib.sha256("\0".join(
+        (scalar, source, str(parallel), _storage_source(),
+         numba.__version__)).encode()
+    ).hexdigest()[:24]
+    name = f"normkit_loop_{digest}"
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    path = os.path.join(_loop_directory(), f"{name}.py")
+    try:
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            partial = f"{path}.{os.getpid()}.tmp"
+            with open(partial, "w") as file:
+                file.write(f"# channelwise loop of {function.__name__}, "
+                           f"written by normkit.backend.cpu\n{source}")
+            os.replace(partial, path)  # whole, even with writers in parallel
+    except OSError:
+        return None
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    module.__dict__.update(namespace)
+    # Numba's cache finds a cached loop's globals through sys.modules
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.lru_cache(maxsize=1)
+def _storage_source():
+    """The source of :mod:`normkit.backend.storage`, for loop digests."""
+    return inspect.getsource(storage)
 
 
 def _ufunc(function, flat):
@@ -1672,15 +1753,17 @@ def map_channels(function, args, out):
             else:
                 out[0][...] = ufunc(*flat).reshape(out[0].shape)
         return out
-    scalars = tuple(protocol.is_number(a) for a in args)
-    loop = _compiled_loop(function, ("cpu", scalars),
-                          protocol.plain_reads(scalars),
-                          "    for i in range(o0.size):\n")
-    size = next(a.size for a, scalar in zip(flat, scalars) if not scalar)
-    results = [np.empty(size) for _ in range(function.outputs)]
+    scalars = tuple(map(protocol.is_number, args))
+    loop = function.compiled.get(("cpu", scalars))
+    if loop is None:
+        loop = _compiled_loop(function, ("cpu", scalars),
+                              protocol.plain_reads(scalars),
+                              "    for i in range(o0.size):\n")
+    size = flat[scalars.index(False)].size
+    results = tuple(np.empty(size) for _ in range(function.outputs))
     loop(*flat, *results)
     if out is None:
-        return tuple(results)
+        return results
     for target, result in zip(out, results):
         target[...] = result.reshape(target.shape)
     return out

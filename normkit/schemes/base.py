@@ -477,6 +477,29 @@ def _moving_average(running, value, factor, scale):
     return (1.0 - factor) * running + factor * (scale * value)
 
 
+@channelwise(outputs=2)
+def _moving_averages(running_mean, mean, running_spread, spread, factor,
+                     scale):
+    """:func:`_moving_average` of the mean (unscaled) and of the spread
+    (scaled) in one call: one compiled loop instead of two calls."""
+    return ((1.0 - factor) * running_mean + factor * mean,
+            (1.0 - factor) * running_spread + factor * (scale * spread))
+
+
+def _batch_row(rows):
+    """The batch's values of ``(P, C)`` rows: the row for ``P == 1``, else
+    the mean over ``p``."""
+    if rows.shape[0] > 1:
+        return engine.moments(rows, View(1, rows.shape[0], rows.shape[1],
+                                         1, 1))[0]
+    return rows
+
+
+def _unbiased_scale(n):
+    """``n / (n - 1)`` (1 for None, inf for ``n = 1``)."""
+    return 1.0 if n is None else n / (n - 1) if n != 1 else math.inf
+
+
 def update_running(running, rows, factor, n=None):
     """``running <- (1 - factor) * running + factor * s * mean_p(rows)`` in
     place.
@@ -507,13 +530,10 @@ def update_running(running, rows, factor, n=None):
     >>> running.tolist()
     [1.0, 1.5]
     """
-    P, C = rows.shape
-    if P == 0:  # no rows: nothing to fold in
+    if rows.shape[0] == 0:  # no rows: nothing to fold in
         return
-    if P > 1:
-        rows = engine.moments(rows, View(1, P, C, 1, 1))[0]
-    scale = 1.0 if n is None else n / (n - 1) if n != 1 else math.inf
-    _moving_average(running, rows, factor, scale, out=running)
+    _moving_average(running, _batch_row(rows), factor, _unbiased_scale(n),
+                    out=running)
 
 
 # --------------------------------------------------------------------------
@@ -914,10 +934,15 @@ class RunningStatsNormalizer(Normalizer):
                               for rows in (mean, var))
         if not empty:
             factor = momentum_factor(self.momentum, self.num_batches_tracked)
-            if mean is not None:
+            spread = getattr(self, self.spread_name)
+            if mean is not None and var is not None:
+                _moving_averages(self.running_mean, _batch_row(mean), spread,
+                                 _batch_row(var), factor, _unbiased_scale(n),
+                                 out=(self.running_mean, spread))
+            elif mean is not None:
                 update_running(self.running_mean, mean, factor)
-            if var is not None:
-                update_running(getattr(self, self.spread_name), var, factor, n)
+            elif var is not None:
+                update_running(spread, var, factor, n)
         self.num_batches_tracked += 1
 
     def normalize_running(self, x, view, out=None):
