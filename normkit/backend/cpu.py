@@ -160,14 +160,25 @@ def _column_range(K, L, l0, l1):
     return 0, K * L
 
 
+#: Values of the groups a fused kernel takes at once where groups are
+#: segments (``B > 1``), see :func:`_group_step`.
+GROUP_STEP_VALUES = 32768
+
+
 @_inner
-def _group_step(r, B):
-    """How many groups of an item's ranges ``r`` (whole groups) a fused
-    kernel takes at once: one for segments (``B > 1``), so that a group's
-    data stays in cache between its reduction and its elementwise pass (the
-    item's groups together can exceed the L2 cache); all of them otherwise
-    (``B == 1``: rows of ``K * J`` values, which the kernels take whole)."""
-    return 1 if B > 1 else max(1, r[3] - r[2])
+def _group_step(r, L, B):
+    """How many groups of an item's ranges ``r`` (whole groups, segments of
+    ``L`` values) a fused kernel takes at once: for segments (``B > 1``)
+    as many as hold :data:`GROUP_STEP_VALUES` values, one at least, so that
+    they stay in cache between their reduction and their elementwise pass
+    (the item's groups together can exceed the L2 cache) while short
+    segments are read in memory order, the block's segments of each ``a``
+    one after the other, not each group's ``A`` segments a row apart; all
+    of them otherwise (``B == 1``: rows of ``K * J`` values, which the
+    kernels take whole)."""
+    if B == 1:
+        return max(1, r[3] - r[2])
+    return max(1, GROUP_STEP_VALUES // ((r[1] - r[0]) * L))
 
 
 @_inner
@@ -633,7 +644,7 @@ def forward_fused(x, out, P, A, K, J, B, plan, gamma, beta, eps, centered,
         n = np.empty(K)
         m2 = np.empty(K)
         coef = np.empty((K, N_COEF))
-        step = _group_step(r, B)
+        step = _group_step(r, L, B)
         for p in range(p0, p1):
             for first in range(r[2], r[3], step):
                 g = _groups(r, first, step)
@@ -1094,7 +1105,7 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
             continue
         scratch = np.empty(3 * K * J if _narrow_groups(J, B) else 0)
         x_scratch = compute_empty(x, 4 * K * J if _narrow_groups(J, B) else 0)
-        step = _group_step(r, B)
+        step = _group_step(r, L, B)
         for p in range(p0, p1):
             for first in range(r[2], r[3], step):
                 g = _groups(r, first, step)
