@@ -592,10 +592,65 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
                     store(o2, (row, col),
                           (load(x2, (row, col)) - mc_c[col]) * sx_c[col] + s0_c[col])
         return
+    if (l0 == 0 and l1 == L and 2 * L <= TILE
+            and (k1 - k0) * L <= SHORT_MAP_VALUES):
+        _map_block_rows(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma,
+                        beta)
+        return
     for k in range(k0, k1):
         m, a_k, h, e, c = _coefficients(coef, k)
         _map_group(x, dy, out, use_dy, p, r, A, K, J, B, k, m, a_k, h, e, c,
                    gamma, beta)
+
+
+#: Most values per row of a block of whole short groups that
+#: :func:`_map_block_rows` maps with per-value coefficient vectors.
+SHORT_MAP_VALUES = 4096
+
+
+@_inner
+def _map_block_rows(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma,
+                    beta):
+    """The map of :func:`_p_apply` over whole groups ``k0 .. k1`` of short
+    segments (``B > 1``, ``L <= TILE / 2``) whose values for one ``a`` are
+    a row of at most :data:`SHORT_MAP_VALUES`: the coefficients of :func:`_map_group`
+    spread once into vectors of the row's length, then each row of the
+    block mapped in one loop in memory order, where a group at a time took
+    its segments a row apart, a few dozen values each (channels-first
+    BatchNorm over a few pixels)."""
+    a0, a1, k0, k1, _, _ = r
+    L = J * B
+    width = (k1 - k0) * L
+    zero = compute_zero(x)
+    mc_v = compute_empty(x, width)
+    sx_v = compute_empty(x, width)
+    sd_v = compute_empty(x, width)
+    s0_v = compute_empty(x, width)
+    for k in range(k0, k1):
+        m, a_k, h, e, c = _coefficients(coef, k)
+        mc = _cast_like(m, zero)
+        for j in range(J):
+            col = k * J + j
+            g = _param(gamma, col, 1.0)
+            sx = a_k * g + h
+            lo = (k - k0) * L + j * B
+            mc_v[lo:lo + B] = mc
+            sx_v[lo:lo + B] = _cast_like(sx, zero)
+            sd_v[lo:lo + B] = _cast_like(e * g, zero)
+            s0_v[lo:lo + B] = _cast_like(_param(beta, col, 0.0) + c
+                                         - (m - float(mc)) * sx, zero)
+    for a in range(a0, a1):
+        start = ((p * A + a) * K + k0) * L
+        xs = x[start:start + width]
+        os = out[start:start + width]
+        if use_dy:
+            ds = dy[start:start + width]
+            for i in range(width):
+                store(os, i, (load(xs, i) - mc_v[i]) * sx_v[i]
+                      + load(ds, i) * sd_v[i] + s0_v[i])
+        else:
+            for i in range(width):
+                store(os, i, (load(xs, i) - mc_v[i]) * sx_v[i] + s0_v[i])
 
 
 @_inlined
