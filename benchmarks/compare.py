@@ -39,7 +39,9 @@ CASES = (
     [Case(v, (32, 64, 56, 56), 1) for v in CHANNEL_VARIANTS]
     + [Case(v, (32, 56, 56, 64), -1) for v in CHANNEL_VARIANTS]
     + [Case("layer_norm", (8192, 1024), -1),
-       Case("batch_norm", (4096, 3, 64, 64), 1)]
+       Case("batch_norm", (4096, 3, 64, 64), 1),
+       # many channels over a few pixels: a ResNet's last stage
+       Case("batch_norm", (32, 2048, 7, 7), 1)]
     + [Case(v, (2, 64, 56, 56), 1) for v in ("batch_norm", "group_norm")]
     + [Case(v, (2, 56, 56, 64), -1) for v in ("batch_norm", "group_norm")]
     + [Case("rms_norm", (8192, 1024), -1),
