@@ -76,7 +76,7 @@ FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 #: no clear difference in speed was measured (old and new alternating).
 TILE = 1024
 
-#: Most elements per tile of :func:`_short_segment_moments`, which gathers
+#: Most elements per tile of ``_short_segment_moments``, which gathers
 #: short segments of a group (channels-first BatchNorm over a few pixels)
 #: into one tile: one float64 merge per tile, not per segment (the
 #: moments of float32 (32, 1024, 4, 4) took 0.18 ms with a merge per
@@ -175,7 +175,7 @@ def _column_range(K, L, l0, l1):
 
 
 #: Values of the groups a fused kernel takes at once where groups are
-#: segments (``B > 1``), see :func:`_group_step`.
+#: segments (``B > 1``), see ``_group_step``.
 GROUP_STEP_VALUES = 32768
 
 
@@ -604,7 +604,7 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
 
 
 #: Most values per row of a block of whole short groups that
-#: :func:`_map_block_rows` maps with per-value coefficient vectors.
+#: ``_map_block_rows`` maps with per-value coefficient vectors.
 SHORT_MAP_VALUES = 4096
 
 
