@@ -613,11 +613,11 @@ def _map_block_rows(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma,
                     beta):
     """The map of :func:`_p_apply` over whole groups ``k0 .. k1`` of short
     segments (``B > 1``, ``L <= TILE / 2``) whose values for one ``a`` are
-    a row of at most :data:`SHORT_MAP_VALUES`: the coefficients of :func:`_map_group`
-    spread once into vectors of the row's length, then each row of the
-    block mapped in one loop in memory order, where a group at a time took
-    its segments a row apart, a few dozen values each (channels-first
-    BatchNorm over a few pixels)."""
+    a row of at most :data:`SHORT_MAP_VALUES`: the coefficients of
+    :func:`_map_group` spread once into vectors of the row's length, then
+    each row of the block mapped in one loop in memory order, where a
+    group at a time took its segments a row apart, a few dozen values each
+    (channels-first BatchNorm over a few pixels)."""
     a0, a1, k0, k1, _, _ = r
     L = J * B
     width = (k1 - k0) * L
@@ -1813,13 +1813,26 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
 # per-channel arithmetic and small helpers
 # --------------------------------------------------------------------------
 
-def _compiled_loop(function, key, reads, header, params="", parallel=False,
-                   write="o{k}[i] = {value}"):
-    """The compiled loop of a channelwise function for one pattern of
-    arguments (cached on the function, and on disk where
-    :func:`_loop_module` can write its source)."""
+def _compiled_loop(function, key):
+    """The compiled loop of channelwise ``function`` for one pattern of
+    arguments, ``key = ("cpu", scalars)`` (:func:`map_channels`, one
+    element at a time) or ``("cpu-view", kinds)`` (:func:`map_view`, in
+    parallel, input-sized arrays in their storage), as the CUDA backend's
+    ``kernel_for``: cached on the function, and on disk where
+    :func:`_loop_module` can write its source."""
     loop = function.compiled.get(key)
     if loop is None:
+        if key[0] == "cpu":
+            reads = protocol.plain_reads(key[1])
+            header = "    for i in range(o0.size):\n"
+            params, parallel, write = "", False, "o{k}[i] = {value}"
+        else:
+            reads = ["load(a{n}, i)".format(n=n) if kind == "full" else
+                     protocol.VIEW_READS[kind].format(n=n)
+                     for n, kind in enumerate(key[1])]
+            header = "    for i in prange(o0.size):\n"
+            params, parallel = protocol.VIEW_PARAMS, True
+            write = "store(o{k}, i, {value})"
         source = protocol.loop_source(function.arity, function.outputs, reads,
                                       header, params, write)
         namespace = {"f": njit(function.function, error_model="numpy"),
@@ -1941,11 +1954,7 @@ def map_channels(function, args, out):
                 out[0][...] = ufunc(*flat).reshape(out[0].shape)
         return out
     scalars = tuple(map(protocol.is_number, args))
-    loop = function.compiled.get(("cpu", scalars))
-    if loop is None:
-        loop = _compiled_loop(function, ("cpu", scalars),
-                              protocol.plain_reads(scalars),
-                              "    for i in range(o0.size):\n")
+    loop = _compiled_loop(function, ("cpu", scalars))
     size = flat[scalars.index(False)].size
     results = tuple(np.empty(size) for _ in range(function.outputs))
     loop(*flat, *results)
@@ -1961,12 +1970,7 @@ def map_view(function, view, args, kinds, out):
     ``view`` (see :meth:`~normkit.backend.protocol.channelwise.over`), in
     parallel; input-sized arrays are read and written in their storage
     (:mod:`normkit.backend.storage`: 16-bit floats without a widened copy)."""
-    reads = ["load(a{n}, i)".format(n=n) if kind == "full" else
-             protocol.VIEW_READS[kind].format(n=n) for n, kind in enumerate(kinds)]
-    loop = _compiled_loop(function, ("cpu-view", kinds), reads,
-                          "    for i in prange(o0.size):\n",
-                          protocol.VIEW_PARAMS, parallel=True,
-                          write="store(o{k}, i, {value})")
+    loop = _compiled_loop(function, ("cpu-view", kinds))
     flat = [float(a) if kind == "scalar" else
             as_kernel_array(a) if kind == "full" else
             np.ascontiguousarray(a, np.float64).reshape(-1)
