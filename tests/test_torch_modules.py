@@ -261,13 +261,13 @@ def test_contiguous_cpu_input_is_not_copied():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_outputs_are_torch_allocated_and_written_by_the_kernels(channels_last,
-                                                                dtype):
-    """The forward's ``y`` and the backward's ``dx`` are tensors torch
-    allocated (in the input's memory format), handed to the scheme as
-    ``out`` / ``dx_out`` and written there by the kernels; the input
-    reaches the kernels as its own memory (float16 and, with ml_dtypes,
-    bfloat16 too: no widened copy)."""
+def test_outputs_are_written_by_the_kernels(channels_last, dtype):
+    """The forward's ``y`` and the backward's ``dx`` are tensors the
+    operators allocate (in the input's memory format; on the CPU in
+    NumPy's memory), handed to the scheme as ``out`` / ``dx_out`` and
+    written there by the kernels; the input reaches the kernels as its
+    own memory (float16 and, with ml_dtypes, bfloat16 too: no widened
+    copy)."""
     if dtype is torch.bfloat16:
         pytest.importorskip("ml_dtypes")
     bn = nkt.BatchNorm2d(3)
