@@ -162,22 +162,27 @@ SCHEMES = {
 }
 
 
-def _functional(layer):
+def _functional(layer, run=_ops.scheme_forward):
+    """``layer``'s forward as a function of the input and the parameters:
+    through the operator, or, with ``run=_ops.forward``, the way modules
+    call it in eager mode (:class:`normkit.torch._ops._Eager`)."""
     params = [getattr(layer, n) for n in layer._param_names]
     buffers = [getattr(layer, n) for n in layer._buffer_names]
 
     def f(x, *p):
-        return _ops.scheme_forward(x, list(p), [b.clone() for b in buffers],
-                                   layer._key, layer.training)[0]
+        return run(x, list(p), [b.clone() for b in buffers], layer._key,
+                   layer.training)[0]
     return f, params, buffers
 
 
+@pytest.mark.parametrize("path", ["operator", "eager"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("name", sorted(SCHEMES))
-def test_gradcheck(name, training):
+def test_gradcheck(name, training, path):
     make, shape, loc, scale = SCHEMES[name]
     layer = make(torch.float64).train(training)
-    f, params, _ = _functional(layer)
+    f, params, _ = _functional(layer, {"operator": _ops.scheme_forward,
+                                       "eager": _ops.forward}[path])
     g = torch.Generator().manual_seed(3)
     x = torch.randn(shape, generator=g, dtype=torch.float64) * scale + loc
     params = [p.detach().clone().requires_grad_() for p in params]
@@ -196,6 +201,58 @@ def test_opcheck(name, training):
     torch.library.opcheck(_ops.scheme_forward,
                           (x, params, [b.clone() for b in buffers], layer._key,
                            training))
+
+
+@pytest.mark.parametrize("key", sorted(LAYERS))
+def test_eager_path_matches_the_operators(key, monkeypatch):
+    """Modules in eager mode skip the operators' dispatch
+    (:class:`normkit.torch._ops._Eager`) and get what the operators give,
+    bit for bit: output, gradients and running statistics."""
+    _, ours, shape = _pair(key, torch.float32)
+    other = copy.deepcopy(ours)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g)
+    dy = torch.randn(shape, generator=g)
+    eager = _run(ours, x, dy)
+    monkeypatch.setattr(_ops, "_eager", lambda tensors: False)
+    operator = _run(other, x, dy)
+    for got, want in zip((eager[0], *eager[1]), (operator[0], *operator[1])):
+        assert torch.equal(got, want)
+    for (name, got), (_, want) in zip(ours.named_buffers(),
+                                      other.named_buffers()):
+        assert torch.equal(got, want), name
+
+
+def test_dispatch_modes_and_transforms_see_the_operators():
+    """Under a dispatch mode (as fake tensors, functionalization and
+    debugging tools use) the modules run through the operators, which the
+    mode sees; in plain eager mode through :class:`_ops._Eager`; no second
+    derivative either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Names(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    bn = nkt.BatchNorm2d(3)
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    assert _ops._eager([x, bn.weight])
+    with Names() as mode:
+        y = bn(x)
+        y.sum().backward()
+    assert any("normkit.scheme_forward" in n for n in mode.names)
+    assert any("normkit.scheme_backward" in n for n in mode.names)
+    y = bn(x)
+    assert type(y.grad_fn).__name__ == "_EagerBackward"
+    dx, = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dx.sum().backward()
+    assert not _ops._eager([torch.empty(2, device="meta")])
 
 
 def test_registered_scheme_becomes_module():

@@ -6,7 +6,9 @@
   (:class:`BatchNorm2d`, :class:`GroupNorm`, ...);
 - autograd through normkit's own backward, as the custom operators
   ``torch.ops.normkit.scheme_forward`` / ``scheme_backward`` (so
-  ``torch.compile(model, fullgraph=True)`` keeps them in one graph);
+  ``torch.compile(model, fullgraph=True)`` keeps them in one graph); in
+  plain eager mode the modules run the same two functions as one
+  ``torch.autograd.Function``, without the operators' dispatch;
 - :class:`SyncBatchNorm` over ``torch.distributed`` (gloo on the CPU
   too) and :func:`convert_sync_batchnorm`;
 - :func:`convert` (swap a model's normalization layers),

@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import distributed, registry, schemes
 from ..schemes.sync import send_failure
-from ._ops import NormkitInputError, register_scheme, scheme_forward
+from ._ops import NormkitInputError, forward, register_scheme
 
 __all__ = ["SchemeModule", "module", "BatchNorm1d", "BatchNorm2d",
            "BatchNorm3d", "SyncBatchNorm", "InstanceNorm1d", "InstanceNorm2d",
@@ -152,8 +152,8 @@ class SchemeModule(nn.Module):
         self._check(input)
         params = [self._parameters[name] for name in self._param_names]
         buffers = [self._buffers[name] for name in self._buffer_names]
-        y, _, _, _, new = scheme_forward(input, params, buffers, self._key,
-                                         self.training)
+        y, _, _, _, new = forward(input, params, buffers, self._key,
+                                  self.training)
         with torch.no_grad():
             for buffer, value in zip(buffers, new):
                 buffer.copy_(value)
