@@ -162,16 +162,18 @@ SCHEMES = {
 }
 
 
-def _functional(layer, run=_ops.scheme_forward):
-    """``layer``'s forward as a function of the input and the parameters:
-    through the operator, or, with ``run=_ops.forward``, the way modules
-    call it in eager mode (:class:`normkit.torch._ops._Eager`)."""
+def _functional(layer, eager=False):
+    """``layer``'s forward as a function of the input and the parameters
+    (on copies of its buffers): through the operator, or, with ``eager``,
+    the way modules call it in eager mode
+    (:class:`normkit.torch._ops._Eager`)."""
     params = [getattr(layer, n) for n in layer._param_names]
     buffers = [getattr(layer, n) for n in layer._buffer_names]
 
     def f(x, *p):
-        return run(x, list(p), [b.clone() for b in buffers], layer._key,
-                   layer.training)[0]
+        args = (x, list(p), [b.clone() for b in buffers], layer._key,
+                layer.training)
+        return _ops.forward(*args) if eager else _ops.scheme_forward(*args)[0]
     return f, params, buffers
 
 
@@ -181,8 +183,7 @@ def _functional(layer, run=_ops.scheme_forward):
 def test_gradcheck(name, training, path):
     make, shape, loc, scale = SCHEMES[name]
     layer = make(torch.float64).train(training)
-    f, params, _ = _functional(layer, {"operator": _ops.scheme_forward,
-                                       "eager": _ops.forward}[path])
+    f, params, _ = _functional(layer, eager=path == "eager")
     g = torch.Generator().manual_seed(3)
     x = torch.randn(shape, generator=g, dtype=torch.float64) * scale + loc
     params = [p.detach().clone().requires_grad_() for p in params]

@@ -46,15 +46,17 @@ autograd, and NumPy views of the parameters as they are now.
 
 Eager mode
 ----------
-Through the operators, a call pays for their dispatch: their list
-arguments flattened and rebuilt, and their autograd wrapper (a tiny
-BatchNorm2d training forward and backward, 470 us, of which about 170 in
-that machinery).  The modules call :func:`forward`, which runs the same
-two functions as one ``torch.autograd.Function`` (:class:`_Eager`) when
-nothing needs the operators: no ``torch.compile``/``torch.export`` trace,
-no dispatch mode (fake tensors, functionalization, debugging modes), no
-``torch.func`` transform, no tensor subclass.  Results are the same bit
-for bit; a second derivative raises either way.
+Through the operators, a call pays for their dispatch (their list
+arguments flattened and rebuilt, their autograd wrapper) and for their
+functional form (buffers cloned and copied back, the record packed into
+tensors and unpacked).  The modules call :func:`forward`, which, when
+nothing needs the operators (no ``torch.compile``/``torch.export``
+trace, no dispatch mode such as fake tensors, functionalization or
+debugging modes, no ``torch.func`` transform, no tensor subclass), runs
+the same forward and backward as one ``torch.autograd.Function``
+(:class:`_Eager`): the scheme updates the buffers in place and its
+record stays on the autograd context.  Results are the same bit for
+bit; a second derivative raises either way.
 
 Memory and streams
 ------------------
@@ -82,6 +84,7 @@ import weakref
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import backend
 from ..distributed import Communicator
@@ -257,11 +260,12 @@ def _host_empty(like, channels_last, dtype):
     return t.permute(_inverse_perm(len(shape))) if channels_last else t
 
 
-def _output(like, entry):
+def _output(like, entry, channels_last):
     """The result for input ``like`` (its shape, device and memory format,
     :func:`_empty_like_input`; on the CPU in NumPy's memory,
-    :func:`_host_empty`), the buffer the kernels write into (the same
-    tensor, or a float32 one where bfloat16 cannot be read in place,
+    :func:`_host_empty`; ``channels_last``: :func:`_channels_last` of
+    ``like``), the buffer the kernels write into (the same tensor, or a
+    float32 one where bfloat16 cannot be read in place,
     :func:`_in_place`), and a function returning the result once they
     have."""
     if like.is_cuda:
@@ -269,7 +273,6 @@ def _output(like, entry):
         work = (result if _in_place(result)
                 else torch.empty_like(result, dtype=torch.float32))
     else:
-        channels_last = _channels_last(like, entry)
         result = _host_empty(like, channels_last, like.dtype)
         work = (result if _in_place(result)
                 else _host_empty(like, channels_last, torch.float32))
@@ -448,6 +451,31 @@ def _layout(entry, x, training):
 # the operators
 # --------------------------------------------------------------------------
 
+def _run_forward(entry, x, params, buffers, training):
+    """``(y, saved)``: the forward of ``entry``'s scheme on views of the
+    tensors; the scheme updates ``buffers`` in place."""
+    channels_last = _channels_last(x, entry)
+    if not channels_last and not x.is_contiguous():
+        x = x.contiguous()
+    y, work, finish = _output(x, entry, channels_last)
+    with _torch_stream(x):
+        state, write_back = _state(entry, params, buffers)
+        scheme = _bind(entry, training, state, channels_last)
+        _, saved = forward_into(scheme, _array(x, channels_last),
+                                _array(work, channels_last))
+        for t, name in write_back:
+            value = getattr(scheme, name)
+            if isinstance(value, (int, np.integer)):
+                t.fill_(int(value))
+            else:
+                t.copy_(_tensor(value, t))
+    if not isinstance(saved, Saved):
+        raise TypeError(f"{scheme.label}: normkit.torch needs a scheme "
+                        f"whose _forward returns a normkit.Saved record, "
+                        f"got {type(saved).__name__}")
+    return finish(), saved
+
+
 def _scheme_forward(x: torch.Tensor, params: list[torch.Tensor],
                     buffers: list[torch.Tensor], key: int, training: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -460,31 +488,14 @@ def _scheme_forward(x: torch.Tensor, params: list[torch.Tensor],
     ``new_buffers`` for the caller to copy back (a few values per channel).
     """
     entry = _entry(key)
-    channels_last = _channels_last(x, entry)
-    if not channels_last and not x.is_contiguous():
-        x = x.contiguous()
-    y, work, finish = _output(x, entry)
     buffers = [b.clone() for b in buffers]
+    y, saved = _run_forward(entry, x, params, buffers, training)
     with _torch_stream(x):
-        state, write_back = _state(entry, params, buffers)
-        scheme = _bind(entry, training, state, channels_last)
-        _, saved = forward_into(scheme, _array(x, channels_last),
-                                _array(work, channels_last))
-        for t, name in write_back:
-            value = getattr(scheme, name)
-            if isinstance(value, (int, np.integer)):
-                t.fill_(int(value))
-            else:
-                t.copy_(_tensor(value, t))
-        if not isinstance(saved, Saved):
-            raise TypeError(f"{scheme.label}: normkit.torch needs a scheme "
-                            f"whose _forward returns a normkit.Saved record, "
-                            f"got {type(saved).__name__}")
         mean, rstd, aux, layout = _pack(saved)
     entry.layouts[_layout_key(x, training, entry)] = layout
     stats = [torch.from_numpy(np.array(a, np.float64)).to(x.device)
              for a in (mean, rstd, aux)]
-    return (finish(), *stats, buffers)
+    return (y, *stats, buffers)
 
 
 scheme_forward = torch.library.custom_op(
@@ -501,6 +512,33 @@ def _(x, params, buffers, key, training):
             [torch.empty_like(b) for b in buffers])
 
 
+def _run_backward(entry, dy, x, params, training, record):
+    """``[dx, *dparams]`` of ``entry``'s scheme on views of the tensors,
+    for the :class:`~normkit.Saved` record ``record(weight)`` returns
+    (``weight``: the view of the weight as it is now); a parameter the
+    scheme returns no gradient for gets zeros."""
+    channels_last = _channels_last(x, entry)
+    if not channels_last and not x.is_contiguous():
+        x = x.contiguous()
+    if channels_last:
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        dy = dy.contiguous(memory_format=fmt)
+    dx, work, finish = _output(x, entry, channels_last)
+    with _torch_stream(x):
+        state = {name: _array(t) for name, t in zip(entry.param_names, params)}
+        scheme = _bind(entry, training, state, channels_last)
+        _, grads = backward_into(scheme, _array(dy, channels_last),
+                                 _array(x, channels_last),
+                                 record(state.get("weight")),
+                                 _array(work, channels_last))
+        out = [finish()]
+        for name, t in zip(entry.param_names, params):
+            grad = grads.get(name)
+            out.append(torch.zeros_like(t) if grad is None
+                       else _tensor(grad, t).reshape(t.shape))
+    return out
+
+
 def _scheme_backward(dy: torch.Tensor, x: torch.Tensor,
                      params: list[torch.Tensor], mean: torch.Tensor,
                      rstd: torch.Tensor, aux: torch.Tensor, key: int,
@@ -509,26 +547,9 @@ def _scheme_backward(dy: torch.Tensor, x: torch.Tensor,
     aux)``; a parameter the scheme returns no gradient for gets zeros."""
     entry = _entry(key)
     layout = _layout(entry, x, training)
-    channels_last = _channels_last(x, entry)
-    if not channels_last and not x.is_contiguous():
-        x = x.contiguous()
-    if channels_last:
-        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        dy = dy.contiguous(memory_format=fmt)
-    dx, work, finish = _output(x, entry)
-    with _torch_stream(x):
-        state = {name: _array(t) for name, t in zip(entry.param_names, params)}
-        scheme = _bind(entry, training, state, channels_last)
-        saved = _unpack(layout, mean, rstd, aux, state.get("weight"))
-        _, grads = backward_into(scheme, _array(dy, channels_last),
-                                 _array(x, channels_last), saved,
-                                 _array(work, channels_last))
-        out = [finish()]
-        for name, t in zip(entry.param_names, params):
-            grad = grads.get(name)
-            out.append(torch.zeros_like(t) if grad is None
-                       else _tensor(grad, t).reshape(t.shape))
-    return out
+    return _run_backward(entry, dy, x, params, training,
+                         lambda weight: _unpack(layout, mean, rstd, aux,
+                                                weight))
 
 
 scheme_backward = torch.library.custom_op(
@@ -564,31 +585,33 @@ scheme_forward.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------
 
 class _Eager(torch.autograd.Function):
-    """The two operators' work as one ``torch.autograd.Function``, for eager
-    calls (:func:`forward`): the same functions, without the operators'
-    dispatch (their argument lists flattened and rebuilt, their autograd
-    wrapper).  ``state`` is the parameters, then the buffers."""
+    """The operators' work as one ``torch.autograd.Function``, for eager
+    calls (:func:`forward`): the same forward and backward, without the
+    operators' dispatch (their list arguments flattened and rebuilt,
+    their autograd wrapper) and without their functional form: the scheme
+    updates the buffers in place, and its :class:`~normkit.Saved` record
+    stays on the autograd context instead of travelling as tensors.
+    ``state`` is the parameters, then the buffers."""
 
     # forward(ctx, ...) rather than a separate setup_context, which would
     # have apply() bind the arguments to forward's signature on every call
     @staticmethod
-    def forward(ctx, x, key, training, n_params, *state):
-        y, mean, rstd, aux, new = _scheme_forward(
-            x, list(state[:n_params]), list(state[n_params:]), key, training)
-        ctx.mark_non_differentiable(mean, rstd, aux, *new)
-        ctx.save_for_backward(x, mean, rstd, aux, *state[:n_params])
-        ctx.key, ctx.training = key, training
-        ctx.n_buffers = len(state) - n_params
-        return (y, mean, rstd, aux, *new)
+    def forward(ctx, x, entry, training, n_params, *state):
+        params = state[:n_params]
+        y, ctx.record = _run_forward(entry, x, params, state[n_params:],
+                                     training)
+        ctx.save_for_backward(x, *params)
+        ctx.entry, ctx.training = entry, training
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, *_):
-        x, mean, rstd, aux, *params = ctx.saved_tensors
-        grads = _scheme_backward(dy, x, params, mean, rstd, aux, ctx.key,
-                                 ctx.training)
+    def backward(ctx, dy):
+        x, *params = ctx.saved_tensors
+        grads = _run_backward(ctx.entry, dy, x, params, ctx.training,
+                              lambda weight: ctx.record.replace(weight=weight))
         return (grads[0], None, None, None, *grads[1:],
-                *[None] * ctx.n_buffers)
+                *[None] * (len(ctx.needs_input_grad) - 4 - len(params)))
 
 
 #: Tensor types run eagerly by :func:`forward` (no subclass: a fake,
@@ -601,27 +624,34 @@ def _eager(tensors):
     tensors, no ``torch.compile``/``torch.export`` trace, no dispatch mode
     (fake tensors, functionalization, debugging modes) and no
     ``torch.func`` transform active."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-    return (not torch.compiler.is_compiling()
-            and all(type(t) in _PLAIN and t.device.type in ("cpu", "cuda")
-                    for t in tensors)
-            and _get_current_dispatch_mode() is None
+    if torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if type(t) not in _PLAIN or t.device.type not in ("cpu", "cuda"):
+            return False
+    return (_get_current_dispatch_mode() is None
             and torch._C._functorch.peek_interpreter_stack() is None)
 
 
 def forward(x, params, buffers, key, training):
-    """``scheme_forward(x, params, buffers, key, training)`` with its
-    autograd: through the operators when tracing, under a dispatch mode or
-    transform, or for tensor subclasses; otherwise the same work through
-    :class:`_Eager`, which skips their dispatch (see *Eager mode* above).
+    """The output of ``scheme_forward(x, params, buffers, key, training)``,
+    with its autograd, and the buffers updated: through the operators when
+    tracing, under a dispatch mode or transform, or for tensor subclasses
+    (the new buffers copied in); otherwise through :class:`_Eager`, which
+    skips their dispatch (see *Eager mode* above).
 
     Returns
     -------
-    tuple
-        ``(y, mean, rstd, aux, new_buffers)``, as ``scheme_forward``.
+    torch.Tensor
     """
-    if not _eager([x, *params, *buffers]):
-        return scheme_forward(x, params, buffers, key, training)
-    y, mean, rstd, aux, *new = _Eager.apply(x, key, training, len(params),
-                                            *params, *buffers)
-    return y, mean, rstd, aux, new
+    if _eager([x, *params, *buffers]):
+        y = _Eager.apply(x, _entry(key), training, len(params), *params,
+                         *buffers)
+        for buffer in buffers:  # written through NumPy views: as copy_ would
+            torch.autograd.graph.increment_version(buffer)
+        return y
+    y, _, _, _, new = scheme_forward(x, params, buffers, key, training)
+    with torch.no_grad():
+        for buffer, value in zip(buffers, new):
+            buffer.copy_(value)
+    return y

@@ -152,12 +152,7 @@ class SchemeModule(nn.Module):
         self._check(input)
         params = [self._parameters[name] for name in self._param_names]
         buffers = [self._buffers[name] for name in self._buffer_names]
-        y, _, _, _, new = forward(input, params, buffers, self._key,
-                                  self.training)
-        with torch.no_grad():
-            for buffer, value in zip(buffers, new):
-                buffer.copy_(value)
-        return y
+        return forward(input, params, buffers, self._key, self.training)
 
     def reset_running_stats(self):
         """Running statistics back to their initial values (zero mean,
