@@ -54,9 +54,9 @@ nothing needs the operators (no ``torch.compile``/``torch.export``
 trace, no dispatch mode such as fake tensors, functionalization or
 debugging modes, no ``torch.func`` transform, no tensor subclass), runs
 the same forward and backward as one ``torch.autograd.Function``
-(:class:`_Eager`): the scheme updates the buffers in place and its
-record stays on the autograd context.  Results are the same bit for
-bit; a second derivative raises either way.
+(:class:`_Eager`): the scheme updates the buffers in place, and the
+scheme and its record stay on the autograd context for the backward.
+Results are the same bit for bit; a second derivative raises either way.
 
 Memory and streams
 ------------------
@@ -452,8 +452,9 @@ def _layout(entry, x, training):
 # --------------------------------------------------------------------------
 
 def _run_forward(entry, x, params, buffers, training):
-    """``(y, saved)``: the forward of ``entry``'s scheme on views of the
-    tensors; the scheme updates ``buffers`` in place."""
+    """``(y, scheme, saved)``: the forward of ``entry``'s scheme (bound to
+    views of the tensors, returned) and its record; the scheme updates
+    ``buffers`` in place."""
     channels_last = _channels_last(x, entry)
     if not channels_last and not x.is_contiguous():
         x = x.contiguous()
@@ -473,7 +474,7 @@ def _run_forward(entry, x, params, buffers, training):
         raise TypeError(f"{scheme.label}: normkit.torch needs a scheme "
                         f"whose _forward returns a normkit.Saved record, "
                         f"got {type(saved).__name__}")
-    return finish(), saved
+    return finish(), scheme, saved
 
 
 def _scheme_forward(x: torch.Tensor, params: list[torch.Tensor],
@@ -489,7 +490,7 @@ def _scheme_forward(x: torch.Tensor, params: list[torch.Tensor],
     """
     entry = _entry(key)
     buffers = [b.clone() for b in buffers]
-    y, saved = _run_forward(entry, x, params, buffers, training)
+    y, _, saved = _run_forward(entry, x, params, buffers, training)
     with _torch_stream(x):
         mean, rstd, aux, layout = _pack(saved)
     entry.layouts[_layout_key(x, training, entry)] = layout
@@ -512,11 +513,12 @@ def _(x, params, buffers, key, training):
             [torch.empty_like(b) for b in buffers])
 
 
-def _run_backward(entry, dy, x, params, training, record):
-    """``[dx, *dparams]`` of ``entry``'s scheme on views of the tensors,
-    for the :class:`~normkit.Saved` record ``record(weight)`` returns
-    (``weight``: the view of the weight as it is now); a parameter the
-    scheme returns no gradient for gets zeros."""
+def _run_backward(entry, dy, x, params, prepare):
+    """``[dx, *dparams]`` of ``entry``'s scheme for ``x`` and ``dy``:
+    ``prepare(channels_last)`` returns the scheme and its
+    :class:`~normkit.Saved` record (``channels_last``:
+    :func:`_channels_last` of ``x``); a parameter the scheme returns no
+    gradient for gets zeros."""
     channels_last = _channels_last(x, entry)
     if not channels_last and not x.is_contiguous():
         x = x.contiguous()
@@ -525,11 +527,9 @@ def _run_backward(entry, dy, x, params, training, record):
         dy = dy.contiguous(memory_format=fmt)
     dx, work, finish = _output(x, entry, channels_last)
     with _torch_stream(x):
-        state = {name: _array(t) for name, t in zip(entry.param_names, params)}
-        scheme = _bind(entry, training, state, channels_last)
+        scheme, saved = prepare(channels_last)
         _, grads = backward_into(scheme, _array(dy, channels_last),
-                                 _array(x, channels_last),
-                                 record(state.get("weight")),
+                                 _array(x, channels_last), saved,
                                  _array(work, channels_last))
         out = [finish()]
         for name, t in zip(entry.param_names, params):
@@ -547,9 +547,13 @@ def _scheme_backward(dy: torch.Tensor, x: torch.Tensor,
     aux)``; a parameter the scheme returns no gradient for gets zeros."""
     entry = _entry(key)
     layout = _layout(entry, x, training)
-    return _run_backward(entry, dy, x, params, training,
-                         lambda weight: _unpack(layout, mean, rstd, aux,
-                                                weight))
+
+    def prepare(channels_last):
+        # the parameters as they are now, the record from the tensors
+        state = {name: _array(t) for name, t in zip(entry.param_names, params)}
+        return (_bind(entry, training, state, channels_last),
+                _unpack(layout, mean, rstd, aux, state.get("weight")))
+    return _run_backward(entry, dy, x, params, prepare)
 
 
 scheme_backward = torch.library.custom_op(
@@ -589,8 +593,9 @@ class _Eager(torch.autograd.Function):
     calls (:func:`forward`): the same forward and backward, without the
     operators' dispatch (their list arguments flattened and rebuilt,
     their autograd wrapper) and without their functional form: the scheme
-    updates the buffers in place, and its :class:`~normkit.Saved` record
-    stays on the autograd context instead of travelling as tensors.
+    updates the buffers in place, and the scheme and its
+    :class:`~normkit.Saved` record stay on the autograd context for the
+    backward instead of being bound again and travelling as tensors.
     ``state`` is the parameters, then the buffers."""
 
     # forward(ctx, ...) rather than a separate setup_context, which would
@@ -598,18 +603,20 @@ class _Eager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, entry, training, n_params, *state):
         params = state[:n_params]
-        y, ctx.record = _run_forward(entry, x, params, state[n_params:],
-                                     training)
+        y, scheme, record = _run_forward(entry, x, params, state[n_params:],
+                                         training)
         ctx.save_for_backward(x, *params)
-        ctx.entry, ctx.training = entry, training
+        # the scheme views the parameters' memory, which autograd's version
+        # check on the saved parameters guards until the backward
+        ctx.entry, ctx.scheme_and_record = entry, (scheme, record)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, *params = ctx.saved_tensors
-        grads = _run_backward(ctx.entry, dy, x, params, ctx.training,
-                              lambda weight: ctx.record.replace(weight=weight))
+        grads = _run_backward(ctx.entry, dy, x, params,
+                              lambda channels_last: ctx.scheme_and_record)
         return (grads[0], None, None, None, *grads[1:],
                 *[None] * (len(ctx.needs_input_grad) - 4 - len(params)))
 
