@@ -256,6 +256,23 @@ def test_dispatch_modes_and_transforms_see_the_operators():
     assert not _ops._eager([torch.empty(2, device="meta")])
 
 
+def test_inference_mode():
+    """In inference mode the modules normalize and update their running
+    statistics as torch's do; a module made in inference mode raises
+    outside it with its running statistics unchanged."""
+    ours, theirs = nkt.BatchNorm2d(3), nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 2, 2)
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(x), theirs(x))
+        made_inside = nkt.BatchNorm2d(3)
+        made_inside(x)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    before = made_inside.running_mean.clone()
+    with pytest.raises(RuntimeError, match="[Ii]nference tensor"):
+        made_inside(x)
+    assert torch.equal(made_inside.running_mean, before)
+
+
 def test_registered_scheme_becomes_module():
     """A scheme from the registry is a torch module with no extra code."""
     gn = nkt.module("group_norm", num_groups=2, num_channels=4)

@@ -628,13 +628,18 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def _eager(tensors):
     """Whether :func:`forward` may skip the operators: plain CPU or CUDA
-    tensors, no ``torch.compile``/``torch.export`` trace, no dispatch mode
+    tensors made outside inference mode, no
+    ``torch.compile``/``torch.export`` trace, no dispatch mode
     (fake tensors, functionalization, debugging modes) and no
     ``torch.func`` transform active."""
     if torch.compiler.is_compiling():
         return False
     for t in tensors:
-        if type(t) not in _PLAIN or t.device.type not in ("cpu", "cuda"):
+        # inference tensors too: torch refuses to change one outside
+        # inference mode, which the operators' copy back tells before any
+        # buffer is written, and the views would not
+        if (type(t) not in _PLAIN or t.device.type not in ("cpu", "cuda")
+                or t.is_inference()):
             return False
     return (_get_current_dispatch_mode() is None
             and torch._C._functorch.peek_interpreter_stack() is None)
@@ -652,11 +657,12 @@ def forward(x, params, buffers, key, training):
     torch.Tensor
     """
     if _eager([x, *params, *buffers]):
-        y = _Eager.apply(x, _entry(key), training, len(params), *params,
-                         *buffers)
-        for buffer in buffers:  # written through NumPy views: as copy_ would
+        # the scheme writes the buffers through views: their versions move
+        # as copy_ would move them
+        for buffer in buffers:
             torch.autograd.graph.increment_version(buffer)
-        return y
+        return _Eager.apply(x, _entry(key), training, len(params), *params,
+                            *buffers)
     y, _, _, _, new = scheme_forward(x, params, buffers, key, training)
     with torch.no_grad():
         for buffer, value in zip(buffers, new):
