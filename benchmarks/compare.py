@@ -68,7 +68,10 @@ ADAPTER_CASES = (
      Case("layer_norm", (8192, 1024), -1),
      Case("rms_norm", (8192, 1024), -1),
      Case("batch_norm", (2, 64, 56, 56), 1),
-     Case("group_norm", (2, 64, 56, 56), 1)]
+     Case("group_norm", (2, 64, 56, 56), 1),
+     # torch's 16-bit training dtype on the CPU, read in place by the kernels
+     Case("batch_norm", (32, 64, 56, 56), 1, "bfloat16"),
+     Case("layer_norm", (8192, 1024), -1, "bfloat16")]
 )
 
 #: Columns of the adapter table, per pass.
@@ -203,6 +206,7 @@ def _adapter_modules(case):
                   "group_norm": lambda: torch.nn.GroupNorm(case.groups,
                                                            channels)
                   }[case.variant]()
+    theirs.to(getattr(torch, case.dtype))
     return theirs, nkt.convert(copy.deepcopy(theirs))
 
 
@@ -237,7 +241,7 @@ def measure_adapter(case, repeat):
     return medians, compile_s
 
 
-ADAPTER_HEADERS = (["variant", "shape", "layout", "pass"]
+ADAPTER_HEADERS = (["variant", "shape", "layout", "dtype", "pass"]
                    + [f"{name} ms" for name in ADAPTER_TIMED]
                    + ["eager/numpy", "compiled/numpy", "torch/eager",
                       "compile s"])
@@ -248,7 +252,8 @@ def adapter_rows(case, medians, compile_s):
     rows = []
     for step in ("fwd", "fwd+bwd"):
         t = {name: medians[f"{name} {step}"] for name in ADAPTER_TIMED}
-        rows.append([case.variant, str(case.shape), case.layout, step]
+        rows.append([case.variant, str(case.shape), case.layout, case.dtype,
+                     step]
                     + [_ms(t[name]) for name in ADAPTER_TIMED]
                     + [_ratio(t["normkit.torch"], t["numpy"]),
                        _ratio(t["normkit.torch compiled"], t["numpy"]),
@@ -303,7 +308,8 @@ def main(argv=None):
             medians, compile_s = measure_adapter(case, repeat)
             rows += adapter_rows(case, medians, compile_s)
             adapter.append({"variant": case.variant, "shape": list(case.shape),
-                            "layout": case.layout, "seconds": medians,
+                            "layout": case.layout, "dtype": case.dtype,
+                            "seconds": medians,
                             "compile_seconds": compile_s})
         print("\nnormkit.torch: torch's module, normkit.torch eager and "
               "compiled (Inductor, fullgraph), normkit on NumPy arrays\n")

@@ -103,6 +103,28 @@ def test_compare_script_runs_one_tiny_case(case):
     assert len(row) == len(compare.HEADERS) and row[0] == case.variant
 
 
+@pytest.mark.parametrize("case", [
+    _bench.Case("group_norm", (2, 4, 3, 3), 1, groups=2),
+    _bench.Case("layer_norm", (3, 8), -1, "bfloat16")],
+    ids=lambda case: f"{case.variant}-{case.dtype}")
+def test_compare_script_times_the_torch_adapter(case, monkeypatch):
+    """``--torch-adapter``: torch's module, normkit.torch eager and compiled
+    (here torch.compile left out: its compilation is not what is tested)
+    and normkit on NumPy, in the case's dtype."""
+    torch = pytest.importorskip("torch")
+    if case.dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    compare = _load_script("compare")
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
+    medians, compile_s = compare.measure_adapter(case, 1)
+    assert set(medians) == {f"{name} {step}" for name in compare.ADAPTER_TIMED
+                            for step in ("fwd", "fwd+bwd")}
+    assert all(seconds > 0 for seconds in medians.values()) and compile_s > 0
+    rows = compare.adapter_rows(case, medians, compile_s)
+    assert [len(row) for row in rows] == [len(compare.ADAPTER_HEADERS)] * 2
+    assert rows[0][3] == case.dtype
+
+
 def test_follows_script_times_each_forward_after_each_pass():
     pytest.importorskip("torch")
     follows = _load_script("follows")
