@@ -220,6 +220,9 @@ def measure_adapter(case, repeat):
     x = _bench._torch_tensor(inputs.x, channels_last).requires_grad_()
     dy = _bench._torch_tensor(inputs.dy, channels_last)
     theirs, ours = _adapter_modules(case)
+    # every cell compiles the same forward code: without a reset, Dynamo
+    # stops at its recompile limit (8) and fullgraph=True makes that fatal
+    torch.compiler.reset()
     compiled = torch.compile(copy.deepcopy(ours), fullgraph=True)
     start = time.perf_counter()
     compiled(x).backward(dy)
