@@ -1,5 +1,6 @@
 """The README's first command from a clone's root: a non-editable install,
-a cold kernel cache, and the first run identical to the second.
+a cold kernel cache, and the first run identical to the second, sweep and
+studies.
 
 Before the fix, the kernel warm-up ran ``python -c ...``, which puts the
 working directory first on the import path: from the repository root it
@@ -74,3 +75,7 @@ def test_first_run_from_the_repository_root_equals_the_second(installed,
     second, second_err = _run(installed, tmp_path / "second")
     assert "compiling" not in second_err                  # only when it does
     assert first["sweeps"][0]["cells"] == second["sweeps"][0]["cells"]
+    # the studies after the sweep load their kernels from the cache too
+    # (before, the first run's process compiled them itself: last bits)
+    for study in ("estimators", "mismatch", "batch_dependence"):
+        assert first[study] == second[study], study

@@ -20,7 +20,7 @@ import time
 
 from . import data, report, sweep
 from .estimators import estimator_study
-from .mismatch import batch_dependence, mismatch_study
+from .mismatch import StudyKernels, batch_dependence, mismatch_study
 from .variants import VARIANTS
 
 
@@ -129,6 +129,10 @@ def run_compare(out, variants, batch_sizes, seeds, settings=sweep.Settings(),
     if progress:
         print("estimator, mismatch and batch-dependence studies...",
               file=sys.stderr, flush=True)
+    # as for the sweeps: this process loads the studies' kernels from the
+    # cache, never runs code it compiled itself
+    sweep.warm_kernel_cache(variants, batch_sizes, StudyKernels(),
+                            announce=progress)
     results = {"settings": {"variants": list(variants),
                             "batch_sizes": list(batch_sizes),
                             "seeds": list(seeds), "estimator_draws": draws},

@@ -28,6 +28,7 @@ after a warm-up of the running statistics.
 """
 
 import copy
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -184,3 +185,24 @@ def batch_dependence(variants=tuple(VARIANTS), batch_sizes=(2, 4, 8, 16, 32, 64)
             rows.append({"variant": variant, "batch_size": batch_size,
                          "change": mean, "change_se": se})
     return rows
+
+
+@dataclass(frozen=True)
+class StudyKernels:
+    """The kernel paths of :func:`mismatch_study` and
+    :func:`batch_dependence`, for
+    :func:`~normkit.analysis.sweep.warm_kernel_cache`.
+
+    ``compile`` runs both studies once at their smallest (two training
+    steps, two evaluation batches, two trials) for the given variants and
+    batch sizes, in their default shape, so that a process that runs them
+    afterwards loads their kernels from Numba's on-disk cache instead of
+    compiling them itself (such code can round differently in the last
+    bits, Numba issue 10617: a first run's studies then differed from
+    every later run's).
+    """
+
+    def compile(self, variants, batch_sizes):
+        """Take both studies' kernel paths once."""
+        mismatch_study(variants, batch_sizes, steps=2, eval_batches=2)
+        batch_dependence(variants, batch_sizes, trials=2, warmup=1)
