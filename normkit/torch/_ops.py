@@ -64,8 +64,10 @@ The tensors the operators return (``y``, ``dx``), in the input's memory
 format, are allocated by torch on CUDA (its caching allocator) and by
 NumPy on the CPU (``torch.from_numpy``: NumPy asks the kernel for huge
 pages for arrays of 4 MiB and more, torch's CPU allocator does not, and
-the first write of a fresh 32 MiB output in 4 KiB pages took three times
-as long), and handed to the scheme as ``out`` / ``dx_out``
+the first write of a fresh large output in 4 KiB pages costs a page
+fault every 4 KiB; docs/benchmarks.rst, "normkit.torch against torch's
+modules", has the before and after), and handed to the scheme as
+``out`` / ``dx_out``
 (:func:`normkit.schemes.base.forward_into`), so the kernels write them
 directly; the input reaches the kernels without a copy.  On
 CUDA every launch, allocation and host <-> device copy of normkit runs on
@@ -251,8 +253,8 @@ def _host_empty(like, channels_last, dtype):
     """An uninitialized CPU tensor of ``like``'s shape, of ``dtype``, laid
     out as :func:`_empty_like_input` lays it out, in memory NumPy
     allocated: NumPy asks the kernel for huge pages for arrays of 4 MiB
-    and more, and torch's CPU allocator does not, so a fresh 32 MiB
-    output is written about three times as fast."""
+    and more, and torch's CPU allocator does not (see *Memory and
+    streams* above)."""
     shape = tuple(int(s) for s in like.shape)
     if channels_last:
         shape = tuple(shape[i] for i in _perm(len(shape)))
