@@ -225,6 +225,15 @@ def _inverse_perm(ndim):
     return (0, ndim - 1) + tuple(range(1, ndim - 1))
 
 
+def _kernel_shape(x, channels_last):
+    """The shape of the array the kernels see for ``x``: its own, or the
+    (N, spatial..., C) permutation's."""
+    shape = tuple(int(s) for s in x.shape)
+    if channels_last:
+        shape = tuple(shape[i] for i in _perm(len(shape)))
+    return shape
+
+
 def _array(t, channels_last=False):
     """A NumPy view (CPU) or Numba device array (CUDA) of ``t``'s memory;
     ``channels_last``: of the (N, spatial..., C) permutation.  bfloat16 is
@@ -255,9 +264,7 @@ def _host_empty(like, channels_last, dtype):
     allocated: NumPy asks the kernel for huge pages for arrays of 4 MiB
     and more, and torch's CPU allocator does not (see *Memory and
     streams* above)."""
-    shape = tuple(int(s) for s in like.shape)
-    if channels_last:
-        shape = tuple(shape[i] for i in _perm(len(shape)))
+    shape = _kernel_shape(like, channels_last)
     t = torch.from_numpy(np.empty(shape, _BITS[dtype.itemsize])).view(dtype)
     return t.permute(_inverse_perm(len(shape))) if channels_last else t
 
@@ -432,9 +439,7 @@ def _layout(entry, x, training):
     layout = entry.layouts.get(key)
     if layout is None:
         channels_last = _channels_last(x, entry)
-        shape = tuple(int(s) for s in x.shape)
-        if channels_last:
-            shape = tuple(shape[i] for i in _perm(len(shape)))
+        shape = _kernel_shape(x, channels_last)
         dtype = _NUMPY_DTYPES[x.dtype]
         state = {}
         for name in entry.param_names:
