@@ -205,8 +205,12 @@ def test_passes_script_times_the_passes_it_names(case):
     y, mean, var, rstd = timed["forward"]()
     y = y.copy()
     moments = timed["moments"]()
-    np.testing.assert_allclose(moments[0], mean, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(moments[1], var, rtol=1e-12)
+    # the same statistics to the compute precision's rounding (float32 for
+    # every dtype here): the kernels center their sums differently (short
+    # segments about their own mean, a row about the mean of its head)
+    spread = np.sqrt(np.max(var))
+    np.testing.assert_allclose(moments[0], mean, rtol=0, atol=1e-6 * spread)
+    np.testing.assert_allclose(moments[1], var, rtol=1e-6)
     mapped = timed["normalize"]()
     half = case.dtype != "float32"
     np.testing.assert_allclose(mapped.astype(np.float64), y.astype(np.float64),

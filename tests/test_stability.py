@@ -64,6 +64,31 @@ def test_moments_of_drifting_data_float32(first_offset, axis, rng):
     np.testing.assert_allclose(var[0], wide.var(axis=0), rtol=1e-5)
 
 
+@pytest.mark.parametrize("head", [0.5, 3.0, 30.0, 1e3])
+@pytest.mark.parametrize("width", [1024, 3000], ids=["one-tile", "three-tiles"])
+def test_first_tile_center_float32(head, width, rng):
+    """A group's first tile is summed about the mean of its first values
+    (``cpu.CENTER_HEAD``), and again about its own mean when that center
+    lies far from it (``cpu.MAX_SHIFT_SHARE``): rows at 1e4 whose first
+    values sit ``head`` standard deviations away still give the float64
+    variance to float32 precision (without the second sum, up to 1.5e-5
+    apart at 30 and 1000), in the statistics alone and in the forward."""
+    from normkit.backend import cpu
+    x = rng.normal(1e4, 1.0, size=(256, width))
+    x[:, :cpu.CENTER_HEAD] += head
+    x = x.astype(np.float32)
+    view = normkit.View(256, 1, 1, width, 1)
+    mean, var = normkit.engine.moments(x, view)
+    wide = x.astype(np.float64)
+    std = wide.std(axis=1)
+    # the mean's error measured in standard deviations of its row
+    assert np.all(np.abs(mean[:, 0] - wide.mean(axis=1)) / std < 1e-6)
+    np.testing.assert_allclose(var[:, 0], wide.var(axis=1), rtol=1e-6)
+    _, fused_mean, fused_var, _ = normkit.engine.normalize_batch(x, view)
+    assert np.all(np.abs(fused_mean - mean)[:, 0] / std < 1e-6)
+    np.testing.assert_allclose(fused_var, var, rtol=1e-6)
+
+
 @pytest.mark.parametrize("shape", [(4, 64), (1, 200_000)], ids=["row", "long-row"])
 def test_layer_norm_large_mean_float32(shape, rng):
     x = offset_data(rng, shape)

@@ -22,11 +22,13 @@ driver (:func:`normalize_two_pass`, :func:`backward_two_pass`) runs them
 as one call from Python.
 
 Moments are sums over tiles of at most :data:`TILE` elements of the
-deviations from a provisional center and of their squares (the corrected
-two-pass algorithm), in the input's precision, which vectorises twice as
-wide for float32: the center of a group's first tile is that tile's own
-mean (a pass of its own, the tile staying in cache for the second), every
-later tile's the running mean of the tiles before it (one pass).  Tile
+deviations from a provisional center and of their squares (the shifted
+form of the corrected two-pass algorithm), in the input's precision, which
+vectorises twice as wide for float32: the center of a group's first tile
+is the mean of its first :data:`CENTER_HEAD` values, every later tile's
+the running mean of the tiles before it, one pass each; a first tile
+whose sums show its center far from its mean (:data:`MAX_SHIFT_SHARE`)
+is summed again, still in cache, about its own mean.  Tile
 summaries are merged in float64 with Chan's formula, so the variance never
 suffers the E[x^2] - E[x]^2 cancellation and is never negative.  Segments
 of a few dozen values (channels-first BatchNorm over a few pixels) are
@@ -68,12 +70,13 @@ from .plan import (WIDE_GROUP, affine_partials_fit, column_sums,
 #: propagate exactly as in plain IEEE arithmetic.
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 
-#: Elements per tile of the segment moments.  A group's first tile takes
-#: two passes (in L1 between them), every later one a single pass about the
-#: running mean.  Smaller tiles hand more of the sum to the float64 merge:
-#: for one group of 200704 float32 values of mean 1e4 and std 1, the
-#: variance's relative error was 3.5e-7 with tiles of 4096 and is 3.4e-8;
-#: no clear difference in speed was measured (old and new alternating).
+#: Elements per tile of the segment moments.  Every tile takes one pass
+#: about a provisional center (a group's first tile now and then two, see
+#: :data:`MAX_SHIFT_SHARE`).  Smaller tiles hand more of the sum to the
+#: float64 merge: for one group of 200704 float32 values of mean 1e4 and
+#: std 1, the variance's relative error was 3.5e-7 with tiles of 4096 and
+#: is 3.4e-8; no clear difference in speed was measured (old and new
+#: alternating).
 TILE = 1024
 
 #: Most elements per tile of ``_short_segment_moments``, which gathers
@@ -238,35 +241,61 @@ def _tile_summary(n, center, s1, sq):
     return center + s1 / n, max(np.float64(sq) - s1 * s1 / n, 0.0)
 
 
+#: Values at the head of a group's first tile whose mean centers its sums.
+CENTER_HEAD = 16
+
+#: Most share ``(sum d)**2 / n`` of ``sum d**2`` (``d`` the deviations of a
+#: group's first tile from its center) that the tile's one pass keeps: its
+#: M2, the difference of the two, is then at least a quarter of ``sum
+#: d**2`` (at most two bits of it lost to the subtraction); above that
+#: share the tile is summed again about its own mean.  Where a whole group
+#: is one tile (LayerNorm and RMSNorm rows of up to :data:`TILE` values) the
+#: forward then reads each row twice instead of three times: the float16
+#: LayerNorm ``(8192, 1024)`` forward went from 1.44 to 1.46 ms to 1.26 to
+#: 1.33 (old and new checkouts alternating, two runs each), where a
+#: center pass over the whole tile came first.
+MAX_SHIFT_SHARE = 0.75
+
+
 @_inlined
 def _segment_moments(x, start, stop, n, mean, m2):
     """``(count, mean, M2)`` of ``x[start:stop]`` merged into the running
     summary ``(n, mean, m2)`` (zeros for none yet).
 
     Tiles are summed in the input's precision about a provisional center,
-    then merged in float64: the first tile of a summary takes two passes
-    (its own mean is the center; the tile is in cache for the second), every
-    later one a single pass about the running mean, which is already close
+    then merged in float64: the first tile of a summary about the mean of
+    its first :data:`CENTER_HEAD` values (summed again about its own mean,
+    in cache, when :data:`MAX_SHIFT_SHARE` says that center was far from
+    it), every later one about the running mean, which is already close
     to the tile's mean, as in :func:`_rows_moments`.  A tile far from that
     center (data that drifts) loses only digits that are small next to the
     spread between tiles, which the float64 merge adds exactly.
     """
+    zero = compute_zero(x)
     for t0 in range(start, stop, TILE):
         tile = x[t0:min(t0 + TILE, stop)]
-        zero = compute_zero(x)
         if n == 0.0:
+            head = min(tile.size, CENTER_HEAD)
             total = zero
-            for i in range(tile.size):
+            for i in range(head):
                 total += load(tile, i)
-            center = _cast_like(float(total) / tile.size, zero)
+            center = _cast_like(np.float64(total) / head, zero)
         else:
             center = _cast_like(mean, zero)
-        s1 = zero
-        sq = zero
-        for i in range(tile.size):
-            d = load(tile, i) - center
-            s1 += d
-            sq += d * d
+        for attempt in range(2):
+            s1 = zero
+            sq = zero
+            for i in range(tile.size):
+                d = load(tile, i) - center
+                s1 += d
+                sq += d * d
+            if attempt == 1 or n != 0.0 or np.float64(s1) * np.float64(s1) <= (
+                    MAX_SHIFT_SHARE * tile.size) * np.float64(sq):
+                break
+            # the head's mean lay far from the tile's: sum again about the
+            # tile's own mean, now known
+            center = _cast_like(np.float64(center)
+                                + np.float64(s1) / tile.size, zero)
         t_mean, t_m2 = _tile_summary(tile.size, float(center), s1, sq)
         n, mean, m2 = _chan_merge(n, mean, m2, float(tile.size), t_mean, t_m2)
     return n, mean, m2
