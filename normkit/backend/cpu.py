@@ -33,7 +33,10 @@ summaries are merged in float64 with Chan's formula, so the variance never
 suffers the E[x^2] - E[x]^2 cancellation and is never negative.  Segments
 of a few dozen values (channels-first BatchNorm over a few pixels) are
 gathered, in memory order, into tiles of up to :data:`SHORT_TILE` values
-of one group, each segment's sums added in float64.  The
+of one group, each segment's sums added in float64; there, and in the
+row tiles of channels-last inputs, a group's first tile is still centered
+on its own mean, in a pass of its own (a head's center gained nothing
+measurable there).  The
 backward sums of contiguous segments are tiled the same way, their
 products and tile sums in float64, or in float32 for 16-bit storage
 (:func:`~normkit.backend.storage.product_zero`), the tiles added in
