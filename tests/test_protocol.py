@@ -386,6 +386,32 @@ def test_saved_records_carry_a_scheme_s_extras():
     assert saved.replace(variant="other").extras["tau"].shape == (1,)
 
 
+def test_saved_init_takes_every_field_with_its_default():
+    # Saved writes its own __init__ (for speed): its parameters must be the
+    # dataclass's fields, in order, with the same defaults.
+    import dataclasses
+    import inspect
+    parameters = list(inspect.signature(Saved).parameters.values())
+    fields = dataclasses.fields(Saved)
+    assert [p.name for p in parameters] == [f.name for f in fields]
+    for p, f in zip(parameters, fields):
+        if f.default_factory is not dataclasses.MISSING:
+            assert p.default is None   # None stands for a new default
+        elif f.default is dataclasses.MISSING:
+            assert p.default is inspect.Parameter.empty, f.name
+        else:
+            assert p.default == f.default, f.name
+    view = normkit.View(1, 2, 1, 1, 1)
+    a = Saved("v", view, (2, 1), np.zeros((1, 1)), np.ones((1, 1)), True,
+              None, False)
+    b = Saved("v", view, (2, 1), a.mean, a.rstd, True, None, False)
+    assert a.extras == {} and a.extras is not b.extras
+    assert (a.r, a.d, a.centered, a.var, a.gradients, a.bias_shape) == (
+        None, None, True, None, None, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.variant = "w"
+
+
 @pytest.mark.parametrize("dtype", [np.int32, np.int64, np.bool_])
 def test_engine_rejects_non_float_input(dtype):
     x = np.ones((2, 3), dtype)
