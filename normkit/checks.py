@@ -184,11 +184,15 @@ def check_channel_input(func, x, axis, weight, bias, min_axis=0, running=(),
     C = x.shape[ax]
     for name, value in (("weight", weight), ("bias", bias)):
         check_param(value, name, (C,), func)
+    missing = 0
     for name, value in running:
-        if value is None and running_required:
+        if value is not None:
+            check_running(value, name, (C,), func)
+        elif running_required:
             raise ValueError(f"{func}: {name} is required, got None")
-        check_running(value, name, (C,), func)
-    if len({value is None for _, value in running}) > 1:
+        else:
+            missing += 1
+    if 0 < missing < len(running):
         names = " and ".join(name for name, _ in running)
         raise ValueError(f"{func}: give both {names} or neither")
     return ax, C

@@ -64,9 +64,11 @@ class View:
         """Values per statistics group, ``A * J * B``."""
         return self.A * self.J * self.B
 
-    @property
+    @functools.cached_property
     def dims(self):
-        """``(P, A, K, J, B)`` as a tuple."""
+        """``(P, A, K, J, B)`` as a tuple (formed once per view: the
+        views of :func:`channel_view` and :func:`trailing_view` are
+        cached, and every kernel call unpacks them)."""
         return self.P, self.A, self.K, self.J, self.B
 
 

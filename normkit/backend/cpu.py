@@ -1578,7 +1578,9 @@ def as_kernel_array(x):
 def from_kernel_array(flat, shape, dtype):
     """A kernel result (storage of :func:`as_kernel_array`) as an array of
     the caller's ``shape`` and ``dtype``, without a copy."""
-    return flat.view(dtype).reshape(shape)
+    if flat.dtype is not dtype:  # 16-bit storage
+        flat = flat.view(dtype)
+    return flat.reshape(shape)
 
 
 def _output(out, flat):
@@ -1619,6 +1621,9 @@ def _params(values, size, x_storage):
     """
     if values is None:
         return np.empty(0, x_storage.dtype)
+    if (type(values) is np.ndarray and values.dtype is x_storage.dtype
+            and values.flags.c_contiguous):  # the common case, without a call
+        return values.reshape(size)
     values = np.asarray(values)
     stored = storage_view(values)
     if stored.dtype == x_storage.dtype:
@@ -1650,7 +1655,7 @@ def _rows(values, view):
 def _no_values(view):
     """True for a view with a zero dimension: the kernels are not run for
     it (results are empty, statistics NaN, sums zero)."""
-    return math.prod(view.dims) == 0
+    return 0 in view.dims
 
 
 def moment_partials(x, view):
@@ -1966,13 +1971,26 @@ def _ufunc(function, flat):
     return dufunc.ufunc
 
 
+def _flat_float64(a):
+    """Array ``a`` as a flat float64 array: itself when it is one."""
+    if type(a) is np.ndarray and a.dtype is _FLOAT64 and a.ndim == 1:
+        return a
+    return np.asarray(a, np.float64).reshape(-1)
+
+
+_FLOAT64 = np.dtype(np.float64)
+
+
 def map_channels(function, args, out):
     """Run a :class:`~normkit.backend.protocol.channelwise` function over
     host arrays of one size, in float64: a NumPy ufunc compiled by
     ``numba.vectorize`` for one output (about a microsecond per call), a
     compiled loop for several."""
-    flat = [np.asarray(a, np.float64).reshape(-1)
-            if isinstance(a, np.ndarray) else a for a in args]
+    flat, scalars = [], []
+    for a in args:
+        array = isinstance(a, np.ndarray)
+        flat.append(_flat_float64(a) if array else a)
+        scalars.append(not array and protocol.is_number(a))
     if function.outputs == 1:
         ufunc = function.compiled.get("cpu-ufunc")
         if ufunc is None:
@@ -1985,13 +2003,12 @@ def map_channels(function, args, out):
             else:
                 out[0][...] = ufunc(*flat).reshape(out[0].shape)
         return out
-    scalars = tuple(map(protocol.is_number, args))
-    loop = _compiled_loop(function, ("cpu", scalars))
+    loop = _compiled_loop(function, ("cpu", tuple(scalars)))
     size = flat[scalars.index(False)].size
-    results = tuple(np.empty(size) for _ in range(function.outputs))
+    results = [np.empty(size) for _ in range(function.outputs)]
     loop(*flat, *results)
     if out is None:
-        return results
+        return tuple(results)
     for target, result in zip(out, results):
         target[...] = result.reshape(target.shape)
     return out

@@ -231,7 +231,7 @@ class channelwise:
                             f"arguments, got {len(args)}")
         first = None
         for a in args:
-            if is_number(a):
+            if type(a) is not np.ndarray and is_number(a):
                 continue
             if first is None:
                 first = a

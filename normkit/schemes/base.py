@@ -508,6 +508,12 @@ def _batch_row(rows):
     return rows
 
 
+def _has_rows(rows):
+    """False for ``(0, C)`` rows (a batch without groups), True otherwise
+    (None included: that statistic is not updated)."""
+    return rows is None or rows.shape[0] != 0
+
+
 def _unbiased_scale(n):
     """``n / (n - 1)`` (1 for None, inf for ``n = 1``)."""
     return 1.0 if n is None else n / (n - 1) if n != 1 else math.inf
@@ -943,9 +949,7 @@ class RunningStatsNormalizer(Normalizer):
         """
         if not self.track_running_stats:
             return
-        empty = n == 0 or any(rows is not None and rows.shape[0] == 0
-                              for rows in (mean, var))
-        if not empty:
+        if n != 0 and _has_rows(mean) and _has_rows(var):
             factor = momentum_factor(self.momentum, self.num_batches_tracked)
             spread = getattr(self, self.spread_name)
             if mean is not None and var is not None:
