@@ -16,10 +16,20 @@ Python around the kernels *in situ*: a large input's kernels push that
 code's data out of the caches, so it runs at memory's pace, not the
 cache's.  The same difference over a tiny input of the cell's layout (two
 samples, every other axis but the channels or the normalized row of
-length 1) is that cost on a warm cache.  Nothing here asserts on a time.
+length 1) is that cost on a warm cache.  The last two columns are the
+tiny input's whole forward through the API: on a warm cache (timed as
+above), and timed alone right after each of ``--repeat`` forwards and
+backwards over the cell (:func:`after_cell`), as a network's next layer
+meets it: the first touch of each piece of code and data after such a
+pass costs microseconds (a NumPy call, a lock, a dtype comparison), so
+the same call takes several times longer there.  Nothing here asserts on
+a time.
 """
 
 import argparse
+import dataclasses
+import statistics
+import time
 
 import normkit
 from normkit import _bench, engine
@@ -47,8 +57,7 @@ def tiny(case):
         kept = {case.axis % len(case.shape)}
     shape = tuple(2 if i == 0 else n if i in kept else 1
                   for i, n in enumerate(case.shape))
-    return Case(case.variant, shape, case.axis, case.dtype,
-                normalized_ndim=case.normalized_ndim)
+    return dataclasses.replace(case, shape=shape)
 
 
 def callables(case):
@@ -76,6 +85,21 @@ def measure(case, repeat):
             {k: 1e6 * t for k, t in small.items()})
 
 
+def after_cell(case, repeat):
+    """Median microseconds of :func:`tiny` ``(case)``'s API forward, timed
+    alone right after each of ``repeat`` untimed normkit forwards and
+    backwards over ``case``."""
+    cell = _bench.make_inputs(case)
+    small = _bench.make_inputs(tiny(case))
+    times = []
+    for _ in range(repeat):
+        _bench.normkit_forward_backward(case.variant, cell)
+        start = time.perf_counter()
+        _bench.normkit_forward(case.variant, small)
+        times.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(times)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=_bench.positive_int, default=201)
@@ -88,10 +112,12 @@ def main(argv=None):
         rows.append([case.label, f"{cell['api']:.0f}", f"{cell['engine']:.0f}",
                      f"{cell['copy']:.0f}",
                      f"{cell['api'] - cell['engine']:.0f}",
-                     f"{warm['api'] - warm['engine']:.0f}"])
+                     f"{warm['api'] - warm['engine']:.0f}",
+                     f"{warm['api']:.0f}",
+                     f"{after_cell(case, args.repeat):.0f}"])
     print(_bench.format_table(
         ["cell", "api", "engine", "copy", "api - engine",
-         "same, tiny input"], rows))
+         "same, tiny input", "tiny api", "tiny api after cell"], rows))
 
 
 if __name__ == "__main__":

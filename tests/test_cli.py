@@ -177,6 +177,22 @@ def test_overhead_script_times_the_same_normalization_both_ways(case):
     assert y.shape == case.shape and y.dtype.name == case.dtype
 
 
+def test_overhead_script_times_the_tiny_forward_after_the_cell(monkeypatch):
+    """after_cell runs the cell's forward and backward before each timed
+    tiny forward, and times only the latter."""
+    overhead = _load_script("overhead")
+    case = _bench.Case("group_norm", (2, 4, 3), 1, groups=2)
+    calls = []
+    monkeypatch.setattr(overhead._bench, "normkit_forward_backward",
+                        lambda variant, inputs: calls.append(inputs.x.shape))
+    forward = overhead._bench.normkit_forward
+    monkeypatch.setattr(overhead._bench, "normkit_forward",
+                        lambda variant, inputs: calls.append(
+                            forward(variant, inputs).shape))
+    assert overhead.after_cell(case, 3) > 0
+    assert calls == [(2, 4, 3), (2, 4, 1)] * 3
+
+
 def test_overhead_script_tiny_shapes():
     overhead = _load_script("overhead")
     shapes = {(case.variant, case.layout): overhead.tiny(case).shape
