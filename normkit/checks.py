@@ -295,7 +295,7 @@ def check_out(out, like, func, name="out", like_name="x"):
     if tuple(out.shape) != tuple(like.shape):
         raise ValueError(f"{func}: {name} must have {like_name}'s shape "
                          f"{tuple(like.shape)}, got {tuple(out.shape)}")
-    if np.dtype(out.dtype) != np.dtype(like.dtype):
+    if out.dtype is not like.dtype and np.dtype(out.dtype) != np.dtype(like.dtype):
         raise TypeError(f"{func}: {name} must have {like_name}'s dtype "
                         f"{np.dtype(like.dtype)}, got {np.dtype(out.dtype)}")
     if isinstance(out, np.ndarray) and not out.flags.writeable:

@@ -1603,8 +1603,10 @@ def _deliver(result, out, shape, dtype):
     :func:`from_kernel_array`."""
     if out is None:
         return from_kernel_array(result, shape, dtype)
-    if result.size and result.ctypes.data == out.ctypes.data:
-        return out  # the kernel wrote into out
+    # result is either out's own storage or a new array (:func:`_output`),
+    # so sharing memory at all means the kernel wrote into out
+    if result.size and np.may_share_memory(result, out):
+        return out
     np.copyto(out, from_kernel_array(result, shape, dtype), casting="unsafe")
     return out
 

@@ -257,6 +257,11 @@ def _array(t, channels_last=False):
 #: NumPy dtypes of torch dtypes' bit patterns, by item size.
 _BITS = {2: np.int16, 4: np.int32, 8: np.int64}
 
+#: The NumPy dtype of each torch dtype NumPy has (bfloat16 is made from
+#: its bits).
+_SAME_IN_NUMPY = {torch.float16: np.float16, torch.float32: np.float32,
+                  torch.float64: np.float64}
+
 
 def _host_empty(like, channels_last, dtype):
     """An uninitialized CPU tensor of ``like``'s shape, of ``dtype``, laid
@@ -265,7 +270,11 @@ def _host_empty(like, channels_last, dtype):
     and more, and torch's CPU allocator does not (see *Memory and
     streams* above)."""
     shape = _kernel_shape(like, channels_last)
-    t = torch.from_numpy(np.empty(shape, _BITS[dtype.itemsize])).view(dtype)
+    same = _SAME_IN_NUMPY.get(dtype)
+    if same is not None:
+        t = torch.from_numpy(np.empty(shape, same))
+    else:
+        t = torch.from_numpy(np.empty(shape, _BITS[dtype.itemsize])).view(dtype)
     return t.permute(_inverse_perm(len(shape))) if channels_last else t
 
 
@@ -290,14 +299,20 @@ def _output(like, entry, channels_last):
     return result, work, lambda: result.copy_(work)
 
 
-@contextlib.contextmanager
 def _torch_stream(x):
-    """For a CUDA tensor ``x``: run normkit's launches, allocations and
-    copies inside the block on torch's current stream of ``x``'s device
-    (with that device current for Numba); nothing for CPU tensors."""
-    if not x.is_cuda:
-        yield
-        return
+    """For a CUDA tensor ``x``: a context in which normkit's launches,
+    allocations and copies run on torch's current stream of ``x``'s device
+    (with that device current for Numba); for CPU tensors, one that does
+    nothing (a shared ``nullcontext``, cheaper than a generator's)."""
+    return _device_stream(x) if x.is_cuda else _NO_STREAM
+
+
+_NO_STREAM = contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _device_stream(x):
+    """:func:`_torch_stream` of a CUDA tensor."""
     from numba import cuda
     from ..backend.cuda import launch_stream
     index = x.device.index
@@ -541,8 +556,12 @@ def _run_backward(entry, dy, x, params, prepare):
         out = [finish()]
         for name, t in zip(entry.param_names, params):
             grad = grads.get(name)
-            out.append(torch.zeros_like(t) if grad is None
-                       else _tensor(grad, t).reshape(t.shape))
+            if grad is None:
+                out.append(torch.zeros_like(t))
+                continue
+            grad = _tensor(grad, t)
+            # a reshape costs microseconds even to the same shape
+            out.append(grad if grad.shape == t.shape else grad.reshape(t.shape))
     return out
 
 
