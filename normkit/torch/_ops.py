@@ -188,8 +188,9 @@ def _bind(entry, training, state, channels_last, rehearse=False):
     """A scheme over the given arrays with the template's settings
     (``rehearse``: communicators replaced by :class:`_Rehearsal`)."""
     template = entry.scheme
-    settings = {name: value for name, value in vars(template).items()
-                if name not in ("_tape", "grads", "training")}
+    settings = dict(vars(template))
+    for name in ("_tape", "grads", "training"):
+        settings.pop(name, None)
     if rehearse:
         settings = {name: _Rehearsal(value)
                     if isinstance(value, Communicator) else value
