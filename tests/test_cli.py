@@ -1,5 +1,6 @@
 """The command line (``python -m normkit``), ``benchmarks/compare.py``,
-``benchmarks/overhead.py``, ``benchmarks/passes.py``,
+``benchmarks/overhead.py``, ``benchmarks/cold_calls.py``,
+``benchmarks/passes.py``,
 ``benchmarks/spread.py`` and ``benchmarks/follows.py``."""
 
 from collections import Counter
@@ -191,6 +192,31 @@ def test_overhead_script_times_the_tiny_forward_after_the_cell(monkeypatch):
                             forward(variant, inputs).shape))
     assert overhead.after_cell(case, 3) > 0
     assert calls == [(2, 4, 3), (2, 4, 1)] * 3
+
+
+def test_cold_calls_script_times_every_step_after_the_pass(monkeypatch):
+    """Each step runs once per pass, right after it, and the warm timing
+    calls every step; every step works on the tiny input."""
+    cold_calls = _load_script("cold_calls")
+    timed = cold_calls.steps()
+    for step in timed.values():
+        step()
+    order = []
+    monkeypatch.setattr(cold_calls, "the_pass",
+                        lambda after: lambda: order.append(after))
+    wrapped = {name: (lambda name=name: order.append(name))
+               for name in ("a", "b")}
+    times = cold_calls.after_pass(wrapped, 2)
+    assert order == ["normkit", "a", "normkit", "b"] * 2
+    assert set(times) == {"a", "b"}
+    assert set(cold_calls.warm(timed, number=1)) == set(timed)
+
+
+def test_cold_calls_script_passes_are_forwards_and_backwards():
+    pytest.importorskip("torch")
+    cold_calls = _load_script("cold_calls")
+    for after in ("normkit", "torch"):
+        cold_calls.the_pass(after)()
 
 
 def test_overhead_script_tiny_shapes():
