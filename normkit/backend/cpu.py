@@ -1975,12 +1975,9 @@ def _ufunc(function, flat):
 
 def _flat_float64(a):
     """Array ``a`` as a flat float64 array: itself when it is one."""
-    if type(a) is np.ndarray and a.dtype is _FLOAT64 and a.ndim == 1:
+    if type(a) is np.ndarray and a.dtype is storage.FLOAT64 and a.ndim == 1:
         return a
     return np.asarray(a, np.float64).reshape(-1)
-
-
-_FLOAT64 = np.dtype(np.float64)
 
 
 def map_channels(function, args, out):
@@ -1988,11 +1985,8 @@ def map_channels(function, args, out):
     host arrays of one size, in float64: a NumPy ufunc compiled by
     ``numba.vectorize`` for one output (about a microsecond per call), a
     compiled loop for several."""
-    flat, scalars = [], []
-    for a in args:
-        array = isinstance(a, np.ndarray)
-        flat.append(_flat_float64(a) if array else a)
-        scalars.append(not array and protocol.is_number(a))
+    flat = [_flat_float64(a) if isinstance(a, np.ndarray) else a
+            for a in args]
     if function.outputs == 1:
         ufunc = function.compiled.get("cpu-ufunc")
         if ufunc is None:
@@ -2005,7 +1999,8 @@ def map_channels(function, args, out):
             else:
                 out[0][...] = ufunc(*flat).reshape(out[0].shape)
         return out
-    loop = _compiled_loop(function, ("cpu", tuple(scalars)))
+    scalars = tuple(map(protocol.is_number, args))
+    loop = _compiled_loop(function, ("cpu", scalars))
     size = flat[scalars.index(False)].size
     results = [np.empty(size) for _ in range(function.outputs)]
     loop(*flat, *results)

@@ -31,7 +31,8 @@ from numba.np.numpy_support import as_dtype
 from . import half
 
 __all__ = ["storage_view", "compute_dtype", "is_bfloat16", "load", "store",
-           "compute_empty", "compute_zero", "product_zero", "F16C"]
+           "compute_empty", "compute_zero", "product_zero", "F16C",
+           "FLOAT32", "FLOAT64"]
 
 #: True when the CPU converts float16 in hardware (x86 F16C); the kernels
 #: then use LLVM's ``half`` conversions, which vectorise.
@@ -55,7 +56,7 @@ def storage_view(x):
     """
     flat = np.ascontiguousarray(x).reshape(-1)
     dtype = flat.dtype
-    if dtype is _FLOAT32 or dtype is _FLOAT64:
+    if dtype is FLOAT32 or dtype is FLOAT64:
         # identity first: right after other work has left the caches, each
         # dtype comparison costs microseconds, an identity test nothing
         return flat
@@ -66,7 +67,9 @@ def storage_view(x):
     return flat
 
 
-_FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
+#: The float32 and float64 dtypes, which NumPy's arrays of native byte
+#: order share: tested by identity first, before any comparison.
+FLOAT32, FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
 
 
 def compute_dtype(dtype):
