@@ -255,15 +255,6 @@ def _array(t, channels_last=False):
     return t.numpy()
 
 
-#: NumPy dtypes of torch dtypes' bit patterns, by item size.
-_BITS = {2: np.int16, 4: np.int32, 8: np.int64}
-
-#: The NumPy dtype of each torch dtype NumPy has (bfloat16 is made from
-#: its bits).
-_SAME_IN_NUMPY = {torch.float16: np.float16, torch.float32: np.float32,
-                  torch.float64: np.float64}
-
-
 def _host_empty(like, channels_last, dtype):
     """An uninitialized CPU tensor of ``like``'s shape, of ``dtype``, laid
     out as :func:`_empty_like_input` lays it out, in memory NumPy
@@ -271,11 +262,10 @@ def _host_empty(like, channels_last, dtype):
     and more, and torch's CPU allocator does not (see *Memory and
     streams* above)."""
     shape = _kernel_shape(like, channels_last)
-    same = _SAME_IN_NUMPY.get(dtype)
-    if same is not None:
-        t = torch.from_numpy(np.empty(shape, same))
+    if dtype == torch.bfloat16:  # torch takes no NumPy bfloat16: its bits
+        t = torch.from_numpy(np.empty(shape, np.int16)).view(dtype)
     else:
-        t = torch.from_numpy(np.empty(shape, _BITS[dtype.itemsize])).view(dtype)
+        t = torch.from_numpy(np.empty(shape, _NUMPY_DTYPES[dtype]))
     return t.permute(_inverse_perm(len(shape))) if channels_last else t
 
 
