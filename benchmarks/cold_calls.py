@@ -19,8 +19,6 @@ after a pass than on a warm cache.  Nothing here asserts on a time.
 """
 
 import argparse
-import statistics
-import time
 import timeit
 
 import numba
@@ -68,15 +66,8 @@ def the_pass(after):
 def after_pass(timed, repeat, after="normkit"):
     """Median microseconds of each of ``timed``, each run alone right
     after :func:`the_pass` ``(after)``, in turns."""
-    run_pass = the_pass(after)
-    times = {name: [] for name in timed}
-    for _ in range(repeat):
-        for name, step in timed.items():
-            run_pass()
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e6 * statistics.median(t) for name, t in times.items()}
+    seconds = _bench.median_after(timed, the_pass(after), repeat)
+    return {name: 1e6 * t for name, t in seconds.items()}
 
 
 def warm(timed, number=2000):

@@ -28,8 +28,6 @@ a time.
 
 import argparse
 import dataclasses
-import statistics
-import time
 
 import normkit
 from normkit import _bench, engine
@@ -91,13 +89,10 @@ def after_cell(case, repeat):
     backwards over ``case``."""
     cell = _bench.make_inputs(case)
     small = _bench.make_inputs(tiny(case))
-    times = []
-    for _ in range(repeat):
-        _bench.normkit_forward_backward(case.variant, cell)
-        start = time.perf_counter()
-        _bench.normkit_forward(case.variant, small)
-        times.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(times)
+    seconds = _bench.median_after(
+        {"tiny": lambda: _bench.normkit_forward(case.variant, small)},
+        lambda: _bench.normkit_forward_backward(case.variant, cell), repeat)
+    return 1e6 * seconds["tiny"]
 
 
 def main(argv=None):

@@ -346,6 +346,21 @@ def median_times(fns, repeat=5, warmup=2):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def median_after(fns, before, repeat):
+    """Median wall time in seconds of each callable in the dict ``fns``,
+    each timed alone right after an untimed call of ``before`` (the
+    callables taking turns, ``repeat`` rounds): what a call costs where
+    ``before`` has left the caches and the thread pools."""
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            before()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def positive_int(text):
     """argparse type: an int >= 1."""
     value = int(text)
