@@ -245,6 +245,20 @@ def test_channelwise_call_and_out_in_place(rng):
     np.testing.assert_allclose(b, a - 1.5)
 
 
+def test_channelwise_out_strided_or_overlapping_an_input(rng):
+    a, b = rng.standard_normal(5), rng.standard_normal(5)
+    columns = np.zeros((5, 2))
+    _sum_and_difference(a, b, out=(columns[:, 0], columns[:, 1]))
+    np.testing.assert_array_equal(columns, np.stack([a + b, a - b], axis=1))
+    # an output one element ahead of an input reads the input as it was
+    buffer = rng.standard_normal(6)
+    before = buffer.copy()
+    other = np.zeros(5)
+    _sum_and_difference(buffer[:5], 1.0, out=(buffer[1:], other))
+    np.testing.assert_array_equal(buffer[1:], before[:5] + 1.0)
+    np.testing.assert_array_equal(other, before[:5] - 1.0)
+
+
 def test_channelwise_checks_its_arguments():
     with pytest.raises(TypeError, match="expected 2 arguments"):
         _sum_and_difference(np.ones(3))
