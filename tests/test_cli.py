@@ -1,6 +1,6 @@
 """The command line (``python -m normkit``), ``benchmarks/compare.py``,
 ``benchmarks/overhead.py``, ``benchmarks/cold_calls.py``,
-``benchmarks/passes.py``,
+``benchmarks/pause.py``, ``benchmarks/passes.py``,
 ``benchmarks/spread.py`` and ``benchmarks/follows.py``."""
 
 from collections import Counter
@@ -210,6 +210,21 @@ def test_cold_calls_script_times_every_step_after_the_pass(monkeypatch):
     assert order == ["normkit", "a", "normkit", "b"] * 2
     assert set(times) == {"a", "b"}
     assert set(cold_calls.warm(timed, number=1)) == set(timed)
+
+
+def test_pause_script_times_each_forward_right_after_each_pause(capsys):
+    pause = _load_script("pause")
+    assert [label for label, _ in pause.pauses([0, 0.5])] == [
+        "none", "sleep 0.5 ms", "busy 0.5 ms"]
+    medians = pause.measure(pause.CASES[1], [0, 0.01], 1)
+    assert list(medians) == ["none", "sleep 0.01 ms", "busy 0.01 ms"]
+    forwards = {"fwd"} | ({"torch fwd"} if _bench.torch is not None else set())
+    assert all(set(m) == forwards for m in medians.values())
+    pause.main(["--repeat", "1", "--pauses", "0"])
+    rows = capsys.readouterr().out.splitlines()[3:]
+    assert [row.split()[0] for row in rows] == [c.variant for c in pause.CASES]
+    with pytest.raises(SystemExit):
+        pause.main(["--pauses", "-1"])
 
 
 def test_cold_calls_script_passes_are_forwards_and_backwards():
