@@ -1861,10 +1861,17 @@ def _compiled_loop(function, key):
     :func:`_loop_module` can write its source."""
     loop = function.compiled.get(key)
     if loop is None:
+        ending = ""
         if key[0] == "cpu":
+            # into temporaries, then out: every read precedes every write,
+            # so an output may overlap any input
             reads = protocol.plain_reads(key[1])
-            header = "    for i in range(o0.size):\n"
-            params, parallel, write = "", False, "o{k}[i] = {value}"
+            header = "".join(f"    t{k} = np.empty(o0.size)\n"
+                             for k in range(function.outputs))
+            header += "    for i in range(o0.size):\n"
+            ending = "".join(f"    o{k}[:] = t{k}\n"
+                             for k in range(function.outputs))
+            params, parallel, write = "", False, "t{k}[i] = {value}"
         else:
             reads = ["load(a{n}, i)".format(n=n) if kind == "full" else
                      protocol.VIEW_READS[kind].format(n=n)
@@ -1873,9 +1880,9 @@ def _compiled_loop(function, key):
             params, parallel = protocol.VIEW_PARAMS, True
             write = "store(o{k}, i, {value})"
         source = protocol.loop_source(function.arity, function.outputs, reads,
-                                      header, params, write)
+                                      header, params, write) + ending
         namespace = {"f": njit(function.function, error_model="numpy"),
-                     "float64": np.float64, "prange": prange,
+                     "float64": np.float64, "prange": prange, "np": np,
                      "load": load, "store": store}
         module = _loop_module(function, source, namespace, parallel)
         if module is None:
@@ -1984,7 +1991,8 @@ def map_channels(function, args, out):
     """Run a :class:`~normkit.backend.protocol.channelwise` function over
     host arrays of one size, in float64: a NumPy ufunc compiled by
     ``numba.vectorize`` for one output (about a microsecond per call), a
-    compiled loop for several."""
+    compiled loop for several, which writes 1-D float64 outputs itself
+    (any other ``out`` receives a copy of its results)."""
     flat = [_flat_float64(a) if isinstance(a, np.ndarray) else a
             for a in args]
     if function.outputs == 1:
@@ -2002,6 +2010,9 @@ def map_channels(function, args, out):
     scalars = tuple(map(protocol.is_number, args))
     loop = _compiled_loop(function, ("cpu", scalars))
     size = flat[scalars.index(False)].size
+    if out is not None and all(map(_loop_writes, out, (size,) * len(out))):
+        loop(*flat, *out)  # the running statistics' update in place
+        return out
     results = [np.empty(size) for _ in range(function.outputs)]
     loop(*flat, *results)
     if out is None:
@@ -2009,6 +2020,14 @@ def map_channels(function, args, out):
     for target, result in zip(out, results):
         target[...] = result.reshape(target.shape)
     return out
+
+
+def _loop_writes(target, size):
+    """Whether :func:`map_channels`' loop can write ``target`` itself: a
+    writeable 1-D float64 array of ``size`` values (any stride)."""
+    return (type(target) is np.ndarray and target.dtype is storage.FLOAT64
+            and target.ndim == 1 and target.size == size
+            and target.flags.writeable)
 
 
 def map_view(function, view, args, kinds, out):
