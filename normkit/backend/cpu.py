@@ -1991,8 +1991,8 @@ def map_channels(function, args, out):
     """Run a :class:`~normkit.backend.protocol.channelwise` function over
     host arrays of one size, in float64: a NumPy ufunc compiled by
     ``numba.vectorize`` for one output (about a microsecond per call), a
-    compiled loop for several, which writes 1-D float64 outputs itself
-    (any other ``out`` receives a copy of its results)."""
+    compiled loop for several, which writes 1-D float32 and float64
+    outputs itself (any other ``out`` receives a copy of its results)."""
     flat = [_flat_float64(a) if isinstance(a, np.ndarray) else a
             for a in args]
     if function.outputs == 1:
@@ -2023,9 +2023,13 @@ def map_channels(function, args, out):
 
 
 def _loop_writes(target, size):
-    """Whether :func:`map_channels`' loop can write ``target`` itself: a
-    writeable 1-D float64 array of ``size`` values (any stride)."""
-    return (type(target) is np.ndarray and target.dtype is storage.FLOAT64
+    """Whether :func:`map_channels`' loop can write ``target`` itself (a
+    float64 result rounded to float32 as NumPy's cast rounds it): a
+    writeable 1-D float32 or float64 array of ``size`` values, any
+    stride."""
+    return (type(target) is np.ndarray
+            and (target.dtype is storage.FLOAT64
+                 or target.dtype is storage.FLOAT32)
             and target.ndim == 1 and target.size == size
             and target.flags.writeable)
 
