@@ -2010,8 +2010,8 @@ def map_channels(function, args, out):
     scalars = tuple(map(protocol.is_number, args))
     loop = _compiled_loop(function, ("cpu", scalars))
     size = flat[scalars.index(False)].size
-    if out is not None and all(map(_loop_writes, out, (size,) * len(out))):
-        loop(*flat, *out)  # the running statistics' update in place
+    if out is not None and all(_loop_writes(target, size) for target in out):
+        loop(*flat, *out)  # through the loop's own temporaries
         return out
     results = [np.empty(size) for _ in range(function.outputs)]
     loop(*flat, *results)
