@@ -10,7 +10,8 @@ they run on every backend without a line of backend code.  See
 :class:`normkit.backend.protocol.Backend` for the contracts.
 
 The passes that produce an array of the input's size (:func:`apply_affine`,
-:func:`normalize_batch`, :func:`dx_from_sums`, :func:`backward`) take
+:func:`normalize_batch`, :func:`normalize_transformed`,
+:func:`dx_from_sums`, :func:`backward`) take
 ``out=``: an array of ``x``'s shape and dtype on ``x``'s side (host or
 device), written and returned instead of a new array; it may be ``x``
 itself (or ``dy`` in a backward) for a pass in place, but not overlap
@@ -29,7 +30,8 @@ from .backend.plan import Plan, make_plan  # noqa: F401
 from .view import View, channel_view, trailing_view  # noqa: F401
 
 __all__ = ["moment_partials", "merge_partials", "moments", "normalize_batch",
-           "apply_affine", "backward_sums", "dx_from_sums", "backward",
+           "normalize_transformed", "apply_affine", "backward_sums",
+           "dx_from_sums", "backward",
            "View", "channel_view", "trailing_view", "make_plan", "Plan"]
 
 
@@ -115,6 +117,102 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True, *,
     check_out(out, x, "engine.normalize_batch")
     return backend_for(x).normalize_batch(x, view, gamma, beta, eps, centered,
                                           out)
+
+
+def normalize_transformed(x, view, transform, args=(), gamma=None, beta=None,
+                          centered=True, *, out=None):
+    """Normalize with coefficients that ``transform`` derives per group
+    from the statistics of ``x`` itself:
+
+    .. math::
+
+        (c, \\alpha, \\ldots) = \\mathrm{transform}(\\mu, \\sigma^2,
+        \\mathrm{args}), \\qquad y = (x - c) \\, \\alpha \\, \\gamma + \\beta
+
+    per group, with the mean and biased variance of :func:`moments`
+    (``centered=False``: 0 and the mean square).  Where
+    :func:`normalize_batch` fuses its statistics and its map into one pass
+    over memory, so does this: the transform runs inside that pass, per
+    group, between the two.  ``normalize_batch`` is the transform
+    ``(mean, 1 / sqrt(var + eps))``; Batch Renormalization's corrections
+    toward the running statistics are another.
+
+    Parameters
+    ----------
+    x : array
+    view : View
+    transform : channelwise
+        A :class:`~normkit.backend.protocol.channelwise` function of
+        ``(mean, var, *args)`` with two outputs or more, the first two the
+        center ``c`` and the factor ``alpha``; any others are returned.
+    args : tuple
+        Its other arguments, each a number or an array of ``P * K``
+        values, one per group in ``(p, k)`` order (per channel where ``P
+        == 1``), on ``x``'s side.
+    gamma, beta : array, optional
+        Per ``(k, j)``, as in :func:`apply_affine` (None: 1 and 0).
+    centered : bool
+    out : array, optional
+        Write ``y`` there (``x`` itself for a pass in place) and return it.
+
+    Returns
+    -------
+    y : array, same shape and dtype as ``x``
+    mean, var : array, ``(P, K)`` float64
+    results : tuple of arrays, each ``(P, K)`` float64
+        Every output of ``transform`` as the pass used it: ``c``,
+        ``alpha``, then the others.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normkit import channelwise, engine
+    >>> @channelwise(outputs=2)
+    ... def floored(mean, var, floor):     # a variance floor
+    ...     return mean, 1.0 / max(var, floor) ** 0.5
+    >>> x = np.array([[1.0, 3.0], [5.0, 5.0]])
+    >>> y, mean, var, (c, alpha) = engine.normalize_transformed(
+    ...     x, engine.trailing_view(x.shape, 1), floored, (0.25,))
+    >>> y.tolist(), alpha.ravel().tolist()
+    ([[-1.0, 1.0], [0.0, 0.0]], [1.0, 2.0])
+    """
+    func = "engine.normalize_transformed"
+    check_input(x, "x", func)
+    check_out(out, x, func)
+    _check_transform(transform, args, view, x, func)
+    return backend_for(x).normalize_transformed(x, view, transform, tuple(args),
+                                                gamma, beta, centered, out)
+
+
+def _check_transform(transform, args, view, x, func):
+    """The transform of :func:`normalize_transformed` and its arguments,
+    checked before anything runs."""
+    if not isinstance(transform, protocol.channelwise) or (
+            transform.function is None):
+        raise TypeError(f"{func}: transform must be a channelwise function, "
+                        f"got {transform!r}")
+    if transform.outputs < 2:
+        raise ValueError(f"{func}: transform must return at least two values "
+                         f"(center, factor), {transform.__name__} returns "
+                         f"{transform.outputs}")
+    if len(args) != transform.arity - 2:
+        raise TypeError(f"{func}: {transform.__name__} takes mean, var and "
+                        f"{transform.arity - 2} more arguments, got "
+                        f"{len(args)} in args")
+    groups = view.P * view.K
+    arrays = {}
+    for n, a in enumerate(args):
+        if protocol.is_number(a):
+            continue
+        name = f"args[{n}]"
+        check_input(a, name, func)
+        if math.prod(a.shape) != groups:
+            raise ValueError(f"{func}: {name} must be a number or hold one "
+                             f"value per group, P * K = {groups}, got shape "
+                             f"{tuple(a.shape)}")
+        arrays[name] = a
+    if arrays and not all(type(a) is np.ndarray for a in (x, *arrays.values())):
+        same_device(func, {"x": x, **arrays})
 
 
 def backward_sums(dy, x, view, mean, rstd, gscale=None, centered=True):

@@ -47,6 +47,33 @@ def test_partials_merge_like_the_cpu(name, rng):
     np.testing.assert_array_equal(host(part)[..., 0].sum(axis=1), view.group_size)
 
 
+@normkit.channelwise(outputs=3)
+def _floored(mean, var, floor, shift):
+    factor = 1.0 / max(var, floor) ** 0.5
+    return mean - shift, factor, var
+
+
+@pytest.mark.parametrize("name", VIEWS)
+def test_normalize_transformed_matches_the_cpu(name, rng):
+    shape, view = VIEWS[name]()
+    x = rng.normal(3.0, 2.0, shape)
+    gamma = rng.normal(1.0, 0.5, view.K * view.J)
+    beta = rng.normal(0.0, 0.5, view.K * view.J)
+    shift = rng.normal(0.0, 1.0, view.P * view.K)
+    want = engine.normalize_transformed(x, view, _floored, (4.0, shift),
+                                        gamma, beta)
+    got = engine.normalize_transformed(
+        cuda.to_device(x), view, _floored, (4.0, cuda.to_device(shift)),
+        cuda.to_device(gamma), cuda.to_device(beta))
+    np.testing.assert_allclose(host(got[0]), want[0], rtol=1e-12, atol=1e-12)
+    for got_stat, want_stat in zip((*got[1:3], *got[3]), (*want[1:3], *want[3])):
+        assert host(got_stat).shape == (view.P, view.K)
+        np.testing.assert_allclose(host(got_stat), want_stat, rtol=1e-10)
+    with pytest.raises(TypeError, match="same side"):
+        engine.normalize_transformed(cuda.to_device(x), view, _floored,
+                                     (4.0, shift))
+
+
 @pytest.mark.parametrize("name", VIEWS)
 @pytest.mark.parametrize("centered", [True, False])
 def test_backward_sums_and_dx_from_sums_match_the_cpu(name, centered, rng):

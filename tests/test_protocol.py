@@ -229,6 +229,113 @@ def test_dx_from_sums_with_fixed_statistics_is_the_scaled_gradient(rng):
     np.testing.assert_allclose(dx, 2.0 * dy)
 
 
+@normkit.channelwise(outputs=3)
+def _floored(mean, var, floor, shift):
+    # a variance floor and a shifted center; the factor again, third
+    factor = 1.0 / max(var, floor) ** 0.5
+    return mean - shift, factor, factor
+
+
+#: Views of normalize_transformed: a fused plan in each of the fused
+#: kernel's paths, and (bn-last-wide) a plan that splits the groups
+TRANSFORM_VIEWS = {
+    **{name: VIEWS[name] for name in ("bn-first", "gn", "ln", "ln-wide")},
+    "gn-last": lambda: ((4, 30, 6), channel_view((4, 30, 6), 2, True, 3)),
+    "bn-last-wide": lambda: ((64, 200, 8), channel_view((64, 200, 8), 2,
+                                                         False)),
+}
+
+
+def _reference_transformed(x, view, floor, shift, gamma, beta):
+    """normalize_transformed with _floored, in float64 from the formulas."""
+    x64 = x.astype(np.float64).reshape(view.dims)
+    mean = x64.mean(axis=(1, 3, 4))
+    var = x64.var(axis=(1, 3, 4))
+    center, factor, _ = (np.vectorize(_floored.function)(
+        mean, var, floor, np.reshape(shift, mean.shape)))
+    groups = (view.P, 1, view.K, 1, 1)
+    y = (x64 - center.reshape(groups)) * factor.reshape(groups)
+    y = (y * gamma.astype(np.float64).reshape(1, 1, view.K, view.J, 1)
+         + beta.astype(np.float64).reshape(1, 1, view.K, view.J, 1))
+    return y.reshape(x.shape), mean, var, center, factor
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("name", TRANSFORM_VIEWS)
+def test_normalize_transformed_follows_the_formula(name, dtype, rng):
+    shape, view = TRANSFORM_VIEWS[name]()
+    assert plan.make_plan(view).fused == (name != "bn-last-wide")
+    x = rng.normal(3.0, 2.0, shape).astype(dtype)
+    x.reshape(view.dims)[..., :1, :, :] *= 0.1   # some groups below the floor
+    gamma = rng.normal(1.0, 0.5, view.K * view.J).astype(dtype)
+    beta = rng.normal(0.0, 0.5, view.K * view.J).astype(dtype)
+    shift = rng.normal(0.0, 1.0, view.P * view.K)     # one per group
+    y, mean, var, (center, factor, again) = engine.normalize_transformed(
+        x, view, _floored, (1.0, shift), gamma, beta)
+    want_y, want_mean, want_var, want_center, want_factor = (
+        _reference_transformed(x, view, 1.0, shift, gamma, beta))
+    assert y.dtype == dtype and y.shape == shape
+    assert all(a.shape == (view.P, view.K) and a.dtype == np.float64
+               for a in (mean, var, center, factor, again))
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(var, want_var, rtol=1e-5)
+    # the outputs are the transform of the statistics returned, exactly
+    np.testing.assert_array_equal(
+        center, mean - shift.reshape(view.P, view.K))
+    np.testing.assert_array_equal(factor, 1 / np.sqrt(np.maximum(var, 1.0)))
+    np.testing.assert_array_equal(again, factor)
+    tol = {np.float16: 4e-3, np.float32: 2e-6, np.float64: 1e-12}[dtype]
+    np.testing.assert_allclose(y.astype(np.float64), want_y, rtol=tol,
+                               atol=tol * np.abs(want_y).max())
+    in_place = x.copy()   # out=x: the statistics come first (the last bit
+    engine.normalize_transformed(     # may differ, see the Backend protocol)
+        in_place, view, _floored, (1.0, shift), gamma, beta, out=in_place)
+    np.testing.assert_allclose(in_place.astype(np.float64), y, rtol=tol,
+                               atol=tol * np.abs(want_y).max())
+
+
+@pytest.mark.parametrize("name", TRANSFORM_VIEWS)
+def test_normalize_transformed_by_the_own_statistics_is_normalize_batch(
+        name, rng):
+    # no floor, no shift: (mean, 1 / sqrt(var)), normalize_batch's with
+    # eps = 0; the same code, compiled into another kernel (LLVM may
+    # order a float32 tile's sums otherwise)
+    shape, view = TRANSFORM_VIEWS[name]()
+    x = rng.normal(3.0, 2.0, shape).astype(np.float32)
+    gamma = rng.normal(1.0, 0.5, view.K * view.J).astype(np.float32)
+    y, mean, var, rstd = engine.normalize_batch(x, view, gamma, None, 0.0)
+    got, got_mean, got_var, (center, factor, _) = engine.normalize_transformed(
+        x, view, _floored, (0.0, 0.0), gamma)
+    np.testing.assert_allclose(got, y, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got_mean, mean, rtol=1e-6)
+    np.testing.assert_allclose(got_var, var, rtol=1e-6)
+    np.testing.assert_array_equal(center, got_mean)
+    np.testing.assert_allclose(factor, rstd, rtol=1e-6)
+
+
+@normkit.channelwise
+def _one_output(mean, var):
+    return mean
+
+
+@pytest.mark.parametrize("transform, args, error, words", [
+    (_floored.function, (1.0, 0.0), TypeError, "must be a channelwise"),
+    (_one_output, (), ValueError, "at least two values"),
+    (_floored, (1.0,), TypeError, "2 more arguments, got 1"),
+    (_floored, (1.0, np.zeros(5)), ValueError, "args[1] must be a number or "
+                                               "hold one value per group"),
+    (_floored, (1.0, [0.0] * 3), TypeError, "args[1] must be a NumPy array"),
+])
+def test_normalize_transformed_checks_before_writing(transform, args, error,
+                                                     words, rng):
+    shape, view = VIEWS["bn-first"]()
+    x = rng.standard_normal(shape)
+    out = np.full(shape, 7.0)
+    with pytest.raises(error, match=re.escape(words)):
+        engine.normalize_transformed(x, view, transform, args, out=out)
+    assert (out == 7.0).all()
+
+
 @normkit.channelwise(outputs=2)
 def _sum_and_difference(a, b):
     return a + b, a - b
@@ -292,6 +399,33 @@ def test_a_multi_output_loop_is_compiled_once_and_then_loaded(tmp_path):
             for _ in range(2)]
     assert [hits for hits, _ in runs] == ["0", "1"]
     assert runs[0][1] == runs[1][1] == "[2.0, 4.0] [4.0, 4.0]\n"
+    assert len(list((tmp_path / "normkit-loops").glob("normkit_loop_*.py"))) == 1
+
+
+_CACHED_TRANSFORM_SCRIPT = """
+import numpy as np
+from normkit import engine
+from normkit.schemes.batch import renormalization
+x = np.arange(12.0).reshape(3, 4)
+y, mean, var, results = engine.normalize_transformed(
+    x, engine.trailing_view(x.shape, 1), renormalization,
+    (np.zeros(3), np.ones(3), 0.0, 1.0, 0.0))     # r = 1, d = 0: plain
+kernel = renormalization.compiled["cpu-transformed"]
+print(sum(kernel.stats.cache_hits.values()), y.round(4).tolist())
+"""
+
+
+def test_a_transformed_kernel_is_compiled_once_and_then_loaded(tmp_path):
+    # the fused kernel of normalize_transformed is generated like the
+    # loops: a second process loads it from disk
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    runs = [subprocess.run([sys.executable, "-c", _CACHED_TRANSFORM_SCRIPT],
+                           env=env, capture_output=True, text=True,
+                           check=True).stdout.split(maxsplit=1)
+            for _ in range(2)]
+    assert [hits for hits, _ in runs] == ["0", "1"]
+    row = [-1.3416, -0.4472, 0.4472, 1.3416]
+    assert runs[0][1] == runs[1][1] == f"{[row] * 3}\n"
     assert len(list((tmp_path / "normkit-loops").glob("normkit_loop_*.py"))) == 1
 
 

@@ -765,16 +765,24 @@ def apply(x, dy, out, use_dy, P, A, K, J, B, plan, coef, gamma, beta):
 
 
 @_inner
-def _finish_forward_p(mean, var, eps, coef, rstd, k0, k1):
-    """Coefficients that normalize groups ``[k0, k1)`` with their
-    statistics (forward), and ``rstd[k] = 1 / sqrt(var[k] + eps)``."""
-    for k in range(k0, k1):
-        rstd[k] = 1.0 / np.sqrt(var[k] + eps)
-        coef[k, COEF_MEAN] = mean[k]
-        coef[k, COEF_A] = rstd[k]
-        coef[k, COEF_H] = 0.0
-        coef[k, COEF_E] = 0.0
-        coef[k, COEF_C] = 0.0
+def own_statistics(p, k, K, mean, var, eps, table, results):
+    """The finish of :func:`forward_item` that normalizes a group with its
+    own statistics: center ``mean``, factor ``rstd = 1 / sqrt(var +
+    eps)``, written to ``results[0, p * K + k]`` (``table`` unused)."""
+    rstd = 1.0 / np.sqrt(var + eps)
+    results[0, p * K + k] = rstd
+    return mean, rstd
+
+
+@_inner
+def _forward_coefficients(coef, k, center, alpha):
+    """Row ``k`` of a coefficient table for a forward map, ``out = (x -
+    center) * alpha * gamma + beta``."""
+    coef[k, COEF_MEAN] = center
+    coef[k, COEF_A] = alpha
+    coef[k, COEF_H] = 0.0
+    coef[k, COEF_E] = 0.0
+    coef[k, COEF_C] = 0.0
 
 
 @_kernel
@@ -784,69 +792,94 @@ def forward_fused(x, out, P, A, K, J, B, plan, gamma, beta, eps, centered,
 
     Valid only for plans whose items hold whole groups (no split of the
     reduced extent).  Writes ``mean_out[p, k]``, the biased ``var_out[p,
-    k]`` (0 and the mean square when not ``centered``) and ``rstd_out[p,
-    k] = 1 / sqrt(var_out[p, k] + eps)``, the factor it normalized with.
+    k]`` (0 and the mean square when not ``centered``) and ``rstd_out[0,
+    p * K + k] = 1 / sqrt(var_out[p, k] + eps)``, the factor it normalized
+    with (:func:`own_statistics`).
     """
-    L = J * B
     for item in prange(_n_items(plan)):
-        p0, p1, r, _ = _item_bounds(item, P, A, K, L, plan)
-        if A == 1:
-            _runs_forward(x, out, p0, p1, r, K, J, B, gamma, beta, eps,
-                          centered, mean_out, var_out, rstd_out)
-            continue
-        scratch = np.empty(2 * K * J if _rows_style(A, B) else 0)
-        x_scratch = compute_empty(x, 4 * K * J if _narrow_groups(J, B) else 0)
-        n = np.empty(K)
-        m2 = np.empty(K)
-        coef = np.empty((K, N_COEF))
-        step = _group_step(r, L, B)
-        for p in range(p0, p1):
-            for first in range(r[2], r[3], step):
-                g = _groups(r, first, step)
-                _p_moments(x, p, g, A, K, J, B, n, mean_out[p], m2,
-                           scratch)
-                for k in range(g[2], g[3]):
-                    mean_out[p, k], var_out[p, k] = _statistics(
-                        n[k], mean_out[p, k], m2[k], centered)
-                _finish_forward_p(mean_out[p], var_out[p], eps, coef,
-                                  rstd_out[p], g[2], g[3])
-                _p_apply(x, x, out, False, p, g, A, K, J, B, coef,
-                         gamma, beta, x_scratch)
+        forward_item(x, out, item, P, A, K, J, B, plan, gamma, beta, eps,
+                     centered, mean_out, var_out, own_statistics, rstd_out,
+                     rstd_out)
 
 
-@_inner
-def _runs_forward(x, out, p0, p1, r, K, J, B, gamma, beta, eps, centered,
-                  mean_out, var_out, rstd_out):
-    """:func:`forward_fused` over whole groups that are each one contiguous
-    run of ``L = J * B`` values (``A == 1``: the rows of LayerNorm and
-    RMSNorm, GroupNorm and InstanceNorm channels first), for ``p`` in
-    ``[p0, p1)`` and the item's groups ``r[2]:r[3]``: per group its moments
-    and :func:`_statistics`, then its map (a wide group's
-    :func:`_map_segment` where ``B == 1``, else :func:`_map_group`), with
-    the same arithmetic as the general case but none of its per-group
-    tables, whose bookkeeping cost more than a group of a few hundred
-    values."""
+@_inlined
+def forward_item(x, out, item, P, A, K, J, B, plan, gamma, beta, eps,
+                 centered, mean_out, var_out, finish, table, results):
+    """One item of a fused forward, a block of groups at a time (one group
+    where each is a contiguous run, ``A == 1``): their moments, then,
+    while they are in cache, ``out = (x - center) * alpha * gamma + beta``
+    with ``center, alpha = finish(p, k, K, mean, var, eps, table,
+    results)`` per group, a compiled function that may also write
+    per-group ``results`` (:func:`own_statistics`, or the transform of
+    :func:`normalize_transformed`).
+
+    ``finish`` is called at this one place: Numba keeps a kernel that
+    passes a function on to a function which uses it at several places
+    out of its disk cache."""
+    L = J * B
+    p0, p1, r, _ = _item_bounds(item, P, A, K, L, plan)
+    scratch = np.empty(2 * K * J if _rows_style(A, B) else 0)
+    x_scratch = compute_empty(x, 4 * K * J if _narrow_groups(J, B) else 0)
+    n = np.empty(K)
+    m2 = np.empty(K)
+    coef = np.empty((K, N_COEF))
+    step = 1 if A == 1 else _group_step(r, L, B)
+    for p in range(p0, p1):
+        for first in range(r[2], r[3], step):
+            g = _groups(r, first, step)
+            _step_moments(x, p, g, A, K, J, B, centered, n, m2, mean_out[p],
+                          var_out[p], scratch)
+            for k in range(g[2], g[3]):
+                center, alpha = finish(p, k, K, mean_out[p, k], var_out[p, k],
+                                       eps, table, results)
+                _forward_coefficients(coef, k, center, alpha)
+            _step_map(x, out, p, g, A, K, J, B, coef, gamma, beta, x_scratch)
+
+
+@_inlined
+def _step_moments(x, p, g, A, K, J, B, centered, n, m2, mean, var, scratch):
+    """``mean[k]`` and ``var[k]`` (:func:`_statistics`) of the groups ``k``
+    of one step of :func:`forward_item`: a contiguous run's
+    :func:`_segment_moments` where ``A == 1`` (LayerNorm and RMSNorm rows,
+    GroupNorm and InstanceNorm channels first: no per-group tables, whose
+    bookkeeping cost more than a group of a few hundred values), else
+    :func:`_p_moments`; ``n`` and ``m2`` are per-group scratch."""
+    if A == 1:
+        L = J * B
+        for k in range(g[2], g[3]):
+            lo = (p * K + k) * L
+            count, mu, sq = _segment_moments(x, lo, lo + L, 0.0, 0.0, 0.0)
+            mean[k], var[k] = _statistics(count, mu, sq, centered)
+        return
+    _p_moments(x, p, g, A, K, J, B, n, mean, m2, scratch)
+    for k in range(g[2], g[3]):
+        mean[k], var[k] = _statistics(n[k], mean[k], m2[k], centered)
+
+
+@_inlined
+def _step_map(x, out, p, g, A, K, J, B, coef, gamma, beta, x_scratch):
+    """The map of one step of :func:`forward_item` with the coefficients
+    ``coef[k]``: a contiguous run's wide-group :func:`_map_segment` (``B ==
+    1``) or :func:`_map_group` where ``A == 1``, else :func:`_p_apply`."""
+    if A != 1:
+        _p_apply(x, x, out, False, p, g, A, K, J, B, coef, gamma, beta,
+                 x_scratch)
+        return
     L = J * B
     zero = compute_zero(x)
-    for p in range(p0, p1):
-        for k in range(r[2], r[3]):
+    for k in range(g[2], g[3]):
+        center, alpha = coef[k, COEF_MEAN], coef[k, COEF_A]
+        if B == 1:
             lo = (p * K + k) * L
-            n, mean, m2 = _segment_moments(x, lo, lo + L, 0.0, 0.0, 0.0)
-            mean, var = _statistics(n, mean, m2, centered)
-            mean_out[p, k] = mean
-            var_out[p, k] = var
-            rstd = 1.0 / np.sqrt(var + eps)
-            rstd_out[p, k] = rstd
-            if B == 1:
-                mc, a_x, h_x, e_x, q_x, w_x = _wide_coefficients(
-                    mean, rstd, 0.0, 0.0, 0.0, zero)
-                xs = x[lo:lo + L]
-                _map_segment(xs, xs, out[lo:lo + L], False,
-                             gamma[k * J:(k + 1) * J], beta[k * J:(k + 1) * J],
-                             mc, a_x, h_x, e_x, q_x, w_x)
-            else:
-                _map_group(x, x, out, False, p, r, 1, K, J, B, k, mean, rstd,
-                           0.0, 0.0, 0.0, gamma, beta)
+            mc, a_x, h_x, e_x, q_x, w_x = _wide_coefficients(
+                center, alpha, 0.0, 0.0, 0.0, zero)
+            xs = x[lo:lo + L]
+            _map_segment(xs, xs, out[lo:lo + L], False,
+                         gamma[k * J:(k + 1) * J], beta[k * J:(k + 1) * J],
+                         mc, a_x, h_x, e_x, q_x, w_x)
+        else:
+            _map_group(x, x, out, False, p, g, 1, K, J, B, k, center, alpha,
+                       0.0, 0.0, 0.0, gamma, beta)
 
 
 # --------------------------------------------------------------------------
@@ -1329,7 +1362,7 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
 def _rows_backward(dy, x, dx, p0, p1, width, mean, rstd, gscale, affine,
                    sums, coef, no_beta, centered):
     """:func:`backward_fused` over whole rows ``[p0, p1)`` of ``width``
-    values, one group each (``A == K == B == 1``), as :func:`_runs_forward`
+    values, one group each (``A == K == B == 1``), as :func:`_step_moments`
     is for the forward: row by row (:func:`_rows_backward_single`), or two
     rows at a time (:func:`_rows_backward_paired`) where a row holds
     :data:`PAIRED_ROW_BYTES` or more.  Each is its own compiled function:
@@ -1465,11 +1498,14 @@ def normalize_two_pass(x, out, P, A, K, J, B, plan, gamma, beta, eps,
     var, rstd)``."""
     mean, var = moments_of(x, P, A, K, J, B, plan, centered)
     coef = np.empty((P, K, N_COEF))
-    rstd = np.empty((P, K))
+    rstd = np.empty((1, P * K))
     for p in range(P):
-        _finish_forward_p(mean[p], var[p], eps, coef[p], rstd[p], 0, K)
+        for k in range(K):
+            center, alpha = own_statistics(p, k, K, mean[p, k], var[p, k], eps,
+                                           rstd, rstd)
+            _forward_coefficients(coef[p], k, center, alpha)
     apply(x, x, out, False, P, A, K, J, B, plan, coef, gamma, beta)
-    return mean, var, rstd
+    return mean, var, rstd.reshape(P, K)
 
 
 @_driver
@@ -1715,14 +1751,43 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True,
     if plan.fused:
         mean = np.empty((view.P, view.K))
         var = np.empty((view.P, view.K))
-        rstd = np.empty((view.P, view.K))
+        rstd = np.empty((1, view.P * view.K))
         forward_fused(flat, y, *view.dims, tuple(plan), gamma, beta, float(eps),
                       bool(centered), mean, var, rstd)
+        rstd = rstd.reshape(view.P, view.K)
     else:
         mean, var, rstd = normalize_two_pass(
             flat, y, *view.dims, tuple(plan), gamma, beta, float(eps),
             bool(centered))
     return _deliver(y, out, x.shape, x.dtype), mean, var, rstd
+
+
+def normalize_transformed(x, view, transform, args, gamma=None, beta=None,
+                          centered=True, out=None):
+    """See :meth:`normkit.backend.protocol.Backend.normalize_transformed`:
+    where the plan is fused, one pass whose items call the transform per
+    group between their moments and their map (:func:`forward_item`, in
+    a kernel compiled for the transform, :func:`_transformed_kernel`)."""
+    plan = make_plan(view)
+    if _no_values(view) or not plan.fused:
+        return protocol.normalize_in_steps(sys.modules[__name__], x, view,
+                                           transform, args, gamma, beta,
+                                           centered, out)
+    P, K = view.P, view.K
+    flat = as_kernel_array(x)
+    gamma, beta = _affine_params(gamma, beta, K * view.J, flat)
+    y = _output(out, flat)
+    table = np.empty((len(args), P * K))
+    for row, a in zip(table, args):
+        row[:] = a if protocol.is_number(a) else _flat_float64(a)
+    mean = np.empty((P, K))
+    var = np.empty((P, K))
+    results = np.empty((transform.outputs, P * K))
+    _transformed_kernel(transform)(flat, y, *view.dims, tuple(plan), gamma,
+                                   beta, bool(centered), mean, var, table,
+                                   results)
+    return (_deliver(y, out, x.shape, x.dtype), mean, var,
+            tuple(results.reshape(transform.outputs, P, K)))
 
 
 def _backward_inputs(dy, x, view, mean, rstd, gscale, centered):
@@ -1896,6 +1961,56 @@ def _compiled_loop(function, key):
     return loop
 
 
+def _transformed_kernel(transform):
+    """The fused forward of :func:`normalize_transformed` for one
+    transform: a parallel loop over the plan's items, each
+    :func:`forward_item` with a ``finish`` that calls the transform on the
+    group's statistics and its row of the argument table, writes every
+    output to ``results`` and returns the first two.  Generated and cached
+    on disk as :func:`_compiled_loop`'s loops are (the digest covers this
+    backend's source, which the kernel inlines); compiling one takes
+    tens of seconds, loading it well under one."""
+    kernel = transform.compiled.get("cpu-transformed")
+    if kernel is not None:
+        return kernel
+    reads = "".join(f", table[{n}, i]" for n in range(transform.arity - 2))
+    writes = "".join(f"    results[{k}, i] = r[{k}]\n"
+                     for k in range(transform.outputs))
+    source = (
+        "@inner\n"
+        "def finish(p, k, K, mean, var, eps, table, results):\n"
+        "    i = p * K + k\n"
+        f"    r = f(mean, var{reads})\n"
+        f"{writes}"
+        "    return r[0], r[1]\n\n\n"
+        "def kernel(x, out, P, A, K, J, B, plan, gamma, beta, centered,\n"
+        "           mean_out, var_out, table, results):\n"
+        "    for item in prange(n_items(plan)):\n"
+        "        forward_item(x, out, item, P, A, K, J, B, plan, gamma, beta,\n"
+        "                     0.0, centered, mean_out, var_out, finish, table,\n"
+        "                     results)\n")
+    namespace = {"f": njit(transform.function, error_model="numpy"),
+                 "inner": njit(cache=True, error_model="numpy"),
+                 "prange": prange, "n_items": _n_items,
+                 "forward_item": forward_item}
+    module = _loop_module(transform, source, namespace, True,
+                          depends=(storage, protocol, sys.modules[__name__]))
+    if module is None:
+        namespace["inner"] = njit(error_model="numpy")
+        exec(source, namespace)
+        kernel = _kernel_of(namespace["kernel"], cache=False)
+    else:
+        kernel = _kernel_of(module.kernel, cache=True)
+    transform.compiled["cpu-transformed"] = kernel
+    return kernel
+
+
+def _kernel_of(function, cache):
+    """``function`` compiled as this backend's kernels are."""
+    return njit(function, cache=cache, fastmath=FASTMATH, parallel=True,
+                nogil=True, error_model="numpy")
+
+
 def _loop_directory():
     """Where :func:`_loop_module` writes the source of the channelwise
     loops, for Numba to cache their machine code beside it:
@@ -1910,15 +2025,15 @@ def _loop_directory():
     return os.path.join(cache, "normkit", "loops")
 
 
-def _loop_module(function, source, namespace, parallel):
+def _loop_module(function, source, namespace, parallel, depends=(storage,)):
     """The loop ``source`` of ``function`` run as a module from a file of
     :func:`_loop_directory`, with ``namespace`` as its globals, so that
     ``njit(cache=True)`` can keep its machine code on disk (compiling a
     loop takes about 0.15 s, loading it about 5 ms).  The file's name is a
     digest of the scalar function's source, the loop's, whether it is
-    ``parallel``, the storage module's source (its ``load`` and ``store``
-    are compiled in) and Numba's version: an edited function gets a new
-    file.  As with Numba's own cache, the functions and globals that the
+    ``parallel``, the source of the modules it ``depends`` on, whose
+    functions are compiled in (the storage module's ``load`` and
+    ``store``), and Numba's version: an edited function gets a new file.  As with Numba's own cache, the functions and globals that the
     scalar function uses are not part of the digest.  None where the
     function has no source file (typed at a prompt), closes over
     variables (their values are compiled in) or the directory cannot be
@@ -1930,7 +2045,7 @@ def _loop_module(function, source, namespace, parallel):
     except (OSError, TypeError):
         return None
     digest = hashlib.sha256("\0".join(
-        (scalar, source, str(parallel), _storage_source(),
+        (scalar, source, str(parallel), *map(_module_source, depends),
          numba.__version__)).encode()
     ).hexdigest()[:24]
     name = f"normkit_loop_{digest}"
@@ -1943,8 +2058,9 @@ def _loop_module(function, source, namespace, parallel):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             partial = f"{path}.{os.getpid()}.tmp"
             with open(partial, "w") as file:
-                file.write(f"# channelwise loop of {function.__name__}, "
-                           f"written by normkit.backend.cpu\n{source}")
+                file.write(f"# compiled code of channelwise "
+                           f"{function.__name__}, written by "
+                           f"normkit.backend.cpu\n{source}")
             os.replace(partial, path)  # whole, even with writers in parallel
     except OSError:
         return None
@@ -1957,10 +2073,10 @@ def _loop_module(function, source, namespace, parallel):
     return module
 
 
-@functools.lru_cache(maxsize=1)
-def _storage_source():
-    """The source of :mod:`normkit.backend.storage`, for loop digests."""
-    return inspect.getsource(storage)
+@functools.lru_cache(maxsize=8)
+def _module_source(module):
+    """The source of ``module``, for loop digests."""
+    return inspect.getsource(module)
 
 
 def _ufunc(function, flat):

@@ -64,6 +64,7 @@ import contextlib
 import contextvars
 import functools
 import math
+import sys
 
 import numpy as np
 from numba import cuda, float64
@@ -733,6 +734,17 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True,
         flat, y, gamma, has_gamma, beta, has_beta, float(eps), view.A,
         view.K, view.J, view.B, *grid.args(), mean, var, rstd)
     return _deliver(y, out, x.shape), mean, var, rstd
+
+
+def normalize_transformed(x, view, transform, args, gamma=None, beta=None,
+                          centered=True, out=None):
+    """Device version of :func:`normkit.engine.normalize_transformed`:
+    moments, the transform, then the elementwise map
+    (:func:`~normkit.backend.protocol.normalize_in_steps`; the fused
+    kernel takes no transform)."""
+    return protocol.normalize_in_steps(sys.modules[__name__], x, view,
+                                       transform, args, gamma, beta, centered,
+                                       out)
 
 
 def _inverse_std(var, eps):

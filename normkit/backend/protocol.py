@@ -26,7 +26,7 @@ from . import backend_for
 
 __all__ = ["Backend", "channelwise", "chan_merge", "dx_coefficients",
            "inverse_sqrt", "inverse_std", "reciprocal", "product", "copy",
-           "merge_summaries"]
+           "merge_summaries", "normalize_in_steps"]
 
 
 class Backend(Protocol):
@@ -76,6 +76,17 @@ class Backend(Protocol):
         beta``, ``rstd = 1 / sqrt(var + eps)``, with the statistics of ``x``
         itself, fused into one pass over memory where every work item holds
         whole groups."""
+
+    def normalize_transformed(self, x, view, transform, args, gamma=None,
+                              beta=None, centered=True, out=None):
+        """``(y, mean, var, results)``: ``results = transform(mean, var,
+        *args)``, each ``(P, K)``, and ``y = (x - results[0]) * results[1]
+        * gamma + beta``, with the statistics of ``x`` itself; the
+        transform runs per group inside the fused pass of
+        :meth:`normalize_batch` where there is one (else
+        :func:`normalize_in_steps`).  ``args`` are numbers or arrays of
+        ``P * K`` values (:func:`normkit.engine.normalize_transformed`
+        checks them)."""
 
     def apply_affine(self, x, view, mean, alpha, gamma=None, beta=None,
                      out=None):
@@ -298,6 +309,19 @@ class channelwise:
             out = (out,)
         result = backend_for(full).map_view(self, view, args, kinds, out)
         return result[0] if self.outputs == 1 else result
+
+
+def normalize_in_steps(backend, x, view, transform, args, gamma, beta,
+                       centered, out):
+    """:meth:`Backend.normalize_transformed` in three of ``backend``'s
+    operations: :meth:`~Backend.moments`, the transform over the groups'
+    statistics, :meth:`~Backend.apply_affine`; for a backend, or a plan,
+    without a fused pass (two passes over memory)."""
+    mean, var = backend.moments(x, view, centered)
+    results = transform(mean, var, *args)
+    results = tuple(r.reshape(view.P, view.K) for r in results)
+    y = backend.apply_affine(x, view, results[0], results[1], gamma, beta, out)
+    return y, mean, var, results
 
 
 def is_number(a):

@@ -167,35 +167,20 @@ class BatchNorm3d(BatchNorm):
 # Batch Renormalization
 # --------------------------------------------------------------------------
 
-@channelwise
-def renorm_sigma(var, eps):
-    """Batch Renormalization's ``sigma_B = sqrt(var_B + eps)``."""
-    return math.sqrt(var + eps)
+@channelwise(outputs=5)
+def renormalization(mean, var, running_mean, running_std, eps, rmax, dmax):
+    """Batch Renormalization's coefficients from a channel's batch
+    statistics (Ioffe 2017, Algorithm 1): ``sigma = sqrt(var + eps)``,
+    ``r = clip(sigma / running_std, 1/rmax, rmax)``, ``d = clip((mean -
+    running_mean) / running_std, -dmax, dmax)``, and the center and factor
+    with which ``(x - center) * factor = (x - mean) / sigma * r + d``.
 
-
-@channelwise
-def renorm_r(sigma, running_std, rmax):
-    """``r = clip(sigma_B / running_std, 1/rmax, rmax)`` (Ioffe 2017,
-    Algorithm 1)."""
-    return min(max(sigma / running_std, 1.0 / rmax), rmax)
-
-
-@channelwise
-def renorm_d(mu, running_mean, running_std, dmax):
-    """``d = clip((mu_B - running_mean) / running_std, -dmax, dmax)``."""
-    return min(max((mu - running_mean) / running_std, -dmax), dmax)
-
-
-@channelwise
-def quotient(a, b):
-    """``a / b``."""
-    return a / b
-
-
-@channelwise
-def shift(weight, bias, d):
-    """Renormalized bias ``bias + weight * d``."""
-    return weight * d + bias
+    Returns ``(mean - d * sigma / r, r / sigma, sigma, r, d)``.
+    """
+    sigma = math.sqrt(var + eps)
+    r = min(max(sigma / running_std, 1.0 / rmax), rmax)
+    d = min(max((mean - running_mean) / running_std, -dmax), dmax)
+    return mean - d * sigma / r, r / sigma, sigma, r, d
 
 
 @channelwise
@@ -284,16 +269,13 @@ class BatchRenorm(RunningStatsNormalizer):
                 self.weight, self.bias, variant=self.label, out=out)
         if view.group_size == 1:
             raise values_per_channel_error(x)
-        mean, var = engine.moments(x, view)
-        sigma = renorm_sigma(var, self.eps)
-        r = renorm_r(sigma, self.running_std, float(self.rmax))
-        d = renorm_d(mean, self.running_mean, self.running_std,
-                     float(self.dmax))
-        alpha, rstd = quotient(r, sigma), reciprocal(sigma)
-        weight = 1.0 if self.weight is None else self.weight
-        beta = shift(weight, 0.0 if self.bias is None else self.bias, d)
-        y = engine.apply_affine(x, view, mean, alpha, self.weight, beta,
-                                out=out)
+        y, mean, var, (_, _, sigma, r, d) = engine.normalize_transformed(
+            x, view, renormalization,
+            (self.running_mean, self.running_std, float(self.eps),
+             float(self.rmax), float(self.dmax)),
+            self.weight, self.bias, out=out)
+        rstd = reciprocal(sigma)
+        r, d = r.reshape(-1), d.reshape(-1)
         if view.group_size:
             self.update_running_stats(mean, sigma.reshape(1, view.K), None)
         else:  # an empty batch: counted, the statistics left alone
