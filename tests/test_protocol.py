@@ -389,14 +389,20 @@ print(sum(loop.stats.cache_hits.values()), mean.tolist(), m2.tolist())
 """
 
 
+def _run_twice(script, cache):
+    """``script``'s output in two processes with Numba's cache in
+    ``cache``, each split into its first word and the rest."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
+    return [subprocess.run([sys.executable, "-c", script], env=env,
+                           capture_output=True, text=True,
+                           check=True).stdout.split(maxsplit=1)
+            for _ in range(2)]
+
+
 def test_a_multi_output_loop_is_compiled_once_and_then_loaded(tmp_path):
     # the generated loop's source goes to a file, so Numba caches its
     # machine code: a second process loads it (no 0.15 s compilation)
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-    runs = [subprocess.run([sys.executable, "-c", _CACHED_LOOP_SCRIPT],
-                           env=env, capture_output=True, text=True,
-                           check=True).stdout.split(maxsplit=1)
-            for _ in range(2)]
+    runs = _run_twice(_CACHED_LOOP_SCRIPT, tmp_path)
     assert [hits for hits, _ in runs] == ["0", "1"]
     assert runs[0][1] == runs[1][1] == "[2.0, 4.0] [4.0, 4.0]\n"
     assert len(list((tmp_path / "normkit-loops").glob("normkit_loop_*.py"))) == 1
@@ -418,11 +424,7 @@ print(sum(kernel.stats.cache_hits.values()), y.round(4).tolist())
 def test_a_transformed_kernel_is_compiled_once_and_then_loaded(tmp_path):
     # the fused kernel of normalize_transformed is generated like the
     # loops: a second process loads it from disk
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-    runs = [subprocess.run([sys.executable, "-c", _CACHED_TRANSFORM_SCRIPT],
-                           env=env, capture_output=True, text=True,
-                           check=True).stdout.split(maxsplit=1)
-            for _ in range(2)]
+    runs = _run_twice(_CACHED_TRANSFORM_SCRIPT, tmp_path)
     assert [hits for hits, _ in runs] == ["0", "1"]
     row = [-1.3416, -0.4472, 0.4472, 1.3416]
     assert runs[0][1] == runs[1][1] == f"{[row] * 3}\n"

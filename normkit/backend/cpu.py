@@ -1767,7 +1767,7 @@ def normalize_transformed(x, view, transform, args, gamma=None, beta=None,
     """See :meth:`normkit.backend.protocol.Backend.normalize_transformed`:
     where the plan is fused, one pass whose items call the transform per
     group between their moments and their map (:func:`forward_item`, in
-    a kernel compiled for the transform, :func:`_transformed_kernel`)."""
+    a kernel compiled for the transform, ``_transformed_kernel``)."""
     plan = make_plan(view)
     if _no_values(view) or not plan.fused:
         return protocol.normalize_in_steps(sys.modules[__name__], x, view,
