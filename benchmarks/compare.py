@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/compare.py [--repeat N] [--json out.json] [--quick]
                                  [--torch-adapter | --adapter-only]
+                                 [--only VARIANT [VARIANT ...]]
 
 Every variant's training forward and forward+backward is timed (median of
 ``--repeat`` runs or more after warm-up, interleaved so that each pass
@@ -285,8 +286,14 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="fewer runs; skip the reference where one run "
                              f"takes over {QUICK_REFERENCE_LIMIT_S} s")
+    parser.add_argument("--only", nargs="+", metavar="VARIANT",
+                        choices=sorted({case.variant for case in CASES}),
+                        help="time only these variants' cells (default: "
+                             "every cell), e.g. to rerun them after a change")
     args = parser.parse_args(argv)
     repeat = args.repeat or (3 if args.quick else 9)
+    chosen = (lambda cases: cases if args.only is None
+              else [case for case in cases if case.variant in args.only])
 
     machine = _bench.machine_info()
     print(f"{machine}\ntraining mode, median of {repeat} runs or more "
@@ -295,7 +302,7 @@ def main(argv=None):
           f"only)...\n",
           flush=True)
     results, rows = [], []
-    for case in ([] if args.adapter_only else CASES):
+    for case in ([] if args.adapter_only else chosen(CASES)):
         t = measure(case, repeat, args.quick)
         rows.append(table_row(case, t))
         results.append(json_record(case, t))
@@ -307,7 +314,7 @@ def main(argv=None):
     adapter = []
     if args.torch_adapter or args.adapter_only:
         rows = []
-        for case in ADAPTER_CASES:
+        for case in chosen(ADAPTER_CASES):
             medians, compile_s = measure_adapter(case, repeat)
             rows += adapter_rows(case, medians, compile_s)
             adapter.append({"variant": case.variant, "shape": list(case.shape),

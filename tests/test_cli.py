@@ -5,6 +5,7 @@
 
 from collections import Counter
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,25 @@ def test_compare_script_times_the_torch_adapter(case, monkeypatch):
     rows = compare.adapter_rows(case, medians, compile_s)
     assert [len(row) for row in rows] == [len(compare.ADAPTER_HEADERS)] * 2
     assert rows[0][3] == case.dtype
+
+
+def test_compare_script_only_times_the_variants_asked_for(tmp_path,
+                                                          monkeypatch, capsys):
+    compare = _load_script("compare")
+    monkeypatch.setattr(compare, "CASES", [
+        _bench.Case("batch_norm", (2, 4, 3), 1),
+        _bench.Case("batch_renorm", (2, 4, 3), 1),
+        _bench.Case("batch_renorm", (2, 3, 4), -1)])
+    path = tmp_path / "only.json"
+    compare.main(["--only", "batch_renorm", "--repeat", "1", "--quick",
+                  "--json", str(path)])
+    results = json.loads(path.read_text())["results"]
+    assert [(r["variant"], r["layout"]) for r in results] == [
+        ("batch_renorm", "first"), ("batch_renorm", "last")]
+    with pytest.raises(SystemExit) as stop:
+        compare.main(["--only", "batch_norms"])
+    assert stop.value.code == 2
+    assert "invalid choice: 'batch_norms'" in capsys.readouterr().err
 
 
 def test_follows_script_times_each_forward_after_each_pass():
