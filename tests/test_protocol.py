@@ -313,6 +313,22 @@ def test_normalize_transformed_by_the_own_statistics_is_normalize_batch(
     np.testing.assert_allclose(factor, rstd, rtol=1e-6)
 
 
+def test_a_closure_transform_compiles_in_memory(rng):
+    # a closure's captured values are compiled in: its fused kernel is
+    # built from source in memory, not from a file of the loop directory
+    floor = 5.0
+
+    @normkit.channelwise(outputs=2)
+    def floored(mean, var):
+        return mean, 1.0 / max(var, floor) ** 0.5
+    shape, view = VIEWS["ln"]()
+    x = rng.normal(3.0, 2.0, shape)
+    y, mean, var, (center, factor) = engine.normalize_transformed(
+        x, view, floored)
+    np.testing.assert_array_equal(factor, 1 / np.sqrt(np.maximum(var, floor)))
+    np.testing.assert_allclose(y, (x - center) * factor, rtol=1e-12)
+
+
 @normkit.channelwise
 def _one_output(mean, var):
     return mean

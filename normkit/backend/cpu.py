@@ -768,9 +768,9 @@ def apply(x, dy, out, use_dy, P, A, K, J, B, plan, coef, gamma, beta):
 def own_statistics(p, k, K, mean, var, eps, table, results):
     """The finish of :func:`forward_item` that normalizes a group with its
     own statistics: center ``mean``, factor ``rstd = 1 / sqrt(var +
-    eps)``, written to ``results[0, p * K + k]`` (``table`` unused)."""
+    eps)``, written to ``results[p, k]`` (``table`` unused)."""
     rstd = 1.0 / np.sqrt(var + eps)
-    results[0, p * K + k] = rstd
+    results[p, k] = rstd
     return mean, rstd
 
 
@@ -792,9 +792,9 @@ def forward_fused(x, out, P, A, K, J, B, plan, gamma, beta, eps, centered,
 
     Valid only for plans whose items hold whole groups (no split of the
     reduced extent).  Writes ``mean_out[p, k]``, the biased ``var_out[p,
-    k]`` (0 and the mean square when not ``centered``) and ``rstd_out[0,
-    p * K + k] = 1 / sqrt(var_out[p, k] + eps)``, the factor it normalized
-    with (:func:`own_statistics`).
+    k]`` (0 and the mean square when not ``centered``) and ``rstd_out[p,
+    k] = 1 / sqrt(var_out[p, k] + eps)``, the factor it normalized with
+    (:func:`own_statistics`).
     """
     for item in prange(_n_items(plan)):
         forward_item(x, out, item, P, A, K, J, B, plan, gamma, beta, eps,
@@ -810,19 +810,23 @@ def forward_item(x, out, item, P, A, K, J, B, plan, gamma, beta, eps,
     while they are in cache, ``out = (x - center) * alpha * gamma + beta``
     with ``center, alpha = finish(p, k, K, mean, var, eps, table,
     results)`` per group, a compiled function that may also write
-    per-group ``results`` (:func:`own_statistics`, or the transform of
-    :func:`normalize_transformed`).
+    per-group ``results``, each in its own layout (:func:`own_statistics`,
+    or the transform of :func:`normalize_transformed`).
 
-    ``finish`` is called at this one place: Numba keeps a kernel that
-    passes a function on to a function which uses it at several places
-    out of its disk cache."""
+    ``finish`` is called at this one place, and this function is inlined
+    into its kernel: Numba cannot keep on disk a kernel that hands a
+    function to a function calling it at several places (the kernel then
+    holds a pointer to the function object).  Its float64 scratch is one
+    allocation: a tiny input's forward is a few microseconds per item."""
     L = J * B
     p0, p1, r, _ = _item_bounds(item, P, A, K, L, plan)
-    scratch = np.empty(2 * K * J if _rows_style(A, B) else 0)
+    work = np.empty(K * (2 + N_COEF)
+                    + (2 * K * J if _rows_style(A, B) else 0))
+    n = work[:K]
+    m2 = work[K:2 * K]
+    coef = work[2 * K:K * (2 + N_COEF)].reshape((K, N_COEF))
+    scratch = work[K * (2 + N_COEF):]
     x_scratch = compute_empty(x, 4 * K * J if _narrow_groups(J, B) else 0)
-    n = np.empty(K)
-    m2 = np.empty(K)
-    coef = np.empty((K, N_COEF))
     step = 1 if A == 1 else _group_step(r, L, B)
     for p in range(p0, p1):
         for first in range(r[2], r[3], step):
@@ -1498,14 +1502,14 @@ def normalize_two_pass(x, out, P, A, K, J, B, plan, gamma, beta, eps,
     var, rstd)``."""
     mean, var = moments_of(x, P, A, K, J, B, plan, centered)
     coef = np.empty((P, K, N_COEF))
-    rstd = np.empty((1, P * K))
+    rstd = np.empty((P, K))
     for p in range(P):
         for k in range(K):
             center, alpha = own_statistics(p, k, K, mean[p, k], var[p, k], eps,
                                            rstd, rstd)
             _forward_coefficients(coef[p], k, center, alpha)
     apply(x, x, out, False, P, A, K, J, B, plan, coef, gamma, beta)
-    return mean, var, rstd.reshape(P, K)
+    return mean, var, rstd
 
 
 @_driver
@@ -1751,10 +1755,9 @@ def normalize_batch(x, view, gamma=None, beta=None, eps=1e-5, centered=True,
     if plan.fused:
         mean = np.empty((view.P, view.K))
         var = np.empty((view.P, view.K))
-        rstd = np.empty((1, view.P * view.K))
+        rstd = np.empty((view.P, view.K))
         forward_fused(flat, y, *view.dims, tuple(plan), gamma, beta, float(eps),
                       bool(centered), mean, var, rstd)
-        rstd = rstd.reshape(view.P, view.K)
     else:
         mean, var, rstd = normalize_two_pass(
             flat, y, *view.dims, tuple(plan), gamma, beta, float(eps),
@@ -2033,8 +2036,9 @@ def _loop_module(function, source, namespace, parallel, depends=(storage,)):
     digest of the scalar function's source, the loop's, whether it is
     ``parallel``, the source of the modules it ``depends`` on, whose
     functions are compiled in (the storage module's ``load`` and
-    ``store``), and Numba's version: an edited function gets a new file.  As with Numba's own cache, the functions and globals that the
-    scalar function uses are not part of the digest.  None where the
+    ``store``), and Numba's version: an edited function gets a new file.
+    As with Numba's own cache, the functions and globals that the scalar
+    function uses are not part of the digest.  None where the
     function has no source file (typed at a prompt), closes over
     variables (their values are compiled in) or the directory cannot be
     written."""
