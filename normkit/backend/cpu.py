@@ -1971,8 +1971,8 @@ def _transformed_kernel(transform):
     group's statistics and its row of the argument table, writes every
     output to ``results`` and returns the first two.  Generated and cached
     on disk as :func:`_compiled_loop`'s loops are (the digest covers this
-    backend's source, which the kernel inlines); compiling one takes
-    tens of seconds, loading it well under one."""
+    backend's source, which the kernel inlines): compiling one took 12 to
+    13 s per input dtype on a 2-core machine, loading it 0.3 s."""
     kernel = transform.compiled.get("cpu-transformed")
     if kernel is not None:
         return kernel
