@@ -1952,14 +1952,9 @@ def _compiled_loop(function, key):
         namespace = {"f": njit(function.function, error_model="numpy"),
                      "float64": np.float64, "prange": prange, "np": np,
                      "load": load, "store": store}
-        module = _loop_module(function, source, namespace, parallel)
-        if module is None:
-            exec(source, namespace)
-            loop = njit(namespace["loop"], error_model="numpy",
-                        parallel=parallel)
-        else:
-            loop = njit(module.loop, error_model="numpy", parallel=parallel,
-                        cache=True)
+        code, cache = _generated(function, source, namespace, parallel)
+        loop = njit(code["loop"], error_model="numpy", parallel=parallel,
+                    cache=cache)
         function.compiled[key] = loop
     return loop
 
@@ -1980,7 +1975,6 @@ def _transformed_kernel(transform):
     writes = "".join(f"    results[{k}, i] = r[{k}]\n"
                      for k in range(transform.outputs))
     source = (
-        "@inner\n"
         "def finish(p, k, K, mean, var, eps, table, results):\n"
         "    i = p * K + k\n"
         f"    r = f(mean, var{reads})\n"
@@ -1993,25 +1987,29 @@ def _transformed_kernel(transform):
         "                     0.0, centered, mean_out, var_out, finish, table,\n"
         "                     results)\n")
     namespace = {"f": njit(transform.function, error_model="numpy"),
-                 "inner": njit(cache=True, error_model="numpy"),
                  "prange": prange, "n_items": _n_items,
                  "forward_item": forward_item}
-    module = _loop_module(transform, source, namespace, True,
-                          depends=(storage, protocol, sys.modules[__name__]))
-    if module is None:
-        namespace["inner"] = njit(error_model="numpy")
-        exec(source, namespace)
-        kernel = _kernel_of(namespace["kernel"], cache=False)
-    else:
-        kernel = _kernel_of(module.kernel, cache=True)
+    code, cache = _generated(transform, source, namespace, True,
+                             depends=(storage, protocol, sys.modules[__name__]))
+    # the kernel finds finish among its globals when it is compiled
+    code["finish"] = njit(code["finish"], error_model="numpy", cache=cache)
+    kernel = njit(code["kernel"], cache=cache, fastmath=FASTMATH,
+                  parallel=True, nogil=True, error_model="numpy")
     transform.compiled["cpu-transformed"] = kernel
     return kernel
 
 
-def _kernel_of(function, cache):
-    """``function`` compiled as this backend's kernels are."""
-    return njit(function, cache=cache, fastmath=FASTMATH, parallel=True,
-                nogil=True, error_model="numpy")
+def _generated(function, source, namespace, parallel, depends=(storage,)):
+    """The globals of generated ``source`` for channelwise ``function``,
+    run with ``namespace``, and whether Numba may cache what it defines on
+    disk: those of the module :func:`_loop_module` runs from a file, or,
+    where it has none, ``namespace`` itself with the source run in memory
+    (not cached)."""
+    module = _loop_module(function, source, namespace, parallel, depends)
+    if module is not None:
+        return vars(module), True
+    exec(source, namespace)
+    return namespace, False
 
 
 def _loop_directory():
