@@ -27,7 +27,6 @@ a time.
 """
 
 import argparse
-import dataclasses
 
 import normkit
 from normkit import _bench, engine
@@ -44,18 +43,6 @@ CASES = (
        Case("group_norm", (32, 56, 56, 64), -1, "float16"),
        Case("layer_norm", (8192, 1024), -1)]
 )
-
-
-def tiny(case):
-    """``case`` over two samples with every axis but the channels (or the
-    normalized row) of length 1."""
-    if case.variant in _bench.ROW_VARIANTS:
-        kept = {len(case.shape) - 1}
-    else:
-        kept = {case.axis % len(case.shape)}
-    shape = tuple(2 if i == 0 else n if i in kept else 1
-                  for i, n in enumerate(case.shape))
-    return dataclasses.replace(case, shape=shape)
 
 
 def callables(case):
@@ -78,7 +65,7 @@ def measure(case, repeat):
     """Median microseconds of the API forward, the engine alone and the
     copy, for ``case`` and for :func:`tiny` ``(case)``."""
     large = _bench.median_times(callables(case), repeat)
-    small = _bench.median_times(callables(tiny(case)), repeat)
+    small = _bench.median_times(callables(_bench.tiny(case)), repeat)
     return ({k: 1e6 * t for k, t in large.items()},
             {k: 1e6 * t for k, t in small.items()})
 
@@ -88,7 +75,7 @@ def after_cell(case, repeat):
     alone right after each of ``repeat`` untimed normkit forwards and
     backwards over ``case``."""
     cell = _bench.make_inputs(case)
-    small = _bench.make_inputs(tiny(case))
+    small = _bench.make_inputs(_bench.tiny(case))
     seconds = _bench.median_after(
         {"tiny": lambda: _bench.normkit_forward(case.variant, small)},
         lambda: _bench.normkit_forward_backward(case.variant, cell), repeat)

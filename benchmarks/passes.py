@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/passes.py [--repeat 24]
+    python benchmarks/passes.py [--repeat 24] [--per-value]
 
 A normalization forward must read every value of ``x`` (its statistics)
 before it can write the first value of ``y``, so it is at least a *read
@@ -24,11 +24,28 @@ each follows each equally often (:func:`normkit._bench.median_times`):
 It prints those medians and three ratios: ``forward`` over ``read +
 write`` (the floor above; near 1, the forward costs what its two passes
 of memory cost), over ``copy``, and over ``moments + normalize`` (what
-normalizing from cache saves).  Nothing here asserts on a time.
+normalizing from cache saves).
+
+With ``--per-value`` it asks instead whether the statistics, the map and
+the forward of :data:`PER_VALUE_CELLS` are bound by their arithmetic or by
+memory.  Each pass runs over three inputs, each input's passes timed on
+their own (interleaved as above) so that a small one stays in cache: the
+cell's first rows or samples, small enough for one core's cache, on one
+thread; the whole cell on one thread; and the whole cell on all of
+Numba's threads.  It prints nanoseconds per value and per thread (the
+time, times the threads, over the values), less the pass's fixed cost
+(the same call over two samples with one value per channel, or two rows:
+``_bench.tiny``).  Where the whole cell on all threads costs each thread
+about what the cached slice costs one, every thread computes at its
+in-cache pace and the pass is bound by its arithmetic; where it costs
+several times more, by memory.  Nothing here asserts on a time.
 """
 
 import argparse
+import dataclasses
+import math
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -48,6 +65,18 @@ CASES = (
     Case("layer_norm", (32, 64, 56, 56), -1, normalized_ndim=3),
     Case("batch_norm", (32, 64, 56, 56), 1, "float16"),
 )
+
+#: The cells of ``--per-value``, each with the shape of its slice that
+#: stays in one core's cache (input and output).
+PER_VALUE_CELLS = (
+    [(Case("layer_norm", (8192, 1024), -1, dtype), (128, 1024))
+     for dtype in ("float32", "float16", "bfloat16")]
+    + [(Case("batch_norm", (32, 64, 56, 56), 1, dtype), (1, 16, 56, 56))
+       for dtype in ("float32", "float16", "bfloat16")]
+)
+
+#: The passes of ``--per-value``.
+PER_VALUE_PASSES = ("moments", "normalize", "forward")
 
 #: Values per chunk of the read and write passes (one chunk per prange step).
 CHUNK = 1 << 16
@@ -122,10 +151,59 @@ HEADERS = (["cell"] + [f"{k} ms" for k in TIMED]
            + ["fwd/(read+write)", "fwd/copy", "fwd/(mom+norm)"])
 
 
+def _on_threads(call, threads):
+    """``call`` run on ``threads`` Numba threads."""
+    def run():
+        numba.set_num_threads(threads)
+        return call()
+    return run
+
+
+def per_value(case, slice_shape, repeat):
+    """``{pass: (slice on one thread, cell on one thread, cell on all
+    threads)}`` in nanoseconds per value and per thread, less the pass's
+    fixed cost, for each of :data:`PER_VALUE_PASSES`."""
+    everyone = numba.get_num_threads()
+    inputs = {"tiny": (_bench.tiny(case), 1),
+              "slice": (dataclasses.replace(case, shape=slice_shape), 1),
+              "cell": (case, 1), "cell, all": (case, everyone)}
+    medians = {}
+    try:
+        for name, (c, threads) in inputs.items():
+            timed = callables(c)
+            medians[name] = _bench.median_times(
+                {p: _on_threads(timed[p], threads) for p in PER_VALUE_PASSES},
+                repeat)
+    finally:
+        numba.set_num_threads(everyone)
+    return {p: tuple((medians[name][p] - medians["tiny"][p]) * threads
+                     / math.prod(c.shape) * 1e9
+                     for name, (c, threads) in inputs.items() if name != "tiny")
+            for p in PER_VALUE_PASSES}
+
+
+def _print_per_value(repeat):
+    everyone = numba.get_num_threads()
+    print(f"{_bench.machine_info()}; warm memory; ns per value and per "
+          f"thread, less the pass's fixed cost; median of "
+          f"{_bench.runs_per_callable(repeat, len(PER_VALUE_PASSES))}")
+    rows = [[case.label, p] + [f"{v:.3f}" for v in values]
+            for case, slice_shape in PER_VALUE_CELLS
+            for p, values in per_value(case, slice_shape, repeat).items()]
+    print(_bench.format_table(["cell", "pass", "slice, 1 thread",
+                               "cell, 1 thread", f"cell, {everyone} threads"],
+                              rows))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=_bench.positive_int, default=24)
+    parser.add_argument("--per-value", action="store_true",
+                        help="per-value costs in and out of cache instead")
     args = parser.parse_args(argv)
+    if args.per_value:
+        _print_per_value(args.repeat)
+        return
     runs = _bench.runs_per_callable(args.repeat, len(TIMED))
     print(f"{_bench.machine_info()}; warm memory, ms, median of {runs}")
     rows = [row(case, _bench.median_times(callables(case), args.repeat))

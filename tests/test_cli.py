@@ -256,7 +256,7 @@ def test_cold_calls_script_passes_are_forwards_and_backwards():
 
 def test_overhead_script_tiny_shapes():
     overhead = _load_script("overhead")
-    shapes = {(case.variant, case.layout): overhead.tiny(case).shape
+    shapes = {(case.variant, case.layout): _bench.tiny(case).shape
               for case in overhead.CASES}
     assert shapes[("batch_norm", "first")] == (2, 64, 1, 1)
     assert shapes[("group_norm", "last")] == (2, 1, 1, 64)
@@ -301,6 +301,32 @@ def test_passes_script_times_the_passes_it_names(case):
     assert np.all(passes.storage_view(mapped) == 1)
     timed["copy"]()
     np.testing.assert_array_equal(passes.storage_view(mapped), stored)
+
+
+@pytest.mark.parametrize("case, slice_shape, tiny", [
+    (_bench.Case("layer_norm", (16, 64), -1, "float16"), (4, 64), (2, 64)),
+    (_bench.Case("batch_norm", (4, 6, 5, 5), 1), (1, 3, 5, 5), (2, 6, 1, 1)),
+    (_bench.Case("batch_norm", (4, 5, 5, 6), -1), (1, 5, 5, 3), (2, 1, 1, 6))],
+    ids=lambda v: str(v))
+def test_passes_script_per_value_times_each_pass_on_each_input(
+        case, slice_shape, tiny, monkeypatch, capsys):
+    """``--per-value``: three finite costs per pass, over the slice, the
+    cell and the cell on every thread, with Numba's thread count restored;
+    the fixed cost is that of two rows or samples of one value per
+    channel."""
+    import numba
+    passes = _load_script("passes")
+    assert _bench.tiny(case).shape == tiny
+    threads = numba.get_num_threads()
+    costs = passes.per_value(case, slice_shape, 2)
+    assert numba.get_num_threads() == threads
+    assert tuple(costs) == passes.PER_VALUE_PASSES
+    assert all(len(v) == 3 and np.all(np.isfinite(v)) for v in costs.values())
+    monkeypatch.setattr(passes, "PER_VALUE_CELLS", ((case, slice_shape),))
+    passes.main(["--per-value", "--repeat", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith(case.label)]
+    assert [row.split()[-4] for row in rows] == list(passes.PER_VALUE_PASSES)
 
 
 @pytest.mark.parametrize("variant", _bench.TORCH_VARIANTS)
