@@ -63,7 +63,7 @@ def callables(case):
 
 def measure(case, repeat):
     """Median microseconds of the API forward, the engine alone and the
-    copy, for ``case`` and for :func:`tiny` ``(case)``."""
+    copy, for ``case`` and for ``_bench.tiny(case)``."""
     large = _bench.median_times(callables(case), repeat)
     small = _bench.median_times(callables(_bench.tiny(case)), repeat)
     return ({k: 1e6 * t for k, t in large.items()},
@@ -71,7 +71,7 @@ def measure(case, repeat):
 
 
 def after_cell(case, repeat):
-    """Median microseconds of :func:`tiny` ``(case)``'s API forward, timed
+    """Median microseconds of ``_bench.tiny(case)``'s API forward, timed
     alone right after each of ``repeat`` untimed normkit forwards and
     backwards over ``case``."""
     cell = _bench.make_inputs(case)

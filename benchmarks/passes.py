@@ -164,21 +164,22 @@ def per_value(case, slice_shape, repeat):
     threads)}`` in nanoseconds per value and per thread, less the pass's
     fixed cost, for each of :data:`PER_VALUE_PASSES`."""
     everyone = numba.get_num_threads()
-    inputs = {"tiny": (_bench.tiny(case), 1),
-              "slice": (dataclasses.replace(case, shape=slice_shape), 1),
-              "cell": (case, 1), "cell, all": (case, everyone)}
+    timed = {"tiny": callables(_bench.tiny(case)),
+             "slice": callables(dataclasses.replace(case, shape=slice_shape)),
+             "cell": callables(case)}  # the cell's inputs made once
+    runs = (("tiny", 1), ("slice", 1), ("cell", 1), ("cell", everyone))
     medians = {}
     try:
-        for name, (c, threads) in inputs.items():
-            timed = callables(c)
-            medians[name] = _bench.median_times(
-                {p: _on_threads(timed[p], threads) for p in PER_VALUE_PASSES},
-                repeat)
+        for name, threads in runs:
+            medians[name, threads] = _bench.median_times(
+                {p: _on_threads(timed[name][p], threads)
+                 for p in PER_VALUE_PASSES}, repeat)
     finally:
         numba.set_num_threads(everyone)
-    return {p: tuple((medians[name][p] - medians["tiny"][p]) * threads
-                     / math.prod(c.shape) * 1e9
-                     for name, (c, threads) in inputs.items() if name != "tiny")
+    values = {"slice": math.prod(slice_shape), "cell": math.prod(case.shape)}
+    return {p: tuple((medians[name, threads][p] - medians["tiny", 1][p])
+                     * threads / values[name] * 1e9
+                     for name, threads in runs[1:])
             for p in PER_VALUE_PASSES}
 
 
