@@ -4,11 +4,13 @@ Usage::
 
     python benchmarks/plot_compare.py [IN.json] [OUT.png]
 
-(defaults: ``docs/_static/benchmarks.json`` and ``docs/_static/benchmarks.png``).
+(defaults: ``docs/_static/benchmarks.json`` and ``IN.png``).
 Next to the chart it writes the full table as two CSV files of a few
 columns each, ``OUT-normkit.csv`` (normkit against the copy) and
 ``OUT-torch.csv`` (torch and the float64 reference), which the benchmark
-page includes.
+page includes.  A run with the ``normkit.torch`` cells (``--torch-adapter``)
+also gives their table, ``OUT-adapter.csv``; a run of those cells alone
+(``--adapter-only``) gives that table only, as ``OUT.csv``.
 One row per measured cell (variant, shape, layout).  Left and middle: the
 fraction of the copy's bandwidth that normkit and torch reach in the
 forward and in the forward and backward (1.0: as fast as ``x.copy()``
@@ -150,13 +152,49 @@ def tables(data, stem):
     return paths
 
 
+#: Columns of the ``normkit.torch`` table: the times of
+#: ``compare.ADAPTER_TIMED``, then what the adapter adds to normkit's own
+#: time and normkit.torch's speed-up over torch's module.
+ADAPTER_HEADER = ["variant", "shape", "layout", "dtype", "pass", "torch ms",
+                  "normkit.torch ms", "compiled ms", "NumPy ms", "eager/NumPy",
+                  "torch/eager"]
+
+
+def adapter_table(data, path):
+    """Write the ``normkit.torch`` cells of ``data`` as a CSV table (two
+    rows per cell, forward and forward and backward) to ``path``."""
+    rows = []
+    for c in data["torch_adapter"]:
+        for step in ("fwd", "fwd+bwd"):
+            s = {name: c["seconds"][f"{name} {step}"]
+                 for name in ("torch", "normkit.torch",
+                              "normkit.torch compiled", "numpy")}
+            rows.append([c["variant"], str(tuple(c["shape"])), c["layout"],
+                         c["dtype"], step]
+                        + [f"{1e3 * t:.2f}" for t in s.values()]
+                        + [f"{s['normkit.torch'] / s['numpy']:.2f}x",
+                           f"{s['torch'] / s['normkit.torch']:.2f}x"])
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(ADAPTER_HEADER)
+        writer.writerows(rows)
+    return path
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     src = Path(argv[0]) if argv else ROOT / "docs" / "_static" / "benchmarks.json"
     out = Path(argv[1]) if len(argv) > 1 else src.with_suffix(".png")
     data = json.loads(Path(src).read_text())
-    plot(data, out)
-    for path in tables(data, out.with_suffix("")):
+    stem = out.with_suffix("")
+    written = []
+    if data["results"]:
+        plot(data, out)
+        written += tables(data, stem)
+    if data.get("torch_adapter"):
+        name = f"{stem.name}-adapter" if data["results"] else stem.name
+        written.append(adapter_table(data, stem.with_name(f"{name}.csv")))
+    for path in written:
         print(f"wrote {path}")
 
 

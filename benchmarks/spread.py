@@ -12,9 +12,13 @@ own time.  The ``goal`` column says whether the forward (``F``) and the
 forward+backward (``B``) stayed within :data:`GOALS` in every run (capital
 letter), in some (small letter) or in none (``-``); ``vs torch`` says
 whether normkit was faster in every run (``faster``), slower in every run
-(``slower``) or either (``either``).  Ratios within a run are what to
-compare: the machine's speed drifts between runs, torch's and normkit's
-alike (``docs/benchmarks.rst``).
+(``slower``) or either (``either``).  Runs with the ``normkit.torch``
+cells (``--torch-adapter`` or ``--adapter-only``) add a table of those:
+per cell and pass, the least and the greatest time of the eager and of
+the compiled module over normkit's on NumPy arrays (what the adapter
+adds), and the eager module's speed-up over torch's.  Ratios within a run
+are what to compare: the machine's speed drifts between runs, torch's
+and normkit's alike (``docs/benchmarks.rst``).
 """
 
 import json
@@ -96,6 +100,35 @@ def table_row(key, row):
     return row_cells + [_range(row["copy ms"])]
 
 
+def adapter_spread(runs):
+    """Per ``normkit.torch`` cell and pass measured in every run:
+    ``{"eager/numpy": [...], "compiled/numpy": [...], "torch/eager": [...]}``,
+    one ratio per run."""
+    cells = {}
+    for run in runs:
+        for cell in run.get("torch_adapter", ()):
+            for step in ("fwd", "fwd+bwd"):
+                key = f"{cell_key(cell)} {step}"
+                cells.setdefault(key, []).append(
+                    {name: cell["seconds"][f"{name} {step}"]
+                     for name in ("torch", "normkit.torch",
+                                  "normkit.torch compiled", "numpy")})
+    return {key: {"eager/numpy": [s["normkit.torch"] / s["numpy"] for s in t],
+                  "compiled/numpy": [s["normkit.torch compiled"] / s["numpy"]
+                                     for s in t],
+                  "torch/eager": [s["torch"] / s["normkit.torch"] for s in t]}
+            for key, t in cells.items() if len(t) == len(runs)}
+
+
+ADAPTER_HEADERS = ["cell and pass", "eager/numpy", "compiled/numpy",
+                   "torch/eager"]
+
+
+def adapter_row(key, row):
+    return [key, _range(row["eager/numpy"]), _range(row["compiled/numpy"]),
+            f"{_side(row['torch/eager'])} {_range(row['torch/eager'])}"]
+
+
 def main(argv=None):
     paths = sys.argv[1:] if argv is None else argv
     if not paths:
@@ -104,9 +137,16 @@ def main(argv=None):
     for path in paths:
         with open(path) as f:
             runs.append(json.load(f))
-    rows = [table_row(key, row) for key, row in spread(runs).items()]
     print(f"{len(runs)} runs; least-greatest over the runs")
-    print(_bench.format_table(HEADERS, rows))
+    rows = [table_row(key, row) for key, row in spread(runs).items()]
+    if rows:
+        print(_bench.format_table(HEADERS, rows))
+    adapter = [adapter_row(key, row)
+               for key, row in adapter_spread(runs).items()]
+    if adapter:
+        print("\nnormkit.torch: eager and compiled module over normkit on "
+              "NumPy arrays; torch's module over the eager one")
+        print(_bench.format_table(ADAPTER_HEADERS, adapter))
 
 
 if __name__ == "__main__":

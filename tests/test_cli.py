@@ -1,7 +1,8 @@
 """The command line (``python -m normkit``), ``benchmarks/compare.py``,
 ``benchmarks/overhead.py``, ``benchmarks/cold_calls.py``,
 ``benchmarks/pause.py``, ``benchmarks/passes.py``,
-``benchmarks/spread.py`` and ``benchmarks/follows.py``."""
+``benchmarks/spread.py``, ``benchmarks/plot_compare.py``'s tables and
+``benchmarks/follows.py``."""
 
 from collections import Counter
 import importlib.util
@@ -180,6 +181,73 @@ def test_spread_script_ranges_and_verdicts():
     table = [spread.table_row(key, row) for key, row in rows.items()]
     assert table[0][4] == "FB" and table[1][4] == "fb"
     assert table[1][5] == "either 0.93-1.09" and table[1][6] == "faster 1.14-2.00"
+
+
+def _adapter_run(scale, cases):
+    """A ``compare.py --adapter-only --json`` record of ``cases``, each
+    pass timed ``scale`` times as long by torch as by normkit.torch, which
+    takes 1.25 times normkit's NumPy time (1.5 compiled)."""
+    cells = []
+    for case in cases:
+        seconds = {}
+        for step, numpy_s in (("fwd", 0.002), ("fwd+bwd", 0.006)):
+            seconds.update({f"numpy {step}": numpy_s,
+                            f"normkit.torch {step}": 1.25 * numpy_s,
+                            f"normkit.torch compiled {step}": 1.5 * numpy_s,
+                            f"torch {step}": scale * 1.25 * numpy_s})
+        cells.append({"variant": case.variant, "shape": list(case.shape),
+                      "layout": case.layout, "dtype": case.dtype,
+                      "seconds": seconds, "compile_seconds": 1.0})
+    return {"results": [], "torch_adapter": cells}
+
+
+def test_spread_script_adapter_ranges():
+    spread = _load_script("spread")
+    kept = _bench.Case("group_norm", (2, 4, 3), 1)
+    once = _bench.Case("layer_norm", (4, 8), -1, "bfloat16")
+    runs = [_adapter_run(0.8, (kept, once)), _adapter_run(2.0, (kept,))]
+    rows = spread.adapter_spread(runs)
+    assert list(rows) == ["group_norm 2x4x3 first float32 fwd",
+                          "group_norm 2x4x3 first float32 fwd+bwd"]
+    row = rows["group_norm 2x4x3 first float32 fwd"]
+    np.testing.assert_allclose(row["eager/numpy"], [1.25, 1.25])
+    np.testing.assert_allclose(row["compiled/numpy"], [1.5, 1.5])
+    np.testing.assert_allclose(row["torch/eager"], [0.8, 2.0])
+    assert spread.adapter_row("cell", row) == ["cell", "1.25-1.25",
+                                               "1.50-1.50", "either 0.80-2.00"]
+    assert spread.spread(runs) == {}  # no cells of the main table
+
+
+def test_plot_compare_writes_the_adapter_table(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    plot_compare = _load_script("plot_compare")
+    case = _bench.Case("batch_norm", (2, 4, 3), 1)
+    src = tmp_path / "adapter.json"
+    src.write_text(json.dumps(_adapter_run(2.0, (case,))))
+    plot_compare.main([str(src)])
+    # a run of the adapter's cells alone: their table only, named as the run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.csv",
+                                                          "adapter.json"]
+    lines = (tmp_path / "adapter.csv").read_text().splitlines()
+    assert lines[0].split(",") == plot_compare.ADAPTER_HEADER
+    assert lines[1:] == [
+        'batch_norm,"(2, 4, 3)",first,float32,fwd,5.00,2.50,3.00,2.00,'
+        '1.25x,2.00x',
+        'batch_norm,"(2, 4, 3)",first,float32,fwd+bwd,15.00,7.50,9.00,6.00,'
+        '1.25x,2.00x']
+    assert "adapter.csv" in capsys.readouterr().out
+    # with the main table's cells: the chart, its tables and the adapter's
+    t = {"copy": 1.0, "fwd": 1.1, "fwd+bwd": 2.0, "ref fwd": None,
+         "torch fwd": 1.2, "torch fwd+bwd": 4.0}
+    both = _adapter_run(2.0, (case,))
+    both["results"] = [_load_script("compare").json_record(case, t)]
+    src.write_text(json.dumps(both))
+    plot_compare.main([str(src), str(tmp_path / "out.png")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "adapter.csv", "adapter.json", "out-adapter.csv", "out-normkit.csv",
+        "out-torch.csv", "out.png"]
+    assert ((tmp_path / "out-adapter.csv").read_text()
+            == (tmp_path / "adapter.csv").read_text())
 
 
 @pytest.mark.parametrize("case", [
