@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 from normkit import _bench
-from normkit._bench import Case
+from normkit._bench import ADAPTER_TIMED, Case
 
 CHANNEL_VARIANTS = ("batch_norm", "instance_norm", "group_norm", "batch_renorm")
 
@@ -75,8 +75,6 @@ ADAPTER_CASES = (
      Case("layer_norm", (8192, 1024), -1, "bfloat16")]
 )
 
-#: Columns of the adapter table, per pass.
-ADAPTER_TIMED = ("torch", "normkit.torch", "normkit.torch compiled", "numpy")
 
 #: With ``--quick``, the reference is not timed when one run takes longer.
 QUICK_REFERENCE_LIMIT_S = 0.5
@@ -255,7 +253,7 @@ def adapter_rows(case, medians, compile_s):
     """Two rows (fwd, fwd+bwd) of the adapter table."""
     rows = []
     for step in ("fwd", "fwd+bwd"):
-        t = {name: medians[f"{name} {step}"] for name in ADAPTER_TIMED}
+        t = _bench.adapter_times(medians, step)
         rows.append([case.variant, str(case.shape), case.layout, case.dtype,
                      step]
                     + [_ms(t[name]) for name in ADAPTER_TIMED]

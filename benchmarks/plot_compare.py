@@ -31,6 +31,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from normkit import _bench  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 NORMKIT, TORCH = "#4c72b0", "#dd8452"
 
@@ -153,8 +155,8 @@ def tables(data, stem):
 
 
 #: Columns of the ``normkit.torch`` table: the times of
-#: ``compare.ADAPTER_TIMED``, then what the adapter adds to normkit's own
-#: time and normkit.torch's speed-up over torch's module.
+#: ``normkit._bench.ADAPTER_TIMED``, then what the adapter adds to
+#: normkit's own time and normkit.torch's speed-up over torch's module.
 ADAPTER_HEADER = ["variant", "shape", "layout", "dtype", "pass", "torch ms",
                   "normkit.torch ms", "compiled ms", "NumPy ms", "eager/NumPy",
                   "torch/eager"]
@@ -166,9 +168,7 @@ def adapter_table(data, path):
     rows = []
     for c in data["torch_adapter"]:
         for step in ("fwd", "fwd+bwd"):
-            s = {name: c["seconds"][f"{name} {step}"]
-                 for name in ("torch", "normkit.torch",
-                              "normkit.torch compiled", "numpy")}
+            s = _bench.adapter_times(c["seconds"], step)
             rows.append([c["variant"], str(tuple(c["shape"])), c["layout"],
                          c["dtype"], step]
                         + [f"{1e3 * t:.2f}" for t in s.values()]

@@ -110,9 +110,7 @@ def adapter_spread(runs):
             for step in ("fwd", "fwd+bwd"):
                 key = f"{cell_key(cell)} {step}"
                 cells.setdefault(key, []).append(
-                    {name: cell["seconds"][f"{name} {step}"]
-                     for name in ("torch", "normkit.torch",
-                                  "normkit.torch compiled", "numpy")})
+                    _bench.adapter_times(cell["seconds"], step))
     return {key: {"eager/numpy": [s["normkit.torch"] / s["numpy"] for s in t],
                   "compiled/numpy": [s["normkit.torch compiled"] / s["numpy"]
                                      for s in t],

@@ -374,6 +374,19 @@ def median_after(fns, before, repeat):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+#: The passes of ``benchmarks/compare.py``'s normkit.torch table: torch's
+#: module, normkit.torch's eager and compiled modules, and normkit on the
+#: NumPy arrays.
+ADAPTER_TIMED = ("torch", "normkit.torch", "normkit.torch compiled", "numpy")
+
+
+def adapter_times(seconds, step):
+    """One pass (``step``: ``"fwd"`` or ``"fwd+bwd"``) of a normkit.torch
+    cell: ``{name: seconds[f"{name} {step}"]}`` for each of
+    :data:`ADAPTER_TIMED`."""
+    return {name: seconds[f"{name} {step}"] for name in ADAPTER_TIMED}
+
+
 def positive_int(text):
     """argparse type: an int >= 1."""
     value = int(text)
