@@ -65,7 +65,9 @@ def moments(x, view, centered=True):
     With ``centered=False`` the statistics are taken about zero instead:
     the mean returned is 0 and the "variance" is the mean square
     ``1/n * sum x**2``, computed as ``var + mean**2`` from the stable
-    moments (a sum of two non-negative terms: no cancellation).
+    moments (a sum of two non-negative terms: no cancellation); for a
+    group with an infinite value, where those moments give NaN, it is
+    summed again plainly: +inf, or NaN where the group holds a NaN.
 
     Examples
     --------

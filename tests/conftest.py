@@ -239,6 +239,27 @@ def assert_close_scaled(actual, expected, dtype, factor=1.0, what=""):
     assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g}"
 
 
+#: Non-finite values put into successive groups of a view (cycling):
+#: +inf; -inf and +inf; a NaN; a NaN and +inf; none.
+GROUP_SPECIALS = ([np.inf], [-np.inf, np.inf], [np.nan], [np.nan, np.inf], [])
+
+
+def with_nonfinite_groups(view, dtype, rng):
+    """Normal data of ``view.dims`` (P, A, K, J, B) in ``dtype``, group
+    ``(p, k)`` holding the values of ``GROUP_SPECIALS[(p * K + k) % 5]``
+    at random places of its own."""
+    x = rng.normal(1.0, 2.0, size=view.dims)
+    for group in range(view.P * view.K):
+        p, k = divmod(group, view.K)
+        specials = GROUP_SPECIALS[group % len(GROUP_SPECIALS)]
+        places = rng.choice(view.group_size, size=len(specials), replace=False)
+        for place, value in zip(places, specials):
+            a, rest = divmod(int(place), view.J * view.B)
+            j, b = divmod(rest, view.B)
+            x[p, a, k, j, b] = value
+    return x.astype(dtype)
+
+
 def numerical_grad(f, a, h=1e-6):
     """Central finite-difference gradient of the scalar ``f(a)`` w.r.t. ``a``.
 

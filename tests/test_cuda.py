@@ -16,7 +16,7 @@ import pytest
 import normkit
 from conftest import (MATRIX_ARGS, assert_close_scaled, make_case, make_layer,
                       matrix, nk_backward, nk_forward, ref_backward,
-                      ref_forward)
+                      ref_forward, with_nonfinite_groups)
 from normkit import engine
 
 cuda = pytest.importorskip("numba.cuda")
@@ -261,6 +261,27 @@ def test_statistics_about_zero(dims, rng):
     np.testing.assert_allclose(host(sum_dy_xhat),
                                (dy * xhat).sum(axis=(0, 1, 4)).reshape(-1),
                                atol=1e-10)
+
+
+@pytest.mark.parametrize("dims", [(5, 1, 1, 16, 1), (2, 6, 5, 1, 1),
+                                  (1, 4, 5, 1, 3)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_mean_square_of_nonfinite_groups_as_on_the_cpu(dims, dtype, rng):
+    """Statistics about zero over groups holding infinities and NaNs: the
+    mean square is ``mean(x**2)`` (+inf with an infinity, NaN with a NaN)
+    on the device as on the CPU, so the forward's NaNs and values agree."""
+    view = engine.View(*dims)
+    x = with_nonfinite_groups(view, dtype, rng).reshape(-1)
+    with np.errstate(all="ignore"):
+        _, var_cpu = engine.moments(x, view, centered=False)
+        y_cpu = engine.normalize_batch(x, view, centered=False)[0]
+        _, var = _cuda.moments(cuda.to_device(x), view, centered=False)
+        y = _cuda.normalize_batch(cuda.to_device(x), view, centered=False)[0]
+    assert np.isposinf(var_cpu).any() and np.isnan(var_cpu).any()
+    np.testing.assert_allclose(host(var), var_cpu, rtol=1e-5)
+    assert_close_scaled(np.nan_to_num(host(y)), np.nan_to_num(y_cpu), dtype,
+                        what="y")
+    np.testing.assert_array_equal(np.isnan(host(y)), np.isnan(y_cpu))
 
 
 @pytest.mark.skipif(SIMULATOR, reason="foreign device arrays need a GPU")

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import normkit
+from conftest import with_nonfinite_groups
 from normkit import reference as ref
 
 AXES = [pytest.param(1, id="channels-first"), pytest.param(-1, id="channels-last")]
@@ -133,7 +134,8 @@ def test_batch_norm_nonfinite(bad, axis, dtype, training, rng):
 
 
 @pytest.mark.parametrize("bad", NONFINITE, ids=["nan", "inf", "-inf"])
-@pytest.mark.parametrize("name", ["layer_norm", "group_norm", "instance_norm", "batch_renorm"])
+@pytest.mark.parametrize("name", ["layer_norm", "group_norm", "instance_norm",
+                                  "batch_renorm", "rms_norm"])
 def test_other_variants_nonfinite(bad, name, rng):
     x = rng.normal(size=(3, 4, 5))
     x[1, 2, 3] = bad
@@ -143,6 +145,7 @@ def test_other_variants_nonfinite(bad, name, rng):
         "instance_norm": (lambda m, xx: m.instance_norm(xx)),
         "batch_renorm": (lambda m, xx: m.batch_renorm(xx, np.zeros(4), np.ones(4),
                                                       training=True)),
+        "rms_norm": (lambda m, xx: m.rms_norm(xx, (4, 5), eps=1e-5)),
     }
     with np.errstate(all="ignore"):
         y = calls[name](normkit, x)
@@ -150,6 +153,59 @@ def test_other_variants_nonfinite(bad, name, rng):
     if isinstance(expected, tuple):
         expected = expected[0]
     assert_same_nonfinite(y, expected, 1e-8)
+
+
+@pytest.mark.parametrize("dims", [
+    pytest.param((5, 1, 1, 40, 1), id="rows"),
+    pytest.param((5, 1, 1, 100_000, 1), id="long-rows-split"),
+    pytest.param((5, 30, 3, 1, 1), id="channels-last"),
+    pytest.param((1, 100_000, 5, 1, 1), id="channels-last-split"),
+    pytest.param((2, 4, 5, 1, 16), id="segments"),
+])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16,
+                                   "bfloat16"])
+def test_mean_square_of_nonfinite_groups_is_plain(dims, dtype, rng):
+    """Statistics about zero (RMSNorm) over groups holding infinities:
+    the mean square is ``mean(x**2)``, +inf there (NaN only with a NaN),
+    so such a group normalizes by ``rstd = 0``, to the bias except NaN at
+    its infinities, as in the float64 reference and PyTorch; the
+    backward then gives NaN over the group.  Every kernel path: fused
+    rows, split rows, rows of channels, segments."""
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    view = normkit.View(*dims)
+    x = with_nonfinite_groups(view, dtype, rng)
+    dy = rng.normal(size=view.dims).astype(dtype)
+    weight = rng.uniform(0.5, 2.0, size=view.K * view.J)
+    bias = rng.normal(size=view.K * view.J)
+    eps = 1e-5
+    axes = (1, 3, 4)
+    with np.errstate(all="ignore"):
+        x64 = x.astype(np.float64)
+        mean_square = (x64 * x64).mean(axis=axes, keepdims=True)
+        rstd = 1.0 / np.sqrt(mean_square + eps)
+        xhat = x64 * rstd
+        g = weight.reshape(1, 1, view.K, view.J, 1)
+        y_ref = xhat * g + bias.reshape(g.shape)
+        gdy = g * dy.astype(np.float64)
+        dx_ref = rstd * (gdy - xhat * (gdy * xhat).mean(axis=axes,
+                                                         keepdims=True))
+        dweight_ref = (dy.astype(np.float64) * xhat).sum(axis=(0, 1, 4))
+        _, var = normkit.engine.moments(x, view, centered=False)
+        y, saved = normkit.normalize(x, view, weight, bias, eps,
+                                     centered=False, return_saved=True)
+        dx, dweight, dbias = normkit.normalize_backward(dy, x, saved)
+    groups = mean_square.reshape(view.P, view.K)
+    assert np.isposinf(var[np.isposinf(groups)]).all()
+    assert np.isnan(var[np.isnan(groups)]).all()
+    finite = np.isfinite(groups)
+    assert finite.sum() >= view.P * view.K // 5
+    np.testing.assert_allclose(var[finite], groups[finite], rtol=1e-2)
+    atol = 1e-8 if x.dtype == np.float64 else 3e-2
+    assert_same_nonfinite(y.astype(np.float64), y_ref.reshape(x.shape), atol)
+    assert_same_nonfinite(dx.astype(np.float64), dx_ref.reshape(x.shape), atol)
+    np.testing.assert_array_equal(np.isnan(dweight),
+                                  np.isnan(dweight_ref).reshape(-1))
 
 
 @pytest.mark.parametrize("axis", AXES)

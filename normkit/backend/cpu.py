@@ -527,10 +527,36 @@ def _merge(part, centered):
 def _statistics(n, mean, m2, centered):
     """The ``(mean, var)`` a forward normalizes with, from a group's
     ``(count, mean, M2)``: the mean and the biased variance ``M2 / n``, or,
-    when not ``centered``, 0 and the mean square ``M2 / n + mean**2``."""
+    when not ``centered``, 0 and the mean square ``M2 / n + mean**2``
+    (NaN where an infinite value leaves ``M2`` NaN: see
+    ``_plain_mean_square``)."""
     if centered:
         return mean, m2 / n
     return 0.0, m2 / n + mean * mean
+
+
+@_inner
+def _plain_mean_square(x, p, k, A, K, J, B):
+    """``mean(x**2)`` over group ``(p, k)``, summed plainly in float64: the
+    mean square where the moments' ``(mean, M2)`` gave NaN, which an
+    infinite value does (the fused forward and :func:`moments_of` call it
+    there alone, a second pass over that group).
+
+    It is +inf for an infinite value and NaN only where the group holds a
+    NaN, as ``mean(x**2)`` is in the float64 reference and in PyTorch's
+    ``rms_norm``: such a group then normalizes by ``rstd = 0``, its finite
+    values to the bias and an infinite one to NaN, not to NaN throughout.
+    (Squares past the range of the tile sums, float32 values beyond about
+    1.8e19, leave the moments' mean square infinite, and so ``rstd = 0``,
+    as PyTorch's float32 sums do.)"""
+    L = J * B
+    total = 0.0
+    for a in range(A):
+        start = ((p * A + a) * K + k) * L
+        for i in range(start, start + L):
+            value = np.float64(load(x, i))
+            total += value * value
+    return total / (A * L)
 
 
 # --------------------------------------------------------------------------
@@ -834,6 +860,8 @@ def forward_item(x, out, item, P, A, K, J, B, plan, gamma, beta, eps,
             _step_moments(x, p, g, A, K, J, B, centered, n, m2, mean_out[p],
                           var_out[p], scratch)
             for k in range(g[2], g[3]):
+                if not centered and np.isnan(var_out[p, k]):
+                    var_out[p, k] = _plain_mean_square(x, p, k, A, K, J, B)
                 center, alpha = finish(p, k, K, mean_out[p, k], var_out[p, k],
                                        eps, table, results)
                 _forward_coefficients(coef, k, center, alpha)
@@ -1488,10 +1516,17 @@ _driver = njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
 def moments_of(x, P, A, K, J, B, plan, centered):
     """``(mean, var)`` of shape ``(P, K)``: :func:`moments_kernel` over
     ``plan``, then their merge in chunk order (:func:`merge_partials`,
-    whose ``centered`` this is)."""
+    whose ``centered`` this is; a mean square that comes out NaN is
+    summed again, ``_plain_mean_square``)."""
     part = np.empty((P, _n_chunks(plan), K, 3))
     moments_kernel(x, P, A, K, J, B, plan, part)
-    return _merge(part, centered)
+    mean, var = _merge(part, centered)
+    if not centered:
+        for p in range(P):
+            for k in range(K):
+                if np.isnan(var[p, k]):
+                    var[p, k] = _plain_mean_square(x, p, k, A, K, J, B)
+    return mean, var
 
 
 @_driver

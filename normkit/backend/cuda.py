@@ -572,6 +572,27 @@ def _merge(part, mode, centered, out0, out1):
         out1[p, k] = m
 
 
+@cuda.jit
+def _settle_mean_squares(x, var, A, K, J, B):
+    """Where a group's mean square ``var[p, k]`` came out of the merged
+    moments as NaN (an infinite value leaves ``M2`` NaN), sum the group's
+    squares again plainly in float64: +inf there, NaN only for a group
+    that holds a NaN, as ``mean(x**2)`` (the CPU backend's
+    ``_plain_mean_square``).  One thread per group; a loop over the
+    group on that path alone."""
+    p, k = _group_of_thread(var.shape[0], var.shape[1])
+    if p < 0 or not math.isnan(var[p, k]):
+        return
+    L = J * B
+    total = 0.0
+    for a in range(A):
+        start = ((p * A + a) * K + k) * L
+        for i in range(start, start + L):
+            value = float64(x[i])
+            total += value * value
+    var[p, k] = total / (A * L)
+
+
 # --------------------------------------------------------------------------
 # host drivers
 # --------------------------------------------------------------------------
@@ -652,13 +673,18 @@ def _merged(part, mode, centered=True):
 def moments(x, view, centered=True):
     """Per-group mean and biased variance, ``(P, K)`` float64 device arrays
     (``centered=False``: zero and the mean square, as
-    :func:`normkit.engine.moments`)."""
+    :func:`normkit.engine.moments`, summed again where it comes out NaN:
+    ``_settle_mean_squares``)."""
     if _no_values(view):
         return (_filled((view.P, view.K), math.nan),
                 _filled((view.P, view.K), math.nan))
     flat = _flat(x)
-    return _merged(_reduce(flat, None, view, grid_for(view), MOMENTS), MOMENTS,
-                   centered)
+    mean, var = _merged(_reduce(flat, None, view, grid_for(view), MOMENTS),
+                        MOMENTS, centered)
+    if not centered:
+        _settle_mean_squares[_launch(view.P * view.K) + (_STREAM.get(),)](
+            flat, var, view.A, view.K, view.J, view.B)
+    return mean, var
 
 
 def _apply(flat, dy, view, grid, coef, gamma, beta, out=None):

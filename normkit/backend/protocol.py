@@ -68,7 +68,12 @@ class Backend(Protocol):
         the mean square ``var + mean**2`` instead."""
 
     def moments(self, x, view, centered=True):
-        """``merge_partials(moment_partials(x, view), centered)``."""
+        """``merge_partials(moment_partials(x, view), centered)``, except
+        that with ``centered=False`` a mean square that comes out NaN (an
+        infinite value leaves ``M2`` NaN) is ``mean(x**2)`` summed again
+        over the group: +inf, NaN only where the group holds a NaN.
+        :meth:`normalize_batch` and :meth:`normalize_transformed` use
+        these statistics."""
 
     def normalize_batch(self, x, view, gamma=None, beta=None, eps=1e-5,
                         centered=True, out=None):
