@@ -145,13 +145,19 @@ def tables(data, stem):
             ("torch", ["cell", "torch fwd ms", "torch fwd+bwd ms",
                        "fwd ×", "fwd+bwd ×", "ref fwd ms"],
              torch_rows)):
-        path = stem.with_name(f"{stem.name}-{suffix}.csv")
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows(rows)
-        paths.append(path)
+        paths.append(write_csv(stem.with_name(f"{stem.name}-{suffix}.csv"),
+                               header, rows))
     return paths
+
+
+def write_csv(path, header, rows):
+    """Write a CSV table of ``header`` and ``rows`` to ``path``; return
+    ``path``."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
 
 
 #: Columns of the ``normkit.torch`` table: the times of
@@ -174,11 +180,7 @@ def adapter_table(data, path):
                         + [f"{1e3 * t:.2f}" for t in s.values()]
                         + [f"{s['normkit.torch'] / s['numpy']:.2f}x",
                            f"{s['torch'] / s['normkit.torch']:.2f}x"])
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(ADAPTER_HEADER)
-        writer.writerows(rows)
-    return path
+    return write_csv(path, ADAPTER_HEADER, rows)
 
 
 def main(argv=None):
