@@ -260,6 +260,31 @@ def with_nonfinite_groups(view, dtype, rng):
     return x.astype(dtype)
 
 
+def view_formulas(x, dy, view, weight, bias, eps, centered):
+    """Normalization over ``view`` written plainly from the formulas, in
+    float64: ``(y, mean, var, dx, dweight, dbias)``, ``y`` and ``dx`` flat,
+    the statistics ``(P, K)``, per group ``(p, k)`` over ``(a, j, b)``
+    (not ``centered``: mean 0 and ``var`` the mean square)."""
+    x = x.astype(np.float64).reshape(view.dims)
+    dy = dy.astype(np.float64).reshape(view.dims)
+    axes = (1, 3, 4)
+    mean = (x.mean(axis=axes, keepdims=True) if centered
+            else np.zeros((view.P, 1, view.K, 1, 1)))
+    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    rstd = 1.0 / np.sqrt(var + eps)
+    xhat = (x - mean) * rstd
+    g = weight.astype(np.float64).reshape(1, 1, view.K, view.J, 1)
+    y = xhat * g + bias.reshape(g.shape)
+    gdy = g * dy
+    centering = gdy.mean(axis=axes, keepdims=True) if centered else 0.0
+    dx = rstd * (gdy - centering
+                 - xhat * (gdy * xhat).mean(axis=axes, keepdims=True))
+    dweight = (dy * xhat).sum(axis=(0, 1, 4)).reshape(-1)
+    dbias = dy.sum(axis=(0, 1, 4)).reshape(-1)
+    return (y.reshape(-1), mean.reshape(view.P, view.K),
+            var.reshape(view.P, view.K), dx.reshape(-1), dweight, dbias)
+
+
 def numerical_grad(f, a, h=1e-6):
     """Central finite-difference gradient of the scalar ``f(a)`` w.r.t. ``a``.
 

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import normkit
+from conftest import view_formulas
 from normkit import View
 from normkit.backend import cpu, plan
 
@@ -93,29 +94,6 @@ TOL = {np.dtype(np.float64): 1e-9, np.dtype(np.float32): 3e-4,
        np.dtype(np.float16): 2e-2, np.dtype(ml_dtypes.bfloat16): 3e-2}
 
 
-def reference(x, dy, view, weight, bias, eps, centered):
-    """``(y, mean, var, dx, dweight, dbias)`` in float64 from the
-    formulas, the statistics per group ``(p, k)`` over ``(a, j, b)``."""
-    x = x.astype(np.float64).reshape(view.dims)
-    dy = dy.astype(np.float64).reshape(view.dims)
-    axes = (1, 3, 4)
-    mean = (x.mean(axis=axes, keepdims=True) if centered
-            else np.zeros((view.P, 1, view.K, 1, 1)))
-    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
-    rstd = 1.0 / np.sqrt(var + eps)
-    xhat = (x - mean) * rstd
-    g = weight.astype(np.float64).reshape(1, 1, view.K, view.J, 1)
-    y = xhat * g + bias.reshape(g.shape)
-    gdy = g * dy
-    centering = gdy.mean(axis=axes, keepdims=True) if centered else 0.0
-    dx = rstd * (gdy - centering
-                 - xhat * (gdy * xhat).mean(axis=axes, keepdims=True))
-    dweight = (dy * xhat).sum(axis=(0, 1, 4)).reshape(-1)
-    dbias = dy.sum(axis=(0, 1, 4)).reshape(-1)
-    return (y.reshape(-1), mean.reshape(view.P, view.K),
-            var.reshape(view.P, view.K), dx.reshape(-1), dweight, dbias)
-
-
 def assert_matches(actual, expected, tol, what):
     """NaN and inf where ``expected`` has them; elsewhere within ``tol``
     times ``max(1, max |expected|)`` over the finite values."""
@@ -159,7 +137,8 @@ def test_engine_matches_the_formulas(kind, dtype, data, centered, threads,
             y, saved = normkit.normalize(x, view, weight, bias, eps,
                                          return_saved=True, centered=centered)
             dx, dweight, dbias = normkit.normalize_backward(dy, x, saved)
-            expected = reference(x, dy, view, weight, bias, eps, centered)
+            expected = view_formulas(x, dy, view, weight, bias, eps,
+                                     centered)
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     tol = TOL[np.dtype(dtype)]
