@@ -25,6 +25,7 @@ LAYERS = {
     "bn2d_untracked": (lambda: nn.BatchNorm2d(3, affine=False,
                                               track_running_stats=False),
                        (4, 3, 2, 2)),
+    "bn2d_nobias": (lambda: nn.BatchNorm2d(3, bias=False), (4, 3, 2, 3)),
     "bn3d": (lambda: nn.BatchNorm3d(2), (3, 2, 2, 3, 2)),
     "in1d": (lambda: nn.InstanceNorm1d(3, affine=True,
                                        track_running_stats=True), (2, 3, 5)),
@@ -37,9 +38,12 @@ LAYERS = {
                                                  track_running_stats=True),
                        (2, 2, 3, 2)),
     "in3d": (lambda: nn.InstanceNorm3d(2, affine=True), (2, 2, 2, 3, 2)),
+    "in2d_nobias": (lambda: nn.InstanceNorm2d(3, affine=True, bias=False),
+                    (2, 3, 3, 4)),
     "ln": (lambda: nn.LayerNorm((3, 4)), (2, 5, 3, 4)),
     "ln_nobias": (lambda: nn.LayerNorm(4, bias=False), (3, 4)),
     "gn": (lambda: nn.GroupNorm(2, 4), (2, 4, 3, 3)),
+    "gn_nobias": (lambda: nn.GroupNorm(2, 4, bias=False), (2, 4, 3, 3)),
     "rms": (lambda: nn.RMSNorm(4), (3, 2, 4)),
     "rms_eps": (lambda: nn.RMSNorm((2, 4), eps=1e-3), (3, 2, 4)),
 }
@@ -296,6 +300,35 @@ def test_registered_scheme_becomes_module():
                                atol=1e-6)
     y.sum().backward()
     assert x.grad.shape == x.shape
+
+
+BIASLESS = {
+    "BatchNorm2d": lambda: nkt.BatchNorm2d(3, bias=False),
+    "InstanceNorm2d": lambda: nkt.InstanceNorm2d(3, affine=True, bias=False),
+    "GroupNorm": lambda: nkt.GroupNorm(3, 3, bias=False),
+    "SyncBatchNorm": lambda: nkt.SyncBatchNorm(3, bias=False),
+    "BatchRenorm": lambda: nkt.BatchRenorm(3, bias=False),
+    "GhostBatchNorm": lambda: nkt.GhostBatchNorm(3, 2, bias=False),
+}
+
+
+@pytest.mark.parametrize("name", list(BIASLESS))
+def test_bias_false_leaves_a_weight_alone(name):
+    """``bias=False`` (keyword, as in torch's layers and normkit's own):
+    a weight and no bias, ``y`` the weight times the bias-free output, and
+    a gradient for the weight alone."""
+    layer = BIASLESS[name]()
+    assert [p for p, _ in layer.named_parameters()] == ["weight"]
+    assert layer.bias is None and "bias=False" in repr(layer)
+    unit = copy.deepcopy(layer)        # weight 1
+    x = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([0.5, 2.0, -1.0]))
+    y = layer(x)
+    y.sum().backward()
+    assert layer.weight.grad is not None
+    torch.testing.assert_close(
+        y.detach(), unit(x).detach() * layer.weight.detach()[:, None, None])
 
 
 def test_ghost_batch_norm_with_one_ghost_batch_is_batch_norm():

@@ -117,7 +117,8 @@ def _model():
         torch.nn.Sequential(torch.nn.BatchNorm1d(4, affine=False),
                             torch.nn.BatchNorm3d(4, momentum=None, eps=1e-3)),
         nkt.BatchNorm2d(4), torch.nn.InstanceNorm2d(4), nkt.GroupNorm(2, 4),
-        torch.nn.SyncBatchNorm(4, track_running_stats=False))
+        torch.nn.SyncBatchNorm(4, track_running_stats=False),
+        torch.nn.BatchNorm2d(4, bias=False))
 
 
 def test_convert_sync_batchnorm_carries_everything():
@@ -135,7 +136,7 @@ def test_convert_sync_batchnorm_carries_everything():
     types = {name: type(m) for name, m in model.named_modules()}
     out = nkt.convert_sync_batchnorm(model)
     assert out is model
-    for name in ("1", "2.0", "2.1", "3", "6"):
+    for name in ("1", "2.0", "2.1", "3", "6", "7"):
         layer = model.get_submodule(name)
         assert isinstance(layer, nkt.SyncBatchNorm), name
         assert not layer.training, name
@@ -151,6 +152,7 @@ def test_convert_sync_batchnorm_carries_everything():
     assert model[1].weight.requires_grad and not model[1].bias.requires_grad
     assert model[2][1].momentum is None and model[2][1].eps == 1e-3
     assert model[2][0].weight is None and model[6].running_mean is None
+    assert model[7].bias is None and "bias=False" in repr(model[7])
     assert model[1].weight.dtype == torch.float64
     # already synchronized: left alone; a BatchNorm on its own: converted
     assert nkt.convert_sync_batchnorm(model)[1] is model[1]

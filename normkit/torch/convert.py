@@ -24,29 +24,31 @@ def _carry(new, old):
     return new.train(old.training)
 
 
-def _batch_norm(cls):
-    def build(layer):
-        return _carry(cls(layer.num_features, layer.eps, layer.momentum,
-                          layer.affine, layer.track_running_stats), layer)
-    return build
+def _has_bias(layer):
+    """The ``bias`` flag of a torch layer (``bias=False``: an affine layer
+    with a weight alone)."""
+    return getattr(layer, "bias", None) is not None
 
 
-def _instance_norm(cls):
+def _channel_norm(cls):
+    """Builder of ``cls`` (a BatchNorm or InstanceNorm module) from a torch
+    layer of the same constructor."""
     def build(layer):
         return _carry(cls(layer.num_features, layer.eps, layer.momentum,
-                          layer.affine, layer.track_running_stats), layer)
+                          layer.affine, layer.track_running_stats,
+                          bias=_has_bias(layer)), layer)
     return build
 
 
 def _layer_norm(layer):
     return _carry(nk.LayerNorm(layer.normalized_shape, layer.eps,
-                               layer.elementwise_affine,
-                               getattr(layer, "bias", None) is not None), layer)
+                               layer.elementwise_affine, _has_bias(layer)),
+                  layer)
 
 
 def _group_norm(layer):
     return _carry(nk.GroupNorm(layer.num_groups, layer.num_channels, layer.eps,
-                               layer.affine), layer)
+                               layer.affine, bias=_has_bias(layer)), layer)
 
 
 def _rms_norm(layer):
@@ -56,12 +58,12 @@ def _rms_norm(layer):
 
 #: torch layer type -> function building normkit's equivalent from a layer.
 DEFAULT_MAPPING = {
-    nn.BatchNorm1d: _batch_norm(nk.BatchNorm1d),
-    nn.BatchNorm2d: _batch_norm(nk.BatchNorm2d),
-    nn.BatchNorm3d: _batch_norm(nk.BatchNorm3d),
-    nn.InstanceNorm1d: _instance_norm(nk.InstanceNorm1d),
-    nn.InstanceNorm2d: _instance_norm(nk.InstanceNorm2d),
-    nn.InstanceNorm3d: _instance_norm(nk.InstanceNorm3d),
+    nn.BatchNorm1d: _channel_norm(nk.BatchNorm1d),
+    nn.BatchNorm2d: _channel_norm(nk.BatchNorm2d),
+    nn.BatchNorm3d: _channel_norm(nk.BatchNorm3d),
+    nn.InstanceNorm1d: _channel_norm(nk.InstanceNorm1d),
+    nn.InstanceNorm2d: _channel_norm(nk.InstanceNorm2d),
+    nn.InstanceNorm3d: _channel_norm(nk.InstanceNorm3d),
     nn.LayerNorm: _layer_norm,
     nn.GroupNorm: _group_norm,
     nn.RMSNorm: _rms_norm,
@@ -182,7 +184,8 @@ def convert_sync_batchnorm(model, process_group=None):
         return _carry(nk.SyncBatchNorm(layer.num_features, layer.eps,
                                        layer.momentum, layer.affine,
                                        layer.track_running_stats,
-                                       process_group), layer)
+                                       process_group, bias=_has_bias(layer)),
+                      layer)
 
     return _swap(model, replace)
 

@@ -217,12 +217,13 @@ class _BatchNorm(SchemeModule):
     scheme_class = schemes.BatchNorm
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, device=None, dtype=None):
+                 track_running_stats=True, device=None, dtype=None, *,
+                 bias=True):
         self.num_features = num_features
         self.affine = affine
         self.track_running_stats = track_running_stats
         super().__init__(self.scheme_class(num_features, eps, momentum, affine,
-                                           track_running_stats),
+                                           track_running_stats, bias=bias),
                          device=device, dtype=dtype)
 
 
@@ -237,6 +238,9 @@ class BatchNorm1d(_BatchNorm):
     affine : bool, default True
     track_running_stats : bool, default True
     device, dtype : optional
+    bias : bool, default True
+        Keyword only: with ``affine``, whether there is a ``bias``
+        (``bias=False``: a ``weight`` alone), as in torch.
 
     Examples
     --------
@@ -263,6 +267,9 @@ class BatchNorm2d(_BatchNorm):
     affine : bool, default True
     track_running_stats : bool, default True
     device, dtype : optional
+    bias : bool, default True
+        Keyword only: with ``affine``, whether there is a ``bias``
+        (``bias=False``: a ``weight`` alone), as in torch.
 
     Examples
     --------
@@ -289,6 +296,9 @@ class BatchNorm3d(_BatchNorm):
     affine : bool, default True
     track_running_stats : bool, default True
     device, dtype : optional
+    bias : bool, default True
+        Keyword only: with ``affine``, whether there is a ``bias``
+        (``bias=False``: a ``weight`` alone), as in torch.
 
     Examples
     --------
@@ -367,6 +377,9 @@ class SyncBatchNorm(_BatchNorm):
         The ranks sharing the batch (default: the world group).
     device, dtype : optional
         Of the parameters and buffers.
+    bias : bool, default True
+        Keyword only: with ``affine``, whether there is a ``bias``
+        (``bias=False``: a ``weight`` alone), as in torch.
     communicator : normkit.distributed.Communicator, optional
         Keyword only: a communicator to use instead of ``process_group``
         (:func:`normkit.distributed.from_mpi`, a
@@ -389,10 +402,11 @@ class SyncBatchNorm(_BatchNorm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, process_group=None, device=None,
-                 dtype=None, *, communicator=None):
+                 dtype=None, *, bias=True, communicator=None):
         self.process_group = process_group
         super().__init__(num_features, eps, momentum, affine,
-                         track_running_stats, device=device, dtype=dtype)
+                         track_running_stats, device=device, dtype=dtype,
+                         bias=bias)
         self.scheme.communicator = (
             _GroupCommunicator(process_group) if communicator is None
             else distributed.check_communicator(communicator, "SyncBatchNorm"))
@@ -446,6 +460,7 @@ class SyncBatchNorm(_BatchNorm):
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, "
                 f"momentum={self.momentum}, affine={self.affine}, "
+                f"bias={self.bias is not None}, "
                 f"track_running_stats={self.track_running_stats}")
 
 
@@ -493,7 +508,8 @@ class _InstanceNorm(SchemeModule):
     scheme_class = schemes.InstanceNorm
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
-                 track_running_stats=False, device=None, dtype=None):
+                 track_running_stats=False, device=None, dtype=None, *,
+                 bias=True):
         self.num_features = num_features
         self.affine = affine
         self.track_running_stats = track_running_stats
@@ -502,7 +518,7 @@ class _InstanceNorm(SchemeModule):
         # handed to the scheme
         super().__init__(self.scheme_class(
             num_features, eps, 0.0 if momentum is None else momentum, affine,
-            track_running_stats), device=device, dtype=dtype)
+            track_running_stats, bias=bias), device=device, dtype=dtype)
         self._buffer_names = tuple(name for name in self._buffer_names
                                    if name != "num_batches_tracked")
         self._key, self._entry = register_scheme(
@@ -521,6 +537,9 @@ class InstanceNorm1d(_InstanceNorm):
     affine : bool, default False
     track_running_stats : bool, default False
     device, dtype : optional
+    bias : bool, default True
+        Keyword only: with ``affine``, whether there is a ``bias``
+        (``bias=False``: a ``weight`` alone), as in torch.
 
     Examples
     --------
@@ -548,6 +567,9 @@ class InstanceNorm2d(_InstanceNorm):
     affine : bool, default False
     track_running_stats : bool, default False
     device, dtype : optional
+    bias : bool, default True
+        Keyword only: with ``affine``, whether there is a ``bias``
+        (``bias=False``: a ``weight`` alone), as in torch.
 
     Examples
     --------
@@ -573,6 +595,9 @@ class InstanceNorm3d(_InstanceNorm):
     affine : bool, default False
     track_running_stats : bool, default False
     device, dtype : optional
+    bias : bool, default True
+        Keyword only: with ``affine``, whether there is a ``bias``
+        (``bias=False``: a ``weight`` alone), as in torch.
 
     Examples
     --------
@@ -626,6 +651,9 @@ class GroupNorm(SchemeModule):
     eps : float, default 1e-5
     affine : bool, default True
     device, dtype : optional
+    bias : bool, default True
+        Keyword only: with ``affine``, whether there is a ``bias``
+        (``bias=False``: a ``weight`` alone), as in torch.
 
     Examples
     --------
@@ -636,12 +664,12 @@ class GroupNorm(SchemeModule):
     """
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True,
-                 device=None, dtype=None):
+                 device=None, dtype=None, *, bias=True):
         self.num_groups = num_groups
         self.num_channels = num_channels
         self.affine = affine
         super().__init__(schemes.GroupNorm(num_groups, num_channels, eps,
-                                           affine),
+                                           affine, bias=bias),
                          device=device, dtype=dtype)
 
 
@@ -687,6 +715,9 @@ class BatchRenorm(SchemeModule):
     dmax : float, default 5.0
     affine : bool, default True
     device, dtype : optional
+    bias : bool, default True
+        Keyword only: with ``affine``, whether there is a ``bias``
+        (``bias=False``: a ``weight`` alone), as in :class:`normkit.BatchRenorm`.
 
     Examples
     --------
@@ -698,12 +729,12 @@ class BatchRenorm(SchemeModule):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, rmax=3.0,
-                 dmax=5.0, affine=True, device=None, dtype=None):
+                 dmax=5.0, affine=True, device=None, dtype=None, *, bias=True):
         self.num_features = num_features
         self.affine = affine
         self.track_running_stats = True
         super().__init__(schemes.BatchRenorm(num_features, eps, momentum, rmax,
-                                             dmax, affine),
+                                             dmax, affine, bias=bias),
                          device=device, dtype=dtype)
 
 
@@ -721,6 +752,9 @@ class GhostBatchNorm(SchemeModule):
     affine : bool, default True
     track_running_stats : bool, default True
     device, dtype : optional
+    bias : bool, default True
+        Keyword only: with ``affine``, whether there is a ``bias``
+        (``bias=False``: a ``weight`` alone), as in :class:`normkit.GhostBatchNorm`.
 
     Examples
     --------
@@ -733,7 +767,7 @@ class GhostBatchNorm(SchemeModule):
 
     def __init__(self, num_features, virtual_batch_size, eps=1e-5,
                  momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None):
+                 device=None, dtype=None, *, bias=True):
         self.num_features = num_features
         self.virtual_batch_size = virtual_batch_size
         self.affine = affine
@@ -741,5 +775,6 @@ class GhostBatchNorm(SchemeModule):
         super().__init__(schemes.GhostBatchNorm(num_features,
                                                 virtual_batch_size, eps,
                                                 momentum, affine,
-                                                track_running_stats),
+                                                track_running_stats,
+                                                bias=bias),
                          device=device, dtype=dtype)
