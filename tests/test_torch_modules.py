@@ -480,6 +480,31 @@ def test_errors_match_torch():
         bn(np.ones((2, 3, 4, 4)))
 
 
+def test_documented_differences_from_torch():
+    """README, "Where normkit differs": a BatchNorm call that raises is not
+    counted; GroupNorm over ``N * C / G * spatial == 1`` values normalizes
+    each one-value group to its bias where torch raises."""
+    ours, theirs = nkt.BatchNorm2d(3), nn.BatchNorm2d(3)
+    one_per_channel = torch.randn(1, 3, 1, 1)
+    for layer in (ours, theirs):
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            layer(one_per_channel)
+    assert int(ours.num_batches_tracked) == 0
+    assert int(theirs.num_batches_tracked) == 1
+    ours, theirs = nkt.GroupNorm(4, 4), nn.GroupNorm(4, 4)
+    with torch.no_grad():
+        ours.bias.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    x = torch.randn(1, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        theirs(x)
+    y = ours(x)
+    assert torch.equal(y, ours.bias.detach()[None])
+    y.sum().backward()
+    assert float(x.grad.abs().max()) < 1e-4        # zero up to rounding
+    torch.testing.assert_close(ours(torch.ones(2, 4)),        # torch accepts
+                               theirs(torch.ones(2, 4)) + ours.bias.detach())
+
+
 def test_import_normkit_does_not_import_torch():
     import subprocess
     import sys
