@@ -3,6 +3,7 @@ converted, trained, compiled, folded and frozen."""
 
 import copy
 import os
+import subprocess
 import sys
 import time
 
@@ -151,6 +152,44 @@ def test_inductor_compile_small_block():
     torch.testing.assert_close(block[0].weight.grad, reference[0].weight.grad,
                                rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(block[1].running_mean, reference[1].running_mean)
+
+
+#: A training step of a compiled ``GroupNorm(argv[1], 4)``, checked
+#: against torch's; prints the inductor cache's hits.
+_COMPILED_GROUP_NORM = """
+import sys, torch, normkit.torch as nkt
+from torch._dynamo.utils import counters
+layer = nkt.GroupNorm(int(sys.argv[1]), 4)
+x = torch.randn(2, 4, 3, 3, requires_grad=True)
+y = torch.compile(layer, fullgraph=True)(x)
+y.sum().backward()
+want = torch.nn.functional.group_norm(x, layer.num_groups, layer.weight,
+                                      layer.bias)
+assert torch.allclose(y, want, atol=1e-5)
+print(counters["inductor"]["fxgraph_cache_hit"])
+"""
+
+
+def test_inductor_cache_tells_schemes_apart(tmp_path):
+    """Inductor's on-disk cache serves a compiled graph to any later
+    process whose graph is the same.  ``GroupNorm(2, 4)``, the first
+    scheme registered in its process as ``GroupNorm(1, 4)`` was in an
+    earlier one, gets a graph of its own (it got the earlier one before
+    the operators' key named the scheme and its settings, and that graph's
+    record shapes failed its checks); ``GroupNorm(1, 4)`` again is served
+    from the cache."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+
+    def cache_hits(groups):
+        done = subprocess.run([sys.executable, "-c", _COMPILED_GROUP_NORM,
+                               str(groups)], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return int(done.stdout.split()[-1])
+
+    assert cache_hits(1) == 0
+    assert cache_hits(2) == 0
+    assert cache_hits(1) > 0
 
 
 def test_fold_batch_norm():

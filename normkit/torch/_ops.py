@@ -151,11 +151,38 @@ _KEYS = itertools.count(1)
 
 def register_scheme(scheme, param_names, buffer_names):
     """Register ``scheme`` (a template whose settings every call copies) and
-    return ``(key, entry)``; the entry lives as long as the caller keeps it."""
+    return ``(key, entry)``; the entry lives as long as the caller keeps it.
+
+    The key, a constant of every graph ``torch.compile`` makes of the
+    operators, is a number unique in this process followed by
+    :func:`scheme_signature`: inductor's on-disk cache keys a compiled
+    graph on its code and inputs, and serves it to any later process whose
+    graph is the same, with the record's shapes the fake implementations
+    predicted then.  Another scheme registered under the same number there
+    (``GroupNorm(2, C)`` where ``GroupNorm(1, C)`` was compiled) has
+    another key, so it gets a graph of its own."""
     entry = _Entry(scheme, param_names, buffer_names)
-    key = next(_KEYS)
+    key = f"{next(_KEYS)}:{scheme_signature(scheme)}"
     _ENTRIES[key] = entry
     return key, entry
+
+
+def scheme_signature(scheme):
+    """``scheme``'s class and settings as text, the same in every process
+    for the same settings: ``module.Class(name=value, ...)``, arrays by
+    shape and dtype.  The layout of its record depends on nothing else but
+    the input (see *How the Saved record crosses*); a setting whose
+    ``repr`` holds an address only makes the text differ between
+    processes."""
+    cls = type(scheme)
+    settings = []
+    for name, value in sorted(vars(scheme).items()):
+        if isinstance(value, np.ndarray):
+            settings.append(f"{name}=array{value.shape}:{value.dtype}")
+        elif not (name.startswith("_") or name in ("training", "grads")
+                  or (name in scheme.state_names and value is not None)):
+            settings.append(f"{name}={value!r}")  # not a counter's value
+    return f"{cls.__module__}.{cls.__qualname__}({', '.join(settings)})"
 
 
 def _entry(key):
@@ -491,7 +518,7 @@ def _run_forward(entry, x, params, buffers, training):
 
 
 def _scheme_forward(x: torch.Tensor, params: list[torch.Tensor],
-                    buffers: list[torch.Tensor], key: int, training: bool
+                    buffers: list[torch.Tensor], key: str, training: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                torch.Tensor, list[torch.Tensor]]:
     """Forward of the scheme registered under ``key``: ``(y, mean, rstd,
@@ -558,7 +585,7 @@ def _run_backward(entry, dy, x, params, prepare):
 
 def _scheme_backward(dy: torch.Tensor, x: torch.Tensor,
                      params: list[torch.Tensor], mean: torch.Tensor,
-                     rstd: torch.Tensor, aux: torch.Tensor, key: int,
+                     rstd: torch.Tensor, aux: torch.Tensor, key: str,
                      training: bool) -> list[torch.Tensor]:
     """``[dx, *dparams]`` for the forward whose record is ``(mean, rstd,
     aux)``; a parameter the scheme returns no gradient for gets zeros."""
