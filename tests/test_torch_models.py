@@ -192,6 +192,32 @@ def test_inductor_cache_tells_schemes_apart(tmp_path):
     assert cache_hits(1) > 0
 
 
+#: ``torch.export`` of a converted model as a fresh process's first use of
+#: normkit, in both of export's modes; the programs run like the model.
+_EXPORT_FIRST = """
+import torch, normkit.torch as nkt
+torch.manual_seed(0)
+model = nkt.convert(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3),
+                                        torch.nn.GroupNorm(2, 4)))
+x = torch.randn(2, 3, 6, 6)
+for strict in (False, True):
+    program = torch.export.export(model, (x,), strict=strict)
+    torch.testing.assert_close(program.module()(x), model(x))
+print("exported")
+"""
+
+
+def test_export_as_the_first_use_of_numba():
+    """Non-strict ``torch.export`` replaces ``max``, ``min`` and
+    ``math.pow`` while it traces; the layout's dry run, there the process's
+    first Numba work, runs with Python's own (before, Numba's typing
+    tables raised ``AttributeError`` on the replaced ``math.pow``)."""
+    done = subprocess.run([sys.executable, "-c", _EXPORT_FIRST],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "exported"
+
+
 def test_fold_batch_norm():
     model = nkt.convert(_model()).eval()
     x, _ = _batch(4)

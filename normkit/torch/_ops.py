@@ -78,6 +78,7 @@ without synchronizing, and tensors are imported without Numba's
 per-array synchronization (``as_cuda_array(..., sync=False)``).
 """
 
+import builtins
 import contextlib
 import itertools
 import math
@@ -465,6 +466,31 @@ def _unpack(layout, mean, rstd, aux, weight):
         weight=weight, extras=extras, **fields)
 
 
+#: Python's own functions under the names that ``torch.export``'s
+#: non-strict trace replaces while it runs (with a ``functools.partial``
+#: and a lambda that also take tensors).
+_BUILTINS = {(builtins, "max"): builtins.max, (builtins, "min"): builtins.min,
+             (math, "pow"): math.pow}
+
+
+@contextlib.contextmanager
+def _python_builtins():
+    """:data:`_BUILTINS` restored for the duration (then whatever was
+    there before).  The layout's dry run may be the process's first Numba
+    compilation, or its first load from Numba's cache, which resolves
+    ``max`` and ``min`` in the kernels and registers ``math.pow`` in
+    Numba's typing tables: under the trace's replacements the first fails
+    to type and the second raises ``AttributeError`` from Numba."""
+    present = {place: getattr(*place) for place in _BUILTINS}
+    for (module, name), value in _BUILTINS.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for (module, name), value in present.items():
+            setattr(module, name, value)
+
+
 def _layout(entry, x, training):
     """The cached layout for ``x``; computed by a dry run on zeros with
     copies of the buffers when no forward of this kind has run yet."""
@@ -481,7 +507,8 @@ def _layout(entry, x, training):
             value = getattr(entry.scheme, name)
             state[name] = value if isinstance(value, int) else np.array(value)
         scheme = _bind(entry, training, state, channels_last, rehearse=True)
-        _, saved = scheme._forward(np.zeros(shape, dtype))
+        with _python_builtins():
+            _, saved = scheme._forward(np.zeros(shape, dtype))
         layout = _pack(saved)[3]
         entry.layouts[key] = layout
     return layout
