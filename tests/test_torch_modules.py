@@ -302,6 +302,44 @@ def test_registered_scheme_becomes_module():
     assert x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("key", sorted(LAYERS))
+def test_reset_parameters_as_torch(key):
+    """After a training step with other parameters, ``reset_parameters``
+    leaves the same state as torch's (running statistics and parameters
+    at their initial values)."""
+    theirs, ours, shape = _pair(key, torch.float32)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    for layer in (theirs, ours):
+        layer.train()(x)
+        layer.reset_parameters()
+    want = theirs.state_dict()
+    got = ours.state_dict()
+    assert list(got) == list(want)
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+
+
+def test_reset_parameters_restores_a_scheme_s_own_initial_values():
+    """Batch Renormalization's running standard deviation back to 1; a
+    plug-in's parameter back to the value its scheme was built with."""
+    layer = nkt.BatchRenorm(3)
+    with torch.no_grad():
+        layer.weight.fill_(3.0)
+    layer(torch.randn(6, 3))
+    layer.reset_parameters()
+    assert torch.equal(layer.running_std, torch.ones(3))
+    assert torch.equal(layer.running_mean, torch.zeros(3))
+    assert torch.equal(layer.weight, torch.ones(3))
+    assert int(layer.num_batches_tracked) == 0
+    scheme = PositionNorm((4,))
+    scheme.weight = np.full(4, 0.25)
+    layer = nkt.SchemeModule(scheme)
+    with torch.no_grad():
+        layer.weight.fill_(2.0)
+    layer.reset_parameters()
+    assert torch.equal(layer.weight, torch.full(layer.weight.shape, 0.25))
+
+
 BIASLESS = {
     "BatchNorm2d": lambda: nkt.BatchNorm2d(3, bias=False),
     "InstanceNorm2d": lambda: nkt.InstanceNorm2d(3, affine=True, bias=False),

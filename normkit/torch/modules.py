@@ -166,6 +166,17 @@ class SchemeModule(nn.Module):
                 elif name == getattr(self.scheme, "spread_name", None):
                     t.fill_(init)
 
+    def reset_parameters(self):
+        """Running statistics (:meth:`reset_running_stats`) and parameters
+        back to their initial values, as torch's ``reset_parameters``: the
+        values the scheme was built with (``weight`` 1 and ``bias`` 0 for
+        the built-ins; a plug-in's own)."""
+        self.reset_running_stats()
+        with torch.no_grad():
+            for name in self._param_names:
+                initial = np.asarray(getattr(self.scheme, name))
+                getattr(self, name).copy_(torch.from_numpy(initial))
+
     def extra_repr(self):
         return self.scheme.extra_repr()
 
