@@ -193,29 +193,55 @@ def test_inductor_cache_tells_schemes_apart(tmp_path):
 
 
 #: ``torch.export`` of a converted model as a fresh process's first use of
-#: normkit, in both of export's modes; the programs run like the model.
+#: normkit, in both of export's modes; the programs run like the model,
+#: also saved and loaded again (the training one is saved at argv[1]).
 _EXPORT_FIRST = """
-import torch, normkit.torch as nkt
+import copy, sys, torch, normkit.torch as nkt
 torch.manual_seed(0)
 model = nkt.convert(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3),
+                                        torch.nn.BatchNorm2d(4),
                                         torch.nn.GroupNorm(2, 4)))
 x = torch.randn(2, 3, 6, 6)
 for strict in (False, True):
     program = torch.export.export(model, (x,), strict=strict)
     torch.testing.assert_close(program.module()(x), model(x))
+torch.export.save(program, sys.argv[1])
+loaded = torch.export.load(sys.argv[1]).module()
+reference = copy.deepcopy(model)
+torch.testing.assert_close(loaded(x), reference(x))
+torch.testing.assert_close(loaded.get_buffer("1.running_var"),
+                           reference[1].running_var)
 print("exported")
 """
 
+#: The program saved by :data:`_EXPORT_FIRST`, run in another process.
+_LOAD_ELSEWHERE = """
+import sys, torch, normkit.torch
+program = torch.export.load(sys.argv[1]).module()
+try:
+    program(torch.randn(2, 3, 6, 6))
+except RuntimeError as error:
+    print("refused:", error)
+"""
 
-def test_export_as_the_first_use_of_numba():
+
+def test_export_as_the_first_use_of_numba(tmp_path):
     """Non-strict ``torch.export`` replaces ``max``, ``min`` and
     ``math.pow`` while it traces; the layout's dry run, there the process's
     first Numba work, runs with Python's own (before, Numba's typing
-    tables raised ``AttributeError`` on the replaced ``math.pow``)."""
-    done = subprocess.run([sys.executable, "-c", _EXPORT_FIRST],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split()[-1] == "exported"
+    tables raised ``AttributeError`` on the replaced ``math.pow``).  The
+    program saved and loaded runs in its process (the buffers' update is
+    no ``set_grad_enabled`` region, which ``torch.export.load`` refused)
+    and is refused, with the reason, in another."""
+    path = str(tmp_path / "model.pt2")
+    outputs = []
+    for script in (_EXPORT_FIRST, _LOAD_ELSEWHERE):
+        done = subprocess.run([sys.executable, "-c", script, path],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs.append(done.stdout)
+    assert outputs[0].split()[-1] == "exported"
+    assert "made in another process" in outputs[1]
 
 
 def test_fold_batch_norm():

@@ -190,8 +190,11 @@ def _entry(key):
     try:
         return _ENTRIES[key]
     except KeyError:
-        raise RuntimeError(f"normkit: no scheme registered under key {key} "
-                           f"(its module was deleted)") from None
+        raise RuntimeError(f"normkit: no scheme registered under key {key}: "
+                           f"its module was deleted, or the graph calling it "
+                           f"was made in another process (a compiled or "
+                           f"exported graph runs in the process whose "
+                           f"modules it calls)") from None
 
 
 class _Rehearsal:
@@ -735,7 +738,6 @@ def forward(x, params, buffers, key, training):
         return _Eager.apply(x, _entry(key), training, len(params), *params,
                             *buffers)
     y, _, _, _, new = scheme_forward(x, params, buffers, key, training)
-    with torch.no_grad():
-        for buffer, value in zip(buffers, new):
-            buffer.copy_(value)
+    for buffer, value in zip(buffers, new):
+        buffer.copy_(value.detach())
     return y
