@@ -154,6 +154,55 @@ def test_inductor_compile_small_block():
     torch.testing.assert_close(block[1].running_mean, reference[1].running_mean)
 
 
+class _Block(nn.Module):
+    """A residual block with two normkit layers, compiled one by one as
+    large models compile their repeated blocks."""
+
+    def __init__(self, eps=1e-5):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.bn = nkt.BatchNorm1d(8)
+        self.ln = nkt.LayerNorm(8, eps=eps)
+
+    def forward(self, x):
+        return x + self.ln(self.bn(self.linear(x)))
+
+
+def test_blocks_compiled_one_by_one_share_a_graph():
+    """Six blocks compiled one by one: two graphs (the first block's, then
+    one with the modules' keys as symbols), as for torch's own layers,
+    not one per block (each module's key was a constant: past eight
+    blocks, fullgraph=True failed on dynamo's recompile limit); a block
+    whose LayerNorm has another eps gets its own graph.  Outputs, running
+    statistics and gradients as in eager mode."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    blocks = [_Block() for _ in range(6)]
+    eager = copy.deepcopy(blocks)
+    for block in blocks:
+        block.compile(fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 8)
+    y, want = x, x
+    for block, reference in zip(blocks, eager):
+        y, want = block(y), reference(want)
+    y.square().sum().backward()
+    want.square().sum().backward()
+    assert counters["stats"]["unique_graphs"] == 2
+    torch.testing.assert_close(y, want)
+    for block, reference in zip(blocks, eager):
+        torch.testing.assert_close(block.bn.running_var,
+                                   reference.bn.running_var)
+        torch.testing.assert_close(block.linear.weight.grad,
+                                   reference.linear.weight.grad)
+    other = _Block(eps=1e-3)
+    reference = copy.deepcopy(other)
+    other.compile(fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(other(x), reference(x))
+    assert counters["stats"]["unique_graphs"] == 3
+
+
 #: A training step of a compiled ``GroupNorm(argv[1], 4)``, checked
 #: against torch's; prints the inductor cache's hits.
 _COMPILED_GROUP_NORM = """
@@ -175,9 +224,9 @@ def test_inductor_cache_tells_schemes_apart(tmp_path):
     process whose graph is the same.  ``GroupNorm(2, 4)``, the first
     scheme registered in its process as ``GroupNorm(1, 4)`` was in an
     earlier one, gets a graph of its own (it got the earlier one before
-    the operators' key named the scheme and its settings, and that graph's
-    record shapes failed its checks); ``GroupNorm(1, 4)`` again is served
-    from the cache."""
+    the operators took the scheme's signature, its class and settings, and
+    that graph's record shapes failed its checks); ``GroupNorm(1, 4)``
+    again is served from the cache."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
 
     def cache_hits(groups):

@@ -175,9 +175,12 @@ def _functional(layer, eager=False):
     buffers = [getattr(layer, n) for n in layer._buffer_names]
 
     def f(x, *p):
-        args = (x, list(p), [b.clone() for b in buffers], layer._key,
-                layer.training)
-        return _ops.forward(*args) if eager else _ops.scheme_forward(*args)[0]
+        copies = [b.clone() for b in buffers]
+        if eager:
+            return _ops.forward(x, list(p), copies, layer, layer.training)
+        return _ops.scheme_forward(x, list(p), copies,
+                                   layer._normkit_key.shape[1],
+                                   layer._signature, layer.training)[0]
     return f, params, buffers
 
 
@@ -204,7 +207,8 @@ def test_opcheck(name, training):
     _, params, buffers = _functional(layer)
     x = (torch.randn(shape, dtype=torch.float64) * scale + loc).requires_grad_()
     torch.library.opcheck(_ops.scheme_forward,
-                          (x, params, [b.clone() for b in buffers], layer._key,
+                          (x, params, [b.clone() for b in buffers],
+                           layer._normkit_key.shape[1], layer._signature,
                            training))
 
 

@@ -1,14 +1,16 @@
 """The two custom operators every normkit torch module runs through.
 
-``normkit::scheme_forward(x, params, buffers, key, training)
+``normkit::scheme_forward(x, params, buffers, key, signature, training)
 -> (y, mean, rstd, aux, new_buffers)`` runs the ``_forward`` of the scheme
 registered under ``key`` on NumPy views (CPU) or Numba views (CUDA) of the
-tensors.  It is functional, as torch requires of an operator with an
-autograd formula: the scheme updates copies of the running statistics,
-returned as ``new_buffers``, which the module copies into its buffers
-(``C`` values each; under ``torch.compile`` that copy is part of the
-graph).  ``normkit::scheme_backward(dy, x, params, mean, rstd,
-aux, key, training) -> [dx, *dparams]`` rebuilds the scheme's
+tensors; ``signature`` names its class and settings
+(:func:`scheme_signature`, see :func:`forward` for why it travels).  It is
+functional, as torch requires of an operator with an autograd formula:
+the scheme updates copies of the running statistics, returned as
+``new_buffers``, which the module copies into its buffers (``C`` values
+each; under ``torch.compile`` that copy is part of the graph).
+``normkit::scheme_backward(dy, x, params, mean, rstd, aux, key,
+signature, training) -> [dx, *dparams]`` rebuilds the scheme's
 :class:`~normkit.Saved` record and runs its ``_backward``.
 
 How the :class:`~normkit.Saved` record crosses from one to the other
@@ -144,26 +146,22 @@ class _Entry:
         self.buffer_names = tuple(buffer_names)
         self.layouts = {}
         self.channel_axis = getattr(scheme, "axis", None) == 1
+        self.signature = scheme_signature(scheme)
 
 
 _ENTRIES = weakref.WeakValueDictionary()
-_KEYS = itertools.count(1)
+#: Keys from 2: ``torch.compile`` never reads a size of 0 or 1 as a symbol
+#: (:func:`forward`).
+_KEYS = itertools.count(2)
 
 
 def register_scheme(scheme, param_names, buffer_names):
     """Register ``scheme`` (a template whose settings every call copies) and
-    return ``(key, entry)``; the entry lives as long as the caller keeps it.
-
-    The key, a constant of every graph ``torch.compile`` makes of the
-    operators, is a number unique in this process followed by
-    :func:`scheme_signature`: inductor's on-disk cache keys a compiled
-    graph on its code and inputs, and serves it to any later process whose
-    graph is the same, with the record's shapes the fake implementations
-    predicted then.  Another scheme registered under the same number there
-    (``GroupNorm(2, C)`` where ``GroupNorm(1, C)`` was compiled) has
-    another key, so it gets a graph of its own."""
+    return ``(key, entry)``: a number unique in this process, and the
+    entry, which lives as long as the caller keeps it.  The operators take
+    the key and the entry's ``signature`` (:func:`scheme_signature`)."""
     entry = _Entry(scheme, param_names, buffer_names)
-    key = f"{next(_KEYS)}:{scheme_signature(scheme)}"
+    key = next(_KEYS)
     _ENTRIES[key] = entry
     return key, entry
 
@@ -184,6 +182,19 @@ def scheme_signature(scheme):
                   or (name in scheme.state_names and value is not None)):
             settings.append(f"{name}={value!r}")  # not a counter's value
     return f"{cls.__module__}.{cls.__qualname__}({', '.join(settings)})"
+
+
+def _traced_entry(key, signature):
+    """The entry a fake implementation reads: ``key``'s, or, where the key
+    is symbolic (one graph for every module whose signature is
+    ``signature``, see :func:`forward`), any live entry with that
+    signature, whose record has the same layout."""
+    if isinstance(key, int):
+        return _entry(key)
+    for entry in list(_ENTRIES.values()):
+        if entry.signature == signature:
+            return entry
+    raise RuntimeError(f"normkit: no scheme registered as {signature}")
 
 
 def _entry(key):
@@ -548,7 +559,8 @@ def _run_forward(entry, x, params, buffers, training):
 
 
 def _scheme_forward(x: torch.Tensor, params: list[torch.Tensor],
-                    buffers: list[torch.Tensor], key: str, training: bool
+                    buffers: list[torch.Tensor], key: int, signature: str,
+                    training: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                torch.Tensor, list[torch.Tensor]]:
     """Forward of the scheme registered under ``key``: ``(y, mean, rstd,
@@ -574,11 +586,12 @@ scheme_forward = torch.library.custom_op(
 
 
 @scheme_forward.register_fake
-def _(x, params, buffers, key, training):
-    layout = _layout(_entry(key), x, training)
+def _(x, params, buffers, key, signature, training):
+    entry = _traced_entry(key, signature)
+    layout = _layout(entry, x, training)
     size = sum(math.prod(shape) for _, shape, _ in layout["aux"])
     new = lambda shape: x.new_empty(shape, dtype=torch.float64)  # noqa: E731
-    return (_empty_like_input(x, _entry(key)), new(layout["mean"]),
+    return (_empty_like_input(x, entry), new(layout["mean"]),
             new(layout["rstd"]), new((size,)),
             [torch.empty_like(b) for b in buffers])
 
@@ -615,8 +628,8 @@ def _run_backward(entry, dy, x, params, prepare):
 
 def _scheme_backward(dy: torch.Tensor, x: torch.Tensor,
                      params: list[torch.Tensor], mean: torch.Tensor,
-                     rstd: torch.Tensor, aux: torch.Tensor, key: str,
-                     training: bool) -> list[torch.Tensor]:
+                     rstd: torch.Tensor, aux: torch.Tensor, key: int,
+                     signature: str, training: bool) -> list[torch.Tensor]:
     """``[dx, *dparams]`` for the forward whose record is ``(mean, rstd,
     aux)``; a parameter the scheme returns no gradient for gets zeros."""
     entry = _entry(key)
@@ -635,24 +648,25 @@ scheme_backward = torch.library.custom_op(
 
 
 @scheme_backward.register_fake
-def _(dy, x, params, mean, rstd, aux, key, training):
-    return ([_empty_like_input(x, _entry(key))]
+def _(dy, x, params, mean, rstd, aux, key, signature, training):
+    return ([_empty_like_input(x, _traced_entry(key, signature))]
             + [torch.empty_like(t) for t in params])
 
 
 def _setup_context(ctx, inputs, output):
-    x, params, _buffers, key, training = inputs
+    x, params, _buffers, key, signature, training = inputs
     _y, mean, rstd, aux, _new_buffers = output
     ctx.save_for_backward(x, mean, rstd, aux, *params)
-    ctx.key, ctx.training = key, training
+    ctx.key, ctx.signature, ctx.training = key, signature, training
     ctx.n_buffers = len(_buffers)
 
 
 def _backward(ctx, dy, _dmean, _drstd, _daux, _dbuffers):
     x, mean, rstd, aux, *params = ctx.saved_tensors
     grads = scheme_backward(dy, x, params, mean, rstd, aux, ctx.key,
-                            ctx.training)
-    return (grads[0], list(grads[1:]), [None] * ctx.n_buffers, None, None)
+                            ctx.signature, ctx.training)
+    return (grads[0], list(grads[1:]), [None] * ctx.n_buffers, None, None,
+            None)
 
 
 scheme_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -719,12 +733,23 @@ def _eager(tensors):
             and torch._C._functorch.peek_interpreter_stack() is None)
 
 
-def forward(x, params, buffers, key, training):
-    """The output of ``scheme_forward(x, params, buffers, key, training)``,
+def forward(x, params, buffers, module, training):
+    """The output of ``scheme_forward(x, params, buffers, key, signature,
+    training)`` for ``module`` (a :class:`~normkit.torch.SchemeModule`),
     with its autograd, and the buffers updated: through the operators when
     tracing, under a dispatch mode or transform, or for tensor subclasses
-    (the new buffers copied in); otherwise through :class:`_Eager`, which
-    skips their dispatch (see *Eager mode* above).
+    (the new buffers copied in); otherwise through :class:`_Eager` with
+    the module's entry, which skips their dispatch (see *Eager mode*
+    above).
+
+    The operators take the module's ``_signature``, a constant of the
+    graph, and its key, the second size of its ``_normkit_key`` tensor,
+    which ``torch.compile`` reads as a symbol once a second module's key
+    has come by: one graph then serves every module of one signature (the
+    blocks of a model compiled one by one), not one per module.  The
+    signature also keeps apart the graphs that inductor's on-disk cache
+    serves to later processes, where another scheme may have the same
+    number.
 
     Returns
     -------
@@ -735,9 +760,11 @@ def forward(x, params, buffers, key, training):
         # as copy_ would move them
         for buffer in buffers:
             torch.autograd.graph.increment_version(buffer)
-        return _Eager.apply(x, _entry(key), training, len(params), *params,
+        return _Eager.apply(x, module._entry, training, len(params), *params,
                             *buffers)
-    y, _, _, _, new = scheme_forward(x, params, buffers, key, training)
+    y, _, _, _, new = scheme_forward(x, params, buffers,
+                                     module._normkit_key.shape[1],
+                                     module._signature, training)
     for buffer, value in zip(buffers, new):
         buffer.copy_(value.detach())
     return y

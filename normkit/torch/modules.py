@@ -97,8 +97,22 @@ class SchemeModule(nn.Module):
                 params.append(name)
         self._param_names = tuple(params)
         self._buffer_names = tuple(buffers)
-        self._key, self._entry = register_scheme(scheme, params, buffers)
+        self._register(device)
         self.train(scheme.training)
+
+    def _register(self, device=None):
+        """Register the scheme with the operators (``_entry``,
+        ``_signature``) and keep its key as the second size of the empty
+        tensor ``_normkit_key``, where ``torch.compile`` reads it as a
+        symbol after a second module's key (see
+        :func:`normkit.torch._ops.forward`).  Not a buffer: dynamo holds
+        the shapes of buffers static, and it stays out of the state_dict;
+        :meth:`_apply` moves it with the module."""
+        key, self._entry = register_scheme(self.scheme, self._param_names,
+                                           self._buffer_names)
+        self._signature = self._entry.signature
+        self._normkit_key = torch.empty((0, key), dtype=torch.uint8,
+                                        device=device)
 
     # the scheme's settings (eps, momentum, rmax, ...) read and written
     # through the module, as torch's modules have them: every call reads them
@@ -152,7 +166,7 @@ class SchemeModule(nn.Module):
         self._check(input)
         params = [self._parameters[name] for name in self._param_names]
         buffers = [self._buffers[name] for name in self._buffer_names]
-        return forward(input, params, buffers, self._key, self.training)
+        return forward(input, params, buffers, self, self.training)
 
     def reset_running_stats(self):
         """Running statistics back to their initial values (zero mean,
@@ -185,10 +199,14 @@ class SchemeModule(nn.Module):
         state.pop("_entry", None)
         return state
 
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        self._normkit_key = fn(self._normkit_key)  # uint8: no dtype cast
+        return module
+
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._key, self._entry = register_scheme(
-            self.scheme, self._param_names, self._buffer_names)
+        self._register(self._normkit_key.device)
 
 
 def module(name, *, device=None, dtype=None, **kwargs):
@@ -532,8 +550,7 @@ class _InstanceNorm(SchemeModule):
             track_running_stats, bias=bias), device=device, dtype=dtype)
         self._buffer_names = tuple(name for name in self._buffer_names
                                    if name != "num_batches_tracked")
-        self._key, self._entry = register_scheme(
-            self.scheme, self._param_names, self._buffer_names)
+        self._register(device)
 
 
 class InstanceNorm1d(_InstanceNorm):
