@@ -293,6 +293,32 @@ def test_export_as_the_first_use_of_numba(tmp_path):
     assert "made in another process" in outputs[1]
 
 
+#: ``torch.compile`` as a fresh process's first use of normkit, after
+#: ``torch.set_num_threads(1)``.
+_COMPILE_FIRST_ONE_THREAD = """
+import torch, normkit.torch as nkt
+torch.set_num_threads(1)
+layer = nkt.GroupNorm(2, 4)
+x = torch.randn(2, 4, 3)
+y = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+torch.testing.assert_close(y, torch.nn.functional.group_norm(x, 2))
+assert torch.get_num_threads() == 1, torch.get_num_threads()
+print("compiled")
+"""
+
+
+def test_compile_as_the_first_use_keeps_torch_threads():
+    """Numba's OpenMP pool shares torch's OpenMP runtime, and its start
+    set the runtime's thread count to Numba's: started inside the trace
+    (the layout's dry run), that made dynamo refuse it ("Global
+    num_threads state changed while dynamo tracing").  normkit starts the
+    pool keeping torch's count."""
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FIRST_ONE_THREAD],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "compiled"
+
+
 def test_fold_batch_norm():
     model = nkt.convert(_model()).eval()
     x, _ = _batch(4)

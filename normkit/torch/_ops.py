@@ -87,6 +87,7 @@ import math
 import numbers
 import weakref
 
+import numba
 import numpy as np
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -521,6 +522,7 @@ def _layout(entry, x, training):
             value = getattr(entry.scheme, name)
             state[name] = value if isinstance(value, int) else np.array(value)
         scheme = _bind(entry, training, state, channels_last, rehearse=True)
+        _start_numba_threads()
         with _python_builtins():
             _, saved = scheme._forward(np.zeros(shape, dtype))
         layout = _pack(saved)[3]
@@ -532,10 +534,33 @@ def _layout(entry, x, training):
 # the operators
 # --------------------------------------------------------------------------
 
+#: Whether :func:`_start_numba_threads` has run.
+_NUMBA_STARTED = False
+
+
+def _start_numba_threads():
+    """Start Numba's thread pool (once), keeping torch's thread count.
+
+    With Numba's OpenMP threading layer, Numba and torch's CPU build share
+    one OpenMP runtime, whose thread count the pool's start sets to
+    Numba's: where that start came inside a ``torch.compile`` trace (the
+    layout's dry run as a process's first normkit work) after
+    ``torch.set_num_threads(k)``, dynamo refused the trace ("Global
+    num_threads state changed while dynamo tracing")."""
+    global _NUMBA_STARTED
+    if not _NUMBA_STARTED:
+        threads = torch.get_num_threads()
+        numba.get_num_threads()   # starts the pool
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        _NUMBA_STARTED = True
+
+
 def _run_forward(entry, x, params, buffers, training):
     """``(y, scheme, saved)``: the forward of ``entry``'s scheme (bound to
     views of the tensors, returned) and its record; the scheme updates
     ``buffers`` in place."""
+    _start_numba_threads()
     channels_last = _channels_last(x, entry)
     if not channels_last and not x.is_contiguous():
         x = x.contiguous()
