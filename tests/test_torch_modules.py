@@ -547,6 +547,21 @@ def test_documented_differences_from_torch():
                                theirs(torch.ones(2, 4)) + ours.bias.detach())
 
 
+def test_torch_func_as_documented():
+    """README: ``torch.func.functional_call`` runs the modules; ``grad``
+    and ``vmap`` refuse them (torch 2.13's custom operators)."""
+    from torch.func import functional_call, grad, vmap
+    layer, reference = nkt.LayerNorm(5), nn.LayerNorm(5)
+    x = torch.randn(3, 5)
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+    torch.testing.assert_close(functional_call(layer, params, (x,)),
+                               functional_call(reference, params, (x,)))
+    with pytest.raises(RuntimeError, match="setup_context"):
+        grad(lambda p: functional_call(layer, p, (x,)).sum())(params)
+    with pytest.raises(RuntimeError, match="Batching rule"):
+        vmap(layer)(x[:, None])
+
+
 def test_import_normkit_does_not_import_torch():
     import subprocess
     import sys
