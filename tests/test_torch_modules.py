@@ -178,9 +178,8 @@ def _functional(layer, eager=False):
         copies = [b.clone() for b in buffers]
         if eager:
             return _ops.forward(x, list(p), copies, layer, layer.training)
-        return _ops.scheme_forward(x, list(p), copies,
-                                   layer._normkit_key.shape[1],
-                                   layer._signature, layer.training)[0]
+        return _ops.scheme_forward(x, list(p), copies, *layer._operator_key,
+                                   layer.training)[0]
     return f, params, buffers
 
 
@@ -208,8 +207,7 @@ def test_opcheck(name, training):
     x = (torch.randn(shape, dtype=torch.float64) * scale + loc).requires_grad_()
     torch.library.opcheck(_ops.scheme_forward,
                           (x, params, [b.clone() for b in buffers],
-                           layer._normkit_key.shape[1], layer._signature,
-                           training))
+                           *layer._operator_key, training))
 
 
 @pytest.mark.parametrize("key", sorted(LAYERS))

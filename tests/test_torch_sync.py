@@ -207,14 +207,13 @@ def test_opcheck_on_a_gloo_group(gloo_world_of_one, layout):
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fake = [mode.from_tensor(t) for t in [x] + params + buffers]
         out = _ops.scheme_forward(fake[0], fake[1:3], fake[3:],
-                                  sync._normkit_key.shape[1], sync._signature,
-                                  True)
+                                  *sync._operator_key, True)
     assert comm.count == 0                    # the dry run contacted no one
     assert out[3].shape == (3 + 1,)           # var and the global count
     torch.library.opcheck(_ops.scheme_forward,
                           (x.requires_grad_(), params,
                            [b.clone() for b in buffers],
-                           sync._normkit_key.shape[1], sync._signature, True))
+                           *sync._operator_key, True))
     assert comm.count > 0
     y = sync(x)
     assert float(sync.num_batches_tracked) == 1

@@ -156,11 +156,37 @@ _ENTRIES = weakref.WeakValueDictionary()
 _KEYS = itertools.count(2)
 
 
+#: Whether :func:`_start_numba_threads` has run.
+_NUMBA_STARTED = False
+
+
+def _start_numba_threads():
+    """Start Numba's thread pool (once), keeping torch's thread count.
+
+    With Numba's OpenMP threading layer, Numba and torch's CPU build share
+    one OpenMP runtime, whose thread count the pool's start sets to
+    Numba's: where that start came inside a ``torch.compile`` trace (the
+    layout's dry run as a process's first normkit work) after
+    ``torch.set_num_threads(k)``, dynamo refused the trace ("Global
+    num_threads state changed while dynamo tracing").  Every scheme the
+    operators run is registered first (:func:`register_scheme`), so the
+    pool starts there, outside any trace and off the per-call path."""
+    global _NUMBA_STARTED
+    if not _NUMBA_STARTED:
+        threads = torch.get_num_threads()
+        numba.get_num_threads()   # starts the pool
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        _NUMBA_STARTED = True
+
+
 def register_scheme(scheme, param_names, buffer_names):
     """Register ``scheme`` (a template whose settings every call copies) and
     return ``(key, entry)``: a number unique in this process, and the
     entry, which lives as long as the caller keeps it.  The operators take
-    the key and the entry's ``signature`` (:func:`scheme_signature`)."""
+    the key and the entry's ``signature`` (:func:`scheme_signature`).
+    Starts Numba's thread pool (:func:`_start_numba_threads`)."""
+    _start_numba_threads()
     entry = _Entry(scheme, param_names, buffer_names)
     key = next(_KEYS)
     _ENTRIES[key] = entry
@@ -522,7 +548,6 @@ def _layout(entry, x, training):
             value = getattr(entry.scheme, name)
             state[name] = value if isinstance(value, int) else np.array(value)
         scheme = _bind(entry, training, state, channels_last, rehearse=True)
-        _start_numba_threads()
         with _python_builtins():
             _, saved = scheme._forward(np.zeros(shape, dtype))
         layout = _pack(saved)[3]
@@ -534,33 +559,10 @@ def _layout(entry, x, training):
 # the operators
 # --------------------------------------------------------------------------
 
-#: Whether :func:`_start_numba_threads` has run.
-_NUMBA_STARTED = False
-
-
-def _start_numba_threads():
-    """Start Numba's thread pool (once), keeping torch's thread count.
-
-    With Numba's OpenMP threading layer, Numba and torch's CPU build share
-    one OpenMP runtime, whose thread count the pool's start sets to
-    Numba's: where that start came inside a ``torch.compile`` trace (the
-    layout's dry run as a process's first normkit work) after
-    ``torch.set_num_threads(k)``, dynamo refused the trace ("Global
-    num_threads state changed while dynamo tracing")."""
-    global _NUMBA_STARTED
-    if not _NUMBA_STARTED:
-        threads = torch.get_num_threads()
-        numba.get_num_threads()   # starts the pool
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-        _NUMBA_STARTED = True
-
-
 def _run_forward(entry, x, params, buffers, training):
     """``(y, scheme, saved)``: the forward of ``entry``'s scheme (bound to
     views of the tensors, returned) and its record; the scheme updates
     ``buffers`` in place."""
-    _start_numba_threads()
     channels_last = _channels_last(x, entry)
     if not channels_last and not x.is_contiguous():
         x = x.contiguous()
@@ -767,8 +769,9 @@ def forward(x, params, buffers, module, training):
     the module's entry, which skips their dispatch (see *Eager mode*
     above).
 
-    The operators take the module's ``_signature``, a constant of the
-    graph, and its key, the second size of its ``_normkit_key`` tensor,
+    The operators take the module's ``_operator_key``: its entry's
+    signature, a constant of the graph, and its key, the second size of
+    its ``_normkit_key`` tensor,
     which ``torch.compile`` reads as a symbol once a second module's key
     has come by: one graph then serves every module of one signature (the
     blocks of a model compiled one by one), not one per module.  The
@@ -788,8 +791,7 @@ def forward(x, params, buffers, module, training):
         return _Eager.apply(x, module._entry, training, len(params), *params,
                             *buffers)
     y, _, _, _, new = scheme_forward(x, params, buffers,
-                                     module._normkit_key.shape[1],
-                                     module._signature, training)
+                                     *module._operator_key, training)
     for buffer, value in zip(buffers, new):
         buffer.copy_(value.detach())
     return y

@@ -101,18 +101,21 @@ class SchemeModule(nn.Module):
         self.train(scheme.training)
 
     def _register(self, device=None):
-        """Register the scheme with the operators (``_entry``,
-        ``_signature``) and keep its key as the second size of the empty
-        tensor ``_normkit_key``, where ``torch.compile`` reads it as a
-        symbol after a second module's key (see
-        :func:`normkit.torch._ops.forward`).  Not a buffer: dynamo holds
-        the shapes of buffers static, and it stays out of the state_dict;
-        :meth:`_apply` moves it with the module."""
+        """Register the scheme with the operators (``_entry``) and keep its
+        key as the second size of the empty tensor ``_normkit_key``, where
+        ``torch.compile`` reads it as a symbol after a second module's key
+        (see :func:`normkit.torch._ops.forward`).  Not a buffer: dynamo
+        holds the shapes of buffers static, and it stays out of the
+        state_dict; :meth:`_apply` moves it with the module."""
         key, self._entry = register_scheme(self.scheme, self._param_names,
                                            self._buffer_names)
-        self._signature = self._entry.signature
         self._normkit_key = torch.empty((0, key), dtype=torch.uint8,
                                         device=device)
+
+    @property
+    def _operator_key(self):
+        """``(key, signature)``, as the operators take them."""
+        return self._normkit_key.shape[1], self._entry.signature
 
     # the scheme's settings (eps, momentum, rmax, ...) read and written
     # through the module, as torch's modules have them: every call reads them
