@@ -203,6 +203,15 @@ def test_blocks_compiled_one_by_one_share_a_graph():
     assert counters["stats"]["unique_graphs"] == 3
 
 
+def _run_script(script, *args, env=None):
+    """What ``script`` prints, run by a fresh Python with ``args``; its
+    error output when it fails."""
+    done = subprocess.run([sys.executable, "-c", script, *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 #: A training step of a compiled ``GroupNorm(argv[1], 4)``, checked
 #: against torch's; prints the inductor cache's hits.
 _COMPILED_GROUP_NORM = """
@@ -230,11 +239,8 @@ def test_inductor_cache_tells_schemes_apart(tmp_path):
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
 
     def cache_hits(groups):
-        done = subprocess.run([sys.executable, "-c", _COMPILED_GROUP_NORM,
-                               str(groups)], env=env, capture_output=True,
-                              text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return int(done.stdout.split()[-1])
+        out = _run_script(_COMPILED_GROUP_NORM, str(groups), env=env)
+        return int(out.split()[-1])
 
     assert cache_hits(1) == 0
     assert cache_hits(2) == 0
@@ -283,14 +289,8 @@ def test_export_as_the_first_use_of_numba(tmp_path):
     no ``set_grad_enabled`` region, which ``torch.export.load`` refused)
     and is refused, with the reason, in another."""
     path = str(tmp_path / "model.pt2")
-    outputs = []
-    for script in (_EXPORT_FIRST, _LOAD_ELSEWHERE):
-        done = subprocess.run([sys.executable, "-c", script, path],
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        outputs.append(done.stdout)
-    assert outputs[0].split()[-1] == "exported"
-    assert "made in another process" in outputs[1]
+    assert _run_script(_EXPORT_FIRST, path).split()[-1] == "exported"
+    assert "made in another process" in _run_script(_LOAD_ELSEWHERE, path)
 
 
 #: ``torch.compile`` as a fresh process's first use of normkit, after
@@ -313,10 +313,7 @@ def test_compile_as_the_first_use_keeps_torch_threads():
     (the layout's dry run), that made dynamo refuse it ("Global
     num_threads state changed while dynamo tracing").  normkit starts the
     pool keeping torch's count."""
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FIRST_ONE_THREAD],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split()[-1] == "compiled"
+    assert _run_script(_COMPILE_FIRST_ONE_THREAD).split()[-1] == "compiled"
 
 
 def test_fold_batch_norm():
