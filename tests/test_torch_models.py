@@ -7,7 +7,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+
+import normkit
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -15,6 +18,7 @@ nn = torch.nn
 import normkit.torch as nkt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
+from test_torch_modules import PositionNorm  # noqa: E402
 from torch_models import ResNet18  # noqa: E402
 
 N_NORMS = 20   # BatchNorm2d layers of ResNet-18
@@ -203,6 +207,116 @@ def test_blocks_compiled_one_by_one_share_a_graph():
     assert counters["stats"]["unique_graphs"] == 3
 
 
+class _EveryScheme(nn.Module):
+    """Every built-in layer whose record depends on the batch's size (or
+    the image's), and the plug-in ``PositionNorm``, on one input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norms = nn.Sequential(
+            nkt.BatchNorm2d(8), nkt.GroupNorm(2, 8),
+            nkt.InstanceNorm2d(8, affine=True), nkt.GhostBatchNorm(8, 2),
+            nkt.SchemeModule(PositionNorm()))
+        self.linear = nn.Linear(8, 4)
+        self.rows = nn.Sequential(nkt.LayerNorm(4), nkt.RMSNorm(4),
+                                  nkt.BatchNorm1d(4), nkt.BatchRenorm(4))
+
+    def forward(self, x):
+        h = self.norms(self.conv(x))
+        return self.rows(self.linear(h.mean((2, 3))))
+
+
+def _compiled_over_sizes(model, shapes, **options):
+    """``model`` compiled with ``options``, trained one step on an input of
+    each shape beside an eager copy, outputs, gradients and running
+    statistics compared; returns how many graphs dynamo made."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, **options)
+    for i, shape in enumerate(shapes):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(i))
+        y, want = compiled(x), eager(x)
+        torch.testing.assert_close(y, want)
+        y.square().sum().backward()
+        want.square().sum().backward()
+    for mine, theirs in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(mine.grad, theirs.grad)
+    for mine, theirs in zip(model.buffers(), eager.buffers()):
+        torch.testing.assert_close(mine, theirs)
+    return counters["stats"]["unique_graphs"]
+
+
+#: Batches of 2 to 6 (even: Ghost BatchNorm's ghost batches of 2) of
+#: images of 4 to 6 pixels a side.
+_SHAPES = [(2, 3, 5, 4), (4, 3, 4, 6), (6, 3, 6, 5), (4, 3, 5, 5)]
+
+
+@pytest.mark.parametrize("dynamic, graphs", [(True, 1), (None, 2)])
+def test_input_sizes_share_a_graph(dynamic, graphs):
+    """Batch and image sizes stay symbols under ``torch.compile``: with
+    ``dynamic=True`` one graph serves every size, and by default a second
+    one, with the sizes that changed as symbols, serves every later size,
+    as for torch's layers (the sizes of each record tensor are products of
+    the input's, found by dry runs, and the modules' keys tie to no
+    input's size).  Before, every new size made a graph."""
+    torch.manual_seed(0)
+    assert _compiled_over_sizes(_EveryScheme(), _SHAPES, dynamic=dynamic,
+                                backend="aot_eager") == graphs
+
+
+def test_input_sizes_share_an_inductor_graph():
+    """The same with inductor's code, which checks the size of every
+    tensor the operators return against the traced one.  (No convolution:
+    inductor's convolution backward specializes the image's size, for
+    torch's layers too.)"""
+    torch.manual_seed(0)
+    block = nn.Sequential(nkt.BatchNorm2d(3), nn.ReLU(), nkt.GroupNorm(3, 3))
+    assert _compiled_over_sizes(block, _SHAPES, dynamic=True) == 1
+
+
+def test_export_with_a_dynamic_batch():
+    """``torch.export`` with the batch's size a ``Dim``, in both modes: the
+    program runs every batch size (before, the size was specialized and
+    export refused the ``Dim``)."""
+    torch.manual_seed(0)
+    model = nkt.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4),
+                                      nn.GroupNorm(2, 4)))
+    batch = {"input": {0: torch.export.Dim("batch", min=2)}}
+    for strict in (False, True):
+        program = torch.export.export(model, (torch.randn(2, 3, 6, 6),),
+                                      dynamic_shapes=batch, strict=strict)
+        exported, reference = program.module(), copy.deepcopy(model)
+        for n in (3, 7):
+            x = torch.randn(n, 3, 6, 6)
+            torch.testing.assert_close(exported(x), reference(x))
+
+
+class _EdgeRecord(normkit.Normalizer):
+    """A plug-in whose record keeps ``N + 1`` values: not proportional to
+    the batch's size."""
+
+    def view(self, shape):
+        return normkit.View(1, shape[0], shape[1], 1, 1)
+
+    def _forward(self, x, out=None):
+        y, saved = super()._forward(x, out=out)
+        extras = {**saved.extras, "edges": np.arange(x.shape[0] + 1.0)}
+        return y, saved.replace(extras=extras)
+
+
+def test_disproportionate_record_specializes():
+    """A record size that no product of the input's sizes gives: that size
+    is specialized (a graph per batch size, each right)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nkt.SchemeModule(_EdgeRecord()))
+    shapes = [(2, 3), (3, 3), (5, 3)]
+    assert _compiled_over_sizes(model, shapes, dynamic=True,
+                                backend="aot_eager") == 3
+
+
 def _run_script(script, *args, env=None):
     """What ``script`` prints, run by a fresh Python with ``args``; its
     error output when it fails."""
@@ -213,10 +327,13 @@ def _run_script(script, *args, env=None):
 
 
 #: A training step of a compiled ``GroupNorm(argv[1], 4)``, checked
-#: against torch's; prints the inductor cache's hits.
+#: against torch's, under normkit version argv[2] if given; prints the
+#: inductor cache's hits.
 _COMPILED_GROUP_NORM = """
 import sys, torch, normkit.torch as nkt
 from torch._dynamo.utils import counters
+if len(sys.argv) > 2:  # as if another normkit version
+    nkt._ops.__version__ = sys.argv[2]
 layer = nkt.GroupNorm(int(sys.argv[1]), 4)
 x = torch.randn(2, 4, 3, 3, requires_grad=True)
 y = torch.compile(layer, fullgraph=True)(x)
@@ -235,16 +352,19 @@ def test_inductor_cache_tells_schemes_apart(tmp_path):
     earlier one, gets a graph of its own (it got the earlier one before
     the operators took the scheme's signature, its class and settings, and
     that graph's record shapes failed its checks); ``GroupNorm(1, 4)``
-    again is served from the cache."""
+    again is served from the cache, but not to another normkit version,
+    whose operators may pack the record otherwise (a graph cached before
+    the record's mean travelled flattened failed on its shape)."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
 
-    def cache_hits(groups):
-        out = _run_script(_COMPILED_GROUP_NORM, str(groups), env=env)
+    def cache_hits(*args):
+        out = _run_script(_COMPILED_GROUP_NORM, *map(str, args), env=env)
         return int(out.split()[-1])
 
     assert cache_hits(1) == 0
     assert cache_hits(2) == 0
     assert cache_hits(1) > 0
+    assert cache_hits(1, "0.0.1") == 0
 
 
 #: ``torch.export`` of a converted model as a fresh process's first use of

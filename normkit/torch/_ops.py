@@ -21,27 +21,33 @@ own choosing (``mean``, ``rstd``, Batch Renormalization's ``r`` and ``d``,
 ``var``, a plug-in's ``extras``) next to plain Python values (the view,
 flags, the gradient function).  The record is therefore split in two:
 
-- its arrays travel as tensors: ``mean`` and ``rstd`` as float64 tensors
-  of their own shape, every other array (``var``, ``r``, ``d`` and each
-  array in ``extras``, in that order) and every number in ``extras``
+- its arrays travel as flat float64 tensors: ``mean``, ``rstd``, and
+  ``aux``, every other array (``var``, ``r``, ``d`` and each array in
+  ``extras``, in that order) and every number in ``extras``
   (SyncBatchNorm's global ``count``, which depends on the other ranks'
-  batches, not on this one's shape) flattened and concatenated into one
-  float64 tensor ``aux``;
+  batches, not on this one's shape) concatenated;
 - the rest is a *layout*: the record with its arrays taken out, plus the
-  name, shape and dtype of each piece of ``aux``.  A scheme's layout must
-  depend only on its settings, the input's shape, dtype and memory layout
-  and the mode (true of every built-in; a plug-in whose record changes
-  shape with the data cannot run here), so it is cached per scheme under
-  that key by every forward.  The
-  fake implementation reads the shapes from it; when it is asked first
-  (``torch.compile`` tracing, ``opcheck``), it runs the scheme once on a
-  zero input of the same shape with copies of the buffers (nothing the
-  caller owns changes) to learn it.  That dry run contacts no other
+  shapes of ``mean`` and ``rstd`` and the name, shape and dtype of each
+  piece of ``aux``.  A scheme's layout must depend only on its settings,
+  the input's shape, dtype and memory layout and the mode (true of every
+  built-in; a plug-in whose record changes shape with the data cannot
+  run here), so it is cached per scheme under that key by every forward.
+  The fake implementation reads the three sizes from it; when it is asked
+  first (``torch.compile`` tracing, ``opcheck``), it runs the scheme once
+  on a zero input of the same shape with copies of the buffers (nothing
+  the caller owns changes) to learn it.  That dry run contacts no other
   process: a scheme setting that is a
   :class:`~normkit.distributed.Communicator` is replaced for it by a
   rehearsal of the same size whose collectives return placeholders of
   the right shape (a trace on one rank must not start a collective the
   others never join).
+
+Where the input's sizes are symbols (``torch.compile`` with dynamic
+shapes, ``torch.export`` with a ``Dim``), the sizes of the three tensors
+are products of those symbols, which dry runs at the symbols' hints and
+at each hint doubled find (:func:`_traced_sizes`), so that one graph
+serves every batch or image size; an input size that moves them in any
+other way is specialized, and torch traces again for another value.
 
 The backward joins the two again: the cached layout, the tensors saved by
 autograd, and NumPy views of the parameters as they are now.
@@ -90,9 +96,12 @@ import weakref
 import numba
 import numpy as np
 import torch
+from torch.fx.experimental.symbolic_shapes import (guard_int,
+                                                   is_concrete_int,
+                                                   optimization_hint)
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .. import backend
+from .. import __version__, backend
 from ..distributed import Communicator
 from ..schemes.base import Saved, backward_into, forward_into
 
@@ -151,9 +160,12 @@ class _Entry:
 
 
 _ENTRIES = weakref.WeakValueDictionary()
-#: Keys from 2: ``torch.compile`` never reads a size of 0 or 1 as a symbol
-#: (:func:`forward`).
-_KEYS = itertools.count(2)
+#: Keys from 2**32: ``torch.compile`` never reads a size of 0 or 1 as a
+#: symbol (:func:`forward`), and gives one symbol to sizes of the same
+#: value when it first meets them ("duck sizing"): a key equal to an
+#: input's size (a batch of 2 beside key 2) would tie the two, and a
+#: second batch size would trace again.  No input has a size this large.
+_KEYS = itertools.count(1 << 32)
 
 
 #: Whether :func:`_start_numba_threads` has run.
@@ -195,11 +207,13 @@ def register_scheme(scheme, param_names, buffer_names):
 
 def scheme_signature(scheme):
     """``scheme``'s class and settings as text, the same in every process
-    for the same settings: ``module.Class(name=value, ...)``, arrays by
-    shape and dtype.  The layout of its record depends on nothing else but
-    the input (see *How the Saved record crosses*); a setting whose
-    ``repr`` holds an address only makes the text differ between
-    processes."""
+    for the same settings and normkit version: ``normkit <version>:
+    module.Class(name=value, ...)``, arrays by shape and dtype.  The
+    layout of its record depends on nothing else but the input (see *How
+    the Saved record crosses*); the version keeps inductor's on-disk cache
+    from serving a graph made by another normkit, whose operators may
+    pack the record otherwise.  A setting whose ``repr`` holds an address
+    only makes the text differ between processes."""
     cls = type(scheme)
     settings = []
     for name, value in sorted(vars(scheme).items()):
@@ -208,7 +222,8 @@ def scheme_signature(scheme):
         elif not (name.startswith("_") or name in ("training", "grads")
                   or (name in scheme.state_names and value is not None)):
             settings.append(f"{name}={value!r}")  # not a counter's value
-    return f"{cls.__module__}.{cls.__qualname__}({', '.join(settings)})"
+    return (f"normkit {__version__}: {cls.__module__}.{cls.__qualname__}"
+            f"({', '.join(settings)})")
 
 
 def _traced_entry(key, signature):
@@ -295,10 +310,10 @@ def _inverse_perm(ndim):
     return (0, ndim - 1) + tuple(range(1, ndim - 1))
 
 
-def _kernel_shape(x, channels_last):
-    """The shape of the array the kernels see for ``x``: its own, or the
-    (N, spatial..., C) permutation's."""
-    shape = tuple(int(s) for s in x.shape)
+def _kernel_shape(shape, channels_last):
+    """The shape of the array the kernels see for an input of ``shape``:
+    that one, or the (N, spatial..., C) permutation's."""
+    shape = tuple(int(s) for s in shape)
     if channels_last:
         shape = tuple(shape[i] for i in _perm(len(shape)))
     return shape
@@ -330,7 +345,7 @@ def _host_empty(like, channels_last, dtype):
     allocated: NumPy asks the kernel for huge pages for arrays of 4 MiB
     and more, and torch's CPU allocator does not (see *Memory and
     streams* above)."""
-    shape = _kernel_shape(like, channels_last)
+    shape = _kernel_shape(like.shape, channels_last)
     if dtype == torch.bfloat16:  # torch takes no NumPy bfloat16: its bits
         t = torch.from_numpy(np.empty(shape, np.int16)).view(dtype)
     else:
@@ -433,10 +448,12 @@ def _state(entry, params, buffers):
 # the Saved record as tensors
 # --------------------------------------------------------------------------
 
-def _layout_key(x, training, entry):
-    return (tuple(int(s) for s in x.shape), str(x.dtype),
-            _channels_last(x, entry),
-            x.device.type, bool(training))
+def _layout_key(x, training, entry, shape=None):
+    """What a record's layout depends on: ``shape`` (default ``x``'s, as
+    ints), ``x``'s dtype, memory layout and device, and the mode."""
+    shape = tuple(int(s) for s in (x.shape if shape is None else shape))
+    return (shape, x.dtype, _channels_last(x, entry), x.device.type,
+            bool(training))
 
 
 def _host64(a):
@@ -503,7 +520,8 @@ def _unpack(layout, mean, rstd, aux, weight):
         offset += size
         (fields if kind == "field" else extras)[name] = value
     return layout["skeleton"].replace(
-        mean=place(host(mean), np.float64), rstd=place(host(rstd), np.float64),
+        mean=place(host(mean).reshape(layout["mean"]), np.float64),
+        rstd=place(host(rstd).reshape(layout["rstd"]), np.float64),
         weight=weight, extras=extras, **fields)
 
 
@@ -532,15 +550,16 @@ def _python_builtins():
             setattr(module, name, value)
 
 
-def _layout(entry, x, training):
-    """The cached layout for ``x``; computed by a dry run on zeros with
-    copies of the buffers when no forward of this kind has run yet."""
-    key = _layout_key(x, training, entry)
+def _layout(entry, x, training, shape=None):
+    """The cached layout for ``x`` (or for an input like ``x`` of
+    ``shape``); computed by a dry run on zeros with copies of the buffers
+    when no forward of this kind has run yet."""
+    key = _layout_key(x, training, entry, shape)
     layout = entry.layouts.get(key)
     if layout is None:
-        channels_last = _channels_last(x, entry)
-        shape = _kernel_shape(x, channels_last)
-        dtype = _NUMPY_DTYPES[x.dtype]
+        channels_last = key[2]
+        zeros = np.zeros(_kernel_shape(key[0], channels_last),
+                         _NUMPY_DTYPES[x.dtype])
         state = {}
         for name in entry.param_names:
             state[name] = np.ones(np.shape(getattr(entry.scheme, name)))
@@ -549,10 +568,60 @@ def _layout(entry, x, training):
             state[name] = value if isinstance(value, int) else np.array(value)
         scheme = _bind(entry, training, state, channels_last, rehearse=True)
         with _python_builtins():
-            _, saved = scheme._forward(np.zeros(shape, dtype))
+            _, saved = scheme._forward(zeros)
         layout = _pack(saved)[3]
         entry.layouts[key] = layout
     return layout
+
+
+def _record_sizes(layout):
+    """The sizes of the record's tensors ``(mean, rstd, aux)`` (each
+    flattened) for ``layout``."""
+    return (math.prod(layout["mean"]), math.prod(layout["rstd"]),
+            sum(math.prod(shape) for _, shape, _ in layout["aux"]))
+
+
+def _traced_sizes(entry, x, training):
+    """:func:`_record_sizes` for a traced input ``x``, whose sizes may be
+    symbols (``torch.compile`` with dynamic shapes).
+
+    A record size proportional to some of the input's symbolic sizes (a
+    mean per sample, per ghost batch or per channel: every built-in's) is
+    returned as their product with a constant, so that one graph serves
+    every value of those sizes.  Which sizes it is proportional to, dry
+    runs tell: one at the symbols' hints, then one with each symbol's hint
+    doubled in turn (the record size doubles, or stays).  An input size
+    that moves a record size in any other way, or whose doubled dry run
+    fails (a channel count must match the parameters), is specialized to
+    its hint: torch guards on it and traces again for another value.
+    """
+    shape = tuple(x.shape)
+    if all(is_concrete_int(size) for size in shape):
+        return _record_sizes(_layout(entry, x, training))
+    hints = tuple(optimization_hint(size) for size in shape)
+    base = _record_sizes(_layout(entry, x, training, hints))
+    constants, factors = list(base), [[] for _ in base]
+    for axis, size in enumerate(shape):
+        if is_concrete_int(size):
+            continue
+        hint = hints[axis]
+        try:
+            doubled = _record_sizes(_layout(
+                entry, x, training,
+                hints[:axis] + (2 * hint,) + hints[axis + 1:]))
+        except Exception:  # whatever the scheme refuses: not proportional
+            doubled = None
+        if doubled is None or not all(
+                new == old or (new == 2 * old and constant % hint == 0)
+                for old, new, constant in zip(base, doubled, constants)):
+            guard_int(size)
+            continue
+        for i, (old, new) in enumerate(zip(base, doubled)):
+            if new != old:
+                constants[i] //= hint
+                factors[i].append(size)
+    return tuple(math.prod(symbols, start=constant)
+                 for constant, symbols in zip(constants, factors))
 
 
 # --------------------------------------------------------------------------
@@ -603,8 +672,8 @@ def _scheme_forward(x: torch.Tensor, params: list[torch.Tensor],
     with _torch_stream(x):
         mean, rstd, aux, layout = _pack(saved)
     entry.layouts[_layout_key(x, training, entry)] = layout
-    stats = [torch.from_numpy(np.array(a, np.float64)).to(x.device)
-             for a in (mean, rstd, aux)]
+    stats = [torch.from_numpy(np.array(a, np.float64).reshape(-1)).to(
+        x.device) for a in (mean, rstd, aux)]
     return (y, *stats, buffers)
 
 
@@ -615,11 +684,9 @@ scheme_forward = torch.library.custom_op(
 @scheme_forward.register_fake
 def _(x, params, buffers, key, signature, training):
     entry = _traced_entry(key, signature)
-    layout = _layout(entry, x, training)
-    size = sum(math.prod(shape) for _, shape, _ in layout["aux"])
-    new = lambda shape: x.new_empty(shape, dtype=torch.float64)  # noqa: E731
-    return (_empty_like_input(x, entry), new(layout["mean"]),
-            new(layout["rstd"]), new((size,)),
+    stats = [x.new_empty((size,), dtype=torch.float64)
+             for size in _traced_sizes(entry, x, training)]
+    return (_empty_like_input(x, entry), *stats,
             [torch.empty_like(b) for b in buffers])
 
 
