@@ -545,19 +545,96 @@ def test_documented_differences_from_torch():
                                theirs(torch.ones(2, 4)) + ours.bias.detach())
 
 
-def test_torch_func_as_documented():
-    """README: ``torch.func.functional_call`` runs the modules; ``grad``
-    and ``vmap`` refuse them (torch 2.13's custom operators)."""
-    from torch.func import functional_call, grad, vmap
-    layer, reference = nkt.LayerNorm(5), nn.LayerNorm(5)
-    x = torch.randn(3, 5)
+_PER_SAMPLE = {
+    "layer_norm": (lambda: nkt.LayerNorm(5), lambda: nn.LayerNorm(5),
+                   (3, 5)),
+    "group_norm": (lambda: nkt.GroupNorm(2, 4), lambda: nn.GroupNorm(2, 4),
+                   (3, 4, 6)),
+    "instance_norm": (lambda: nkt.InstanceNorm1d(4, affine=True),
+                      lambda: nn.InstanceNorm1d(4, affine=True), (3, 4, 6)),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(_PER_SAMPLE))
+def test_torch_func_transforms_match_torch(variant):
+    """``torch.func``'s ``grad``, ``jacrev``, ``vmap`` and per-sample
+    gradients (``vmap(grad(...))``) of the modules give torch's layers'
+    results (before, every transform refused the custom operators)."""
+    from torch.func import functional_call, grad, jacrev, vmap
+    make, make_torch, shape = _PER_SAMPLE[variant]
+    layer, reference = make(), make_torch()
+    x = torch.randn(shape)
+    params = {name: p.detach() + 0.1 * torch.randn_like(p)
+              for name, p in layer.named_parameters()}
+
+    def both(transform):
+        return [transform(lambda p, x: functional_call(m, p, (x,)))
+                for m in (layer, reference)]
+
+    def loss(f):
+        return lambda p, x: f(p, x).square().sum()
+
+    ours, theirs = both(lambda f: grad(loss(f), argnums=(0, 1))(params, x))
+    torch.testing.assert_close(ours, theirs)
+    ours, theirs = both(lambda f: jacrev(f, argnums=1)(params, x))
+    torch.testing.assert_close(ours, theirs)
+    ours, theirs = both(lambda f: vmap(
+        grad(lambda p, xi: loss(f)(p, xi[None])), in_dims=(None, 0))(
+            params, x))
+    torch.testing.assert_close(ours, theirs)
+    ours, theirs = both(lambda f: vmap(f, in_dims=(None, 0))(params,
+                                                             x[:, None]))
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_torch_func_and_running_statistics():
+    """As for torch's BatchNorm: under ``grad`` the running statistics
+    update when passed in and are refused as captured tensors (but read in
+    eval mode); ``vmap`` maps them when they are mapped, leaves them in
+    eval mode and refuses an update of unmapped ones (nothing written); no
+    forward mode, no second derivative."""
+    from torch.func import functional_call, grad, jacfwd, vmap
+    layer, reference = nkt.BatchNorm1d(4), nn.BatchNorm1d(4)
+    x = torch.randn(3, 4, 6)
     params = {name: p.detach() for name, p in layer.named_parameters()}
-    torch.testing.assert_close(functional_call(layer, params, (x,)),
-                               functional_call(reference, params, (x,)))
-    with pytest.raises(RuntimeError, match="setup_context"):
-        grad(lambda p: functional_call(layer, p, (x,)).sum())(params)
-    with pytest.raises(RuntimeError, match="Batching rule"):
+
+    def step(module, buffers, x):
+        return functional_call(module, {**params, **buffers}, (x,))
+
+    def buffers():
+        return {name: b.clone() for name, b in layer.named_buffers()}
+
+    mine, theirs = buffers(), buffers()
+    torch.testing.assert_close(
+        grad(lambda b, x: step(layer, b, x).square().sum(), argnums=1)(
+            mine, x),
+        grad(lambda b, x: step(reference, b, x).square().sum(), argnums=1)(
+            theirs, x))
+    torch.testing.assert_close(mine, theirs)
+    assert int(mine["num_batches_tracked"]) == 1
+    with pytest.raises(RuntimeError, match="mutate a captured"):
+        grad(lambda x: layer(x).sum())(x)
+    mapped = {name: torch.stack([b] * 3) for name, b in buffers().items()}
+    theirs = {name: b.clone() for name, b in mapped.items()}
+    torch.testing.assert_close(
+        vmap(lambda b, xi: step(layer, b, xi[None]))(mapped, x),
+        vmap(lambda b, xi: step(reference, b, xi[None]))(theirs, x))
+    torch.testing.assert_close(mapped, theirs)
+    before = buffers()
+    with pytest.raises(RuntimeError, match="not mapped"):
         vmap(layer)(x[:, None])
+    torch.testing.assert_close(buffers(), before)
+    layer.eval()
+    reference.load_state_dict(layer.state_dict())
+    reference.eval()
+    torch.testing.assert_close(vmap(layer)(x[:, None]),
+                               vmap(reference)(x[:, None]))
+    torch.testing.assert_close(grad(lambda x: layer(x).square().sum())(x),
+                               grad(lambda x: reference(x).square().sum())(x))
+    with pytest.raises(NotImplementedError, match="jvp"):
+        jacfwd(layer)(x)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        grad(lambda x: grad(lambda x: layer(x).pow(3).sum())(x).sum())(x)
 
 
 def test_import_normkit_does_not_import_torch():

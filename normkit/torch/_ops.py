@@ -66,6 +66,17 @@ the same forward and backward as one ``torch.autograd.Function``
 scheme and its record stay on the autograd context for the backward.
 Results are the same bit for bit; a second derivative raises either way.
 
+torch.func transforms
+---------------------
+torch 2.13 runs a custom operator's autograd formula as an
+``autograd.Function`` without ``setup_context``, which ``grad`` and
+``jacrev`` refuse, and has no ``vmap`` rule for it.  Under a transform
+(outside any trace or dispatch mode) :func:`forward` therefore runs
+:class:`_Transformed`, the operators' work (functional, as theirs) as an
+``autograd.Function`` the transforms accept, whose backward is another
+(:class:`_TransformedBackward`) and whose ``vmap`` rules run the scheme
+once per slice.
+
 Memory and streams
 ------------------
 The tensors the operators return (``y``, ``dx``), in the input's memory
@@ -803,6 +814,131 @@ class _Eager(torch.autograd.Function):
                 *[None] * (len(ctx.needs_input_grad) - 4 - len(params)))
 
 
+# --------------------------------------------------------------------------
+# torch.func transforms
+# --------------------------------------------------------------------------
+
+def _slice(t, dim, i):
+    """Slice ``i`` of ``t`` along its vmapped ``dim`` (``t`` itself for
+    ``dim`` None): a view, so a scheme writing a buffer's slice writes the
+    buffer."""
+    return t if dim is None else t.select(dim, i)
+
+
+class _PerSlice(list):
+    """What :class:`_Transformed`'s ``vmap`` rule returns for the record:
+    one entry per slice (a ``(scheme, record)`` pair, or another
+    ``_PerSlice`` under nested vmaps)."""
+
+
+def _record_of(records, i):
+    """The record of slice ``i``: its own entry of a :class:`_PerSlice`,
+    or the one record of a forward that was not mapped."""
+    return records[i] if isinstance(records, _PerSlice) else records
+
+
+class _Transformed(torch.autograd.Function):
+    """The operators' work as a ``torch.autograd.Function`` that the
+    ``torch.func`` transforms accept (a separate ``setup_context``, a
+    ``vmap`` rule), for :func:`forward` under a transform.  Functional as
+    the operators are: the forward returns ``y``, its ``(scheme, record)``
+    pair (a :class:`_PerSlice` of them under ``vmap``) and the updated
+    copies of the buffers (None for a buffer left as it was, as in eval
+    mode), which :func:`forward` copies back with torch's own ``copy_``,
+    so the transforms treat that update as they treat torch's layers'
+    (refused into a tensor the function captured, under ``grad`` as under
+    ``vmap``).  The backward is
+    :class:`_TransformedBackward`, so that it too runs under the
+    transforms.  ``vmap`` runs the scheme once per slice of the mapped
+    dimension: each slice is normalized on its own, as ``vmap`` means;
+    in training, buffers the scheme updates must be mapped too (one set
+    per slice), or ``vmap`` raises, as for torch's layers.  ``state`` is
+    the parameters, then the buffers."""
+
+    @staticmethod
+    def forward(x, entry, training, n_params, *state):
+        buffers = [b.clone() for b in state[n_params:]]
+        y, scheme, record = _run_forward(entry, x, state[:n_params], buffers,
+                                         training)
+        return (y, (scheme, record),
+                *[None if torch.equal(new, old) else new
+                  for new, old in zip(buffers, state[n_params:])])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, entry, _training, n_params, *state = inputs
+        ctx.save_for_backward(x, *state[:n_params])
+        ctx.mark_non_differentiable(*[t for t in output[2:]
+                                      if t is not None])
+        ctx.entry, ctx.record = entry, output[1]
+        ctx.n_buffers = len(state) - n_params
+
+    @staticmethod
+    def backward(ctx, dy, _record, *_buffers):
+        x, *params = ctx.saved_tensors
+        grads = _TransformedBackward.apply(dy, x, ctx.entry, ctx.record,
+                                           *params)
+        return (grads[0], None, None, None, *grads[1:],
+                *[None] * ctx.n_buffers)
+
+    @staticmethod
+    def vmap(info, in_dims, x, entry, training, n_params, *state):
+        slices = [_Transformed.apply(
+            _slice(x, in_dims[0], i), entry, training, n_params,
+            *[_slice(t, d, i) for t, d in zip(state, in_dims[4:])])
+            for i in range(info.batch_size)]
+        ys, records, *updated = zip(*slices)
+        buffers, buffer_dims = [], []
+        for old, dim, new in zip(state[n_params:], in_dims[4 + n_params:],
+                                 updated):
+            if all(t is None for t in new):
+                buffers.append(None)     # left alone (eval)
+                buffer_dims.append(None)
+            elif dim is None:
+                raise RuntimeError(
+                    f"{entry.scheme.label}: vmap would update its running "
+                    f"statistics once per slice, and they are not mapped: "
+                    f"map them too (one set per slice), or use eval() or "
+                    f"track_running_stats=False")
+            else:
+                buffers.append(torch.stack([
+                    _slice(old, dim, i) if t is None else t
+                    for i, t in enumerate(new)]))
+                buffer_dims.append(0)
+        return ((torch.stack(ys), _PerSlice(records), *buffers),
+                (0, None, *buffer_dims))
+
+
+class _TransformedBackward(torch.autograd.Function):
+    """``[dx, *dparams]`` of :class:`_Transformed`'s forward from its
+    ``(scheme, record)`` pairs; per slice under ``vmap`` (the per-sample
+    gradients of ``vmap(grad(...))``).  No second derivative."""
+
+    @staticmethod
+    def forward(dy, x, entry, record, *params):
+        return tuple(_run_backward(entry, dy, x, params,
+                                   lambda channels_last: record))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.label = inputs[2].scheme.label
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{ctx.label}: normkit computes no second "
+                           f"derivative")
+
+    @staticmethod
+    def vmap(info, in_dims, dy, x, entry, record, *params):
+        grads = [_TransformedBackward.apply(
+            _slice(dy, in_dims[0], i), _slice(x, in_dims[1], i), entry,
+            _record_of(record, i),
+            *[_slice(t, d, i) for t, d in zip(params, in_dims[4:])])
+            for i in range(info.batch_size)]
+        return (tuple(torch.stack(each) for each in zip(*grads)),
+                (0,) * len(grads[0]))
+
+
 #: Tensor types run eagerly by :func:`forward` (no subclass: a fake,
 #: functional or distributed tensor goes through the operators).
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -827,14 +963,23 @@ def _eager(tensors):
             and torch._C._functorch.peek_interpreter_stack() is None)
 
 
+def _transformed():
+    """Whether a ``torch.func`` transform is active outside any trace or
+    dispatch mode (:class:`_Transformed` then runs the scheme)."""
+    return (not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None
+            and torch._C._functorch.peek_interpreter_stack() is not None)
+
+
 def forward(x, params, buffers, module, training):
     """The output of ``scheme_forward(x, params, buffers, key, signature,
     training)`` for ``module`` (a :class:`~normkit.torch.SchemeModule`),
     with its autograd, and the buffers updated: through the operators when
-    tracing, under a dispatch mode or transform, or for tensor subclasses
-    (the new buffers copied in); otherwise through :class:`_Eager` with
-    the module's entry, which skips their dispatch (see *Eager mode*
-    above).
+    tracing, under a dispatch mode, or for tensor subclasses, and through
+    :class:`_Transformed` under a ``torch.func`` transform (the new
+    buffers copied in, see *torch.func transforms* above); otherwise
+    through :class:`_Eager` with the module's entry, which skips the
+    operators' dispatch (see *Eager mode* above).
 
     The operators take the module's ``_operator_key``: its entry's
     signature, a constant of the graph, and its key, the second size of
@@ -857,8 +1002,13 @@ def forward(x, params, buffers, module, training):
             torch.autograd.graph.increment_version(buffer)
         return _Eager.apply(x, module._entry, training, len(params), *params,
                             *buffers)
-    y, _, _, _, new = scheme_forward(x, params, buffers,
-                                     *module._operator_key, training)
+    if _transformed():
+        y, _, *new = _Transformed.apply(x, module._entry, training,
+                                        len(params), *params, *buffers)
+    else:
+        y, _, _, _, new = scheme_forward(x, params, buffers,
+                                         *module._operator_key, training)
     for buffer, value in zip(buffers, new):
-        buffer.copy_(value.detach())
+        if value is not None:  # None: left alone under a transform
+            buffer.copy_(value.detach())
     return y
