@@ -294,6 +294,21 @@ def test_export_with_a_dynamic_batch():
             torch.testing.assert_close(exported(x), reference(x))
 
 
+def test_data_dependent_batch_compiles():
+    """Rows picked by a mask make a batch whose size the data decides (an
+    unbacked symbol, with no hint): the dry runs take torch's stand-in
+    for it, and the graph runs right (before, the trace failed: "Could
+    not extract specialized integer from data-dependent expression")."""
+    layer = nkt.LayerNorm(4)
+
+    def picked(x):
+        return layer(x[x[:, 0] > 0])
+
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(picked, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), picked(x))
+
+
 class _EdgeRecord(normkit.Normalizer):
     """A plug-in whose record keeps ``N + 1`` values: not proportional to
     the batch's size."""
