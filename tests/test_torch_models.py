@@ -451,6 +451,30 @@ def test_compile_as_the_first_use_keeps_torch_threads():
     assert _run_script(_COMPILE_FIRST_ONE_THREAD).split()[-1] == "compiled"
 
 
+#: normkit's NumPy API as a fresh process's first normkit work, after
+#: ``torch.set_num_threads(1)``: argv[1] names the call.
+_NUMPY_FIRST_ONE_THREAD = """
+import sys, numpy as np, torch
+torch.set_num_threads(1)
+assert torch.get_num_threads() == 1
+import normkit
+x = np.random.default_rng(0).standard_normal((8, 4, 6, 6)).astype(np.float32)
+if sys.argv[1] == "batch_norm":
+    y, saved = normkit.batch_norm(x, return_saved=True)
+    normkit.batch_norm_backward(np.ones_like(y), x, saved)
+else:
+    normkit.LayerNorm((6,))(x)
+print(torch.get_num_threads())
+"""
+
+
+@pytest.mark.parametrize("call", ["batch_norm", "LayerNorm"])
+def test_numpy_api_as_the_first_use_keeps_torch_threads(call):
+    """The same for normkit's NumPy API, as its first kernel's work plan
+    starts the pool (before, torch ran on 2 threads after it)."""
+    assert _run_script(_NUMPY_FIRST_ONE_THREAD, call).split()[-1] == "1"
+
+
 def test_fold_batch_norm():
     model = nkt.convert(_model()).eval()
     x, _ = _batch(4)

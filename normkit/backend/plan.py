@@ -10,11 +10,13 @@ configuration gives the same bits on every run.
 
 from dataclasses import dataclass
 import functools
+import sys
 from typing import NamedTuple
 
 import numba
 
-__all__ = ["Plan", "make_plan", "reduction_plan", "affine_partials_fit",
+__all__ = ["Plan", "make_plan", "reduction_plan", "thread_count",
+           "affine_partials_fit",
            "disjoint_columns", "column_sums",
            "Grid", "Settings", "SETTINGS", "grid_for", "split_reduced",
            "MIN_ITEM_ELEMENTS", "ITEMS_PER_THREAD", "FUSED_ELEMENTS",
@@ -104,9 +106,39 @@ class Plan(NamedTuple):
         return self.n_chunks == 1
 
 
+#: Whether :func:`thread_count` has started Numba's thread pool.
+_POOL_STARTED = False
+
+
+def thread_count():
+    """Numba's thread count; the first call starts Numba's thread pool
+    keeping the thread count of torch, when torch is imported.
+
+    With Numba's OpenMP threading layer, Numba and torch's CPU build share
+    one OpenMP runtime, and the pool's start sets the runtime's thread
+    count to Numba's: a ``torch.set_num_threads(k)`` made before normkit's
+    first kernel would be undone (torch then runs on every core, as many
+    processes side by side oversubscribe them).  The kernels' work plans
+    read the count here, before any kernel runs.
+
+    Returns
+    -------
+    int
+    """
+    global _POOL_STARTED
+    if not _POOL_STARTED:
+        torch = sys.modules.get("torch")
+        kept = None if torch is None else torch.get_num_threads()
+        numba.get_num_threads()   # starts the pool
+        if kept is not None and torch.get_num_threads() != kept:
+            torch.set_num_threads(kept)
+        _POOL_STARTED = True
+    return numba.get_num_threads()
+
+
 def make_plan(view, n_threads=None):
     """Split the work of ``view`` into items for ``n_threads`` (default:
-    Numba's thread count).
+    Numba's, :func:`thread_count`).
 
     Items holding whole groups are preferred, so that the statistics and the
     normalization of a group happen while it is in cache: blocks of ``p``,
@@ -119,7 +151,7 @@ def make_plan(view, n_threads=None):
     columns contiguous).  Partials are merged in a fixed order, so results
     depend only on the shape and the thread count.
     """
-    return _plan(view, numba.get_num_threads() if n_threads is None else n_threads)
+    return _plan(view, thread_count() if n_threads is None else n_threads)
 
 
 def affine_partials_fit(plan, view):
@@ -153,7 +185,7 @@ def reduction_plan(view, n_threads=None):
     into the final sums directly (the chunks are disjoint), so that no
     partial of the input's width exists.
     """
-    n_threads = numba.get_num_threads() if n_threads is None else n_threads
+    n_threads = thread_count() if n_threads is None else n_threads
     plan = _plan(view, n_threads)
     P, A, K, J, B = view.dims
     if (affine_partials_fit(plan, view) or B != 1 or K != 1

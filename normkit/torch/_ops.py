@@ -104,7 +104,6 @@ import math
 import numbers
 import weakref
 
-import numba
 import numpy as np
 import torch
 from torch.fx.experimental.symbolic_shapes import (guard_int,
@@ -113,6 +112,7 @@ from torch.fx.experimental.symbolic_shapes import (guard_int,
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import __version__, backend
+from ..backend.plan import thread_count
 from ..distributed import Communicator
 from ..schemes.base import Saved, backward_into, forward_into
 
@@ -179,37 +179,20 @@ _ENTRIES = weakref.WeakValueDictionary()
 _KEYS = itertools.count(1 << 32)
 
 
-#: Whether :func:`_start_numba_threads` has run.
-_NUMBA_STARTED = False
-
-
-def _start_numba_threads():
-    """Start Numba's thread pool (once), keeping torch's thread count.
-
-    With Numba's OpenMP threading layer, Numba and torch's CPU build share
-    one OpenMP runtime, whose thread count the pool's start sets to
-    Numba's: where that start came inside a ``torch.compile`` trace (the
-    layout's dry run as a process's first normkit work) after
-    ``torch.set_num_threads(k)``, dynamo refused the trace ("Global
-    num_threads state changed while dynamo tracing").  Every scheme the
-    operators run is registered first (:func:`register_scheme`), so the
-    pool starts there, outside any trace and off the per-call path."""
-    global _NUMBA_STARTED
-    if not _NUMBA_STARTED:
-        threads = torch.get_num_threads()
-        numba.get_num_threads()   # starts the pool
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-        _NUMBA_STARTED = True
-
-
 def register_scheme(scheme, param_names, buffer_names):
     """Register ``scheme`` (a template whose settings every call copies) and
     return ``(key, entry)``: a number unique in this process, and the
     entry, which lives as long as the caller keeps it.  The operators take
     the key and the entry's ``signature`` (:func:`scheme_signature`).
-    Starts Numba's thread pool (:func:`_start_numba_threads`)."""
-    _start_numba_threads()
+    Starts Numba's thread pool keeping torch's thread count
+    (:func:`~normkit.backend.plan.thread_count`): where the pool started
+    inside a ``torch.compile`` trace (the layout's dry run as a process's
+    first normkit work) after ``torch.set_num_threads(k)``, its change of
+    the shared OpenMP runtime's count made dynamo refuse the trace
+    ("Global num_threads state changed while dynamo tracing"); every
+    scheme the operators run is registered here first, outside any trace
+    and off the per-call path."""
+    thread_count()
     entry = _Entry(scheme, param_names, buffer_names)
     key = next(_KEYS)
     _ENTRIES[key] = entry
