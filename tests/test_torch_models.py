@@ -88,11 +88,11 @@ def test_sgd_steps_match(dtype, steps, tol):
     step: multiplying torch's own float32 parameters by ``1 + 6e-8 * noise``
     (about one rounding) moved its third loss by up to 3.8e-2 (12 tries)
     and its parameters after two steps by up to 2.2 times this tolerance,
-    while after one step they stayed within a hundredth of it (40 tries).  Which rounding
-    a float32 run lands on also differs between a kernel that Numba has
-    just compiled and the same kernel loaded from its cache (Numba issue
-    10617), so three float32 steps passed or failed by which test process
-    compiled the kernels first."""
+    while after one step they stayed within a hundredth of it (40 tries).
+    Which rounding a float32 run lands on also differs between a kernel
+    that Numba has just compiled and the same kernel loaded from its cache
+    (Numba issue 10617), so three float32 steps passed or failed by which
+    test process compiled the kernels first."""
     theirs = _model().train().to(dtype)
     ours = nkt.convert(copy.deepcopy(theirs))
     x, labels = _batch(1, n=8)

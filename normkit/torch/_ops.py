@@ -927,31 +927,27 @@ class _TransformedBackward(torch.autograd.Function):
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _eager(tensors):
-    """Whether :func:`forward` may skip the operators: plain CPU or CUDA
-    tensors made outside inference mode, no
-    ``torch.compile``/``torch.export`` trace, no dispatch mode
-    (fake tensors, functionalization, debugging modes) and no
-    ``torch.func`` transform active."""
-    if torch.compiler.is_compiling():
-        return False
+def _route(tensors):
+    """How :func:`forward` runs: :class:`_Eager` (``"eager"``) for plain
+    CPU or CUDA tensors made outside inference mode, with no
+    ``torch.compile``/``torch.export`` trace, no dispatch mode (fake
+    tensors, functionalization, debugging modes) and no ``torch.func``
+    transform active; :class:`_Transformed` (``"transformed"``) under a
+    transform outside any trace or dispatch mode; the operators
+    (``"operators"``) otherwise."""
+    if (torch.compiler.is_compiling()
+            or _get_current_dispatch_mode() is not None):
+        return "operators"
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "transformed"
     for t in tensors:
         # inference tensors too: torch refuses to change one outside
         # inference mode, which the operators' copy back tells before any
         # buffer is written, and the views would not
         if (type(t) not in _PLAIN or t.device.type not in ("cpu", "cuda")
                 or t.is_inference()):
-            return False
-    return (_get_current_dispatch_mode() is None
-            and torch._C._functorch.peek_interpreter_stack() is None)
-
-
-def _transformed():
-    """Whether a ``torch.func`` transform is active outside any trace or
-    dispatch mode (:class:`_Transformed` then runs the scheme)."""
-    return (not torch.compiler.is_compiling()
-            and _get_current_dispatch_mode() is None
-            and torch._C._functorch.peek_interpreter_stack() is not None)
+            return "operators"
+    return "eager"
 
 
 def forward(x, params, buffers, module, training):
@@ -978,14 +974,15 @@ def forward(x, params, buffers, module, training):
     -------
     torch.Tensor
     """
-    if _eager([x, *params, *buffers]):
+    route = _route([x, *params, *buffers])
+    if route == "eager":
         # the scheme writes the buffers through views: their versions move
         # as copy_ would move them
         for buffer in buffers:
             torch.autograd.graph.increment_version(buffer)
         return _Eager.apply(x, module._entry, training, len(params), *params,
                             *buffers)
-    if _transformed():
+    if route == "transformed":
         y, _, *new = _Transformed.apply(x, module._entry, training,
                                         len(params), *params, *buffers)
     else:
