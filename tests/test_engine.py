@@ -7,6 +7,7 @@ import pytest
 
 from normkit import engine
 from normkit.backend import cpu
+from normkit.backend.plan import MIN_CHUNK_ROWS
 from normkit.engine import View, channel_view, make_plan, trailing_view
 
 
@@ -25,6 +26,7 @@ VIEWS = {
     "batchnorm-huge-batch": channel_view((4096, 3, 64, 64), 1, False),
     "batchnorm-channels-last": channel_view((32, 56, 56, 64), 3, False),
     "batchnorm-channels-first": channel_view((32, 64, 56, 56), 1, False),
+    "batchnorm-wide-rows": channel_view((256, 4096), 1, False),
     "batchnorm-small-batch": channel_view((2, 64, 56, 56), 1, False),
     "layernorm-one-long-row": trailing_view((1, 1_000_000), 1),
     "layernorm-rows": trailing_view((8192, 1024), 1),
@@ -55,6 +57,20 @@ def test_plan_keeps_both_cores_busy(name):
     """Few groups over a huge extent are split along the reduced extent."""
     view = VIEWS[name]
     assert make_plan(view, 2).n_items >= 4
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("name", ["batchnorm-wide-rows", "batchnorm-channels-last",
+                                  "batchnorm-huge-batch"])
+def test_plan_chunks_of_rows_are_long(name, n_threads):
+    """A split extent of rows is cut into chunks of at least
+    ``MIN_CHUNK_ROWS`` rows (each chunk's partials are merged over the rows'
+    width), unless that leaves a thread without one."""
+    view = VIEWS[name]
+    plan = make_plan(view, n_threads)
+    if view.B == 1:
+        assert plan.a_per >= MIN_CHUNK_ROWS or plan.n_ach == n_threads
+    assert plan.n_items >= min(n_threads, view.A)
 
 
 def test_plan_fuses_when_groups_are_plentiful():

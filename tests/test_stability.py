@@ -90,6 +90,30 @@ def test_first_tile_center_float32(head, width, rng):
     np.testing.assert_allclose(fused_var, var, rtol=1e-6)
 
 
+@pytest.mark.parametrize("head", [0.5, 3.0, 30.0, 1e3])
+@pytest.mark.parametrize("width", [64, 1024, 4096])
+def test_first_row_tile_center_float32(head, width, rng):
+    """The first tile of rows (BatchNorm over ``(N, C)``, channels last) is
+    summed about the mean of its first ``cpu.ROW_STEP`` rows, and again
+    about its own mean when some column's center lies far from it
+    (``cpu.MAX_SHIFT_SHARE``): columns at 1e4 whose first rows sit
+    ``head`` standard deviations away still give the float64 variance to
+    float32 precision, in the statistics alone and in the forward."""
+    from normkit.backend import cpu
+    x = rng.normal(1e4, 1.0, size=(512, width))
+    x[:cpu.ROW_STEP, ::3] += head
+    x = x.astype(np.float32)
+    view = normkit.engine.channel_view(x.shape, 1, per_sample=False)
+    mean, var = normkit.engine.moments(x, view)
+    wide = x.astype(np.float64)
+    std = wide.std(axis=0)
+    assert np.all(np.abs(mean[0] - wide.mean(axis=0)) / std < 1e-6)
+    np.testing.assert_allclose(var[0], wide.var(axis=0), rtol=1e-6)
+    _, fused_mean, fused_var, _ = normkit.engine.normalize_batch(x, view)
+    np.testing.assert_array_equal(fused_mean, mean)
+    np.testing.assert_array_equal(fused_var, var)
+
+
 @pytest.mark.parametrize("shape", [(4, 64), (1, 200_000)], ids=["row", "long-row"])
 def test_layer_norm_large_mean_float32(shape, rng):
     x = offset_data(rng, shape)
