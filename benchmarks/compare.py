@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/compare.py [--repeat N] [--json out.json] [--quick]
                                  [--torch-adapter | --adapter-only]
-                                 [--only VARIANT [VARIANT ...]]
+                                 [--layers] [--only VARIANT [VARIANT ...]]
 
 Every variant's training forward and forward+backward is timed (median of
 ``--repeat`` runs or more after warm-up, interleaved so that each pass
@@ -20,6 +20,11 @@ the same data.  Nothing here asserts on a time.
 ``normkit.torch`` in eager mode and under ``torch.compile(fullgraph=True)``
 (Inductor; compile time excluded, reported), and normkit on the NumPy
 arrays, so the adapter's overhead is visible.
+
+``--layers`` times :data:`LAYER_CASES` instead of the table's cells, in
+the same columns: everyday layers smaller than the table's, where a
+call's fixed cost (checks, plans, allocations, the kernels' launch) is a
+large part of its time.
 """
 
 import argparse
@@ -59,6 +64,16 @@ CASES = (
                               ("group_norm", (32, 56, 56, 64), -1),
                               ("layer_norm", (8192, 1024), -1),
                               ("layer_norm", (2048, 4096), -1))]
+)
+
+#: The cells of ``--layers``: BatchNorm1d over features (an MLP's hidden
+#: layers), LayerNorm over a transformer's tokens, GroupNorm over a
+#: network's last, small feature maps.
+LAYER_CASES = (
+    [Case("batch_norm", shape, 1)
+     for shape in ((64, 128), (256, 1024), (64, 4096), (256, 4096))]
+    + [Case("layer_norm", shape, -1) for shape in ((64, 768), (512, 768))]
+    + [Case("group_norm", (32, 256, 7, 7), 1)]
 )
 
 #: The cells of the ``--torch-adapter`` table.
@@ -284,8 +299,12 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="fewer runs; skip the reference where one run "
                              f"takes over {QUICK_REFERENCE_LIMIT_S} s")
+    parser.add_argument("--layers", action="store_true",
+                        help="time the everyday layers of LAYER_CASES "
+                             "instead of the table's cells")
     parser.add_argument("--only", nargs="+", metavar="VARIANT",
-                        choices=sorted({case.variant for case in CASES}),
+                        choices=sorted({case.variant
+                                        for case in CASES + LAYER_CASES}),
                         help="time only these variants' cells (default: "
                              "every cell), e.g. to rerun them after a change")
     args = parser.parse_args(argv)
@@ -300,7 +319,8 @@ def main(argv=None):
           f"only)...\n",
           flush=True)
     results, rows = [], []
-    for case in ([] if args.adapter_only else chosen(CASES)):
+    cells = LAYER_CASES if args.layers else CASES
+    for case in ([] if args.adapter_only else chosen(cells)):
         t = measure(case, repeat, args.quick)
         rows.append(table_row(case, t))
         results.append(json_record(case, t))

@@ -147,6 +147,22 @@ def test_compare_script_only_times_the_variants_asked_for(tmp_path,
     assert "invalid choice: 'batch_norms'" in capsys.readouterr().err
 
 
+def test_compare_script_times_the_layer_cells_with_layers(tmp_path,
+                                                          monkeypatch):
+    compare = _load_script("compare")
+    monkeypatch.setattr(compare, "CASES", [_bench.Case("batch_renorm",
+                                                       (2, 4, 3), 1)])
+    monkeypatch.setattr(compare, "LAYER_CASES", [
+        _bench.Case("batch_norm", (6, 5), 1),
+        _bench.Case("layer_norm", (3, 8), -1)])
+    path = tmp_path / "layers.json"
+    compare.main(["--layers", "--only", "layer_norm", "batch_norm",
+                  "--repeat", "1", "--quick", "--json", str(path)])
+    results = json.loads(path.read_text())["results"]
+    assert [(r["variant"], r["shape"]) for r in results] == [
+        ("batch_norm", [6, 5]), ("layer_norm", [3, 8])]
+
+
 def test_follows_script_times_each_forward_after_each_pass():
     pytest.importorskip("torch")
     follows = _load_script("follows")
