@@ -2,12 +2,13 @@
 
 import itertools
 
+import numba
 import numpy as np
 import pytest
 
 from normkit import engine
 from normkit.backend import cpu
-from normkit.backend.plan import MIN_CHUNK_ROWS
+from normkit.backend.plan import MIN_CHUNK_ROWS, thread_count
 from normkit.engine import View, channel_view, make_plan, trailing_view
 
 
@@ -71,6 +72,21 @@ def test_plan_chunks_of_rows_are_long(name, n_threads):
     if view.B == 1:
         assert plan.a_per >= MIN_CHUNK_ROWS or plan.n_ach == n_threads
     assert plan.n_items >= min(n_threads, view.A)
+
+
+def test_plan_follows_numbas_thread_count():
+    """make_plan reads the thread count at each call, so a
+    ``numba.set_num_threads`` takes effect at the next kernel."""
+    view = VIEWS["batchnorm-channels-last"]
+    every = numba.config.NUMBA_NUM_THREADS
+    numba.set_num_threads(1)
+    try:
+        assert thread_count() == 1
+        assert make_plan(view) == make_plan(view, 1) != make_plan(view, 2)
+    finally:
+        numba.set_num_threads(every)
+    assert thread_count() == every
+    assert make_plan(view) == make_plan(view, every)
 
 
 def test_plan_fuses_when_groups_are_plentiful():

@@ -386,6 +386,22 @@ def test_channelwise_out_strided_or_overlapping_an_input(rng):
     np.testing.assert_array_equal(single, (a + b).astype(np.float32))
 
 
+def test_channelwise_reads_float32_arrays_in_float64(rng):
+    """float32 arguments (running statistics) reach the loop as they are,
+    each value widened to float64 there: the results are those of their
+    float64 copies, bit for bit, also when an output is an input."""
+    a = rng.standard_normal(7).astype(np.float32)
+    b = rng.standard_normal(7).astype(np.float32)[::-1]   # strided
+    wide = [a.astype(np.float64), b.astype(np.float64)]
+    for got, want in zip(_sum_and_difference(a, b),
+                         _sum_and_difference(*wide)):
+        assert got.dtype == np.float64
+        np.testing.assert_array_equal(got, want)
+    total = _sum_and_difference(a, b)[0]
+    _sum_and_difference(a, b, out=(a, np.empty(7)))
+    np.testing.assert_array_equal(a, total.astype(np.float32))
+
+
 def test_channelwise_checks_its_arguments():
     with pytest.raises(TypeError, match="expected 2 arguments"):
         _sum_and_difference(np.ones(3))

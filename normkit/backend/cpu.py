@@ -2186,13 +2186,24 @@ def _flat_float64(a):
     return np.asarray(a, np.float64).reshape(-1)
 
 
+def _flat_float(a):
+    """Array ``a`` as a flat float32 or float64 array for
+    :func:`map_channels`, whose loops widen every value to float64: itself
+    when it is a 1-D one (float32 running statistics are not copied), else
+    a float64 copy."""
+    if type(a) is np.ndarray and a.ndim == 1 and (
+            a.dtype is storage.FLOAT64 or a.dtype is storage.FLOAT32):
+        return a
+    return np.asarray(a, np.float64).reshape(-1)
+
+
 def map_channels(function, args, out):
     """Run a :class:`~normkit.backend.protocol.channelwise` function over
     host arrays of one size, in float64: a NumPy ufunc compiled by
     ``numba.vectorize`` for one output (about a microsecond per call), a
     compiled loop for several, which writes 1-D float32 and float64
     outputs itself (any other ``out`` receives a copy of its results)."""
-    flat = [_flat_float64(a) if isinstance(a, np.ndarray) else a
+    flat = [_flat_float(a) if isinstance(a, np.ndarray) else a
             for a in args]
     if function.outputs == 1:
         ufunc = function.compiled.get("cpu-ufunc")
