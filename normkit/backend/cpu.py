@@ -33,10 +33,14 @@ summaries are merged in float64 with Chan's formula, so the variance never
 suffers the E[x^2] - E[x]^2 cancellation and is never negative.  Segments
 of a few dozen values (channels-first BatchNorm over a few pixels) are
 gathered, in memory order, into tiles of up to :data:`SHORT_TILE` values
-of one group, each segment's sums added in float64; there, and in the
-row tiles of channels-last inputs, a group's first tile is still centered
-on its own mean, in a pass of its own (a head's center gained nothing
-measurable there).  The
+of one group, each segment's sums added in float64; there a group's
+first tile is still centered on its own mean, in a pass of its own (a
+head's center gained nothing measurable there).  The row tiles of
+channels-last inputs (:func:`_rows_moments`) are centered as contiguous
+tiles are, on the mean of their first :data:`ROW_STEP` rows, and summed
+again where some column's center lies far off: a chunk of wide rows holds
+few tiles, and a pass of its own over the first one read up to a quarter
+of the chunk again.  The
 backward sums of contiguous segments are tiled the same way, their
 products and tile sums in float64, or in float32 for 16-bit storage
 (:func:`~normkit.backend.storage.product_zero`), the tiles added in
