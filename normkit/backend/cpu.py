@@ -36,7 +36,7 @@ gathered, in memory order, into tiles of up to :data:`SHORT_TILE` values
 of one group, each segment's sums added in float64; there a group's
 first tile is still centered on its own mean, in a pass of its own (a
 head's center gained nothing measurable there).  The row tiles of
-channels-last inputs (:func:`_rows_moments`) are centered as contiguous
+channels-last inputs (``_rows_moments``) are centered as contiguous
 tiles are, on the mean of their first :data:`ROW_STEP` rows, and summed
 again where some column's center lies far off: a chunk of wide rows holds
 few tiles, and a pass of its own over the first one read up to a quarter
@@ -98,7 +98,7 @@ TILE = 1024
 SHORT_TILE = 256
 
 #: Elements per tile of rows in the channels-last moments, where every tile
-#: takes one pass (the first now and then two, see :func:`_rows_moments`):
+#: takes one pass (the first now and then two, see ``_rows_moments``):
 #: large enough that the per-column float64 merge after each tile costs
 #: little next to the tile's own sums.
 ROW_TILE = 16384
@@ -283,7 +283,7 @@ def _segment_moments(x, start, stop, n, mean, m2):
     its first :data:`CENTER_HEAD` values (summed again about its own mean,
     in cache, when :data:`MAX_SHIFT_SHARE` says that center was far from
     it), every later one about the running mean, which is already close
-    to the tile's mean, as in :func:`_rows_moments`.  A tile far from that
+    to the tile's mean, as in ``_rows_moments``.  A tile far from that
     center (data that drifts) loses only digits that are small next to the
     spread between tiles, which the float64 merge adds exactly.
     """
