@@ -675,16 +675,26 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
         sx_c = scratch[width:2 * width]
         sd_c = scratch[2 * width:3 * width]
         s0_c = scratch[3 * width:4 * width]
-        for k in range(K):
-            m, a_k, h, e, c = _coefficients(coef, k)
-            mc = _cast_like(m, compute_zero(x))
-            for col in range(k * J, (k + 1) * J):
-                g = _param(gamma, col, 1.0)
-                sx = a_k * g + h
-                mc_c[col] = mc
-                sx_c[col] = sx
-                sd_c[col] = e * g
-                s0_c[col] = _param(beta, col, 0.0) + c - (m - float(mc)) * sx
+        # one loop over the columns, group k's coefficients read where its
+        # columns start: a loop per group was a loop of one column per
+        # group for BatchNorm (J == 1), whose setup cost more than the
+        # column (4096 columns: 12.9 us, now 9.3)
+        k = 0
+        end = J
+        m, a_k, h, e, c = _coefficients(coef, 0)
+        mc = _cast_like(m, compute_zero(x))
+        for col in range(width):
+            if col == end:
+                k += 1
+                end += J
+                m, a_k, h, e, c = _coefficients(coef, k)
+                mc = _cast_like(m, compute_zero(x))
+            g = _param(gamma, col, 1.0)
+            sx = a_k * g + h
+            mc_c[col] = mc
+            sx_c[col] = sx
+            sd_c[col] = e * g
+            s0_c[col] = _param(beta, col, 0.0) + c - (m - float(mc)) * sx
         x2 = _row_block(x, p, a0, a1, A, width)
         o2 = _row_block(out, p, a0, a1, A, width)
         if use_dy:
@@ -1181,21 +1191,33 @@ def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
         m_c = scratch[:width]
         t_dy = scratch[width:2 * width]
         t_dyx = scratch[2 * width:3 * width]
-        for k in range(K):
-            m_c[k * J:(k + 1) * J] = mean_p[k]
+        # loops over the columns, group k's values taken where its columns
+        # start (as in _p_apply: 4096 one-column groups took 24 us here
+        # with a loop per group, 15 this way)
+        k = 0
+        end = J
+        for col in range(width):
+            if col == end:
+                k += 1
+                end += J
+            m_c[col] = mean_p[k]
         t_dy[:] = 0.0
         t_dyx[:] = 0.0
         _column_backward_sums(_row_block(dy, p, a0, a1, A, width),
                               _row_block(x, p, a0, a1, A, width), m_c,
                               t_dy, t_dyx)
-        for k in range(K):
-            for col in range(k * J, (k + 1) * J):
-                s_dyx = t_dyx[col] * rstd_p[k]
-                group_out[k, 0] += _param(gscale, col, 1.0) * t_dy[col]
-                group_out[k, 1] += _param(gscale, col, 1.0) * s_dyx
-                if with_affine:
-                    aff_dy[col] += t_dy[col]
-                    aff_dyx[col] += s_dyx
+        k = 0
+        end = J
+        for col in range(width):
+            if col == end:
+                k += 1
+                end += J
+            s_dyx = t_dyx[col] * rstd_p[k]
+            group_out[k, 0] += _param(gscale, col, 1.0) * t_dy[col]
+            group_out[k, 1] += _param(gscale, col, 1.0) * s_dyx
+            if with_affine:
+                aff_dy[col] += t_dy[col]
+                aff_dyx[col] += s_dyx
         return
     if l1 - l0 <= TILE:
         _short_segment_sums(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale,
