@@ -1889,7 +1889,7 @@ def normalize_transformed(x, view, transform, args, gamma=None, beta=None,
     y = _output(out, flat)
     table = np.empty((len(args), P * K))
     for row, a in zip(table, args):
-        row[:] = a if protocol.is_number(a) else _flat_float64(a)
+        row[:] = a if protocol.is_number(a) else _flat_float(a)
     mean = np.empty((P, K))
     var = np.empty((P, K))
     results = np.empty((transform.outputs, P * K))
@@ -2205,18 +2205,11 @@ def _ufunc(function, flat):
     return dufunc.ufunc
 
 
-def _flat_float64(a):
-    """Array ``a`` as a flat float64 array: itself when it is one."""
-    if type(a) is np.ndarray and a.dtype is storage.FLOAT64 and a.ndim == 1:
-        return a
-    return np.asarray(a, np.float64).reshape(-1)
-
-
 def _flat_float(a):
-    """Array ``a`` as a flat float32 or float64 array for
-    :func:`map_channels`, whose loops widen every value to float64: itself
-    when it is a 1-D one (float32 running statistics are not copied), else
-    a float64 copy."""
+    """Array ``a`` as a flat float32 or float64 array, read by code that
+    widens every value to float64 (:func:`map_channels`' loops, a float64
+    table): itself when it is a 1-D one (float32 running statistics are
+    not copied), else a float64 copy."""
     if type(a) is np.ndarray and a.ndim == 1 and (
             a.dtype is storage.FLOAT64 or a.dtype is storage.FLOAT32):
         return a
