@@ -8,7 +8,8 @@ float16 and bfloat16, with sizes at and around the thresholds where the
 kernels change path (tiles, short segments, wide groups, row pairs, column
 blocks, split plans), centered or about zero, on one thread or two, now
 and then with a NaN or an infinity in the data or with the mean far from
-zero.  Every example is compared with a float64 formula written plainly
+zero, the parameters in float64, in the input's dtype, or one or both
+missing.  Every example is compared with a float64 formula written plainly
 here (forward, statistics, ``dx`` and the affine gradients), NaN and inf
 exactly where it has them.  The examples are derandomized and their
 number fixed, so CI runs the same ones everywhere.
@@ -89,6 +90,11 @@ def views(draw, kind):
 
 DTYPES = (np.float64, np.float32, np.float16, ml_dtypes.bfloat16)
 
+#: How the parameters reach the kernels: float64 (converted to the input's
+#: compute dtype), in the input's own dtype (read as they are stored:
+#: 16-bit ones converted block by block), or one or both missing (1 and 0).
+PARAMETERS = ("float64", "input dtype", "weight only", "bias only", "none")
+
 #: Error bound relative to ``max(1, max |expected|)`` per storage dtype.
 TOL = {np.dtype(np.float64): 1e-9, np.dtype(np.float32): 3e-4,
        np.dtype(np.float16): 2e-2, np.dtype(ml_dtypes.bfloat16): 3e-2}
@@ -116,9 +122,9 @@ def assert_matches(actual, expected, tol, what):
 @given(data=st.data(), centered=st.booleans(), threads=st.integers(1, 2),
        seed=st.integers(0, 2**32 - 1),
        special=st.sampled_from([None] * 4 + [np.nan, np.inf, -np.inf]),
-       stable=st.booleans())
+       stable=st.booleans(), parameters=st.sampled_from(PARAMETERS))
 def test_engine_matches_the_formulas(kind, dtype, data, centered, threads,
-                                     seed, special, stable):
+                                     seed, special, stable, parameters):
     view = data.draw(views(kind), label="view")
     rng = np.random.default_rng(seed)
     n = int(np.prod(view.dims))
@@ -130,15 +136,24 @@ def test_engine_matches_the_formulas(kind, dtype, data, centered, threads,
     dy = rng.standard_normal(n).astype(dtype)
     weight = rng.uniform(0.5, 2.0, view.K * view.J).astype(np.float64)
     bias = rng.uniform(-1.0, 1.0, view.K * view.J)
+    if parameters == "input dtype":
+        weight, bias = weight.astype(dtype), bias.astype(dtype)
+    passed_weight = None if parameters in ("bias only", "none") else weight
+    passed_bias = None if parameters in ("weight only", "none") else bias
     eps = 1e-5
     numba.set_num_threads(threads)
     try:
         with np.errstate(all="ignore"):
-            y, saved = normkit.normalize(x, view, weight, bias, eps,
-                                         return_saved=True, centered=centered)
+            y, saved = normkit.normalize(x, view, passed_weight, passed_bias,
+                                         eps, return_saved=True,
+                                         centered=centered)
             dx, dweight, dbias = normkit.normalize_backward(dy, x, saved)
-            expected = view_formulas(x, dy, view, weight, bias, eps,
-                                     centered)
+            expected = view_formulas(
+                x, dy, view,
+                np.ones(weight.size) if passed_weight is None
+                else weight.astype(np.float64),
+                np.zeros(bias.size) if passed_bias is None
+                else bias.astype(np.float64), eps, centered)
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     tol = TOL[np.dtype(dtype)]
@@ -158,5 +173,12 @@ def test_engine_matches_the_formulas(kind, dtype, data, centered, threads,
         assert_matches(var, expected[2], var_tol, "mean square")
     assert_matches(dx, expected[3], tol, "dx")
     # sums over A * B values each: bounded relative to the largest sum
-    assert_matches(dweight, expected[4], 10 * tol, "dweight")
-    assert_matches(dbias, expected[5], 10 * tol, "dbias")
+    # (none without the parameter)
+    if passed_weight is None:
+        assert dweight is None
+    else:
+        assert_matches(dweight, expected[4], 10 * tol, "dweight")
+    if passed_bias is None:
+        assert dbias is None
+    else:
+        assert_matches(dbias, expected[5], 10 * tol, "dbias")
