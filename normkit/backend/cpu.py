@@ -51,6 +51,10 @@ copied once).  float16 and bfloat16 are read and written by the kernels
 themselves, one element at a time, through :mod:`normkit.backend.storage`,
 and computed in float32: no widened copy of the input, no narrowed copy of
 the output.  The kernels are specialised by Numba for each storage type.
+Their loops along a row read the per-column parameters with no test in
+the loop (a missing one from a block of ones or zeros,
+``_param_block``): a 16-bit read behind a test needs masked loads to
+vectorise, which AVX2 lacks.
 """
 
 import functools
