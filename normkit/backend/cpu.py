@@ -16,7 +16,10 @@ after a pass over a large input has evicted that code from the caches.
 Each item writes its own partial results (never into a slot that another
 item writes), and partials are merged afterwards with Chan's formula, in a
 fixed order, so a given shape and thread count gives the same bits on
-every run.  Where a group spans items (BatchNorm),
+every run of the same compiled kernels (a process that compiles a
+kernel can round differently, in the last bits, from those that load it
+from Numba's on-disk cache: the user guide's *Reproducibility*).  Where
+a group spans items (BatchNorm),
 a pass takes two parallel launches with a merge between them; a compiled
 driver (:func:`normalize_two_pass`, :func:`backward_two_pass`) runs them
 as one call from Python.

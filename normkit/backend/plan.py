@@ -5,7 +5,8 @@ are enough groups to keep the device busy, and otherwise each group's
 reduced extent in chunks, first along ``a`` (rows), then along the segment
 offsets ``l`` (:func:`split_reduced`, shared).  Each chunk writes its own
 partial results, merged afterwards in a fixed order, so a given shape and
-configuration gives the same bits on every run.
+configuration gives the same bits on every run of the same compiled
+kernels (see the user guide's *Reproducibility* on Numba's cache).
 """
 
 from dataclasses import dataclass
