@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/passes.py [--repeat 24] [--per-value]
+    python benchmarks/passes.py [--repeat 24] [--per-value | --segments]
 
 A normalization forward must read every value of ``x`` (its statistics)
 before it can write the first value of ``y``, so it is at least a *read
@@ -38,7 +38,18 @@ time, times the threads, over the values), less the pass's fixed cost
 ``_bench.tiny``).  Where the whole cell on all threads costs each thread
 about what the cached slice costs one, every thread computes at its
 in-cache pace and the pass is bound by its arithmetic; where it costs
-several times more, by memory.  Nothing here asserts on a time.
+several times more, by memory.
+
+With ``--segments`` it times the map alone over short segments instead,
+on one thread (ns per value): channels-first BatchNorm over ``A``
+samples of segments of ``L`` pixels (a view ``(1, A, K, 1, L)`` of about
+:data:`SEGMENT_VALUES` values, :func:`normkit.engine.apply_affine`, the
+inference forward and the map of every pass whose plan splits the
+samples), for each ``A`` of :data:`SEGMENT_ROWS` and ``L`` of
+:data:`SEGMENT_LENGTHS`.  Where its kernel maps a block of whole groups
+per row or a group at a time depends on both
+(:data:`normkit.backend.cpu.BLOCK_MAP_SEGMENT`).  Nothing here asserts on
+a time.
 """
 
 import argparse
@@ -77,6 +88,13 @@ PER_VALUE_CELLS = (
 
 #: The passes of ``--per-value``.
 PER_VALUE_PASSES = ("moments", "normalize", "forward")
+
+#: Rows ``A`` (samples) and segment lengths ``L`` (pixels) of
+#: ``--segments``, and about how many values each of its inputs holds
+#: (``K = SEGMENT_VALUES // (A * L)`` channels, 8 at least).
+SEGMENT_ROWS = (4, 8, 16, 32, 64, 128)
+SEGMENT_LENGTHS = (9, 16, 25, 49, 64, 100, 196)
+SEGMENT_VALUES = 400_000
 
 #: Values per chunk of the read and write passes (one chunk per prange step).
 CHUNK = 1 << 16
@@ -183,6 +201,45 @@ def per_value(case, slice_shape, repeat):
             for p in PER_VALUE_PASSES}
 
 
+def segment_costs(rows, lengths, repeat, values=SEGMENT_VALUES):
+    """``{(A, L): ns}``: the median of the map alone per value over a view
+    ``(1, A, K, 1, L)`` of float32 (``--segments``), on one thread, all
+    its cells interleaved."""
+    rng = np.random.default_rng(0)
+    calls = {}
+    for a in rows:
+        for length in lengths:
+            view = normkit.View(1, a, max(8, values // (a * length)), 1,
+                                length)
+            x = rng.standard_normal(math.prod(view.dims)).astype(np.float32)
+            mean, var = engine.moments(x, view)
+            rstd = inverse_std(var, EPS)
+            out = np.empty_like(x)
+            calls[a, length] = (x.size, lambda x=x, v=view, m=mean, r=rstd,
+                                o=out: engine.apply_affine(x, v, m, r, out=o))
+    everyone = numba.get_num_threads()
+    try:
+        medians = _bench.median_times(
+            {key: _on_threads(call, 1) for key, (_, call) in calls.items()},
+            repeat)
+    finally:
+        numba.set_num_threads(everyone)
+    return {key: medians[key] / calls[key][0] * 1e9 for key in calls}
+
+
+def _print_segments(repeat):
+    costs = segment_costs(SEGMENT_ROWS, SEGMENT_LENGTHS, repeat,
+                          SEGMENT_VALUES)
+    print(f"{_bench.machine_info()}; the map alone over (1, A, K, 1, L) "
+          f"float32, about {SEGMENT_VALUES} values, one thread; ns per "
+          f"value, median of "
+          f"{_bench.runs_per_callable(repeat, len(costs))}")
+    rows = [[str(a)] + [f"{costs[a, n]:.3f}" for n in SEGMENT_LENGTHS]
+            for a in SEGMENT_ROWS]
+    print(_bench.format_table(["A \\ L"] + [str(n) for n in SEGMENT_LENGTHS],
+                              rows))
+
+
 def _print_per_value(repeat):
     everyone = numba.get_num_threads()
     print(f"{_bench.machine_info()}; warm memory; ns per value and per "
@@ -199,11 +256,18 @@ def _print_per_value(repeat):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=_bench.positive_int, default=24)
-    parser.add_argument("--per-value", action="store_true",
-                        help="per-value costs in and out of cache instead")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--per-value", action="store_true",
+                      help="per-value costs in and out of cache instead")
+    mode.add_argument("--segments", action="store_true",
+                      help="the map over short segments, by rows and "
+                           "segment length, instead")
     args = parser.parse_args(argv)
     if args.per_value:
         _print_per_value(args.repeat)
+        return
+    if args.segments:
+        _print_segments(args.repeat)
         return
     runs = _bench.runs_per_callable(args.repeat, len(TIMED))
     print(f"{_bench.machine_info()}; warm memory, ms, median of {runs}")

@@ -413,6 +413,30 @@ def test_passes_script_per_value_times_each_pass_on_each_input(
     assert [row.split()[-4] for row in rows] == list(passes.PER_VALUE_PASSES)
 
 
+def test_passes_script_segments_times_the_map_for_each_rows_and_length(
+        monkeypatch, capsys):
+    """``--segments``: a finite cost per value for every ``(A, L)``, on one
+    thread with Numba's thread count restored, printed as one row per
+    ``A`` and one column per ``L``; ``--segments`` and ``--per-value``
+    exclude each other."""
+    import numba
+    passes = _load_script("passes")
+    threads = numba.get_num_threads()
+    costs = passes.segment_costs((2, 3), (4, 9), 1, values=600)
+    assert numba.get_num_threads() == threads
+    assert set(costs) == {(2, 4), (2, 9), (3, 4), (3, 9)}
+    assert all(np.isfinite(v) and v > 0 for v in costs.values())
+    monkeypatch.setattr(passes, "SEGMENT_ROWS", (2, 3))
+    monkeypatch.setattr(passes, "SEGMENT_LENGTHS", (4, 9))
+    monkeypatch.setattr(passes, "SEGMENT_VALUES", 600)
+    passes.main(["--segments", "--repeat", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[-2:] == ["4", "9"]
+    assert [line.split()[0] for line in lines[3:]] == ["2", "3"]
+    with pytest.raises(SystemExit):
+        passes.main(["--segments", "--per-value"])
+
+
 @pytest.mark.parametrize("variant", _bench.TORCH_VARIANTS)
 def test_torch_callables_match_normkit_channels_last(variant):
     pytest.importorskip("torch")
