@@ -239,3 +239,40 @@ def test_fused_runs_agree_with_the_two_pass_forward(name, dtype, centered,
         assert not mean.any()
         np.testing.assert_allclose(var, np.mean(groups ** 2, axis=2),
                                    rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("use_dy", [False, True], ids=["map", "map-with-dy"])
+def test_short_segments_are_mapped_in_blocks_of_groups(dtype, use_dy, rng):
+    """An item whose groups of short segments make rows of more than
+    SHORT_MAP_VALUES values is mapped a block of whole groups at a time
+    (segments shorter than BLOCK_MAP_SEGMENT, fewer than twice as many
+    values as rows): every block, the last one partial, matches the map's
+    formula ``(x - m) * (a*gamma + h) + dy * (e*gamma) + (beta + c)``, the
+    forward's and the backward's (``dy``)."""
+    P, A, L = 2, 8, 9
+    K = 2 * (cpu.SHORT_MAP_VALUES // L) + 3   # two whole blocks and a part
+    assert K * L > cpu.SHORT_MAP_VALUES
+    assert L < cpu.BLOCK_MAP_SEGMENT and L < 2 * A
+    view = View(P, A, K, 1, L)
+    x = rng.normal(3.0, 2.0, size=view.dims).astype(dtype)
+    dy = rng.normal(size=view.dims).astype(dtype)
+    coef = rng.normal(size=(P, K, cpu.N_COEF))
+    gamma = rng.uniform(0.5, 2.0, K)
+    beta = rng.normal(size=K)
+    flat = cpu.as_kernel_array(x)
+    out = np.empty_like(flat)
+    plan = (1, P, K, 1, A, 1, L, 1)   # one item per p, every group in it
+    cpu.apply(flat, cpu.as_kernel_array(dy), out, use_dy, *view.dims, plan,
+              coef, *cpu._affine_params(gamma, beta, K, flat))
+    y = cpu.from_kernel_array(out, x.shape, x.dtype).astype(np.float64)
+    m, a, h, e, c = (coef[:, None, :, None, None, i] for i in range(cpu.N_COEF))
+    g = gamma[None, None, :, None, None]
+    expected = ((x.astype(np.float64) - m) * (a * g + h)
+                + beta[None, None, :, None, None] + c)
+    if use_dy:
+        expected += dy.astype(np.float64) * (e * g)
+    scale = np.abs(expected).max()
+    tol = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5,
+           np.dtype(np.float16): 2e-3}[np.dtype(dtype)]
+    np.testing.assert_allclose(y, expected, rtol=0, atol=tol * scale)

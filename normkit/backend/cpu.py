@@ -764,10 +764,15 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
                     store(o2, (row, col),
                           (load(x2, (row, col)) - mc_c[col]) * sx_c[col] + s0_c[col])
         return
-    if (l0 == 0 and l1 == L and 2 * L <= TILE
-            and (k1 - k0) * L <= SHORT_MAP_VALUES):
-        _map_block_rows(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma,
-                        beta)
+    if l0 == 0 and l1 == L and 2 * L <= TILE and (
+            (k1 - k0) * L <= SHORT_MAP_VALUES
+            or (L < BLOCK_MAP_SEGMENT and L < 2 * (a1 - a0))):
+        # whole short groups, a block of at most SHORT_MAP_VALUES values
+        # per row at a time
+        step = max(1, SHORT_MAP_VALUES // L)
+        for first in range(k0, k1, step):
+            _map_block_rows(x, dy, out, use_dy, p, _groups(r, first, step), A,
+                            K, J, B, coef, gamma, beta)
         return
     for k in range(k0, k1):
         m, a_k, h, e, c = _coefficients(coef, k)
@@ -778,6 +783,26 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
 #: Most values per row of a block of whole short groups that
 #: ``_map_block_rows`` maps with per-value coefficient vectors.
 SHORT_MAP_VALUES = 4096
+
+#: Segments shorter than this are mapped in blocks of whole groups
+#: (``_map_block_rows``, :data:`SHORT_MAP_VALUES` values per row at a
+#: time) also where an item's groups make longer rows, if the item has
+#: more than half as many rows as a segment has values: the per-value
+#: coefficient vectors are filled once per block and read by every row,
+#: where a group at a time paid a loop's setup and remainder for each
+#: segment.  ``python benchmarks/passes.py --segments`` (the map alone,
+#: one thread, ns a value), old and new alternating, two runs each: ``A =
+#: 32`` and ``64`` rows of ``L = 9`` to ``49`` took 0.99 to 1.85 before
+#: and 0.49 to 0.53 after, ``A = 16`` of ``L = 9`` to ``25`` 1.06 to 1.54
+#: and 0.52 to 0.60, ``A = 8`` of ``L = 9`` 0.77 to 0.78 and 0.69 to 0.70.
+#: BatchNorm's inference forward over ``(32, 2048, 7, 7)`` float32 (both
+#: threads, a scratch script, alternating three times) went from 1.6 to
+#: 1.8 ms to 0.8 to 0.9.  Blocks were slower elsewhere: ``A =
+#: 8`` of ``L = 16`` in blocks took 0.65 where a group at a time took
+#: 0.50, and, each cell timed alone (a scratch sweep), segments of 64
+#: values and more 0.56 to 0.91 times as fast; those stay a group at a
+#: time.
+BLOCK_MAP_SEGMENT = 64
 
 
 @_inner
