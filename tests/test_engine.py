@@ -8,7 +8,8 @@ import pytest
 
 from normkit import engine
 from normkit.backend import cpu
-from normkit.backend.plan import MIN_CHUNK_ROWS, thread_count
+from normkit.backend.plan import (FUSED_ELEMENTS, MIN_CHUNK_ROWS,
+                                  thread_count)
 from normkit.engine import View, channel_view, make_plan, trailing_view
 
 
@@ -87,6 +88,19 @@ def test_plan_follows_numbas_thread_count():
         numba.set_num_threads(every)
     assert thread_count() == every
     assert make_plan(view) == make_plan(view, every)
+
+
+@pytest.mark.parametrize("n_threads", [2, 3, 4])
+def test_plan_blocks_of_groups_come_in_whole_rounds_of_threads(n_threads):
+    """Blocks of groups are as many as make whole rounds of the threads,
+    each still within FUSED_ELEMENTS (Numba gives each thread an equal
+    run of consecutive items: channels-first BatchNorm over (32, 2048, 7,
+    7) had 13 items on two threads)."""
+    view = channel_view((32, 2048, 7, 7), 1, False)
+    plan = make_plan(view, n_threads)
+    assert plan.fused and plan.n_kblk > 1
+    assert plan.n_items % n_threads == 0
+    assert plan.k_per * view.A * view.J * view.B <= FUSED_ELEMENTS
 
 
 def test_plan_fuses_when_groups_are_plentiful():
