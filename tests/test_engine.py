@@ -1,6 +1,7 @@
 """The engine below the variants: views, work plans, copies, determinism."""
 
 import itertools
+import threading
 
 import numba
 import numpy as np
@@ -88,6 +89,24 @@ def test_plan_follows_numbas_thread_count():
         numba.set_num_threads(every)
     assert thread_count() == every
     assert make_plan(view) == make_plan(view, every)
+
+
+def test_thread_count_is_numbas_count_in_each_thread():
+    """thread_count reads Numba's count of the calling thread, as
+    ``numba.get_num_threads`` does: a ``numba.set_num_threads(1)`` in
+    one thread leaves the others' plans alone."""
+    every = numba.config.NUMBA_NUM_THREADS
+    seen = {}
+
+    def one_thread():
+        numba.set_num_threads(1)
+        seen["other"] = (thread_count(), numba.get_num_threads())
+
+    worker = threading.Thread(target=one_thread)
+    worker.start()
+    worker.join()
+    assert seen["other"] == (1, 1)
+    assert thread_count() == numba.get_num_threads() == every
 
 
 @pytest.mark.parametrize("n_threads", [2, 3, 4])

@@ -119,6 +119,17 @@ class Plan(NamedTuple):
 #: Whether :func:`thread_count` has started Numba's thread pool.
 _POOL_STARTED = False
 
+#: What :func:`thread_count` calls once the pool has started: the threading
+#: layer's own getter, which reads the same (per-thread) count as
+#: ``numba.get_num_threads`` without the two locks that function takes to
+#: check that the pool started.  After a large kernel a call runs with
+#: cold caches, and there ``numba.get_num_threads`` took 32 to 36 us a
+#: call, the getter 8 (5 for a call of nothing; scratch measurement, the
+#: median of 60 calls each right after a parallel pass over 32 MB), where
+#: a forward and backward asks up to three times.  Numba sets the getter
+#: when it starts the pool; a Numba without it leaves the public function.
+_get_thread_count = numba.get_num_threads
+
 
 def thread_count():
     """Numba's thread count; the first call starts Numba's thread pool
@@ -134,16 +145,19 @@ def thread_count():
     Returns
     -------
     int
+        What ``numba.get_num_threads()`` returns in the calling thread.
     """
-    global _POOL_STARTED
+    global _POOL_STARTED, _get_thread_count
     if not _POOL_STARTED:
         torch = sys.modules.get("torch")
         kept = None if torch is None else torch.get_num_threads()
         numba.get_num_threads()   # starts the pool
         if kept is not None and torch.get_num_threads() != kept:
             torch.set_num_threads(kept)
+        _get_thread_count = getattr(numba.np.ufunc.parallel,
+                                    "_get_num_threads", numba.get_num_threads)
         _POOL_STARTED = True
-    return numba.get_num_threads()
+    return _get_thread_count()
 
 
 def make_plan(view, n_threads=None):
