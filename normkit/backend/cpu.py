@@ -2307,10 +2307,14 @@ def _flat_float(a):
     """Array ``a`` as a flat float32 or float64 array, read by code that
     widens every value to float64 (:func:`map_channels`' loops, a float64
     table): itself when it is a 1-D one (float32 running statistics are
-    not copied), else a float64 copy."""
-    if type(a) is np.ndarray and a.ndim == 1 and (
-            a.dtype is storage.FLOAT64 or a.dtype is storage.FLOAT32):
-        return a
+    not copied), a flat view of a float64 one where its layout allows
+    (``(P, K)`` statistics), else a float64 copy."""
+    if type(a) is np.ndarray:
+        if a.ndim == 1 and (a.dtype is storage.FLOAT64
+                            or a.dtype is storage.FLOAT32):
+            return a
+        if a.dtype is storage.FLOAT64:
+            return a.reshape(-1)
     return np.asarray(a, np.float64).reshape(-1)
 
 
@@ -2320,8 +2324,14 @@ def map_channels(function, args, out):
     ``numba.vectorize`` for one output (about a microsecond per call), a
     compiled loop for several, which writes 1-D float32 and float64
     outputs itself (any other ``out`` receives a copy of its results)."""
-    flat = [_flat_float(a) if isinstance(a, np.ndarray) else a
-            for a in args]
+    # one pass over the arguments: after a large kernel this code runs
+    # with cold caches, where each further step costs microseconds
+    flat = []
+    scalars = []
+    for a in args:
+        scalar = not isinstance(a, np.ndarray)
+        flat.append(a if scalar else _flat_float(a))
+        scalars.append(scalar)
     if function.outputs == 1:
         ufunc = function.compiled.get("cpu-ufunc")
         if ufunc is None:
@@ -2334,8 +2344,7 @@ def map_channels(function, args, out):
             else:
                 out[0][...] = ufunc(*flat).reshape(out[0].shape)
         return out
-    scalars = tuple(map(protocol.is_number, args))
-    loop = _compiled_loop(function, ("cpu", scalars))
+    loop = _compiled_loop(function, ("cpu", tuple(scalars)))
     size = flat[scalars.index(False)].size
     if out is not None and all(_loop_writes(target, size) for target in out):
         loop(*flat, *out)  # through the loop's own temporaries
