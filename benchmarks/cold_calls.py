@@ -11,8 +11,9 @@ steps taking turns, one per pass), and on a warm cache (``timeit``, back
 to back).  The steps are pieces of the way
 from a call to the kernels over a tiny input of the same layout, ``(2, 64,
 1, 1)``: a call of nothing, NumPy calls the backend makes, Numba's thread
-count, the engine's normalization and the API's whole forward.  After
-the pass, each first touch of code and data pays the caches' and the
+count (Numba's public function, and the work plans' getter,
+:func:`normkit.backend.plan.thread_count`), the engine's normalization
+and the API's whole forward.  After the pass, each first touch of code and data pays the caches' and the
 address translation's misses, whatever the step computes; this is why
 ``benchmarks/overhead.py``'s tiny forward takes several times longer
 after a pass than on a warm cache.  Nothing here asserts on a time.
@@ -27,6 +28,7 @@ import numpy as np
 import normkit
 from normkit import _bench, engine
 from normkit._bench import Case
+from normkit.backend.plan import thread_count
 
 #: The pass before each timed step.
 CELL = Case("group_norm", (2, 64, 56, 56), 1)
@@ -47,6 +49,7 @@ def steps():
         "x.dtype == np.float16": lambda: x.dtype == np.float16,
         "x.dtype is float16": lambda: x.dtype is float16,
         "numba.get_num_threads()": numba.get_num_threads,
+        "plan.thread_count()": thread_count,
         "engine.normalize_batch": lambda: engine.normalize_batch(
             x, saved.view, weight, bias),
         "group_norm (API)": lambda: _bench.normkit_forward(CELL.variant,
