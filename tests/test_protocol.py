@@ -402,6 +402,21 @@ def test_channelwise_reads_float32_arrays_in_float64(rng):
     np.testing.assert_array_equal(a, total.astype(np.float32))
 
 
+def test_channelwise_reads_two_dimensional_arguments_flat(rng):
+    """``(P, K)`` arguments (a forward's statistics) are read in memory
+    order, whatever their layout and float dtype, also where an output
+    is the same memory as an input."""
+    rows = rng.standard_normal((2, 4))
+    for a in (rows, rows.T.copy().T, rows[:, ::-1], rows.astype(np.float32)):
+        want = a.astype(np.float64).reshape(-1)
+        total, diff = _sum_and_difference(a, 2.0)
+        np.testing.assert_array_equal(total, want + 2.0)
+        np.testing.assert_array_equal(diff, want - 2.0)
+    alias = rows.copy()
+    _sum_and_difference(alias, 1.0, out=(alias.reshape(-1), np.empty(8)))
+    np.testing.assert_array_equal(alias, rows + 1.0)
+
+
 def test_channelwise_checks_its_arguments():
     with pytest.raises(TypeError, match="expected 2 arguments"):
         _sum_and_difference(np.ones(3))
