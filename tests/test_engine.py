@@ -275,6 +275,31 @@ def test_fused_runs_agree_with_the_two_pass_forward(name, dtype, centered,
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("k_per", [2, 6], ids=["blocks-of-groups", "all-groups"])
+def test_short_segments_are_summed_down_the_rows(dtype, k_per, rng):
+    """The moments of whole short segments over at least ROW_STEP rows are
+    summed down the rows, in tiles of SEGMENT_TILE_ROWS rows of whole
+    ROW_STEP-row blocks and single rows: over two whole tiles and a part
+    (a block and a tail), items of blocks of groups and of all of them,
+    data drifting along the rows (each tile centered on the running mean)
+    and a large mean, the mean and biased variance match float64."""
+    P, K, L = 1, 6, 15
+    A = 2 * cpu.SEGMENT_TILE_ROWS + cpu.ROW_STEP + 3
+    assert 2 * L <= cpu.SHORT_TILE
+    view = View(P, A, K, 1, L)
+    drift = np.linspace(0.0, 40.0, A)[None, :, None, None, None]
+    x = (rng.normal(1e3, 2.0, size=view.dims) + drift).astype(dtype)
+    plan = (1, P, k_per, K // k_per, A, 1, L, 1)
+    mean, var = cpu.moments_of(cpu.as_kernel_array(x), *view.dims, plan, True)
+    wide = x.astype(np.float64)
+    tol = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-6,
+           np.dtype(np.float16): 1e-6}[np.dtype(dtype)]
+    np.testing.assert_allclose(mean, wide.mean(axis=(1, 4))[:, :, 0],
+                               rtol=tol)
+    np.testing.assert_allclose(var, wide.var(axis=(1, 4))[:, :, 0], rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
 @pytest.mark.parametrize("use_dy", [False, True], ids=["map", "map-with-dy"])
 def test_short_segments_are_mapped_in_blocks_of_groups(dtype, use_dy, rng):
     """An item whose groups of short segments make rows of more than
