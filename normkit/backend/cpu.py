@@ -581,7 +581,7 @@ def _short_segment_moments(x, p, r, A, K, L, out_n, out_mean, out_m2):
                 count[k] = 0
 
 
-#: Rows per tile of :func:`_segment_rows_moments`: each column sums this
+#: Rows per tile of ``_segment_rows_moments``: each column sums this
 #: many deviations in the input's precision, and each tile ends in a
 #: float64 fold of its columns and a merge per group, then a new center.
 #: ``engine.moments`` over float32 ``(32, 160, 7, 7)`` on one thread, in
