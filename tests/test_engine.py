@@ -9,7 +9,7 @@ import pytest
 
 from normkit import engine
 from normkit.backend import cpu
-from normkit.backend.plan import (FUSED_ELEMENTS, MIN_CHUNK_ROWS,
+from normkit.backend.plan import (FUSED_ELEMENTS, MIN_CHUNK_ROWS, Plan,
                                   thread_count)
 from normkit.engine import View, channel_view, make_plan, trailing_view
 
@@ -297,6 +297,42 @@ def test_short_segments_are_summed_down_the_rows(dtype, k_per, rng):
     np.testing.assert_allclose(mean, wide.mean(axis=(1, 4))[:, :, 0],
                                rtol=tol)
     np.testing.assert_allclose(var, wide.var(axis=(1, 4))[:, :, 0], rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("k_per", [2, 6], ids=["blocks-of-groups", "all-groups"])
+def test_backward_sums_of_short_segments_down_the_rows(dtype, k_per, rng):
+    """The backward sums of whole short segments over at least ROW_STEP
+    rows are summed down the rows, AFFINE_BLOCK_ROWS at a time, two rows a
+    step: over two whole blocks and a part of an odd number of rows, items
+    of blocks of groups and of all of them, two channels per group, the
+    group sums ``(sum g*dy, sum g*dy*xhat)`` and the per-channel sums
+    ``(sum dy, sum dy*xhat)`` match float64."""
+    P, K, J, B = 2, 6, 2, 5
+    A = 2 * cpu.AFFINE_BLOCK_ROWS + 3
+    view = View(P, A, K, J, B)
+    x = rng.normal(3.0, 2.0, size=view.dims).astype(dtype)
+    dy = rng.normal(size=view.dims).astype(dtype)
+    mean = rng.normal(3.0, 0.1, size=(P, K))
+    rstd = rng.uniform(0.4, 0.6, size=(P, K))
+    gscale = rng.uniform(0.5, 2.0, K * J)
+    plan = Plan(1, P, k_per, K // k_per, A, 1, J * B, 1)
+    part_group, part_affine = cpu._sums_partials(view, plan)
+    group, affine = cpu.backward_sums_of(
+        cpu.as_kernel_array(dy), cpu.as_kernel_array(x), *view.dims,
+        tuple(plan), mean, rstd, gscale, part_group, part_affine)
+    d = dy.astype(np.float64)
+    xhat = ((x.astype(np.float64) - mean[:, None, :, None, None])
+            * rstd[:, None, :, None, None])
+    g = gscale.reshape(1, 1, K, J, 1)
+    tol = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-6,
+           np.dtype(np.float16): 1e-5}[np.dtype(dtype)]
+    for got, want in ((group[..., 0], (g * d).sum(axis=(1, 3, 4))),
+                      (group[..., 1], (g * d * xhat).sum(axis=(1, 3, 4))),
+                      (affine[0], d.sum(axis=(0, 1, 4)).reshape(-1)),
+                      (affine[1], (d * xhat).sum(axis=(0, 1, 4)).reshape(-1))):
+        np.testing.assert_allclose(got, want, rtol=0,
+                                   atol=tol * np.abs(want).max())
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])

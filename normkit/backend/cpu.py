@@ -1412,6 +1412,11 @@ def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
                 aff_dy[col] += t_dy[col]
                 aff_dyx[col] += s_dyx
         return
+    if (l0 == 0 and l1 == L and L <= ROWS_SUMS_SEGMENT
+            and a1 - a0 >= ROW_STEP):
+        _segment_rows_sums(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale,
+                           group_out, aff_dy, aff_dyx, with_affine)
+        return
     if l1 - l0 <= TILE:
         _short_segment_sums(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale,
                             group_out, aff_dy, aff_dyx, with_affine)
@@ -1478,6 +1483,90 @@ def _short_segment_sums(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale,
                 s_dy = np.float64(t1)
                 s_dyx = np.float64(t2)
                 col = k * J + j
+                if with_affine:
+                    aff_dy[col] += s_dy
+                    aff_dyx[col] += s_dyx
+                w = _param(gscale, col, 1.0)
+                group_out[k, 0] += w * s_dy
+                group_out[k, 1] += w * s_dyx
+
+
+#: Longest segments whose backward sums ``_p_reduce`` takes down the
+#: rows (``_segment_rows_sums``) rather than a segment at a time: the
+#: rows' float64 column sums pay in memory what they save in loops, and
+#: ``backward_sums_of`` over float32 on one thread (a scratch script, two
+#: runs each way, ns a value) went from 0.96 to 0.98 to 0.44 to 0.59 for
+#: 32 rows of segments of 16, and from 1.00 to 1.02 to 0.71 to 0.90 for 8
+#: rows, but from 0.46 to 0.68 to 0.85 for 8 rows of segments of 49 (no
+#: better than 0.40 to 0.46 for 32 rows of 49).
+ROWS_SUMS_SEGMENT = 16
+
+
+@_inner
+def _segment_rows_sums(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale,
+                       group_out, aff_dy, aff_dyx, with_affine):
+    """:func:`_p_reduce` over whole segments of at most
+    :data:`ROWS_SUMS_SEGMENT` values (``B > 1``) of at least
+    :data:`ROW_STEP` rows, read as rows, as
+    :func:`_segment_rows_moments` reads them: each column of a sample's
+    run of the groups' segments sums ``dy`` and ``dy * xhat`` down
+    :data:`AFFINE_BLOCK_ROWS` rows at a time, two rows a step, in the type
+    of :func:`~normkit.backend.storage.product_zero` (per-column ``xhat``
+    coefficients of :func:`_xhat_coefficients`), and the columns of each
+    channel ``(k, j)`` are folded in float64 after each block; a segment
+    at a time paid a loop's setup and remainder and two horizontal sums
+    for every few dozen values."""
+    a0, a1, k0, k1, _, _ = r
+    L = J * B
+    width = (k1 - k0) * L
+    stride = K * L
+    zero = product_zero(x)
+    mc_v = np.full(width, zero)
+    r_v = np.full(width, zero)
+    q_v = np.full(width, zero)
+    for k in range(k0, k1):
+        mc, rr, q = _xhat_coefficients(mean_p[k], rstd_p[k], zero)
+        lo = (k - k0) * L
+        mc_v[lo:lo + L] = mc
+        r_v[lo:lo + L] = rr
+        q_v[lo:lo + L] = q
+    t_dy = np.full(width, zero)
+    t_dyx = np.full(width, zero)
+    for t0 in range(a0, a1, AFFINE_BLOCK_ROWS):
+        t1 = min(t0 + AFFINE_BLOCK_ROWS, a1)
+        t_dy[:] = zero
+        t_dyx[:] = zero
+        pairs = t0 + (t1 - t0) // 2 * 2
+        for a in range(t0, pairs, 2):
+            first = ((p * A + a) * K + k0) * L
+            x0 = x[first:first + width]
+            d0 = dy[first:first + width]
+            x1 = x[first + stride:first + stride + width]
+            d1 = dy[first + stride:first + stride + width]
+            for i in range(width):
+                g0 = _cast_like(load(d0, i), zero)
+                g1 = _cast_like(load(d1, i), zero)
+                m = mc_v[i]
+                t_dy[i] += g0 + g1
+                t_dyx[i] += (g0 * ((load(x0, i) - m) * r_v[i] + q_v[i])
+                             + g1 * ((load(x1, i) - m) * r_v[i] + q_v[i]))
+        if pairs < t1:  # the last of an odd number of rows
+            first = ((p * A + pairs) * K + k0) * L
+            x0 = x[first:first + width]
+            d0 = dy[first:first + width]
+            for i in range(width):
+                g0 = _cast_like(load(d0, i), zero)
+                t_dy[i] += g0
+                t_dyx[i] += g0 * ((load(x0, i) - mc_v[i]) * r_v[i] + q_v[i])
+        for k in range(k0, k1):
+            for j in range(J):
+                col = k * J + j
+                lo = (k - k0) * L + j * B
+                s_dy = 0.0
+                s_dyx = 0.0
+                for i in range(lo, lo + B):
+                    s_dy += np.float64(t_dy[i])
+                    s_dyx += np.float64(t_dyx[i])
                 if with_affine:
                     aff_dy[col] += s_dy
                     aff_dyx[col] += s_dyx
