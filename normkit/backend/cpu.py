@@ -1434,12 +1434,22 @@ def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
                 s_dy, s_dyx = _reduce_segment(x[lo:hi], dy[lo:hi], m, rs,
                                               no_scale, no_sums, no_sums,
                                               False, defaults)
-                col = k * J + j
-                if with_affine:
-                    aff_dy[col] += s_dy
-                    aff_dyx[col] += s_dyx
-                group_out[k, 0] += _param(gscale, col, 1.0) * s_dy
-                group_out[k, 1] += _param(gscale, col, 1.0) * s_dyx
+                _add_channel_sums(k, k * J + j, s_dy, s_dyx, gscale,
+                                  group_out, aff_dy, aff_dyx, with_affine)
+
+
+@_inlined
+def _add_channel_sums(k, col, s_dy, s_dyx, gscale, group_out, aff_dy, aff_dyx,
+                      with_affine):
+    """Adds channel ``col``'s float64 ``sum dy`` and ``sum dy * xhat`` to
+    its affine sums (when ``with_affine``) and, scaled by ``gscale[col]``,
+    to group ``k``'s sums."""
+    if with_affine:
+        aff_dy[col] += s_dy
+        aff_dyx[col] += s_dyx
+    w = _param(gscale, col, 1.0)
+    group_out[k, 0] += w * s_dy
+    group_out[k, 1] += w * s_dyx
 
 
 @_inner
@@ -1480,15 +1490,9 @@ def _short_segment_sums(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale,
                     g = _cast_like(load(ds, i), zero)
                     t1 += g
                     t2 += g * ((load(xs, i) - mc) * rr + q)
-                s_dy = np.float64(t1)
-                s_dyx = np.float64(t2)
-                col = k * J + j
-                if with_affine:
-                    aff_dy[col] += s_dy
-                    aff_dyx[col] += s_dyx
-                w = _param(gscale, col, 1.0)
-                group_out[k, 0] += w * s_dy
-                group_out[k, 1] += w * s_dyx
+                _add_channel_sums(k, k * J + j, np.float64(t1),
+                                  np.float64(t2), gscale, group_out, aff_dy,
+                                  aff_dyx, with_affine)
 
 
 #: Longest segments whose backward sums ``_p_reduce`` takes down the
@@ -1560,19 +1564,14 @@ def _segment_rows_sums(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale,
                 t_dyx[i] += g0 * ((load(x0, i) - mc_v[i]) * r_v[i] + q_v[i])
         for k in range(k0, k1):
             for j in range(J):
-                col = k * J + j
                 lo = (k - k0) * L + j * B
                 s_dy = 0.0
                 s_dyx = 0.0
                 for i in range(lo, lo + B):
                     s_dy += np.float64(t_dy[i])
                     s_dyx += np.float64(t_dyx[i])
-                if with_affine:
-                    aff_dy[col] += s_dy
-                    aff_dyx[col] += s_dyx
-                w = _param(gscale, col, 1.0)
-                group_out[k, 0] += w * s_dy
-                group_out[k, 1] += w * s_dyx
+                _add_channel_sums(k, k * J + j, s_dy, s_dyx, gscale,
+                                  group_out, aff_dy, aff_dyx, with_affine)
 
 
 @_kernel
