@@ -20,7 +20,7 @@ __all__ = ["Plan", "make_plan", "reduction_plan", "thread_count",
            "affine_partials_fit",
            "disjoint_columns", "column_sums",
            "Grid", "Settings", "SETTINGS", "grid_for", "split_reduced",
-           "MIN_ITEM_ELEMENTS", "ITEMS_PER_THREAD", "MIN_CHUNK_ROWS",
+           "MIN_ITEM_ELEMENTS", "ITEMS_PER_THREAD",
            "FUSED_ELEMENTS",
            "WIDE_GROUP", "AFFINE_PARTIALS", "MAX_THREADS"]
 
@@ -29,14 +29,6 @@ MIN_ITEM_ELEMENTS = 32768
 
 #: Items per thread: more than one evens out unequal items.
 ITEMS_PER_THREAD = 4
-
-#: Fewest rows per chunk where the reduced extent of rows (``B == 1``) is
-#: split, unless that leaves a thread without a chunk: each chunk's
-#: partials are merged over the rows' whole width, at about the cost of
-#: summing a few rows, and its first rows are read twice for a center.
-#: BatchNorm1d's moments over ``(256, 1024)`` float32 took 72 to 120 us in
-#: eight chunks of 32 rows and 41 to 65 in two (a copy: 31 to 34).
-MIN_CHUNK_ROWS = 128
 
 #: Values per item when groups are split into blocks: an item's data then
 #: stays in a core's L2 cache between its statistics and its normalization.
@@ -269,8 +261,14 @@ def _plan(view, n_threads):
         return Plan(1, P, k_per, ceil_div(K, k_per), A, 1, L, 1)
     split_l = B > 1 or (K == 1 and J >= WIDE_GROUP)
     pieces = ceil_div(target, P)
-    if not split_l:  # chunks of whole rows, each merged over K groups
-        pieces = min(pieces, max(ceil_div(n_threads, P), A // MIN_CHUNK_ROWS))
+    if not split_l:
+        # chunks of whole rows, one per thread: each chunk's partials are
+        # merged over the rows' whole width and its first rows read twice
+        # for a center, and Numba hands every thread an equal run of
+        # consecutive items, so equal chunks gain nothing from being more
+        # (BatchNorm1d's moments over (256, 1024) float32 took 72 to 120 us
+        # in eight chunks of 32 rows, 41 to 65 in two; a copy 31 to 34)
+        pieces = min(pieces, ceil_div(n_threads, P))
     return Plan(1, P, K, 1, *split_reduced(A, L, pieces, split_l))
 
 
