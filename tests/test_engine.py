@@ -316,13 +316,21 @@ def test_backward_sums_of_short_segments_down_the_rows(dtype, k_per, rng):
     ``(sum dy, sum dy*xhat)`` match float64."""
     P, K, J, B = 2, 6, 2, 5
     A = 2 * cpu.AFFINE_BLOCK_ROWS + 3
-    view = View(P, A, K, J, B)
+    _check_backward_sums(View(P, A, K, J, B),
+                         Plan(1, P, k_per, K // k_per, A, 1, J * B, 1), dtype,
+                         rng)
+
+
+def _check_backward_sums(view, plan, dtype, rng):
+    """``backward_sums_of`` over ``plan`` of random data of ``view`` in
+    ``dtype``: the group sums ``(sum g*dy, sum g*dy*xhat)`` and the
+    per-channel sums ``(sum dy, sum dy*xhat)`` match float64."""
+    P, _, K, J, _ = view.dims
     x = rng.normal(3.0, 2.0, size=view.dims).astype(dtype)
     dy = rng.normal(size=view.dims).astype(dtype)
     mean = rng.normal(3.0, 0.1, size=(P, K))
     rstd = rng.uniform(0.4, 0.6, size=(P, K))
     gscale = rng.uniform(0.5, 2.0, K * J)
-    plan = Plan(1, P, k_per, K // k_per, A, 1, J * B, 1)
     part_group, part_affine = cpu._sums_partials(view, plan)
     group, affine = cpu.backward_sums_of(
         cpu.as_kernel_array(dy), cpu.as_kernel_array(x), *view.dims,
@@ -339,6 +347,27 @@ def test_backward_sums_of_short_segments_down_the_rows(dtype, k_per, rng):
                       (affine[1], (d * xhat).sum(axis=(0, 1, 4)).reshape(-1))):
         np.testing.assert_allclose(got, want, rtol=0,
                                    atol=tol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("J, B", [(1, 49), (2, 24)])
+@pytest.mark.parametrize("k_per", [25, 43], ids=["blocks-of-groups", "all-groups"])
+def test_backward_sums_down_the_rows_in_blocks_of_columns(dtype, J, B, k_per,
+                                                          rng):
+    """Segments of up to ROWS_SUMS_SEGMENT values are summed down the rows
+    a block of at most ROWS_SUMS_COLUMNS columns at a time: over two whole
+    blocks of groups and a part, items that start and end inside a block,
+    an odd number of rows beyond a whole AFFINE_BLOCK_ROWS, the group and
+    per-channel sums match float64."""
+    L = J * B
+    assert L <= cpu.ROWS_SUMS_SEGMENT
+    per_block = cpu.ROWS_SUMS_COLUMNS // L
+    P, K = 2, 43
+    assert 2 * per_block < K < 3 * per_block
+    A = cpu.AFFINE_BLOCK_ROWS + 9
+    _check_backward_sums(View(P, A, K, J, B),
+                         Plan(1, P, k_per, -(-K // k_per), A, 1, L, 1), dtype,
+                         rng)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])

@@ -1496,14 +1496,27 @@ def _short_segment_sums(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale,
 
 
 #: Longest segments whose backward sums ``_p_reduce`` takes down the
-#: rows (``_segment_rows_sums``) rather than a segment at a time: the
-#: rows' float64 column sums pay in memory what they save in loops, and
-#: ``backward_sums_of`` over float32 on one thread (a scratch script, two
-#: runs each way, ns a value) went from 0.96 to 0.98 to 0.44 to 0.59 for
-#: 32 rows of segments of 16, and from 1.00 to 1.02 to 0.71 to 0.90 for 8
-#: rows, but from 0.46 to 0.68 to 0.85 for 8 rows of segments of 49 (no
-#: better than 0.40 to 0.46 for 32 rows of 49).
-ROWS_SUMS_SEGMENT = 16
+#: rows (``_segment_rows_sums``) rather than a segment at a time.
+#: ``backward_sums_of`` over float32 on one thread (a scratch script, ns a
+#: value, the old code and the new alternating, four runs each): segments
+#: of 49 over 32 rows took 0.68 to 0.80 a segment at a time and 0.41 to
+#: 0.57 down the rows in blocks of ``ROWS_SUMS_COLUMNS``, over 64 rows
+#: 0.68 to 0.71 and 0.42, over 8 rows 0.69 to 0.73 and 0.56 to 0.57;
+#: segments of 64 over 32 rows 0.53 to 0.57 and 0.40 to 0.41.  Segments
+#: of 144 and 196 (one run) took 0.34 and 0.32 a segment at a time, 0.40
+#: down the rows, so longer ones stay a segment at a time.
+ROWS_SUMS_SEGMENT = 64
+
+#: Most columns that ``_segment_rows_sums`` sums down the rows at once:
+#: it takes an item's groups in blocks of at most this many columns, so
+#: that its column sums and ``xhat`` coefficients (five vectors of this
+#: length, in float64 for float32 input) stay in the core's first caches
+#: while every row of the block goes through them.  Unblocked, the
+#: columns of 1024 groups of 16 (``(32, 1024, 4, 4)``) took 0.56 to 0.77
+#: ns a value (the runs above), in blocks of 1024 columns 0.41 to 0.44;
+#: blocks of 512 and of 2048 columns (one run each) took 0.55 and 0.41
+#: over segments of 49, 0.56 and 0.41 over segments of 16.
+ROWS_SUMS_COLUMNS = 1024
 
 
 @_inner
@@ -1512,8 +1525,9 @@ def _segment_rows_sums(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale,
     """:func:`_p_reduce` over whole segments of at most
     :data:`ROWS_SUMS_SEGMENT` values (``B > 1``) of at least
     :data:`ROW_STEP` rows, read as rows, as
-    :func:`_segment_rows_moments` reads them: each column of a sample's
-    run of the groups' segments sums ``dy`` and ``dy * xhat`` down
+    :func:`_segment_rows_moments` reads them, a block of groups of at
+    most :data:`ROWS_SUMS_COLUMNS` columns at a time: each column of a
+    sample's run of the block's segments sums ``dy`` and ``dy * xhat`` down
     :data:`AFFINE_BLOCK_ROWS` rows at a time, two rows a step, in the type
     of :func:`~normkit.backend.storage.product_zero` (per-column ``xhat``
     coefficients of :func:`_xhat_coefficients`), and the columns of each
@@ -1522,56 +1536,61 @@ def _segment_rows_sums(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale,
     for every few dozen values."""
     a0, a1, k0, k1, _, _ = r
     L = J * B
-    width = (k1 - k0) * L
     stride = K * L
     zero = product_zero(x)
-    mc_v = np.full(width, zero)
-    r_v = np.full(width, zero)
-    q_v = np.full(width, zero)
-    for k in range(k0, k1):
-        mc, rr, q = _xhat_coefficients(mean_p[k], rstd_p[k], zero)
-        lo = (k - k0) * L
-        mc_v[lo:lo + L] = mc
-        r_v[lo:lo + L] = rr
-        q_v[lo:lo + L] = q
-    t_dy = np.full(width, zero)
-    t_dyx = np.full(width, zero)
-    for t0 in range(a0, a1, AFFINE_BLOCK_ROWS):
-        t1 = min(t0 + AFFINE_BLOCK_ROWS, a1)
-        t_dy[:] = zero
-        t_dyx[:] = zero
-        pairs = t0 + (t1 - t0) // 2 * 2
-        for a in range(t0, pairs, 2):
-            first = ((p * A + a) * K + k0) * L
-            x0 = x[first:first + width]
-            d0 = dy[first:first + width]
-            x1 = x[first + stride:first + stride + width]
-            d1 = dy[first + stride:first + stride + width]
-            for i in range(width):
-                g0 = _cast_like(load(d0, i), zero)
-                g1 = _cast_like(load(d1, i), zero)
-                m = mc_v[i]
-                t_dy[i] += g0 + g1
-                t_dyx[i] += (g0 * ((load(x0, i) - m) * r_v[i] + q_v[i])
-                             + g1 * ((load(x1, i) - m) * r_v[i] + q_v[i]))
-        if pairs < t1:  # the last of an odd number of rows
-            first = ((p * A + pairs) * K + k0) * L
-            x0 = x[first:first + width]
-            d0 = dy[first:first + width]
-            for i in range(width):
-                g0 = _cast_like(load(d0, i), zero)
-                t_dy[i] += g0
-                t_dyx[i] += g0 * ((load(x0, i) - mc_v[i]) * r_v[i] + q_v[i])
-        for k in range(k0, k1):
-            for j in range(J):
-                lo = (k - k0) * L + j * B
-                s_dy = 0.0
-                s_dyx = 0.0
-                for i in range(lo, lo + B):
-                    s_dy += np.float64(t_dy[i])
-                    s_dyx += np.float64(t_dyx[i])
-                _add_channel_sums(k, k * J + j, s_dy, s_dyx, gscale,
-                                  group_out, aff_dy, aff_dyx, with_affine)
+    per_block = max(1, ROWS_SUMS_COLUMNS // L)
+    most = min(k1 - k0, per_block) * L
+    mc_v = np.full(most, zero)
+    r_v = np.full(most, zero)
+    q_v = np.full(most, zero)
+    t_dy = np.full(most, zero)
+    t_dyx = np.full(most, zero)
+    for b0 in range(k0, k1, per_block):
+        b1 = min(b0 + per_block, k1)
+        width = (b1 - b0) * L
+        for k in range(b0, b1):
+            mc, rr, q = _xhat_coefficients(mean_p[k], rstd_p[k], zero)
+            lo = (k - b0) * L
+            mc_v[lo:lo + L] = mc
+            r_v[lo:lo + L] = rr
+            q_v[lo:lo + L] = q
+        for t0 in range(a0, a1, AFFINE_BLOCK_ROWS):
+            t1 = min(t0 + AFFINE_BLOCK_ROWS, a1)
+            t_dy[:width] = zero
+            t_dyx[:width] = zero
+            pairs = t0 + (t1 - t0) // 2 * 2
+            for a in range(t0, pairs, 2):
+                first = ((p * A + a) * K + b0) * L
+                x0 = x[first:first + width]
+                d0 = dy[first:first + width]
+                x1 = x[first + stride:first + stride + width]
+                d1 = dy[first + stride:first + stride + width]
+                for i in range(width):
+                    g0 = _cast_like(load(d0, i), zero)
+                    g1 = _cast_like(load(d1, i), zero)
+                    m = mc_v[i]
+                    t_dy[i] += g0 + g1
+                    t_dyx[i] += (g0 * ((load(x0, i) - m) * r_v[i] + q_v[i])
+                                 + g1 * ((load(x1, i) - m) * r_v[i] + q_v[i]))
+            if pairs < t1:  # the last of an odd number of rows
+                first = ((p * A + pairs) * K + b0) * L
+                x0 = x[first:first + width]
+                d0 = dy[first:first + width]
+                for i in range(width):
+                    g0 = _cast_like(load(d0, i), zero)
+                    t_dy[i] += g0
+                    t_dyx[i] += g0 * ((load(x0, i) - mc_v[i]) * r_v[i]
+                                      + q_v[i])
+            for k in range(b0, b1):
+                for j in range(J):
+                    lo = (k - b0) * L + j * B
+                    s_dy = 0.0
+                    s_dyx = 0.0
+                    for i in range(lo, lo + B):
+                        s_dy += np.float64(t_dy[i])
+                        s_dyx += np.float64(t_dyx[i])
+                    _add_channel_sums(k, k * J + j, s_dy, s_dyx, gscale,
+                                      group_out, aff_dy, aff_dyx, with_affine)
 
 
 @_kernel
