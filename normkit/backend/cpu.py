@@ -1513,9 +1513,10 @@ ROWS_SUMS_SEGMENT = 64
 #: length, in float64 for float32 input) stay in the core's first caches
 #: while every row of the block goes through them.  Unblocked, the
 #: columns of 1024 groups of 16 (``(32, 1024, 4, 4)``) took 0.56 to 0.77
-#: ns a value (the runs above), in blocks of 1024 columns 0.41 to 0.44;
-#: blocks of 512 and of 2048 columns (one run each) took 0.55 and 0.41
-#: over segments of 49, 0.56 and 0.41 over segments of 16.
+#: ns a value (the runs of ``ROWS_SUMS_SEGMENT``), in blocks of 1024
+#: columns 0.41 to 0.44; blocks of 512 and of 2048 columns (one run each)
+#: took 0.55 and 0.41 over segments of 49, 0.56 and 0.41 over segments
+#: of 16.
 ROWS_SUMS_COLUMNS = 1024
 
 
