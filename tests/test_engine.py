@@ -355,10 +355,11 @@ def _check_backward_sums(view, plan, dtype, rng):
 def test_backward_sums_down_the_rows_in_blocks_of_columns(dtype, J, B, k_per,
                                                           rng):
     """Segments of up to ROWS_SUMS_SEGMENT values are summed down the rows
-    a block of at most ROWS_SUMS_COLUMNS columns at a time: over two whole
-    blocks of groups and a part, items that start and end inside a block,
-    an odd number of rows beyond a whole AFFINE_BLOCK_ROWS, the group and
-    per-channel sums match float64."""
+    a block of at most ROWS_SUMS_COLUMNS columns at a time, the blocks of
+    each item starting at its first group: over two whole blocks of groups
+    and a part (one item of all groups), items whose last block is cut
+    short by the item's end, an odd number of rows beyond a whole
+    AFFINE_BLOCK_ROWS, the group and per-channel sums match float64."""
     L = J * B
     assert L <= cpu.ROWS_SUMS_SEGMENT
     per_block = cpu.ROWS_SUMS_COLUMNS // L
