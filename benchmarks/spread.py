@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/spread.py RUN.json [RUN.json ...]
+    python benchmarks/spread.py [--csv OUT.csv] RUN.json [RUN.json ...]
 
 One row per cell (variant, shape, layout, dtype) measured in every run:
 the least and the greatest, over the runs, of normkit's forward and
@@ -18,11 +18,13 @@ per cell and pass, the least and the greatest time of the eager and of
 the compiled module over normkit's on NumPy arrays (what the adapter
 adds), and the eager module's speed-up over torch's.  Ratios within a run
 are what to compare: the machine's speed drifts between runs, torch's
-and normkit's alike (``docs/benchmarks.rst``).
+and normkit's alike (``docs/benchmarks.rst``).  ``--csv`` also writes the
+main table to ``OUT.csv``, as the benchmark page includes it.
 """
 
+import argparse
+import csv
 import json
-import sys
 
 from normkit import _bench
 
@@ -128,17 +130,23 @@ def adapter_row(key, row):
 
 
 def main(argv=None):
-    paths = sys.argv[1:] if argv is None else argv
-    if not paths:
-        sys.exit(__doc__)
+    parser = argparse.ArgumentParser(
+        description="The spread of several compare.py --json runs.")
+    parser.add_argument("runs", nargs="+", metavar="RUN.json")
+    parser.add_argument("--csv", metavar="OUT.csv",
+                        help="also write the main table there, as CSV")
+    args = parser.parse_args(argv)
     runs = []
-    for path in paths:
+    for path in args.runs:
         with open(path) as f:
             runs.append(json.load(f))
     print(f"{len(runs)} runs; least-greatest over the runs")
     rows = [table_row(key, row) for key, row in spread(runs).items()]
     if rows:
         print(_bench.format_table(HEADERS, rows))
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            csv.writer(f).writerows([HEADERS] + rows)
     adapter = [adapter_row(key, row)
                for key, row in adapter_spread(runs).items()]
     if adapter:

@@ -5,6 +5,7 @@
 ``benchmarks/follows.py``."""
 
 from collections import Counter
+import csv
 import importlib.util
 import json
 from pathlib import Path
@@ -197,6 +198,31 @@ def test_spread_script_ranges_and_verdicts():
     table = [spread.table_row(key, row) for key, row in rows.items()]
     assert table[0][4] == "FB" and table[1][4] == "fb"
     assert table[1][5] == "either 0.93-1.09" and table[1][6] == "faster 1.14-2.00"
+
+
+def test_spread_script_writes_its_table_as_csv(tmp_path, capsys):
+    compare = _load_script("compare")
+    spread = _load_script("spread")
+    cases = (_bench.Case("batch_norm", (2, 4, 3), 1),
+             _bench.Case("layer_norm", (4, 8), -1, "bfloat16"))
+    paths = []
+    for n, fwd in enumerate((1.5, 2.5)):
+        t = {"copy": 1.0, "fwd": fwd, "fwd+bwd": 3.0, "ref fwd": None,
+             "torch fwd": 2.0, "torch fwd+bwd": None}
+        paths.append(tmp_path / f"run{n}.json")
+        paths[-1].write_text(json.dumps(
+            {"results": [compare.json_record(c, t) for c in cases]}))
+    out = tmp_path / "spread.csv"
+    spread.main(["--csv", str(out)] + [str(p) for p in paths])
+    with open(out, newline="") as f:
+        written = list(csv.reader(f))
+    assert written[0] == spread.HEADERS
+    assert written[1:] == [
+        ["batch_norm 2x4x3 first float32", "small", "1.50-2.50", "3.00-3.00",
+         "fB", "either 0.80-1.33", "-", "1000.00-1000.00"],
+        ["layer_norm 4x8 rows bfloat16", "small", "1.50-2.50", "3.00-3.00",
+         "fB", "either 0.80-1.33", "-", "1000.00-1000.00"]]
+    assert "2 runs" in capsys.readouterr().out
 
 
 def _adapter_run(scale, cases):
