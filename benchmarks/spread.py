@@ -10,7 +10,7 @@ forward+backward time over the copy's, of normkit's speed-up over torch
 (torch's time over normkit's; above 1: normkit faster), and of the copy's
 own time.  The ``goal`` column says whether the forward (``F``) and the
 forward+backward (``B``) stayed within :data:`GOALS` in every run (capital
-letter), in some (small letter) or in none (``-``); ``vs torch`` says
+letter), in some (small letter) or in none (``·``); ``vs torch`` says
 whether normkit was faster in every run (``faster``), slower in every run
 (``slower``) or either (``either``).  Runs with the ``normkit.torch``
 cells (``--torch-adapter`` or ``--adapter-only``) add a table of those:
@@ -84,7 +84,7 @@ def spread(runs):
     return rows
 
 
-GOAL_MARK = {"all": str.upper, "some": str.lower, "none": lambda _: "-"}
+GOAL_MARK = {"all": str.upper, "some": str.lower, "none": lambda _: "·"}
 
 HEADERS = ["cell", "size", "fwd/copy", "fwd+bwd/copy", "goal",
            "fwd vs torch", "fwd+bwd vs torch", "copy ms"]
@@ -97,7 +97,7 @@ def table_row(key, row):
                  _range(row["fwd+bwd/copy"]), goal]
     for name in ("fwd", "fwd+bwd"):
         speedups = row.get(f"{name} vs torch")
-        row_cells.append("-" if speedups is None
+        row_cells.append("–" if speedups is None
                          else f"{_side(speedups)} {_range(speedups)}")
     return row_cells + [_range(row["copy ms"])]
 

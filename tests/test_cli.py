@@ -219,9 +219,9 @@ def test_spread_script_writes_its_table_as_csv(tmp_path, capsys):
     assert written[0] == spread.HEADERS
     assert written[1:] == [
         ["batch_norm 2x4x3 first float32", "small", "1.50-2.50", "3.00-3.00",
-         "fB", "either 0.80-1.33", "-", "1000.00-1000.00"],
+         "fB", "either 0.80-1.33", "–", "1000.00-1000.00"],
         ["layer_norm 4x8 rows bfloat16", "small", "1.50-2.50", "3.00-3.00",
-         "fB", "either 0.80-1.33", "-", "1000.00-1000.00"]]
+         "fB", "either 0.80-1.33", "–", "1000.00-1000.00"]]
     assert "2 runs" in capsys.readouterr().out
 
 
