@@ -201,7 +201,8 @@ def _column_range(K, L, l0, l1):
 
 
 #: Values of the groups a fused kernel takes at once where groups are
-#: segments (``B > 1``), see ``_group_step``.
+#: segments (``B > 1``, see ``_group_step``) and those a fused forward
+#: takes at once where each group is one run (``_item_step``).
 GROUP_STEP_VALUES = 32768
 
 
@@ -1077,16 +1078,49 @@ def forward_fused(x, out, P, A, K, J, B, plan, gamma, beta, eps, centered,
                      rstd_out)
 
 
+#: Most groups in one step of :func:`forward_item` where each is one
+#: contiguous run (``A == 1``): the rows of its coefficient table, for
+#: groups of a few values.
+RUN_GROUPS = 64
+
+
+@_inner
+def _item_step(r, K, L, A, B):
+    """Groups one step of :func:`forward_item` takes, counted along the
+    item's runs of consecutive groups: :func:`_group_step` where groups
+    are segments of several rows (``A > 1``), else as many whole groups
+    as hold :data:`GROUP_STEP_VALUES` values, one at least and at most
+    :data:`RUN_GROUPS` (LayerNorm and RMSNorm rows, GroupNorm and
+    InstanceNorm channels first).
+
+    Where each group is a run, its moments and its map are compiled
+    functions of their own, called once a step
+    (:func:`_step_moments`, :func:`_step_map`): inlined into every
+    forward kernel, they made each kernel take twice as long to compile.
+    A step of one row of 4096 values then made the float16 LayerNorm
+    forward of ``(128, 4096)`` 5 to 10 % slower than the inlined loop of
+    one row at a time; steps of this many values were as fast."""
+    if A != 1:
+        return _group_step(r, L, B)
+    return max(1, min(RUN_GROUPS, GROUP_STEP_VALUES // L))
+
+
 @_inlined
 def forward_item(x, out, item, P, A, K, J, B, plan, gamma, beta, eps,
                  centered, mean_out, var_out, finish, table, results):
-    """One item of a fused forward, a block of groups at a time (one group
-    where each is a contiguous run, ``A == 1``): their moments, then,
+    """One item of a fused forward, a step of groups at a time
+    (:func:`_item_step`): their moments (:func:`_step_moments`), then,
     while they are in cache, ``out = (x - center) * alpha * gamma + beta``
-    with ``center, alpha = finish(p, k, K, mean, var, eps, table,
-    results)`` per group, a compiled function that may also write
-    per-group ``results``, each in its own layout (:func:`own_statistics`,
-    or the transform of :func:`normalize_transformed`).
+    (:func:`_step_map`) with ``center, alpha = finish(p, k, K, mean, var,
+    eps, table, results)`` per group, a compiled function that may also
+    write per-group ``results``, each in its own layout
+    (:func:`own_statistics`, or the transform of
+    :func:`normalize_transformed`).
+
+    Groups are counted in ``(p, k)`` order, ``q = p * K + k``: an item's
+    groups are a run of consecutive ``q`` for each of its ``p``, or one
+    run where it holds every ``k``.  A step stays within one ``p`` where
+    ``A > 1``.
 
     ``finish`` is called at this one place, and this function is inlined
     into its kernel: Numba cannot keep on disk a kernel that hands a
@@ -1095,66 +1129,89 @@ def forward_item(x, out, item, P, A, K, J, B, plan, gamma, beta, eps,
     allocation: a tiny input's forward is a few microseconds per item."""
     L = J * B
     p0, p1, r, _ = _item_bounds(item, P, A, K, L, plan)
-    work = np.empty(K * (2 + N_COEF)
+    step = _item_step(r, K, L, A, B)
+    n_coef = max(K, step)
+    work = np.empty(2 * K + n_coef * N_COEF
                     + (2 * K * J if _rows_style(A, B) else 0))
     n = work[:K]
     m2 = work[K:2 * K]
-    coef = work[2 * K:K * (2 + N_COEF)].reshape((K, N_COEF))
-    scratch = work[K * (2 + N_COEF):]
+    coef = work[2 * K:2 * K + n_coef * N_COEF].reshape((n_coef, N_COEF))
+    scratch = work[2 * K + n_coef * N_COEF:]
     x_scratch = compute_empty(x, 4 * K * J if _narrow_groups(J, B) else 0)
     defaults = _param_defaults(gamma, beta)
-    step = 1 if A == 1 else _group_step(r, L, B)
-    for p in range(p0, p1):
-        for first in range(r[2], r[3], step):
-            g = _groups(r, first, step)
-            _step_moments(x, p, g, A, K, J, B, centered, n, m2, mean_out[p],
-                          var_out[p], scratch)
-            for k in range(g[2], g[3]):
-                if not centered and np.isnan(var_out[p, k]):
-                    var_out[p, k] = _plain_mean_square(x, p, k, A, K, J, B)
-                center, alpha = finish(p, k, K, mean_out[p, k], var_out[p, k],
-                                       eps, table, results)
-                _forward_coefficients(coef, k, center, alpha)
-            _step_map(x, out, p, g, A, K, J, B, coef, gamma, beta, x_scratch,
-                      defaults)
+    mean = mean_out.reshape(P * K)
+    var = var_out.reshape(P * K)
+    whole = A == 1 and r[2] == 0 and r[3] == K
+    span = (p1 - p0) * K if whole else r[3] - r[2]
+    for run in range(1 if whole else p1 - p0):
+        first = (p0 + run) * K + r[2]
+        for q0 in range(first, first + span, step):
+            q1 = min(first + span, q0 + step)
+            _step_moments(x, q0, q1, A, K, J, B, r, centered, n, m2, mean,
+                          var, scratch)
+            # coefficient rows: per group of the step where A == 1, per k
+            # of the step's p otherwise (as _p_apply reads them)
+            base = q0 if A == 1 else q0 - q0 % K
+            for q in range(q0, q1):
+                p, k = q // K, q % K
+                if not centered and np.isnan(var[q]):
+                    var[q] = _plain_mean_square(x, p, k, A, K, J, B)
+                center, alpha = finish(p, k, K, mean[q], var[q], eps, table,
+                                       results)
+                _forward_coefficients(coef, q - base, center, alpha)
+            _step_map(x, out, q0, q1, A, K, J, B, r, coef, gamma, beta,
+                      x_scratch, defaults)
 
 
-@_inlined
-def _step_moments(x, p, g, A, K, J, B, centered, n, m2, mean, var, scratch):
-    """``mean[k]`` and ``var[k]`` (:func:`_statistics`) of the groups ``k``
-    of one step of :func:`forward_item`: a contiguous run's
-    :func:`_segment_moments` where ``A == 1`` (LayerNorm and RMSNorm rows,
-    GroupNorm and InstanceNorm channels first: no per-group tables, whose
-    bookkeeping cost more than a group of a few hundred values), else
-    :func:`_p_moments`; ``n`` and ``m2`` are per-group scratch."""
+@_inner
+def _step_moments(x, q0, q1, A, K, J, B, r, centered, n, m2, mean, var,
+                  scratch):
+    """``mean[q]`` and ``var[q]`` (:func:`_statistics`; both flat, ``P *
+    K``) of the groups ``q`` in ``[q0, q1)`` of one step of
+    :func:`forward_item`: each contiguous run's :func:`_segment_moments`
+    where ``A == 1`` (no per-group tables, whose bookkeeping cost more
+    than a group of a few hundred values), else :func:`_p_moments` over
+    the item's ranges ``r`` for those groups, all of one ``p``; ``n`` and
+    ``m2`` are per-``k`` scratch."""
+    L = J * B
     if A == 1:
-        L = J * B
-        for k in range(g[2], g[3]):
-            lo = (p * K + k) * L
-            count, mu, sq = _segment_moments(x, lo, lo + L, 0.0, 0.0, 0.0)
-            mean[k], var[k] = _statistics(count, mu, sq, centered)
+        for q in range(q0, q1):
+            count, mu, sq = _segment_moments(x, q * L, (q + 1) * L, 0.0, 0.0,
+                                             0.0)
+            mean[q], var[q] = _statistics(count, mu, sq, centered)
         return
-    _p_moments(x, p, g, A, K, J, B, n, mean, m2, scratch)
-    for k in range(g[2], g[3]):
-        mean[k], var[k] = _statistics(n[k], mean[k], m2[k], centered)
+    p = q0 // K
+    k0, k1 = q0 - p * K, q1 - p * K
+    row_mean = mean[p * K:(p + 1) * K]
+    row_var = var[p * K:(p + 1) * K]
+    _p_moments(x, p, (r[0], r[1], k0, k1, r[4], r[5]), A, K, J, B, n,
+               row_mean, m2, scratch)
+    for k in range(k0, k1):
+        row_mean[k], row_var[k] = _statistics(n[k], row_mean[k], m2[k],
+                                              centered)
 
 
-@_inlined
-def _step_map(x, out, p, g, A, K, J, B, coef, gamma, beta, x_scratch,
+@_inner
+def _step_map(x, out, q0, q1, A, K, J, B, r, coef, gamma, beta, x_scratch,
               defaults):
-    """The map of one step of :func:`forward_item` with the coefficients
-    ``coef[k]``: a contiguous run's wide-group :func:`_map_segment` (``B ==
-    1``) or :func:`_map_group` where ``A == 1``, else :func:`_p_apply`."""
+    """The map of one step of :func:`forward_item`, groups ``q`` in ``[q0,
+    q1)``: a contiguous run's wide-group :func:`_map_segment` (``B == 1``)
+    or :func:`_map_group` where ``A == 1``, with the coefficients
+    ``coef[q - q0]``, else :func:`_p_apply` over the item's ranges ``r``
+    for those groups, all of one ``p``, with ``coef[k]``."""
     if A != 1:
-        _p_apply(x, x, out, False, p, g, A, K, J, B, coef, gamma, beta,
-                 x_scratch, defaults)
+        p = q0 // K
+        _p_apply(x, x[:0], out, False, p,
+                 (r[0], r[1], q0 - p * K, q1 - p * K, r[4], r[5]), A, K, J, B,
+                 coef, gamma, beta, x_scratch, defaults)
         return
     L = J * B
     zero = compute_zero(x)
-    for k in range(g[2], g[3]):
-        center, alpha = coef[k, COEF_MEAN], coef[k, COEF_A]
+    for q in range(q0, q1):
+        k = q % K
+        center, alpha = coef[q - q0, COEF_MEAN], coef[q - q0, COEF_A]
         if B == 1:
-            lo = (p * K + k) * L
+            lo = q * L
             mc, a_x, h_x, e_x, q_x, w_x = _wide_coefficients(
                 center, alpha, 0.0, 0.0, 0.0, zero)
             xs = x[lo:lo + L]
@@ -1162,8 +1219,8 @@ def _step_map(x, out, p, g, A, K, J, B, coef, gamma, beta, x_scratch,
                          gamma[k * J:(k + 1) * J], beta[k * J:(k + 1) * J],
                          mc, a_x, h_x, e_x, q_x, w_x, defaults)
         else:
-            _map_group(x, x, out, False, p, g, 1, K, J, B, k, center, alpha,
-                       0.0, 0.0, 0.0, gamma, beta)
+            _map_group(x, x, out, False, q // K, r, 1, K, J, B, k, center,
+                       alpha, 0.0, 0.0, 0.0, gamma, beta)
 
 
 # --------------------------------------------------------------------------
