@@ -393,7 +393,8 @@ def test_short_segments_are_mapped_in_blocks_of_groups(dtype, use_dy, rng):
     flat = cpu.as_kernel_array(x)
     out = np.empty_like(flat)
     plan = (1, P, K, 1, A, 1, L, 1)   # one item per p, every group in it
-    cpu.apply(flat, cpu.as_kernel_array(dy), out, use_dy, *view.dims, plan,
+    flat_dy = cpu.as_kernel_array(dy)
+    cpu.apply(flat, flat_dy if use_dy else flat_dy[:0], out, *view.dims, plan,
               coef, *cpu._affine_params(gamma, beta, K, flat))
     y = cpu.from_kernel_array(out, x.shape, x.dtype).astype(np.float64)
     m, a, h, e, c = (coef[:, None, :, None, None, i] for i in range(cpu.N_COEF))

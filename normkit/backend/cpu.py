@@ -1026,18 +1026,31 @@ def _map_segment(xs, ds, os, use_dy, gs, bs, mc, a, h, e, q, w, defaults):
 
 
 @_kernel
-def apply(x, dy, out, use_dy, P, A, K, J, B, plan, coef, gamma, beta):
+def apply(x, dy, out, P, A, K, J, B, plan, coef, gamma, beta):
     """Elementwise map of ``_p_apply`` over all items; ``coef`` is
     ``(P, K, 5)`` float64, ``gamma`` and ``beta`` are ``(K * J,)`` in the
-    input's dtype."""
+    input's dtype; ``dy`` has no values for a map without its term (a
+    forward passes ``x[:0]``).
+
+    Numba compiles a function apart for each constant argument: this
+    kernel calls ``_p_apply`` with a constant ``use_dy``, as the fused
+    kernels do, so that a dtype compiles it twice, not a third time for a
+    flag known only when it runs, and compiles this kernel once, where a
+    flag argument compiled it for each constant the drivers passed and
+    again for the calls from Python."""
     L = J * B
+    with_dy = dy.size > 0
     for item in prange(_n_items(plan)):
         p0, p1, r, _ = _item_bounds(item, P, A, K, L, plan)
         scratch = compute_empty(x, 4 * K * J if _narrow_groups(J, B) else 0)
         defaults = _param_defaults(gamma, beta)
         for p in range(p0, p1):
-            _p_apply(x, dy, out, use_dy, p, r, A, K, J, B,
-                     coef[p], gamma, beta, scratch, defaults)
+            if with_dy:
+                _p_apply(x, dy, out, True, p, r, A, K, J, B, coef[p], gamma,
+                         beta, scratch, defaults)
+            else:
+                _p_apply(x, dy, out, False, p, r, A, K, J, B, coef[p], gamma,
+                         beta, scratch, defaults)
 
 
 @_inner
@@ -1978,7 +1991,7 @@ def normalize_two_pass(x, out, P, A, K, J, B, plan, gamma, beta, eps,
             center, alpha = own_statistics(p, k, K, mean[p, k], var[p, k], eps,
                                            rstd, rstd)
             _forward_coefficients(coef[p], k, center, alpha)
-    apply(x, x, out, False, P, A, K, J, B, plan, coef, gamma, beta)
+    apply(x, x[:0], out, P, A, K, J, B, plan, coef, gamma, beta)
     return mean, var, rstd
 
 
@@ -2033,7 +2046,7 @@ def _dx_pass(x, dy, dx, P, A, K, J, B, plan, group, mean, rstd, gscale,
         group[:] = 0.0
         n = np.inf
     coef = backward_coefficients(group, n, mean, rstd, centered)
-    apply(x, dy, dx, True, P, A, K, J, B, plan, coef, gscale, no_beta)
+    apply(x, dy, dx, P, A, K, J, B, plan, coef, gscale, no_beta)
 
 
 @_driver
@@ -2206,7 +2219,7 @@ def apply_affine(x, view, mean, alpha, gamma=None, beta=None, out=None):
     coef[..., COEF_A] = _rows(alpha, view)
     y = _output(out, flat)
     kj = view.K * view.J
-    apply(flat, flat, y, False, *view.dims, tuple(plan), coef,
+    apply(flat, flat[:0], y, *view.dims, tuple(plan), coef,
           *_affine_params(gamma, beta, kj, flat))
     return _deliver(y, out, x.shape, x.dtype)
 
@@ -2332,7 +2345,7 @@ def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True,
     sums = np.stack([_rows(s, view) for s in group_sums], axis=-1)
     coef = backward_coefficients(sums, float(n), mean, rstd, centered)
     dx = _output(out, flat_x)
-    apply(flat_x, flat_dy, dx, True, *view.dims, tuple(make_plan(view)), coef,
+    apply(flat_x, flat_dy, dx, *view.dims, tuple(make_plan(view)), coef,
           gscale, np.empty(0, gscale.dtype))
     return _deliver(dx, out, x.shape, x.dtype)
 
