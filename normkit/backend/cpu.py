@@ -1122,9 +1122,9 @@ def _item_step(r, K, L, A, B):
 def forward_item(x, out, item, P, A, K, J, B, plan, gamma, beta, eps,
                  centered, mean_out, var_out, finish, table, results):
     """One item of a fused forward, a step of groups at a time
-    (:func:`_item_step`): their moments (:func:`_step_moments`), then,
-    while they are in cache, ``out = (x - center) * alpha * gamma + beta``
-    (:func:`_step_map`) with ``center, alpha = finish(p, k, K, mean, var,
+    (``_item_step``): their moments (``_step_moments``), then, while they
+    are in cache, ``out = (x - center) * alpha * gamma + beta``
+    (``_step_map``) with ``center, alpha = finish(p, k, K, mean, var,
     eps, table, results)`` per group, a compiled function that may also
     write per-group ``results``, each in its own layout
     (:func:`own_statistics`, or the transform of
