@@ -1098,7 +1098,7 @@ RUN_GROUPS = 64
 
 
 @_inner
-def _item_step(r, K, L, A, B):
+def _item_step(r, L, A, B):
     """Groups one step of :func:`forward_item` takes, counted along the
     item's runs of consecutive groups: :func:`_group_step` where groups
     are segments of several rows (``A > 1``), else as many whole groups
@@ -1142,7 +1142,7 @@ def forward_item(x, out, item, P, A, K, J, B, plan, gamma, beta, eps,
     allocation: a tiny input's forward is a few microseconds per item."""
     L = J * B
     p0, p1, r, _ = _item_bounds(item, P, A, K, L, plan)
-    step = _item_step(r, K, L, A, B)
+    step = _item_step(r, L, A, B)
     n_coef = max(K, step)
     work = np.empty(2 * K + n_coef * N_COEF
                     + (2 * K * J if _rows_style(A, B) else 0))
@@ -1197,8 +1197,8 @@ def _step_moments(x, q0, q1, A, K, J, B, r, centered, n, m2, mean, var,
     k0, k1 = q0 - p * K, q1 - p * K
     row_mean = mean[p * K:(p + 1) * K]
     row_var = var[p * K:(p + 1) * K]
-    _p_moments(x, p, (r[0], r[1], k0, k1, r[4], r[5]), A, K, J, B, n,
-               row_mean, m2, scratch)
+    _p_moments(x, p, _groups(r, k0, k1 - k0), A, K, J, B, n, row_mean, m2,
+               scratch)
     for k in range(k0, k1):
         row_mean[k], row_var[k] = _statistics(n[k], row_mean[k], m2[k],
                                               centered)
@@ -1214,9 +1214,8 @@ def _step_map(x, out, q0, q1, A, K, J, B, r, coef, gamma, beta, x_scratch,
     for those groups, all of one ``p``, with ``coef[k]``."""
     if A != 1:
         p = q0 // K
-        _p_apply(x, x[:0], out, False, p,
-                 (r[0], r[1], q0 - p * K, q1 - p * K, r[4], r[5]), A, K, J, B,
-                 coef, gamma, beta, x_scratch, defaults)
+        _p_apply(x, x[:0], out, False, p, _groups(r, q0 - p * K, q1 - q0), A,
+                 K, J, B, coef, gamma, beta, x_scratch, defaults)
         return
     L = J * B
     zero = compute_zero(x)
