@@ -373,16 +373,19 @@ def test_backward_sums_down_the_rows_in_blocks_of_columns(dtype, J, B, k_per,
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
 @pytest.mark.parametrize("use_dy", [False, True], ids=["map", "map-with-dy"])
-def test_short_segments_are_mapped_in_blocks_of_groups(dtype, use_dy, rng):
+@pytest.mark.parametrize("blocks", [2, 0], ids=["blocks-and-a-part", "one-part"])
+def test_short_segments_are_mapped_in_blocks_of_groups(dtype, use_dy, blocks,
+                                                       rng):
     """An item whose groups of short segments make rows of more than
     SHORT_MAP_VALUES values is mapped a block of whole groups at a time
     (segments shorter than BLOCK_MAP_SEGMENT, fewer than twice as many
-    values as rows): every block, the last one partial, matches the map's
-    formula ``(x - m) * (a*gamma + h) + dy * (e*gamma) + (beta + c)``, the
-    forward's and the backward's (``dy``)."""
+    values as rows), its coefficient vectors in the item's scratch
+    (``_map_scratch``, sized for the largest block, or for every group
+    where they are fewer): every block, the last one partial, matches the
+    map's formula ``(x - m) * (a*gamma + h) + dy * (e*gamma) + (beta +
+    c)``, the forward's and the backward's (``dy``)."""
     P, A, L = 2, 8, 9
-    K = 2 * (cpu.SHORT_MAP_VALUES // L) + 3   # two whole blocks and a part
-    assert K * L > cpu.SHORT_MAP_VALUES
+    K = blocks * (cpu.SHORT_MAP_VALUES // L) + 3   # whole blocks and a part
     assert L < cpu.BLOCK_MAP_SEGMENT and L < 2 * A
     view = View(P, A, K, 1, L)
     x = rng.normal(3.0, 2.0, size=view.dims).astype(dtype)
