@@ -386,6 +386,7 @@ def test_short_segments_are_mapped_in_blocks_of_groups(dtype, use_dy, blocks,
     c)``, the forward's and the backward's (``dy``)."""
     P, A, L = 2, 8, 9
     K = blocks * (cpu.SHORT_MAP_VALUES // L) + 3   # whole blocks and a part
+    assert (K * L > cpu.SHORT_MAP_VALUES) == (blocks > 0)
     assert L < cpu.BLOCK_MAP_SEGMENT and L < 2 * A
     view = View(P, A, K, 1, L)
     x = rng.normal(3.0, 2.0, size=view.dims).astype(dtype)
