@@ -7,9 +7,10 @@ import numba
 import numpy as np
 import pytest
 
-from normkit import engine
+import normkit
+from normkit import engine, reference
 from normkit.backend import cpu
-from normkit.backend.plan import (FUSED_ELEMENTS, Plan,
+from normkit.backend.plan import (FUSED_ELEMENTS, WHOLE_SAMPLES, Plan,
                                   thread_count)
 from normkit.engine import View, channel_view, make_plan, trailing_view
 
@@ -130,9 +131,65 @@ def test_plan_blocks_of_groups_come_in_whole_rounds_of_threads(n_threads):
 
 def test_plan_fuses_when_groups_are_plentiful():
     assert make_plan(VIEWS["instancenorm"], 2).fused
-    assert make_plan(VIEWS["batchnorm-channels-first"], 2).fused
+    assert make_plan(VIEWS["batchnorm-channels-first"], 2,
+                     whole_samples=False).fused
     assert make_plan(VIEWS["batchnorm-small-batch"], 2).fused
     assert not make_plan(VIEWS["batchnorm-huge-batch"], 2).fused
+
+
+@pytest.mark.parametrize("shape,whole", [
+    ((32, 64, 56, 56), True), ((32, 128, 28, 28), True),
+    ((4, 64, 56, 56), False),      # fewer than WHOLE_SAMPLES values
+    ((64, 512, 7, 7), False),      # segments shorter than LONG_SEGMENT
+    ((4, 512, 32, 32), False),     # fewer samples than chunks
+])
+def test_large_channels_first_batchnorm_takes_chunks_of_whole_samples(
+        shape, whole):
+    """Segment data of at least WHOLE_SAMPLES values in segments of at
+    least LONG_SEGMENT is split into chunks of whole samples, each item's
+    values one contiguous run; with whole_samples=False (the backward) and
+    below those sizes, into fused blocks of channels."""
+    view = channel_view(shape, 1, False)
+    plan = make_plan(view, 2)
+    blocks = make_plan(view, 2, whole_samples=False)
+    assert blocks.fused and blocks.n_kblk > 1
+    if whole:
+        assert plan.n_ach == 8 and plan.n_kblk == 1 and plan.n_lch == 1
+        assert view.A * view.K * view.J * view.B >= WHOLE_SAMPLES
+    else:
+        assert plan == blocks
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_batchnorm_over_chunks_of_whole_samples_follows_the_reference(
+        dtype, rng):
+    """A training BatchNorm whose forward takes chunks of whole samples
+    and whose backward takes blocks of channels (both checked) gives the
+    float64 reference's output, running statistics and gradients."""
+    shape = (8, 8, 128, 128)
+    view = channel_view(shape, 1, False)
+    assert make_plan(view, 2).n_ach == 8
+    assert make_plan(view, 2, whole_samples=False).fused
+    x = rng.normal(3.0, 2.0, shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    weight = rng.normal(1.0, 0.2, 8).astype(dtype)
+    bias = rng.normal(0.0, 0.2, 8).astype(dtype)
+    running = (np.zeros(8, dtype), np.ones(8, dtype))
+    y, saved = normkit.batch_norm(x, *running, weight, bias, training=True,
+                                  return_saved=True)
+    grads = normkit.batch_norm_backward(dy, x, saved)
+    before = (np.zeros(8), np.ones(8))
+    want, *want_running = reference.batch_norm(x, *before, weight, bias,
+                                               training=True)
+    want_grads = reference.batch_norm_backward(dy, x, *before, weight, bias,
+                                               training=True)
+    tol = 2e-3 if dtype == np.float16 else 2e-5
+    np.testing.assert_allclose(y, want, atol=tol * 8)
+    for got_run, want_run in zip(running, want_running):
+        np.testing.assert_allclose(got_run, want_run, rtol=tol)
+    for got, exp in zip(grads, want_grads):
+        np.testing.assert_allclose(got, exp, rtol=tol,
+                                   atol=tol * np.abs(exp).max())
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64,

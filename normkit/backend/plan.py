@@ -21,7 +21,7 @@ __all__ = ["Plan", "make_plan", "reduction_plan", "thread_count",
            "disjoint_columns", "column_sums",
            "Grid", "Settings", "SETTINGS", "grid_for", "split_reduced",
            "MIN_ITEM_ELEMENTS", "ITEMS_PER_THREAD",
-           "FUSED_ELEMENTS",
+           "FUSED_ELEMENTS", "WHOLE_SAMPLES", "LONG_SEGMENT",
            "WIDE_GROUP", "AFFINE_PARTIALS", "MAX_THREADS"]
 
 #: Items with fewer elements than this are not worth a CPU thread of their own.
@@ -33,6 +33,15 @@ ITEMS_PER_THREAD = 4
 #: Values per item when groups are split into blocks: an item's data then
 #: stays in a core's L2 cache between its statistics and its normalization.
 FUSED_ELEMENTS = 1 << 18
+
+#: Fewest values of segment-shaped data (channels-first BatchNorm) split
+#: into chunks of whole samples rather than blocks of channels (see
+#: ``_whole_samples_pay``).
+WHOLE_SAMPLES = 1 << 20
+
+#: Shortest segments (pixels per channel and sample) for which chunks of
+#: whole samples are taken (see ``_whole_samples_pay``).
+LONG_SEGMENT = 128
 
 #: Groups at least this many columns wide (J, with B == 1) read their affine
 #: parameters directly in the CPU kernels; narrower ones use per-column
@@ -152,7 +161,7 @@ def thread_count():
     return _get_thread_count()
 
 
-def make_plan(view, n_threads=None):
+def make_plan(view, n_threads=None, *, whole_samples=True):
     """Split the work of ``view`` into items for ``n_threads`` (default:
     Numba's, :func:`thread_count`).
 
@@ -160,7 +169,10 @@ def make_plan(view, n_threads=None):
     normalization of a group happen while it is in cache: blocks of ``p``,
     or, for segment-shaped data (``B > 1``, e.g. channels-first BatchNorm),
     blocks of groups ``k`` of at most :data:`FUSED_ELEMENTS` values, as
-    many as make whole rounds of the threads where a few more blocks do.  When
+    many as make whole rounds of the threads where a few more blocks do,
+    unless the input is large and its segments long, where chunks of whole
+    samples in memory order are faster (``_whole_samples_pay``; not with
+    ``whole_samples=False``, which the fused backward asks for).  When
     there are too few groups to keep every thread busy (BatchNorm with few
     channels; one long LayerNorm row), the reduced extent is split instead
     (:func:`split_reduced`; offsets only where ``B > 1``, or for one wide
@@ -168,7 +180,8 @@ def make_plan(view, n_threads=None):
     columns contiguous).  Partials are merged in a fixed order, so results
     depend only on the shape and the thread count.
     """
-    return _plan(view, thread_count() if n_threads is None else n_threads)
+    return _plan(view, thread_count() if n_threads is None else n_threads,
+                 whole_samples)
 
 
 def affine_partials_fit(plan, view):
@@ -203,7 +216,7 @@ def reduction_plan(view, n_threads=None):
     partial of the input's width exists.
     """
     n_threads = thread_count() if n_threads is None else n_threads
-    plan = _plan(view, n_threads)
+    plan = _plan(view, n_threads, True)
     P, A, K, J, B = view.dims
     if (affine_partials_fit(plan, view) or B != 1 or K != 1
             or J < WIDE_GROUP):
@@ -243,8 +256,34 @@ def _whole_rounds(K, k_per, P, n_threads):
     return k_per
 
 
+def _whole_samples_pay(A, L, total, pieces):
+    """Whether segment-shaped data (``B > 1``) of ``total`` values is split
+    into ``pieces`` chunks of whole rows ``a`` (every group; each chunk one
+    run of memory, a forward of two passes) rather than into blocks of
+    groups normalized while in cache: at least :data:`WHOLE_SAMPLES`
+    values, in segments of at least :data:`LONG_SEGMENT`, with a row or
+    more per chunk.
+
+    A block of groups reads and writes, per row, the block's segments: a
+    short run of memory every ``K * L`` values.  On the project's AMD EPYC
+    (Zen 4) machine, those runs cost more than the second read of the
+    input that whole rows cost.  Old (blocks) and new (whole samples)
+    checkouts in one process, alternating (medians of 15, three rounds),
+    new over old time of channels-first BatchNorm's forward, then forward
+    and backward (whose backward keeps the blocks): ``(32, 64, 56, 56)``
+    float16 0.73 to 0.93 and 0.87 to 0.97, bfloat16 0.72 to 0.74 and 0.88
+    to 0.90, float32 0.95 to 1.02 and 0.87 to 1.05; ``(32, 256, 14, 14)``
+    float32 0.64 to 0.70 and 0.87 to 0.89; ``(16, 64, 56, 56)`` float32,
+    the one slower, 1.03 to 1.10 and 1.02 to 1.04.  Below those sizes
+    the blocks were faster: ``(4, 64, 56, 56)`` float32's forward took
+    0.30 to 0.33 ms in blocks, 0.38 in chunks; ``(64, 512, 7, 7)``
+    float16 0.34 and 0.51.  The Intel machine of earlier sessions was not
+    measured."""
+    return total >= WHOLE_SAMPLES and L >= LONG_SEGMENT and A >= pieces
+
+
 @functools.lru_cache(maxsize=512)
-def _plan(view, n_threads):
+def _plan(view, n_threads, whole_samples):
     P, A, K, J, B = view.dims
     L = J * B
     total = P * A * K * L
@@ -254,13 +293,15 @@ def _plan(view, n_threads):
     if _enough(P, target, n_threads):
         p_per = ceil_div(P, min(P, target))
         return Plan(p_per, ceil_div(P, p_per), K, 1, A, 1, L, 1)
-    if B > 1 and _enough(P * K, target, n_threads):
-        k_per = _whole_rounds(K, max(1, min(ceil_div(K, ceil_div(target, P)),
+    pieces = ceil_div(target, P)
+    if (B > 1 and _enough(P * K, target, n_threads)
+            and not (whole_samples
+                     and _whole_samples_pay(A, L, total, pieces))):
+        k_per = _whole_rounds(K, max(1, min(ceil_div(K, pieces),
                                             FUSED_ELEMENTS // (A * L))),
                               P, n_threads)
         return Plan(1, P, k_per, ceil_div(K, k_per), A, 1, L, 1)
     split_l = B > 1 or (K == 1 and J >= WIDE_GROUP)
-    pieces = ceil_div(target, P)
     if not split_l:
         # chunks of whole rows, one per thread: each chunk's partials are
         # merged over the rows' whole width and its first rows read twice
