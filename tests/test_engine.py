@@ -164,8 +164,9 @@ def test_large_channels_first_batchnorm_takes_chunks_of_whole_samples(
 def test_batchnorm_over_chunks_of_whole_samples_follows_the_reference(
         dtype, rng):
     """A training BatchNorm whose forward takes chunks of whole samples
-    and whose backward takes blocks of channels (both checked) gives the
-    float64 reference's output, running statistics and gradients."""
+    (and so does its backward in float16, while float32's takes blocks of
+    channels: both plans checked) gives the float64 reference's output,
+    running statistics and gradients."""
     shape = (8, 8, 128, 128)
     view = channel_view(shape, 1, False)
     assert make_plan(view, 2).n_ach == 8

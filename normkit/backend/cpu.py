@@ -2396,14 +2396,15 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     (when both its arrays are C-contiguous, of one dtype) and return its
     arrays; elsewhere they return float64 sums.
 
-    Its plan keeps blocks of groups where the forward's takes whole
-    samples (``make_plan(view, whole_samples=False)``): one fused pass
-    of sums and ``dx`` per block.  Two passes over whole samples made
-    the float32 backward of channels-first BatchNorm slower (``(32, 64,
-    56, 56)``, ``(16, 64, 56, 56)`` and ``(32, 128, 28, 28)``: 1.01 to
-    1.21 times the fused pass's time, three rounds of medians of 15 with
-    both alternating in one process) though the float16 one faster (0.60
-    to 0.95 times)."""
+    Over float32 and float64 storage its plan keeps blocks of groups
+    where the forward's takes whole samples (``make_plan(view,
+    whole_samples=False)``): one fused pass of sums and ``dx`` per block.
+    Two passes over whole samples made the float32 backward of
+    channels-first BatchNorm slower (``(32, 64, 56, 56)``, ``(16, 64, 56,
+    56)`` and ``(32, 128, 28, 28)``: 1.01 to 1.21 times the fused pass's
+    time, three rounds of medians of 15 with both alternating in one
+    process) and the float16 one faster (0.60 to 0.95 times), so 16-bit
+    storage takes whole samples here too."""
     kj = view.K * view.J
     if _no_values(view):
         dx = np.empty(x.shape, x.dtype) if out is None else out
@@ -2411,7 +2412,7 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
                 else (dx, None, None))
     flat_x, flat_dy, mean, rstd, gscale = _backward_inputs(
         dy, x, view, mean, rstd, gscale, centered)
-    plan = make_plan(view, whole_samples=False)
+    plan = make_plan(view, whole_samples=flat_x.itemsize == 2)
     dx = _output(out, flat_x)
     no_beta = np.empty(0, gscale.dtype)
     written = None  # affine_out, where the kernels wrote the sums into it
