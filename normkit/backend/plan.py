@@ -172,13 +172,14 @@ def make_plan(view, n_threads=None, *, whole_samples=True):
     many as make whole rounds of the threads where a few more blocks do,
     unless the input is large and its segments long, where chunks of whole
     samples in memory order are faster (``_whole_samples_pay``; not with
-    ``whole_samples=False``, which the fused backward asks for).  When
-    there are too few groups to keep every thread busy (BatchNorm with few
-    channels; one long LayerNorm row), the reduced extent is split instead
-    (:func:`split_reduced`; offsets only where ``B > 1``, or for one wide
-    group, ``K == 1`` and ``J >= WIDE_GROUP``, which keeps every item's
-    columns contiguous).  Partials are merged in a fixed order, so results
-    depend only on the shape and the thread count.
+    ``whole_samples=False``, which keeps the blocks: the CPU backward asks
+    for it over float32 and float64 data, whose fused pass was faster).
+    When there are too few groups to keep every thread busy (BatchNorm
+    with few channels; one long LayerNorm row), the reduced extent is split
+    instead (:func:`split_reduced`; offsets only where ``B > 1``, or for
+    one wide group, ``K == 1`` and ``J >= WIDE_GROUP``, which keeps every
+    item's columns contiguous).  Partials are merged in a fixed order, so
+    results depend only on the shape and the thread count.
     """
     return _plan(view, thread_count() if n_threads is None else n_threads,
                  whole_samples)
