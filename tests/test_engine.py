@@ -147,8 +147,9 @@ def test_large_channels_first_batchnorm_takes_chunks_of_whole_samples(
         shape, whole):
     """Segment data of at least WHOLE_SAMPLES values in segments of at
     least LONG_SEGMENT is split into chunks of whole samples, each item's
-    values one contiguous run; with whole_samples=False (the backward) and
-    below those sizes, into fused blocks of channels."""
+    values one contiguous run; with whole_samples=False (the float32 and
+    float64 backward) and below those sizes, into fused blocks of
+    channels."""
     view = channel_view(shape, 1, False)
     plan = make_plan(view, 2)
     blocks = make_plan(view, 2, whole_samples=False)

@@ -267,20 +267,20 @@ def _whole_samples_pay(A, L, total, pieces):
 
     A block of groups reads and writes, per row, the block's segments: a
     short run of memory every ``K * L`` values.  On the project's AMD EPYC
-    (Zen 4) machine, those runs cost more than the second read of the
-    input that whole rows cost.  Old (blocks) and new (whole samples)
-    checkouts in one process, alternating (medians of 15, three rounds),
-    new over old time of channels-first BatchNorm's forward, then forward
-    and backward (whose backward keeps the blocks): ``(32, 64, 56, 56)``
-    float16 0.73 to 0.93 and 0.87 to 0.97, bfloat16 0.72 to 0.74 and 0.88
-    to 0.90, float32 0.95 to 1.02 and 0.87 to 1.05; ``(32, 256, 14, 14)``
-    float32 0.64 to 0.70 and 0.87 to 0.89; slower, ``(16, 64, 56, 56)``
-    float32 1.03 to 1.10 and 1.02 to 1.04 and ``(8, 256, 28, 28)``
-    float16 1.03 to 1.04 and 1.00 to 1.02.  Below those sizes
-    the blocks were faster: ``(4, 64, 56, 56)`` float32's forward took
-    0.30 to 0.33 ms in blocks, 0.38 in chunks; ``(64, 512, 7, 7)``
-    float16 0.34 and 0.51.  The Intel machine of earlier sessions was not
-    measured."""
+    (Zen 4) machine, those runs cost more than the second read of the input
+    that whole rows cost.  Old (blocks) and new (whole samples) checkouts in
+    one process, alternating (medians of 15, three rounds), new over old
+    time of channels-first BatchNorm's forward, then forward and backward
+    (the backward then still in blocks in every dtype; the 16-bit ones take
+    chunks since, see ``cpu.backward``): ``(32, 64, 56, 56)`` float16 0.73
+    to 0.93 and 0.87 to 0.97, bfloat16 0.72 to 0.74 and 0.88 to 0.90,
+    float32 0.95 to 1.02 and 0.87 to 1.05; ``(32, 256, 14, 14)`` float32
+    0.64 to 0.70 and 0.87 to 0.89; slower, ``(16, 64, 56, 56)`` float32
+    1.03 to 1.10 and 1.02 to 1.04 and ``(8, 256, 28, 28)`` float16 1.03 to
+    1.04 and 1.00 to 1.02.  Below those sizes the blocks were faster:
+    ``(4, 64, 56, 56)`` float32's forward took 0.30 to 0.33 ms in blocks,
+    0.38 in chunks; ``(64, 512, 7, 7)`` float16 0.34 and 0.51.  The Intel
+    machine of earlier sessions was not measured."""
     return total >= WHOLE_SAMPLES and L >= LONG_SEGMENT and A >= pieces
 
 
