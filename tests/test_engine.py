@@ -194,6 +194,63 @@ def test_batchnorm_over_chunks_of_whole_samples_follows_the_reference(
                                    atol=tol * np.abs(exp).max())
 
 
+@pytest.mark.parametrize("view,chunks", [
+    (View(4, 8, 64, 1, 3136), True),     # ghost BN (32, 64, 56, 56), 8 a batch
+    (View(4, 8, 8, 1, 3136), False),     # each p within FUSED_ELEMENTS
+    (View(8, 8, 128, 1, 784), False),    # one chunk per p: the p itself
+    (View(4, 8, 512, 1, 49), False),     # segments shorter than LONG_SEGMENT
+])
+def test_large_groups_of_p_take_chunks_of_whole_samples(view, chunks):
+    """Where each ``p`` of segment data holds more than FUSED_ELEMENTS
+    values (a ghost batch, too large to stay in cache between the passes
+    of a block of whole ``p``) and whole samples pay, every ``p`` is split
+    into chunks of whole samples, as a large BatchNorm's batch is; with
+    whole_samples=False, and otherwise, blocks of whole ``p`` stay."""
+    plan = make_plan(view, 2)
+    blocks = make_plan(view, 2, whole_samples=False)
+    assert blocks == Plan(1, view.P, view.K, 1, view.A, 1, view.J * view.B, 1)
+    if chunks:
+        assert view.A * view.K * view.J * view.B > FUSED_ELEMENTS
+        assert plan.n_pblk == view.P and plan.n_kblk == 1
+        assert plan.n_ach == 2 and plan.n_lch == 1 and not plan.fused
+    else:
+        assert plan == blocks
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_ghost_batchnorm_over_chunks_of_whole_samples_follows_the_reference(
+        dtype, rng):
+    """A training Ghost BatchNorm whose ghost batches are taken in chunks
+    of whole samples (the float32 backward in blocks of whole ghost
+    batches) gives the float64 reference's output, running statistics
+    and gradients."""
+    shape, virtual = (8, 8, 128, 128), 4
+    view = View(2, 4, 8, 1, 128 * 128)
+    assert make_plan(view, 2).n_ach == 4
+    assert make_plan(view, 2, whole_samples=False).fused
+    x = rng.normal(3.0, 2.0, shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    weight = rng.normal(1.0, 0.2, 8).astype(dtype)
+    bias = rng.normal(0.0, 0.2, 8).astype(dtype)
+    running = (np.zeros(8, dtype), np.ones(8, dtype))
+    y, saved = normkit.ghost_batch_norm(x, virtual, *running, weight, bias,
+                                        training=True, return_saved=True)
+    assert saved.view == view
+    grads = normkit.ghost_batch_norm_backward(dy, x, saved)
+    before = (np.zeros(8), np.ones(8))
+    want, *want_running = reference.ghost_batch_norm(
+        x, virtual, *before, weight, bias, training=True)
+    want_grads = reference.ghost_batch_norm_backward(
+        dy, x, virtual, *before, weight, bias, training=True)
+    tol = 2e-3 if dtype == np.float16 else 2e-5
+    np.testing.assert_allclose(y, want, atol=tol * 8)
+    for got_run, want_run in zip(running, want_running):
+        np.testing.assert_allclose(got_run, want_run, rtol=tol)
+    for got, exp in zip(grads, want_grads):
+        np.testing.assert_allclose(got, exp, rtol=tol,
+                                   atol=tol * np.abs(exp).max())
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64,
                                    "bfloat16"])
 def test_contiguous_input_is_not_copied(dtype):
