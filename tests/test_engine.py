@@ -172,19 +172,28 @@ def test_batchnorm_over_chunks_of_whole_samples_follows_the_reference(
     view = channel_view(shape, 1, False)
     assert make_plan(view, 2).n_ach == 8
     assert make_plan(view, 2, whole_samples=False).fused
+    _assert_training_follows_reference("batch_norm", shape, dtype, rng)
+
+
+def _assert_training_follows_reference(variant, shape, dtype, rng, *args):
+    """The training forward of channels-first ``variant`` (8 channels, with
+    weight, bias and running statistics; ``args`` before those, e.g. the
+    ghost batch size) and its backward over ``shape`` give the float64
+    reference's output, running statistics and gradients; returns the
+    forward's :class:`Saved` record."""
     x = rng.normal(3.0, 2.0, shape).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     weight = rng.normal(1.0, 0.2, 8).astype(dtype)
     bias = rng.normal(0.0, 0.2, 8).astype(dtype)
     running = (np.zeros(8, dtype), np.ones(8, dtype))
-    y, saved = normkit.batch_norm(x, *running, weight, bias, training=True,
-                                  return_saved=True)
-    grads = normkit.batch_norm_backward(dy, x, saved)
+    y, saved = getattr(normkit, variant)(x, *args, *running, weight, bias,
+                                         training=True, return_saved=True)
+    grads = getattr(normkit, f"{variant}_backward")(dy, x, saved)
     before = (np.zeros(8), np.ones(8))
-    want, *want_running = reference.batch_norm(x, *before, weight, bias,
-                                               training=True)
-    want_grads = reference.batch_norm_backward(dy, x, *before, weight, bias,
-                                               training=True)
+    want, *want_running = getattr(reference, variant)(
+        x, *args, *before, weight, bias, training=True)
+    want_grads = getattr(reference, f"{variant}_backward")(
+        dy, x, *args, *before, weight, bias, training=True)
     tol = 2e-3 if dtype == np.float16 else 2e-5
     np.testing.assert_allclose(y, want, atol=tol * 8)
     for got_run, want_run in zip(running, want_running):
@@ -192,6 +201,7 @@ def test_batchnorm_over_chunks_of_whole_samples_follows_the_reference(
     for got, exp in zip(grads, want_grads):
         np.testing.assert_allclose(got, exp, rtol=tol,
                                    atol=tol * np.abs(exp).max())
+    return saved
 
 
 @pytest.mark.parametrize("view,chunks", [
@@ -224,31 +234,12 @@ def test_ghost_batchnorm_over_chunks_of_whole_samples_follows_the_reference(
     of whole samples (the float32 backward in blocks of whole ghost
     batches) gives the float64 reference's output, running statistics
     and gradients."""
-    shape, virtual = (8, 8, 128, 128), 4
     view = View(2, 4, 8, 1, 128 * 128)
     assert make_plan(view, 2).n_ach == 4
     assert make_plan(view, 2, whole_samples=False).fused
-    x = rng.normal(3.0, 2.0, shape).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
-    weight = rng.normal(1.0, 0.2, 8).astype(dtype)
-    bias = rng.normal(0.0, 0.2, 8).astype(dtype)
-    running = (np.zeros(8, dtype), np.ones(8, dtype))
-    y, saved = normkit.ghost_batch_norm(x, virtual, *running, weight, bias,
-                                        training=True, return_saved=True)
+    saved = _assert_training_follows_reference(
+        "ghost_batch_norm", (8, 8, 128, 128), dtype, rng, 4)
     assert saved.view == view
-    grads = normkit.ghost_batch_norm_backward(dy, x, saved)
-    before = (np.zeros(8), np.ones(8))
-    want, *want_running = reference.ghost_batch_norm(
-        x, virtual, *before, weight, bias, training=True)
-    want_grads = reference.ghost_batch_norm_backward(
-        dy, x, virtual, *before, weight, bias, training=True)
-    tol = 2e-3 if dtype == np.float16 else 2e-5
-    np.testing.assert_allclose(y, want, atol=tol * 8)
-    for got_run, want_run in zip(running, want_running):
-        np.testing.assert_allclose(got_run, want_run, rtol=tol)
-    for got, exp in zip(grads, want_grads):
-        np.testing.assert_allclose(got, exp, rtol=tol,
-                                   atol=tol * np.abs(exp).max())
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64,
