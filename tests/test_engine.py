@@ -10,8 +10,8 @@ import pytest
 import normkit
 from normkit import engine, reference
 from normkit.backend import cpu
-from normkit.backend.plan import (FUSED_ELEMENTS, WHOLE_SAMPLES, Plan,
-                                  thread_count)
+from normkit.backend.plan import (COLUMN_BLOCK_ROWS, FUSED_ELEMENTS,
+                                  WHOLE_SAMPLES, Plan, thread_count)
 from normkit.engine import View, channel_view, make_plan, trailing_view
 
 
@@ -31,6 +31,7 @@ VIEWS = {
     "batchnorm-channels-last": channel_view((32, 56, 56, 64), 3, False),
     "batchnorm-channels-first": channel_view((32, 64, 56, 56), 1, False),
     "batchnorm-wide-rows": channel_view((256, 4096), 1, False),
+    "batchnorm-few-wide-rows": channel_view((64, 4096), 1, False),
     "batchnorm-small-batch": channel_view((2, 64, 56, 56), 1, False),
     "layernorm-one-long-row": trailing_view((1, 1_000_000), 1),
     "layernorm-rows": trailing_view((8192, 1024), 1),
@@ -50,8 +51,8 @@ def test_plan_covers_every_value_once(name, n_threads):
         seen[ps.start:ps.stop, ks.start:ks.stop, as_.start:as_.stop,
              ls.start:ls.stop] += 1
     assert (seen == 1).all()
-    if view.B == 1:   # rows of narrow or wide groups are never split along k
-        assert plan.n_kblk == 1
+    if view.B == 1 and plan.n_kblk > 1:   # blocks of columns hold every row
+        assert plan.n_ach == 1 and view.A <= COLUMN_BLOCK_ROWS
 
 
 @pytest.mark.parametrize("name", ["batchnorm-huge-batch", "layernorm-one-long-row",
@@ -176,29 +177,35 @@ def test_batchnorm_over_chunks_of_whole_samples_follows_the_reference(
 
 
 def _assert_training_follows_reference(variant, shape, dtype, rng, *args):
-    """The training forward of channels-first ``variant`` (8 channels, with
-    weight, bias and running statistics; ``args`` before those, e.g. the
-    ghost batch size) and its backward over ``shape`` give the float64
-    reference's output, running statistics and gradients; returns the
-    forward's :class:`Saved` record."""
+    """The training forward of channels-first ``variant`` (``shape[1]``
+    channels, with weight, bias and running statistics; ``args`` before
+    those, e.g. the ghost batch size) and its backward over ``shape`` give
+    the float64 reference's output, running statistics and gradients;
+    returns the forward's :class:`Saved` record."""
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    channels = shape[1]
     x = rng.normal(3.0, 2.0, shape).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
-    weight = rng.normal(1.0, 0.2, 8).astype(dtype)
-    bias = rng.normal(0.0, 0.2, 8).astype(dtype)
-    running = (np.zeros(8, dtype), np.ones(8, dtype))
+    weight = rng.normal(1.0, 0.2, channels).astype(dtype)
+    bias = rng.normal(0.0, 0.2, channels).astype(dtype)
+    running = (np.zeros(channels, dtype), np.ones(channels, dtype))
     y, saved = getattr(normkit, variant)(x, *args, *running, weight, bias,
                                          training=True, return_saved=True)
     grads = getattr(normkit, f"{variant}_backward")(dy, x, saved)
-    before = (np.zeros(8), np.ones(8))
+    before = (np.zeros(channels), np.ones(channels))
     want, *want_running = getattr(reference, variant)(
         x, *args, *before, weight, bias, training=True)
     want_grads = getattr(reference, f"{variant}_backward")(
         dy, x, *args, *before, weight, bias, training=True)
-    tol = 2e-3 if dtype == np.float16 else 2e-5
+    tol = {2: 2e-3, 4: 2e-5, 8: 1e-12}[np.dtype(dtype).itemsize]
+    if np.dtype(dtype).name == "bfloat16":
+        tol = 2e-2
+    y = np.asarray(y, np.float64)
+    grads = [np.asarray(a, np.float64) for a in grads]
+    running = [np.asarray(a, np.float64) for a in running]
     np.testing.assert_allclose(y, want, atol=tol * 8)
-    for got_run, want_run in zip(running, want_running):
-        np.testing.assert_allclose(got_run, want_run, rtol=tol)
-    for got, exp in zip(grads, want_grads):
+    for got, exp in zip(running + grads, want_running + list(want_grads)):
         np.testing.assert_allclose(got, exp, rtol=tol,
                                    atol=tol * np.abs(exp).max())
     return saved
@@ -240,6 +247,72 @@ def test_ghost_batchnorm_over_chunks_of_whole_samples_follows_the_reference(
     saved = _assert_training_follows_reference(
         "ghost_batch_norm", (8, 8, 128, 128), dtype, rng, 4)
     assert saved.view == view
+
+
+@pytest.mark.parametrize("view,blocks", [
+    (View(1, 64, 4096, 1, 1), True),     # BatchNorm1d over (64, 4096)
+    (View(1, 49, 32, 64, 1), True),      # GroupNorm (1, 7, 7, 2048), 32 groups
+    (View(1, 256, 4096, 1, 1), False),   # more than COLUMN_BLOCK_ROWS rows
+    (View(1, 6272, 64, 1, 1), False),    # runs shorter than MIN_COLUMN_RUN
+    (View(1, 2, 1, 100_000, 1), False),  # one group: chunks of its columns
+])
+def test_few_wide_rows_take_blocks_of_groups_over_every_row(view, blocks):
+    """Rows-style data (``B == 1``) of at most COLUMN_BLOCK_ROWS rows is
+    split into fused blocks of groups, each holding every row within
+    FUSED_ELEMENTS values, where chunks of rows would each sum and merge
+    every column; more rows, narrow rows and a single group keep chunks
+    of rows or columns."""
+    plan = make_plan(view, 2)
+    if blocks:
+        assert plan.n_kblk > 1 and plan.n_ach == 1 and plan.fused
+        assert plan.n_items % 2 == 0
+        assert view.A * plan.k_per * view.J <= FUSED_ELEMENTS
+    else:
+        assert plan.n_kblk == 1 and not plan.fused
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64,
+                                   "bfloat16"])
+@pytest.mark.parametrize("shape", [(48, 1500), (4, 70_000)])
+def test_batchnorm1d_over_blocks_of_groups_follows_the_reference(
+        shape, dtype, rng):
+    """BatchNorm1d over few wide rows, taken in blocks of features that
+    hold every row, gives the float64 reference's output, running
+    statistics and gradients: the backward fused per block, or (more
+    features than the affine partials hold, ``(4, 70000)``) its sums
+    over the blocks into one set of partials, then ``dx``."""
+    view = channel_view(shape, 1, False)
+    plan = make_plan(view)
+    assert plan.n_kblk > 1 and plan.fused
+    saved = _assert_training_follows_reference("batch_norm", shape, dtype,
+                                               rng)
+    assert saved.view == view
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("shape,groups", [((1, 7, 7, 2048), 32),
+                                          ((1, 2, 1, 100_000), 1)])
+def test_groupnorm_over_blocks_or_chunks_of_columns_follows_the_reference(
+        shape, groups, dtype, rng):
+    """Channels-last GroupNorm of one sample over few wide rows, in blocks
+    of wide groups that hold every row, or (one group) in chunks of rows
+    and of columns, gives the float64 reference's output and gradients."""
+    x = rng.normal(3.0, 2.0, shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    weight = rng.normal(1.0, 0.2, shape[-1]).astype(dtype)
+    bias = rng.normal(0.0, 0.2, shape[-1]).astype(dtype)
+    y, saved = normkit.group_norm(x, groups, weight, bias, axis=-1,
+                                  return_saved=True)
+    assert make_plan(saved.view).n_items > 1
+    grads = normkit.group_norm_backward(dy, x, saved)
+    want = reference.group_norm(x, groups, weight, bias, axis=-1)
+    want_grads = reference.group_norm_backward(dy, x, groups, weight, bias,
+                                               axis=-1)
+    tol = 2e-3 if dtype == np.float16 else 2e-5
+    np.testing.assert_allclose(y, want, atol=tol * 8)
+    for got, exp in zip(grads, want_grads):
+        np.testing.assert_allclose(got, exp, rtol=tol,
+                                   atol=tol * np.abs(exp).max())
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64,

@@ -76,8 +76,8 @@ from numba.extending import overload
 from . import protocol, storage
 from .storage import (compute_dtype, compute_empty, compute_zero, load,
                       product_zero, store, storage_view)
-from .plan import (WIDE_GROUP, affine_partials_fit, column_sums,
-                   disjoint_columns, make_plan, reduction_plan)
+from .plan import (WIDE_GROUP, affine_partials_fit, affine_slots,
+                   column_sums, make_plan, reduction_plan)
 
 #: Fast-math flags: reassociation lets LLVM vectorise the reductions.  The
 #: flags ``nnan`` and ``ninf`` are deliberately absent so that NaN and Inf
@@ -202,16 +202,28 @@ def _n_chunks(plan):
 
 
 @_inner
-def _column_range(K, L, l0, l1):
-    """Columns ``[c0, c1)`` of a row of ``K * L`` covered by ``[l0, l1)``.
+def _column_range(r, J):
+    """Columns ``[c0, c1)`` of a row of ``K * J`` values (``B == 1``)
+    covered by the ranges ``r = (a0, a1, k0, k1, l0, l1)``: ``c0 = k0 * J +
+    l0``, ``c1 = (k1 - 1) * J + l1``.
 
-    With ``B == 1`` the plan splits offsets (``[l0, l1) != [0, L)``) only for
-    ``K == 1`` and wide groups, so the covered columns are one contiguous
-    range, and narrow groups always see whole rows.
+    With ``B == 1`` the plan splits offsets (``[l0, l1) != [0, J)``) only
+    for ``K == 1`` and wide groups, and groups only where every row of them
+    stays in the item, so the covered columns are one contiguous range.
     """
-    if K == 1:
-        return l0, l1
-    return 0, K * L
+    return r[2] * J + r[4], (r[3] - 1) * J + r[5]
+
+
+@_inlined
+def _unsigned(c0, c1):
+    """``c0, c1`` as unsigned integers, the bounds of loops over columns
+    that may not start at 0.  Numba reads ``a[i]`` for a signed ``i``
+    through a test for a negative index (counted from the end), which
+    LLVM drops where ``i`` runs from 0 but not from a variable start,
+    and then does not vectorise the loop: column sums over ``(64, 4096)``
+    float32 rows took 223 us from a variable column, 22 from 0 or
+    unsigned."""
+    return np.uint64(c0), np.uint64(c1)
 
 
 #: Values of the groups a fused kernel takes at once where groups are
@@ -389,9 +401,10 @@ ROW_STEP = 8
 
 
 @_inner
-def _column_sums(tile, center, s1, sq):
+def _column_sums(tile, c0, c1, center, s1, sq):
     """``s1[c] += sum_r (tile[r, c] - center[c])`` and ``sq[c] += sum_r
-    (tile[r, c] - center[c])**2`` over the rows of a 2-D ``tile``.
+    (tile[r, c] - center[c])**2`` over the rows of a 2-D ``tile``, for the
+    columns ``c`` in ``[c0, c1)``.
 
     :data:`ROW_STEP` rows at a time: the sums of a column then wait on one
     addition through memory per eight rows, not per row, which is what
@@ -401,10 +414,11 @@ def _column_sums(tile, center, s1, sq):
     this shape, both threads, median of 60: 529 us for eight rows, 835 for
     four), and no shape tried was slower.
     """
-    n_rows, width = tile.shape
+    n_rows = tile.shape[0]
+    u0, u1 = _unsigned(c0, c1)
     whole = n_rows - n_rows % ROW_STEP
     for r in range(0, whole, ROW_STEP):
-        for c in range(width):
+        for c in range(u0, u1):
             m = center[c]
             d0 = load(tile, (r, c)) - m
             d1 = load(tile, (r + 1, c)) - m
@@ -418,16 +432,17 @@ def _column_sums(tile, center, s1, sq):
             sq[c] += (((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
                       + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)))
     for r in range(whole, n_rows):
-        for c in range(width):
+        for c in range(u0, u1):
             d = load(tile, (r, c)) - center[c]
             s1[c] += d
             sq[c] += d * d
 
 
 @_inner
-def _rows_moments(rows, col_mean, col_m2, center, s1, sq):
-    """Per-column (mean, M2) over the rows of a C-contiguous 2-D ``rows``;
-    returns the common count.
+def _rows_moments(rows, c0, c1, col_mean, col_m2, center, s1, sq):
+    """Per-column (mean, M2) over the rows of a C-contiguous 2-D ``rows``,
+    for the columns ``c`` in ``[c0, c1)`` (``col_mean[c]``, ...); returns
+    the common count.
 
     Rows are taken in tiles of about :data:`ROW_TILE` elements and at
     least :data:`MIN_TILE_ROWS` rows, vectorised across columns
@@ -443,35 +458,37 @@ def _rows_moments(rows, col_mean, col_m2, center, s1, sq):
     that drifts along the rows) loses only digits that are small next to
     the spread between tiles, which the float64 merge adds exactly.
     """
-    n_rows, width = rows.shape
-    rows_per_tile = max(MIN_TILE_ROWS, ROW_TILE // width)
+    n_rows = rows.shape[0]
+    u0, u1 = _unsigned(c0, c1)
+    rows_per_tile = max(MIN_TILE_ROWS, ROW_TILE // (c1 - c0))
     n = 0.0
     for r0 in range(0, n_rows, rows_per_tile):
         tile = rows[r0:min(r0 + rows_per_tile, n_rows)]
         nt = tile.shape[0]
         if n == 0.0:
             head = tile[:min(nt, ROW_STEP)]
-            center[:] = 0.0
-            s1[:] = 0.0
-            _column_sums(head, center, s1, sq)  # sq: unused
-            for c in range(width):
+            center[c0:c1] = 0.0
+            s1[c0:c1] = 0.0
+            _column_sums(head, c0, c1, center, s1, sq)  # sq: unused
+            for c in range(u0, u1):
                 center[c] = _cast_like(float(s1[c]) / head.shape[0], center[c])
         else:
-            for c in range(width):
+            for c in range(u0, u1):
                 center[c] = _cast_like(col_mean[c], center[c])
         for attempt in range(2):
-            s1[:] = 0.0
-            sq[:] = 0.0
-            _column_sums(tile, center, s1, sq)
-            if attempt == 1 or n != 0.0 or _centers_near(s1, sq, nt):
+            s1[c0:c1] = 0.0
+            sq[c0:c1] = 0.0
+            _column_sums(tile, c0, c1, center, s1, sq)
+            if attempt == 1 or n != 0.0 or _centers_near(s1[c0:c1],
+                                                          sq[c0:c1], nt):
                 break
             # some column's head mean lay far from its tile mean: sum the
             # tile again about its own means, now known
-            for c in range(width):
+            for c in range(u0, u1):
                 center[c] = _cast_like(float(center[c]) + float(s1[c]) / nt,
                                        center[c])
         frac = nt / (n + nt)
-        for c in range(width):
+        for c in range(u0, u1):
             t_mean, t_m2 = _tile_summary(nt, float(center[c]), s1[c], sq[c])
             if n == 0.0:
                 col_mean[c] = t_mean
@@ -513,16 +530,18 @@ def _p_moments(x, p, r, A, K, J, B, out_n, out_mean, out_m2, scratch):
     a0, a1, k0, k1, l0, l1 = r
     L = J * B
     if B == 1 and A > 1:
-        # Channels-last style: rows of K*J values, reduce across rows.
+        # Channels-last style: rows of K*J values, reduce across rows the
+        # columns of the ranges.
         width = K * J
+        c0, c1 = _column_range(r, J)
         col_mean = scratch[:width]
         col_m2 = scratch[width:2 * width]
-        n = _rows_moments(_row_block(x, p, a0, a1, A, width), col_mean, col_m2,
-                          compute_empty(x, width), compute_empty(x, width),
-                          compute_empty(x, width))
-        for k in range(K):
+        n = _rows_moments(_row_block(x, p, a0, a1, A, width), c0, c1,
+                          col_mean, col_m2, compute_empty(x, width),
+                          compute_empty(x, width), compute_empty(x, width))
+        for k in range(k0, k1):
             gn, gmean, gm2 = 0.0, 0.0, 0.0
-            for j in range(k * J, (k + 1) * J):
+            for j in range(k * J + l0, k * J + l1):
                 gn, gmean, gm2 = _chan_merge(gn, gmean, gm2, n, col_mean[j],
                                              col_m2[j])
             out_n[k], out_mean[k], out_m2[k] = gn, gmean, gm2
@@ -791,8 +810,7 @@ def _coefficients(coef, k):
 def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
              scratch, defaults):
     """Elementwise map for one ``p`` over the ranges ``r = (a0, a1, k0, k1,
-    l0, l1)``; narrow and wide groups (``B == 1``) are never split along
-    ``k``.
+    l0, l1)``.
 
     With per-(p, k) coefficients ``coef[k] = (m, a, h, e, c)`` (float64) and
     per-(k, j) ``gamma``, ``beta``::
@@ -823,8 +841,8 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
     if B == 1 and J >= WIDE_GROUP:
         # Wide groups: per-k scalars, gamma and beta read along the row.
         width = K * J
-        c0, c1 = _column_range(K, L, l0, l1)
-        for k in range(K):
+        c0, c1 = _column_range(r, J)
+        for k in range(k0, k1):
             lo = max(c0, k * J)
             hi = min(c1, (k + 1) * J)
             m, a_k, h, e, c = _coefficients(coef, k)
@@ -839,8 +857,10 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
                              mc, a_x, h_x, e_x, q_x, w_x, defaults)
         return
     if B == 1:
-        # Narrow groups: per-column coefficient vectors for this p, whole rows.
+        # Narrow groups: per-column coefficient vectors for this p, over
+        # the columns of groups k0 .. k1 (whole rows, or every row's part).
         width = K * J
+        c0, c1 = k0 * J, k1 * J
         mc_c = scratch[:width]
         sx_c = scratch[width:2 * width]
         sd_c = scratch[2 * width:3 * width]
@@ -848,35 +868,40 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
         # one loop over the columns, group k's coefficients read where its
         # columns start: a loop per group was a loop of one column per
         # group for BatchNorm (J == 1), whose setup cost more than the
-        # column (4096 columns: 12.9 us, now 9.3)
-        k = 0
+        # column (4096 columns: 12.9 us, now 9.3); column c0 + i at i of
+        # slices from c0 (an index from 0, see _unsigned)
+        mc_b, sx_b = mc_c[c0:c1], sx_c[c0:c1]
+        sd_b, s0_b = sd_c[c0:c1], s0_c[c0:c1]
+        gs, bs = gamma[c0:c1], beta[c0:c1]
+        k = k0
         end = J
-        m, a_k, h, e, c = _coefficients(coef, 0)
+        m, a_k, h, e, c = _coefficients(coef, k)
         mc = _cast_like(m, compute_zero(x))
-        for col in range(width):
-            if col == end:
+        for i in range(c1 - c0):
+            if i == end:
                 k += 1
                 end += J
                 m, a_k, h, e, c = _coefficients(coef, k)
                 mc = _cast_like(m, compute_zero(x))
-            g = _param(gamma, col, 1.0)
+            g = _param(gs, i, 1.0)
             sx = a_k * g + h
-            mc_c[col] = mc
-            sx_c[col] = sx
-            sd_c[col] = e * g
-            s0_c[col] = _param(beta, col, 0.0) + c - (m - float(mc)) * sx
+            mc_b[i] = mc
+            sx_b[i] = sx
+            sd_b[i] = e * g
+            s0_b[i] = _param(bs, i, 0.0) + c - (m - float(mc)) * sx
         x2 = _row_block(x, p, a0, a1, A, width)
         o2 = _row_block(out, p, a0, a1, A, width)
+        u0, u1 = _unsigned(c0, c1)
         if use_dy:
             d2 = _row_block(dy, p, a0, a1, A, width)
             for row in range(x2.shape[0]):
-                for col in range(width):
+                for col in range(u0, u1):
                     store(o2, (row, col),
                           (load(x2, (row, col)) - mc_c[col]) * sx_c[col]
                           + load(d2, (row, col)) * sd_c[col] + s0_c[col])
         else:
             for row in range(x2.shape[0]):
-                for col in range(width):
+                for col in range(u0, u1):
                     store(o2, (row, col),
                           (load(x2, (row, col)) - mc_c[col]) * sx_c[col] + s0_c[col])
         return
@@ -1286,10 +1311,10 @@ AFFINE_BLOCK_ROWS = 32
 
 
 @_inner
-def _column_backward_sums(d2, x2, center, t_dy, t_dyx):
+def _column_backward_sums(d2, x2, c0, c1, center, t_dy, t_dyx):
     """``t_dy[c] += sum_r d2[r, c]`` and ``t_dyx[c] += sum_r d2[r, c] *
     (x2[r, c] - center[c])`` (float64 sums) over the rows of 2-D ``d2`` and
-    ``x2``.
+    ``x2``, for the columns ``c`` in ``[c0, c1)``.
 
     Every :data:`AFFINE_BLOCK_ROWS` rows are summed in two vectors of the
     type of :func:`~normkit.backend.storage.product_zero`, about ``center``
@@ -1304,30 +1329,37 @@ def _column_backward_sums(d2, x2, center, t_dy, t_dyx):
     56, 56, 64)``, 34 us row by row and 27 two at a time).  The blocks are
     closed inside the row loop, not by a loop over blocks around it, which
     ran the float32 sums about 30 % slower (55 us against 43 in L2)."""
-    n_rows, width = x2.shape
+    n_rows = x2.shape[0]
+    u0, u1 = _unsigned(c0, c1)
     zero = product_zero(x2)
-    mc = np.full(width, zero)
-    for c in range(width):
-        mc[c] = _cast_like(center[c], zero)
-    b_dy = np.full(width, zero)
-    b_dyx = np.full(width, zero)
+    # the block sums and mc hold the columns from c0 on: column c at c - u0
+    mc = np.full(c1 - c0, zero)
+    for c in range(u0, u1):
+        mc[c - u0] = _cast_like(center[c], zero)
+    b_dy = np.full(c1 - c0, zero)
+    b_dyx = np.full(c1 - c0, zero)
+    center_b = center[c0:c1]
+    t_dy_b = t_dy[c0:c1]
+    t_dyx_b = t_dyx[c0:c1]
     whole = n_rows - n_rows % 2
     for r in range(0, whole, 2):
-        for c in range(width):
-            m = mc[c]
+        for c in range(u0, u1):
+            i = c - u0
+            m = mc[i]
             g0 = _cast_like(load(d2, (r, c)), zero)
             g1 = _cast_like(load(d2, (r + 1, c)), zero)
-            b_dy[c] += g0 + g1
-            b_dyx[c] += (g0 * (_cast_like(load(x2, (r, c)), zero) - m)
+            b_dy[i] += g0 + g1
+            b_dyx[i] += (g0 * (_cast_like(load(x2, (r, c)), zero) - m)
                          + g1 * (_cast_like(load(x2, (r + 1, c)), zero) - m))
         if (r + 2) % AFFINE_BLOCK_ROWS == 0 or r + 2 == whole:
-            _add_column_block(b_dy, b_dyx, mc, center, t_dy, t_dyx)
+            _add_column_block(b_dy, b_dyx, mc, center_b, t_dy_b, t_dyx_b)
     if whole < n_rows:  # the last of an odd number of rows
-        for c in range(width):
+        for c in range(u0, u1):
+            i = c - u0
             g = _cast_like(load(d2, (whole, c)), zero)
-            b_dy[c] += g
-            b_dyx[c] += g * (_cast_like(load(x2, (whole, c)), zero) - mc[c])
-        _add_column_block(b_dy, b_dyx, mc, center, t_dy, t_dyx)
+            b_dy[i] += g
+            b_dyx[i] += g * (_cast_like(load(x2, (whole, c)), zero) - mc[i])
+        _add_column_block(b_dy, b_dyx, mc, center_b, t_dy_b, t_dyx_b)
 
 
 @_inlined
@@ -1469,15 +1501,15 @@ def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
     group_out[k0:k1] = 0.0
     if B == 1 and J >= WIDE_GROUP:
         # Wide groups: fold straight into the group and affine sums.
-        c0, c1 = _column_range(K, L, l0, l1)
-        for r in range(p * A + a0, p * A + a1):
-            for k in range(K):
+        c0, c1 = _column_range(r, J)
+        for row in range(p * A + a0, p * A + a1):
+            for k in range(k0, k1):
                 lo = max(c0, k * J)
                 hi = min(c1, (k + 1) * J)
                 m = mean_p[k]
                 rs = rstd_p[k]
-                xs = x[r * width + lo:r * width + hi]
-                ds = dy[r * width + lo:r * width + hi]
+                xs = x[row * width + lo:row * width + hi]
+                ds = dy[row * width + lo:row * width + hi]
                 gs = gscale[lo:hi]
                 s_dy = aff_dy[lo:hi] if with_affine else aff_dy
                 s_dyx = aff_dyx[lo:hi] if with_affine else aff_dyx
@@ -1487,38 +1519,45 @@ def _p_reduce(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale, group_out,
                 group_out[k, 1] += s2
         return
     if B == 1:
-        # Narrow groups: per-column sums over whole rows, folded per group;
-        # rstd is applied once per column at the fold.
+        # Narrow groups: per-column sums over the rows, of the columns of
+        # groups k0 .. k1, folded per group; rstd is applied once per
+        # column at the fold.
+        c0, c1 = k0 * J, k1 * J
         m_c = scratch[:width]
         t_dy = scratch[width:2 * width]
         t_dyx = scratch[2 * width:3 * width]
         # loops over the columns, group k's values taken where its columns
         # start (as in _p_apply: 4096 one-column groups took 24 us here
-        # with a loop per group, 15 this way)
-        k = 0
+        # with a loop per group, 15 this way); column c0 + i at i of slices
+        # from c0 (as in _p_apply)
+        m_b, t_dy_b, t_dyx_b = m_c[c0:c1], t_dy[c0:c1], t_dyx[c0:c1]
+        gs = gscale[c0:c1]
+        k = k0
         end = J
-        for col in range(width):
-            if col == end:
+        for i in range(c1 - c0):
+            if i == end:
                 k += 1
                 end += J
-            m_c[col] = mean_p[k]
-        t_dy[:] = 0.0
-        t_dyx[:] = 0.0
+            m_b[i] = mean_p[k]
+        t_dy_b[:] = 0.0
+        t_dyx_b[:] = 0.0
         _column_backward_sums(_row_block(dy, p, a0, a1, A, width),
-                              _row_block(x, p, a0, a1, A, width), m_c,
+                              _row_block(x, p, a0, a1, A, width), c0, c1, m_c,
                               t_dy, t_dyx)
-        k = 0
+        aff_dy_b = aff_dy[c0:c1] if with_affine else aff_dy
+        aff_dyx_b = aff_dyx[c0:c1] if with_affine else aff_dyx
+        k = k0
         end = J
-        for col in range(width):
-            if col == end:
+        for i in range(c1 - c0):
+            if i == end:
                 k += 1
                 end += J
-            s_dyx = t_dyx[col] * rstd_p[k]
-            group_out[k, 0] += _param(gscale, col, 1.0) * t_dy[col]
-            group_out[k, 1] += _param(gscale, col, 1.0) * s_dyx
+            s_dyx = t_dyx_b[i] * rstd_p[k]
+            group_out[k, 0] += _param(gs, i, 1.0) * t_dy_b[i]
+            group_out[k, 1] += _param(gs, i, 1.0) * s_dyx
             if with_affine:
-                aff_dy[col] += t_dy[col]
-                aff_dyx[col] += s_dyx
+                aff_dy_b[i] += t_dy_b[i]
+                aff_dyx_b[i] += s_dyx
         return
     if (l0 == 0 and l1 == L and L <= ROWS_SUMS_SEGMENT
             and a1 - a0 >= ROW_STEP):
@@ -1844,20 +1883,23 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
     centered or not (``mean`` then zero, as for
     :func:`finish_backward_p`).
 
-    Valid only for plans whose items hold whole groups.  Writes ``dx`` and the
-    per-item ``(sum dy, sum dy*xhat)`` partials of ``part_affine``.
+    Valid only for plans whose items hold whole groups.  Writes ``dx`` and
+    adds the items' ``(sum dy, sum dy*xhat)`` into the partials of
+    ``part_affine``, zero on entry: one per item, or one in all where the
+    items' columns are disjoint (:func:`~normkit.backend.plan.affine_slots`).
     """
     L = J * B
     n = float(A * L)
     no_beta = gscale[:0]
+    n_slots = part_affine.shape[0]
     for item in prange(_n_items(plan)):
         p0, p1, r, _ = _item_bounds(item, P, A, K, L, plan)
         sums = np.empty((K, 2))
         coef = np.empty((K, N_COEF))
-        part_affine[item] = 0.0
+        affine = part_affine[item % n_slots]
         if A == 1 and K == 1 and B == 1:
-            _rows_backward(dy, x, dx, p0, p1, J, mean, rstd, gscale,
-                           part_affine[item], sums, coef, no_beta, centered)
+            _rows_backward(dy, x, dx, p0, p1, J, mean, rstd, gscale, affine,
+                           sums, coef, no_beta, centered)
             continue
         scratch = np.empty(3 * K * J if _narrow_groups(J, B) else 0)
         x_scratch = _map_scratch(x, K, J, B)
@@ -1867,7 +1909,7 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
             for first in range(r[2], r[3], step):
                 g = _groups(r, first, step)
                 _p_reduce(dy, x, p, g, A, K, J, B, mean[p], rstd[p],
-                          gscale, sums, part_affine[item], scratch, defaults)
+                          gscale, sums, affine, scratch, defaults)
                 finish_backward_p(sums, n, mean[p], rstd[p], coef, g[2], g[3],
                                   centered)
                 _p_apply(x, dy, dx, True, p, g, A, K, J, B, coef,
@@ -2330,9 +2372,9 @@ def _sums_partials(view, plan, need_affine=True):
     group sums and zeroed ``(slots, 2, K * J)`` affine sums (no columns
     unless ``need_affine``), one slot where the items' columns are
     disjoint, else one per item."""
-    slots = 1 if disjoint_columns(plan, view) else plan.n_items
     return (_group_partials(view, plan),
-            np.zeros((slots, 2, view.K * view.J if need_affine else 0)))
+            np.zeros((affine_slots(plan, view), 2,
+                      view.K * view.J if need_affine else 0)))
 
 
 def _group_partials(view, plan):
@@ -2418,7 +2460,8 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     written = None  # affine_out, where the kernels wrote the sums into it
     if (batch_stats and plan.fused
             and (not need_affine or affine_partials_fit(plan, view))):
-        part_affine = np.empty((plan.n_items, 2, kj if need_affine else 0))
+        part_affine = np.zeros((affine_slots(plan, view), 2,
+                                kj if need_affine else 0))
         backward_fused(flat_dy, flat_x, dx, *view.dims, tuple(plan), mean, rstd,
                        gscale, part_affine, bool(centered))
         sums = part_affine.sum(axis=0)
