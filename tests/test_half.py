@@ -234,6 +234,42 @@ def test_bfloat16_store_matches_ml_dtypes():
     np.testing.assert_array_equal(out[~nan], want.view(np.int16)[~nan])
 
 
+def _float64_near_ties(rng, dtype):
+    """float64 values at, just above and just below the midpoints between
+    neighbouring ``dtype`` values (random ones, with their sign), plus
+    values across the whole float64 range and the special ones."""
+    grid = rng.standard_normal(20_000).astype(dtype).astype(np.float64)
+    grid = grid[np.isfinite(grid) & (grid != 0)]
+    ulp = np.abs(grid) * 2.0 ** -(np.finfo(dtype).nmant)
+    mids = [grid + np.sign(grid) * ulp / 2 + d
+            for d in (0.0, 2.0 ** -40, -(2.0 ** -40))]
+    wide = rng.standard_normal(10_000) * 10.0 ** rng.integers(-50, 40, 10_000)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-50, -1e-50,
+                        65519.99, 65520.0, 3.39e38, 1e39,
+                        1 + 2.0 ** -11 + 2.0 ** -40])
+    return np.concatenate(mids + [wide, special])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_store_rounds_a_float64_value_once(dtype, rng):
+    """A float64 value is stored into 16 bits as NumPy's (and ml_dtypes')
+    cast rounds it, once: not to float32 first, which turns a value just
+    above or below a tie into the tie (``1 + 2**-11 + 2**-40`` into float16
+    1.0 instead of ``1 + 2**-10``)."""
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    dtype = np.dtype(dtype)
+    values = _float64_near_ties(rng, dtype)
+    out = np.empty(values.size, dtype)
+    _store_all(values, storage.storage_view(out))
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = values.astype(dtype)
+    nan = np.isnan(values)
+    assert np.isnan(out[nan].astype(np.float32)).all()
+    np.testing.assert_array_equal(out[~nan].view(np.uint16),
+                                  want[~nan].view(np.uint16))
+
+
 @njit
 def _product_type_sum(a):
     total = storage.product_zero(a)

@@ -402,6 +402,28 @@ def test_channelwise_reads_float32_arrays_in_float64(rng):
     np.testing.assert_array_equal(a, total.astype(np.float32))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_channelwise_reads_and_writes_16_bit_arrays_in_place(dtype, rng):
+    """16-bit arguments (running statistics kept in float16 or bfloat16)
+    are read in their storage and written in place, each float64 result
+    rounded once as NumPy's cast rounds it."""
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    a = rng.standard_normal(9).astype(dtype)
+    b = (rng.standard_normal(9) * 1e-3).astype(dtype)
+    wide = [a.astype(np.float64), b.astype(np.float64)]
+    total, diff = _sum_and_difference(*wide)
+    for got, want in zip(_sum_and_difference(a, b), (total, diff)):
+        np.testing.assert_array_equal(got, want)
+    same = a
+    _sum_and_difference(a, b, out=(a, b))
+    assert a is same
+    np.testing.assert_array_equal(a.view(np.uint16),
+                                  total.astype(dtype).view(np.uint16))
+    np.testing.assert_array_equal(b.view(np.uint16),
+                                  diff.astype(dtype).view(np.uint16))
+
+
 def test_channelwise_reads_two_dimensional_arguments_flat(rng):
     """``(P, K)`` arguments (a forward's statistics) are read in memory
     order, whatever their layout and float dtype, also where an output

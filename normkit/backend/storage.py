@@ -18,7 +18,9 @@ Storage codes (the dtype of the flat array a kernel receives):
 
 float16 narrowing rounds to nearest, ties to even, as
 ``astype(np.float16)`` does; bfloat16 narrowing rounds the same way, keeps
-infinities and turns NaN into a quiet NaN (as ``ml_dtypes`` does).
+infinities and turns NaN into a quiet NaN (as ``ml_dtypes`` does).  A
+float64 value is rounded once, as NumPy's cast rounds it (through a
+float32 rounded to odd, :func:`_odd_single`), not to float32 first.
 Accumulation in the kernels is in float32 or wider whatever the storage.
 """
 
@@ -152,6 +154,26 @@ def _single_to_bfloat16(value):
     return _single_to_bfloat16_bits(np.float32(value))
 
 
+@_inline
+def _odd_single(value):
+    """float64 ``value`` as a float32 rounded to odd: toward zero, with the
+    last bit set where that dropped anything.  Rounded on to float16 or
+    bfloat16 (to nearest, ties to even) it gives ``value`` rounded once:
+    float32 keeps more than two bits beyond either, so the odd bit settles
+    the ties that rounding to the nearest float32 first would make of
+    values just off them (``1 + 2**-11 + 2**-40`` became the tie ``1 +
+    2**-11`` and then float16 1.0, where a single rounding gives ``1 +
+    2**-10``)."""
+    single = np.float32(value)
+    wide = np.float64(single)
+    if wide == value or value != value or np.isinf(single):
+        return single
+    bits = single.view(np.uint32)
+    if abs(wide) > abs(value):  # rounded away from zero: one step back
+        bits = np.uint32(bits - np.uint32(1))
+    return np.uint32(bits | np.uint32(1)).view(np.float32)
+
+
 # --------------------------------------------------------------------------
 # what the kernels call
 # --------------------------------------------------------------------------
@@ -162,8 +184,8 @@ def load(a, index):
 
 
 def store(a, index, value):
-    """``a[index] = value`` converted to the storage type (usable in
-    kernels)."""
+    """``a[index] = value`` converted to the storage type, rounded once
+    (usable in kernels)."""
     a[index] = value
 
 
@@ -204,9 +226,16 @@ def _load_impl(a, index):
 @overload(store)
 def _store_impl(a, index, value):
     dtype = a.dtype
-    if dtype == types.uint16:
+    wide = isinstance(value, types.Float) and value.bitwidth == 64
+    if dtype == types.uint16 and wide:
+        def impl(a, index, value):
+            a[index] = _single_to_half(_odd_single(value))
+    elif dtype == types.uint16:
         def impl(a, index, value):
             a[index] = _single_to_half(value)
+    elif dtype == types.int16 and wide:
+        def impl(a, index, value):
+            a[index] = _single_to_bfloat16(_odd_single(value))
     elif dtype == types.int16:
         def impl(a, index, value):
             a[index] = _single_to_bfloat16(value)
