@@ -3,14 +3,15 @@
 ``tests/test_fuzz.py`` draws every public call over tiny shapes; this draws
 the canonical view ``(P, A, K, J, B)`` itself.  Each kind of view the CPU
 kernels take their own path for (:data:`KINDS`: rows, few long rows,
-channels last, channels-first segments) is drawn in float64, float32,
-float16 and bfloat16, with sizes at and around the thresholds where the
-kernels change path (tiles, short segments, wide groups, row pairs, column
-blocks, split plans), centered or about zero, on one thread or two, now
-and then with a NaN or an infinity in the data or with the mean far from
-zero, the parameters in float64, in the input's dtype, or one or both
-missing.  Every example is compared with a float64 formula written plainly
-here (forward, statistics, ``dx`` and the affine gradients), NaN and inf
+channels last, few wide rows, channels-first segments) is drawn in
+float64, float32, float16 and bfloat16, with sizes at and around the
+thresholds where the kernels change path (tiles, short segments, wide
+groups, row pairs, column blocks, blocks of groups over every row, split
+plans), centered or about zero, on one thread or two, now and then with
+a NaN or an infinity in the data or with the mean far from zero, the
+parameters in float64, in the input's dtype, or one or both missing.
+Every example is compared with a float64 formula written plainly here
+(forward, statistics, ``dx`` and the affine gradients), NaN and inf
 exactly where it has them.  The examples are derandomized and their
 number fixed, so CI runs the same ones everywhere.
 """
@@ -67,6 +68,13 @@ KINDS = {
                                near(7, cpu.ROW_TILE // 8, 30000),
                                st.integers(1, 4),
                                near(1, 2, plan.WIDE_GROUP), st.just(1)),
+    # few wide rows (BatchNorm1d, GroupNorm of one sample channels last):
+    # rows of narrow or wide groups in blocks of groups that hold every
+    # row (COLUMN_BLOCK_ROWS, MIN_COLUMN_RUN)
+    "few wide rows": st.tuples(st.just(1),
+                               near(2, plan.COLUMN_BLOCK_ROWS),
+                               near(plan.MIN_COLUMN_RUN, 3000),
+                               near(1, plan.WIDE_GROUP), st.just(1)),
     # channels first (BatchNorm, GroupNorm, InstanceNorm): segments of B
     # values, short ones (SHORT_TILE) gathered into tiles
     "segments": st.tuples(st.integers(1, 4), st.integers(1, 40),
