@@ -11,7 +11,8 @@ import normkit
 from normkit import engine, reference
 from normkit.backend import cpu
 from normkit.backend.plan import (COLUMN_BLOCK_ROWS, FUSED_ELEMENTS,
-                                  WHOLE_SAMPLES, Plan, thread_count)
+                                  MIN_ITEM_ELEMENTS, WHOLE_SAMPLES, Plan,
+                                  thread_count)
 from normkit.engine import View, channel_view, make_plan, trailing_view
 
 
@@ -82,6 +83,21 @@ def test_plan_cuts_rows_into_one_chunk_per_thread(name, n_threads):
         assert plan.n_ach == min(n_threads, view.A)
         assert plan.n_ach * plan.a_per - view.A < plan.n_ach
     assert plan.n_items >= min(n_threads, view.A)
+
+
+@pytest.mark.parametrize("shape,items", [
+    ((64, 768), 6),       # 49152 values: six items of at least 8192
+    ((24, 1024), 2),      # three items' worth: two, a whole round
+    ((4, 2048), 1),       # under two items' worth: one
+    ((128, 768), 8),      # ITEMS_PER_THREAD per thread at most
+])
+def test_small_inputs_split_into_whole_rounds_of_items(shape, items):
+    """Items hold at least MIN_ITEM_ELEMENTS values (a LayerNorm over 64
+    rows of 768 already gains from both threads), and come in whole
+    rounds of the threads where there are more items than threads."""
+    plan = make_plan(trailing_view(shape, 1), 2)
+    assert plan.n_items == items
+    assert shape[0] * shape[1] // items >= MIN_ITEM_ELEMENTS
 
 
 def test_plan_follows_numbas_thread_count():
