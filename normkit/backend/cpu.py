@@ -2714,7 +2714,7 @@ def map_channels(function, args, out):
     host arrays of one size, in float64: a NumPy ufunc compiled by
     ``numba.vectorize`` for one output (about a microsecond per call), a
     compiled loop for several, which reads its arrays in their storage
-    and writes 1-D float outputs itself (:func:`_loop_target`; any other
+    and writes 1-D float outputs itself (``_loop_target``; any other
     ``out`` receives a copy of its results)."""
     # one pass over the arguments: after a large kernel this code runs
     # with cold caches, where each further step costs microseconds

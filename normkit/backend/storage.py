@@ -20,7 +20,7 @@ float16 narrowing rounds to nearest, ties to even, as
 ``astype(np.float16)`` does; bfloat16 narrowing rounds the same way, keeps
 infinities and turns NaN into a quiet NaN (as ``ml_dtypes`` does).  A
 float64 value is rounded once, as NumPy's cast rounds it (through a
-float32 rounded to odd, :func:`_odd_single`), not to float32 first.
+float32 rounded to odd, ``_odd_single``), not to float32 first.
 Accumulation in the kernels is in float32 or wider whatever the storage.
 """
 
