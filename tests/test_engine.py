@@ -198,8 +198,6 @@ def _assert_training_follows_reference(variant, shape, dtype, rng, *args):
     those, e.g. the ghost batch size) and its backward over ``shape`` give
     the float64 reference's output, running statistics and gradients;
     returns the forward's :class:`Saved` record."""
-    if dtype == "bfloat16":
-        dtype = pytest.importorskip("ml_dtypes").bfloat16
     channels = shape[1]
     x = rng.normal(3.0, 2.0, shape).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
@@ -214,14 +212,9 @@ def _assert_training_follows_reference(variant, shape, dtype, rng, *args):
         x, *args, *before, weight, bias, training=True)
     want_grads = getattr(reference, f"{variant}_backward")(
         dy, x, *args, *before, weight, bias, training=True)
-    tol = {2: 2e-3, 4: 2e-5, 8: 1e-12}[np.dtype(dtype).itemsize]
-    if np.dtype(dtype).name == "bfloat16":
-        tol = 2e-2
-    y = np.asarray(y, np.float64)
-    grads = [np.asarray(a, np.float64) for a in grads]
-    running = [np.asarray(a, np.float64) for a in running]
+    tol = 2e-3 if dtype == np.float16 else 2e-5
     np.testing.assert_allclose(y, want, atol=tol * 8)
-    for got, exp in zip(running + grads, want_running + list(want_grads)):
+    for got, exp in zip([*running, *grads], [*want_running, *want_grads]):
         np.testing.assert_allclose(got, exp, rtol=tol,
                                    atol=tol * np.abs(exp).max())
     return saved
@@ -287,8 +280,7 @@ def test_few_wide_rows_take_blocks_of_groups_over_every_row(view, blocks):
         assert plan.n_kblk == 1 and not plan.fused
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64,
-                                   "bfloat16"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("shape", [(48, 1500), (4, 70_000)])
 def test_batchnorm1d_over_blocks_of_groups_follows_the_reference(
         shape, dtype, rng):
@@ -296,7 +288,8 @@ def test_batchnorm1d_over_blocks_of_groups_follows_the_reference(
     hold every row, gives the float64 reference's output, running
     statistics and gradients: the backward fused per block, or (more
     features than the affine partials hold, ``(4, 70000)``) its sums
-    over the blocks into one set of partials, then ``dx``."""
+    over the blocks into one set of partials, then ``dx``.  (The engine
+    fuzz's "few wide rows" draws such views in every dtype.)"""
     view = channel_view(shape, 1, False)
     plan = make_plan(view)
     assert plan.n_kblk > 1 and plan.fused
