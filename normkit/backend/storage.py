@@ -223,22 +223,25 @@ def _load_impl(a, index):
     return lambda a, index: a[index]
 
 
+@_inline
+def _nearest_single(value):
+    """``value`` as a float32, rounded to nearest (no change for one)."""
+    return np.float32(value)
+
+
 @overload(store)
 def _store_impl(a, index, value):
     dtype = a.dtype
+    # a float64 value reaches 16 bits through a float32 rounded to odd, so
+    # that it is rounded once
     wide = isinstance(value, types.Float) and value.bitwidth == 64
-    if dtype == types.uint16 and wide:
+    single = _odd_single if wide else _nearest_single
+    if dtype == types.uint16:
         def impl(a, index, value):
-            a[index] = _single_to_half(_odd_single(value))
-    elif dtype == types.uint16:
-        def impl(a, index, value):
-            a[index] = _single_to_half(value)
-    elif dtype == types.int16 and wide:
-        def impl(a, index, value):
-            a[index] = _single_to_bfloat16(_odd_single(value))
+            a[index] = _single_to_half(single(value))
     elif dtype == types.int16:
         def impl(a, index, value):
-            a[index] = _single_to_bfloat16(value)
+            a[index] = _single_to_bfloat16(single(value))
     else:
         def impl(a, index, value):
             a[index] = value
