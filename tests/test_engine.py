@@ -589,14 +589,56 @@ def test_short_segments_are_mapped_in_blocks_of_groups(dtype, use_dy, blocks,
     flat_dy = cpu.as_kernel_array(dy)
     cpu.apply(flat, flat_dy if use_dy else flat_dy[:0], out, *view.dims, plan,
               coef, *cpu._affine_params(gamma, beta, K, flat))
+    _assert_map_follows_its_formula(out, x, dy if use_dy else None, coef,
+                                    gamma, beta)
+
+
+def _assert_map_follows_its_formula(out, x, dy, coef, gamma, beta):
+    """The kernel array ``out`` of ``cpu.apply`` over ``x`` (the view's
+    dims as its shape) is ``(x - m) * (a*gamma + h) + dy * (e*gamma) +
+    (beta + c)`` with ``coef``'s ``(m, a, h, e, c)`` (no ``dy`` term for
+    None), within the dtype's rounding."""
+    K, J = x.shape[2:4]
     y = cpu.from_kernel_array(out, x.shape, x.dtype).astype(np.float64)
     m, a, h, e, c = (coef[:, None, :, None, None, i] for i in range(cpu.N_COEF))
-    g = gamma[None, None, :, None, None]
+    g = gamma.reshape(1, 1, K, J, 1)
     expected = ((x.astype(np.float64) - m) * (a * g + h)
-                + beta[None, None, :, None, None] + c)
-    if use_dy:
+                + beta.reshape(1, 1, K, J, 1) + c)
+    if dy is not None:
         expected += dy.astype(np.float64) * (e * g)
     scale = np.abs(expected).max()
     tol = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5,
-           np.dtype(np.float16): 2e-3}[np.dtype(dtype)]
+           np.dtype(np.float16): 2e-3}[x.dtype]
     np.testing.assert_allclose(y, expected, rtol=0, atol=tol * scale)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("use_dy", [False, True], ids=["map", "map-with-dy"])
+@pytest.mark.parametrize("J, plan", [
+    (1, (1, 2, 3, 1, 5, 1, 600, 1)),      # whole segments, every row
+    (2, (1, 2, 3, 1, 2, 3, 350, 2)),      # chunks of rows and of segments
+], ids=["whole-segments", "chunks"])
+def test_segments_of_several_rows_and_groups_are_mapped_row_by_row(
+        dtype, use_dy, J, plan, rng):
+    """Where an item holds several rows ``a`` of several groups of long
+    segments, the map goes row by row in memory order
+    (``_map_rows_of_segments``, its columns' coefficients in the item's
+    scratch): with every segment whole and with items cut across rows and
+    across segments (a chunk of offsets ending inside a channel's
+    segment), each value matches the map's formula ``(x - m) *
+    (a*gamma + h) + dy * (e*gamma) + (beta + c)``."""
+    P, A, K, L = 2, 5, 3, 600
+    view = View(P, A, K, J, L // J)
+    assert 2 * L > cpu.TILE   # not the short segments' blocks
+    x = rng.normal(3.0, 2.0, size=view.dims).astype(dtype)
+    dy = rng.normal(size=view.dims).astype(dtype)
+    coef = rng.normal(size=(P, K, cpu.N_COEF))
+    gamma = rng.uniform(0.5, 2.0, K * J)
+    beta = rng.normal(size=K * J)
+    flat = cpu.as_kernel_array(x)
+    out = np.full_like(flat, np.nan if flat.itemsize > 2 else 0x7E00)
+    flat_dy = cpu.as_kernel_array(dy)
+    cpu.apply(flat, flat_dy if use_dy else flat_dy[:0], out, *view.dims, plan,
+              coef, *cpu._affine_params(gamma, beta, K * J, flat))
+    _assert_map_follows_its_formula(out, x, dy if use_dy else None, coef,
+                                    gamma, beta)

@@ -883,12 +883,9 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
                 end += J
                 m, a_k, h, e, c = _coefficients(coef, k)
                 mc = _cast_like(m, compute_zero(x))
-            g = _param(gs, i, 1.0)
-            sx = a_k * g + h
             mc_b[i] = mc
-            sx_b[i] = sx
-            sd_b[i] = e * g
-            s0_b[i] = _param(bs, i, 0.0) + c - (m - float(mc)) * sx
+            sx_b[i], sd_b[i], s0_b[i] = _column_coefficients(
+                m, a_k, h, e, c, _param(gs, i, 1.0), _param(bs, i, 0.0), mc)
         x2 = _row_block(x, p, a0, a1, A, width)
         o2 = _row_block(out, p, a0, a1, A, width)
         u0, u1 = _unsigned(c0, c1)
@@ -914,6 +911,10 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
         for first in range(k0, k1, step):
             _map_block_rows(x, dy, out, use_dy, p, _groups(r, first, step), A,
                             K, J, B, coef, gamma, beta, scratch)
+        return
+    if a1 - a0 > 1 and k1 - k0 > 1:
+        _map_rows_of_segments(x, dy, out, use_dy, p, r, A, K, J, B, coef,
+                              gamma, beta, scratch)
         return
     for k in range(k0, k1):
         m, a_k, h, e, c = _coefficients(coef, k)
@@ -970,14 +971,14 @@ def _map_block_rows(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma,
         mc = _cast_like(m, zero)
         for j in range(J):
             col = k * J + j
-            g = _param(gamma, col, 1.0)
-            sx = a_k * g + h
+            sx, sd, s0 = _column_coefficients(m, a_k, h, e, c,
+                                              _param(gamma, col, 1.0),
+                                              _param(beta, col, 0.0), mc)
             lo = (k - k0) * L + j * B
             mc_v[lo:lo + B] = mc
-            sx_v[lo:lo + B] = _cast_like(sx, zero)
-            sd_v[lo:lo + B] = _cast_like(e * g, zero)
-            s0_v[lo:lo + B] = _cast_like(_param(beta, col, 0.0) + c
-                                         - (m - float(mc)) * sx, zero)
+            sx_v[lo:lo + B] = sx
+            sd_v[lo:lo + B] = sd
+            s0_v[lo:lo + B] = s0
     for a in range(a0, a1):
         start = ((p * A + a) * K + k0) * L
         xs = x[start:start + width]
@@ -993,36 +994,98 @@ def _map_block_rows(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma,
 
 
 @_inlined
+def _column_coefficients(m, a_k, h, e, c, g, b, mc):
+    """``(sx, sd, s0)`` of one column of :func:`_p_apply`'s map in the
+    type of ``mc`` (the group's ``m`` rounded), from the group's float64
+    ``(m, a, h, e, c)`` and the column's ``gamma`` and ``beta``: ``sx = a
+    * g + h``, ``sd = e * g``, ``s0 = b + c - (m - mc) * sx``."""
+    sx = a_k * g + h
+    return (_cast_like(sx, mc), _cast_like(e * g, mc),
+            _cast_like(b + c - (m - float(mc)) * sx, mc))
+
+
+@_inlined
+def _map_run(xs, ds, os, use_dy, mc, sx, sd, s0):
+    """``os = (xs - mc) * sx + ds * sd + s0`` along one contiguous run (the
+    ``ds`` term only when ``use_dy``)."""
+    if use_dy:
+        for i in range(xs.size):
+            store(os, i, (load(xs, i) - mc) * sx + load(ds, i) * sd + s0)
+    else:
+        for i in range(xs.size):
+            store(os, i, (load(xs, i) - mc) * sx + s0)
+
+
+@_inlined
 def _map_group(x, dy, out, use_dy, p, r, A, K, J, B, k, m, a_k, h, e, c,
                gamma, beta):
     """The map of :func:`_p_apply` over group ``k`` of one ``p`` in the
     ranges ``r`` for segments (``B > 1``): each channel ``j``'s values with
-    its own scalar coefficients, from the group's float64 ``(m, a, h, e,
-    c)``."""
+    its own scalar coefficients (:func:`_column_coefficients`), from the
+    group's float64 ``(m, a, h, e, c)``."""
     a0, a1, _, _, l0, l1 = r
     L = J * B
     mc = _cast_like(m, compute_zero(x))
     for j in range(l0 // B, (l1 - 1) // B + 1):
         col = k * J + j
-        g = _param(gamma, col, 1.0)
-        sx = a_k * g + h
-        sx_x = _cast_like(sx, mc)
-        sd_x = _cast_like(e * g, mc)
-        s0_x = _cast_like(_param(beta, col, 0.0) + c - (m - float(mc)) * sx, mc)
+        sx, sd, s0 = _column_coefficients(m, a_k, h, e, c,
+                                          _param(gamma, col, 1.0),
+                                          _param(beta, col, 0.0), mc)
         for a in range(a0, a1):
             seg = ((p * A + a) * K + k) * L
             lo = seg + max(l0, j * B)
             hi = seg + min(l1, (j + 1) * B)
-            xs = x[lo:hi]
-            os = out[lo:hi]
-            if use_dy:
-                ds = dy[lo:hi]
-                for i in range(xs.size):
-                    store(os, i, (load(xs, i) - mc) * sx_x
-                          + load(ds, i) * sd_x + s0_x)
-            else:
-                for i in range(xs.size):
-                    store(os, i, (load(xs, i) - mc) * sx_x + s0_x)
+            _map_run(x[lo:hi], dy[lo:hi], out[lo:hi], use_dy, mc, sx, sd, s0)
+
+
+@_uncounted
+def _map_rows_of_segments(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma,
+                          beta, scratch):
+    """The map of :func:`_p_apply` over several rows ``a`` of several groups
+    of segments (``B > 1``) taken a segment at a time: row by row, in
+    memory order, with each column's scalar coefficients made once into
+    four vectors of ``scratch`` (:func:`_map_scratch`).  A group at a time
+    read a chunk of whole samples one segment every ``K * L`` values, as
+    many times as it has groups: channels-first BatchNorm's map over
+    ``(4096, 3, 64, 64)`` float32 took 16.2 ms that way on two threads,
+    where a plain map in memory order took 11.9.  Old (a group at a time)
+    and new checkouts in one process, alternating (medians of 7 to 15,
+    three rounds, Zen 4), new over old time of the training forward, then
+    forward and backward: ``(4096, 3, 64, 64)`` 0.75 to 0.83 and 0.78 to
+    0.86; ``(32, 64, 56, 56)`` float32 0.78 to 0.92 and 0.93 to 1.01,
+    float16 0.73 to 0.99 and 0.81 to 0.89, bfloat16 0.84 to 1.06 and 0.76
+    to 0.97; Batch Renormalization there 0.82 to 0.93 and 0.94 to 0.97,
+    Ghost BatchNorm 0.83 to 0.99 and 0.91 to 1.01; cells that do not take
+    this map (channels-last, short segments, GroupNorm, InstanceNorm)
+    0.96 to 1.06."""
+    a0, a1, k0, k1, l0, l1 = r
+    L = J * B
+    j0, j1 = l0 // B, (l1 - 1) // B + 1
+    width = (k1 - k0) * J
+    mc_c = scratch[:width]
+    sx_c = scratch[width:2 * width]
+    sd_c = scratch[2 * width:3 * width]
+    s0_c = scratch[3 * width:4 * width]
+    zero = compute_zero(x)
+    for k in range(k0, k1):
+        m, a_k, h, e, c = _coefficients(coef, k)
+        mc = _cast_like(m, zero)
+        for j in range(j0, j1):
+            col = k * J + j
+            i = (k - k0) * J + j
+            mc_c[i] = mc
+            sx_c[i], sd_c[i], s0_c[i] = _column_coefficients(
+                m, a_k, h, e, c, _param(gamma, col, 1.0),
+                _param(beta, col, 0.0), mc)
+    for a in range(a0, a1):
+        for k in range(k0, k1):
+            seg = ((p * A + a) * K + k) * L
+            for j in range(j0, j1):
+                i = (k - k0) * J + j
+                lo = seg + max(l0, j * B)
+                hi = seg + min(l1, (j + 1) * B)
+                _map_run(x[lo:hi], dy[lo:hi], out[lo:hi], use_dy, mc_c[i],
+                         sx_c[i], sd_c[i], s0_c[i])
 
 
 @_inlined
@@ -1069,14 +1132,16 @@ def _map_segment(xs, ds, os, use_dy, gs, bs, mc, a, h, e, q, w, defaults):
 @_inlined
 def _map_scratch(x, K, J, B):
     """Scratch of the compute type for :func:`_p_apply`, which allocates
-    none: four vectors of a row's ``K * J`` columns for narrow groups, or
-    of the most columns of a block of :func:`_map_block_rows` for
-    segments it may take in blocks, else none."""
+    none: four vectors of a row's ``K * J`` columns for narrow groups and
+    for segments (:func:`_map_rows_of_segments`), or of the most columns
+    of a block of :func:`_map_block_rows` where segments may be taken in
+    blocks and that is more, else none."""
     L = J * B
     if _narrow_groups(J, B):
         return compute_empty(x, 4 * K * J)
-    if B > 1 and 2 * L <= TILE:
-        return compute_empty(x, 4 * min(K, max(1, SHORT_MAP_VALUES // L)) * L)
+    if B > 1:
+        block = min(K, max(1, SHORT_MAP_VALUES // L)) * L if 2 * L <= TILE else 0
+        return compute_empty(x, 4 * max(K * J, block))
     return compute_empty(x, 0)
 
 
