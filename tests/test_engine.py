@@ -181,15 +181,34 @@ def test_large_channels_first_batchnorm_takes_chunks_of_whole_samples(
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_batchnorm_over_chunks_of_whole_samples_follows_the_reference(
         dtype, rng):
-    """A training BatchNorm whose forward takes chunks of whole samples
-    (and so does its backward in float16, while float32's takes blocks of
-    channels: both plans checked) gives the float64 reference's output,
-    running statistics and gradients."""
+    """A training BatchNorm whose forward and backward take chunks of
+    whole samples (two passes each) gives the float64 reference's output,
+    running statistics and gradients.  (The blocks' fused backward, which
+    float64 and ghost batches keep, is what smaller inputs take.)"""
     shape = (8, 8, 128, 128)
     view = channel_view(shape, 1, False)
     assert make_plan(view, 2).n_ach == 8
-    assert make_plan(view, 2, whole_samples=False).fused
+    assert cpu._backward_takes_whole_samples(
+        cpu.as_kernel_array(np.empty(1, dtype)), view)
     _assert_training_follows_reference("batch_norm", shape, dtype, rng)
+
+
+@pytest.mark.parametrize("dtype,P,whole", [
+    (np.float16, 1, True), (np.float16, 4, True), ("bfloat16", 4, True),
+    (np.float32, 1, True),
+    (np.float32, 4, False),   # ghost batches: the fused blocks were faster
+    (np.float64, 1, False),   # the fused blocks as fast
+])
+def test_backward_takes_whole_samples_where_two_passes_were_faster(
+        dtype, P, whole):
+    """The CPU backward's plan takes chunks of whole samples where the
+    forward's does for 16-bit storage and for float32 without ghost
+    batches (``P == 1``), and keeps blocks of groups for the rest."""
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    view = View(P, 8, 64, 1, 3136)
+    flat = cpu.as_kernel_array(np.empty(1, dtype))
+    assert cpu._backward_takes_whole_samples(flat, view) == whole
 
 
 def _assert_training_follows_reference(variant, shape, dtype, rng, *args):

@@ -2499,6 +2499,29 @@ def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True,
     return _deliver(dx, out, x.shape, x.dtype)
 
 
+
+def _backward_takes_whole_samples(flat_x, view):
+    """Whether :func:`backward`'s plan may take chunks of whole samples
+    where the forward's does (two passes in memory order), rather than
+    blocks of groups (one fused pass each): for 16-bit storage, and for
+    float32 without ghost batches (``P == 1``).
+
+    Measured on the AMD EPYC (Zen 4), old and new checkouts alternating
+    in one process (medians of 15), new over old time of the forward and
+    backward.  16-bit: whole samples 0.60 to 0.95 of the blocks' time
+    over channels-first BatchNorm.  float32 blocks were faster until the
+    map of such chunks went in memory order (``_map_rows_of_segments``:
+    1.01 to 1.21 before); after it, three to six rounds, BatchNorm
+    ``(32, 64, 56, 56)`` 0.90 to 0.95 (1.26 in one round of six), ``(16,
+    64, 56, 56)`` 0.88 to 0.93, ``(32, 128, 28, 28)`` 0.82 to 0.89,
+    ``(32, 256, 14, 14)`` 0.81 to 0.89, ``(32, 512, 14, 14)`` 0.85 to
+    0.94, ``(8, 256, 28, 28)`` 0.84 to 0.89, Batch Renormalization
+    ``(32, 64, 56, 56)`` 0.83 to 1.00, but Ghost BatchNorm there (ghost
+    batches of 8) 0.81 to 1.17, above 1 in five rounds of six, and float64
+    BatchNorm 1.01 to 1.02."""
+    return flat_x.itemsize == 2 or (flat_x.itemsize == 4 and view.P == 1)
+
+
 def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
              need_affine=True, centered=True, out=None, affine_out=None):
     """See :meth:`normkit.backend.protocol.Backend.backward`.  Where the
@@ -2507,15 +2530,10 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
     (when both its arrays are C-contiguous, of one dtype) and return its
     arrays; elsewhere they return float64 sums.
 
-    Over float32 and float64 storage its plan keeps blocks of groups
-    where the forward's takes whole samples (``make_plan(view,
-    whole_samples=False)``): one fused pass of sums and ``dx`` per block.
-    Two passes over whole samples made the float32 backward of
-    channels-first BatchNorm slower (``(32, 64, 56, 56)``, ``(16, 64, 56,
-    56)`` and ``(32, 128, 28, 28)``: 1.01 to 1.21 times the fused pass's
-    time, three rounds of medians of 15 with both alternating in one
-    process) and the float16 one faster (0.60 to 0.95 times), so 16-bit
-    storage takes whole samples here too."""
+    Its plan takes whole samples where the forward's does only where
+    ``_backward_takes_whole_samples``; elsewhere it keeps blocks of
+    groups (``make_plan(view, whole_samples=False)``): one fused pass of
+    sums and ``dx`` per block."""
     kj = view.K * view.J
     if _no_values(view):
         dx = np.empty(x.shape, x.dtype) if out is None else out
@@ -2523,7 +2541,8 @@ def backward(dy, x, view, mean, rstd, gscale=None, batch_stats=True,
                 else (dx, None, None))
     flat_x, flat_dy, mean, rstd, gscale = _backward_inputs(
         dy, x, view, mean, rstd, gscale, centered)
-    plan = make_plan(view, whole_samples=flat_x.itemsize == 2)
+    plan = make_plan(view,
+                     whole_samples=_backward_takes_whole_samples(flat_x, view))
     dx = _output(out, flat_x)
     no_beta = np.empty(0, gscale.dtype)
     written = None  # affine_out, where the kernels wrote the sums into it

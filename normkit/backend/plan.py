@@ -186,7 +186,8 @@ def make_plan(view, n_threads=None, *, whole_samples=True):
     unless the input is large and its segments long, where chunks of whole
     samples in memory order are faster (``_whole_samples_pay``; not with
     ``whole_samples=False``, which keeps the blocks: the CPU backward asks
-    for it over float32 and float64 data, whose fused pass was faster).
+    for it over float64 data and float32 ghost batches, whose fused pass
+    was as fast or faster).
     Such chunks also split each ``p`` of more than :data:`FUSED_ELEMENTS`
     values (a ghost batch), whose block would not stay in cache.  Rows of
     narrow or wide groups (``B == 1``, e.g. BatchNorm1d's features) are
