@@ -912,14 +912,8 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
             _map_block_rows(x, dy, out, use_dy, p, _groups(r, first, step), A,
                             K, J, B, coef, gamma, beta, scratch)
         return
-    if a1 - a0 > 1 and k1 - k0 > 1:
-        _map_rows_of_segments(x, dy, out, use_dy, p, r, A, K, J, B, coef,
-                              gamma, beta, scratch)
-        return
-    for k in range(k0, k1):
-        m, a_k, h, e, c = _coefficients(coef, k)
-        _map_group(x, dy, out, use_dy, p, r, A, K, J, B, k, m, a_k, h, e, c,
-                   gamma, beta)
+    _map_rows_of_segments(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma,
+                          beta, scratch)
 
 
 #: Most values per row of a block of whole short groups that
@@ -1019,8 +1013,9 @@ def _map_run(xs, ds, os, use_dy, mc, sx, sd, s0):
 @_inlined
 def _map_group(x, dy, out, use_dy, p, r, A, K, J, B, k, m, a_k, h, e, c,
                gamma, beta):
-    """The map of :func:`_p_apply` over group ``k`` of one ``p`` in the
-    ranges ``r`` for segments (``B > 1``): each channel ``j``'s values with
+    """The map over group ``k`` of one ``p`` in the ranges ``r`` for
+    segments (``B > 1``, :func:`_runs_map`'s groups, each one run where
+    ``A == 1``): each channel ``j``'s values with
     its own scalar coefficients (:func:`_column_coefficients`), from the
     group's float64 ``(m, a, h, e, c)``."""
     a0, a1, _, _, l0, l1 = r
@@ -1041,10 +1036,10 @@ def _map_group(x, dy, out, use_dy, p, r, A, K, J, B, k, m, a_k, h, e, c,
 @_uncounted
 def _map_rows_of_segments(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma,
                           beta, scratch):
-    """The map of :func:`_p_apply` over several rows ``a`` of several groups
-    of segments (``B > 1``) taken a segment at a time: row by row, in
-    memory order, with each column's scalar coefficients made once into
-    four vectors of ``scratch`` (:func:`_map_scratch`).  A group at a time
+    """The map of :func:`_p_apply` over segments (``B > 1``) taken a
+    segment at a time: row by row, in memory order, with each column's
+    scalar coefficients made once into four vectors of ``scratch``
+    (:func:`_map_scratch`).  A group at a time (:func:`_map_group`)
     read a chunk of whole samples one segment every ``K * L`` values, as
     many times as it has groups: channels-first BatchNorm's map over
     ``(4096, 3, 64, 64)`` float32 took 16.2 ms that way on two threads,
@@ -2497,7 +2492,6 @@ def dx_from_sums(dy, x, view, mean, rstd, gscale, group_sums, n, centered=True,
     apply(flat_x, flat_dy, dx, *view.dims, tuple(make_plan(view)), coef,
           gscale, np.empty(0, gscale.dtype))
     return _deliver(dx, out, x.shape, x.dtype)
-
 
 
 def _backward_takes_whole_samples(flat_x, view):
