@@ -580,6 +580,24 @@ def test_backward_sums_down_the_rows_in_blocks_of_columns(dtype, J, B, k_per,
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("l_per", [2 * (cpu.TILE + 300), 2000],
+                         ids=["whole-segments", "cut-segments"])
+def test_backward_sums_of_segments_a_tile_at_a_time(dtype, l_per, rng):
+    """Segments (``B > 1``) too long or too few rows to be summed down the
+    rows are summed a segment at a time, in tiles of TILE values (a whole
+    tile and a part), and a piece of one tile at most without a tile loop:
+    over items of whole segments and items that cut a channel's segment
+    (pieces of 1324, 676 and 648 values), two channels per group, the
+    group and per-channel sums match float64."""
+    P, A, K, J, B = 2, 3, 4, 2, cpu.TILE + 300
+    L = J * B
+    assert B > cpu.TILE and L > cpu.ROWS_SUMS_SEGMENT and A < cpu.ROW_STEP
+    _check_backward_sums(View(P, A, K, J, B),
+                         Plan(1, P, 2, 2, A, 1, l_per, -(-L // l_per)), dtype,
+                         rng)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
 @pytest.mark.parametrize("use_dy", [False, True], ids=["map", "map-with-dy"])
 @pytest.mark.parametrize("blocks", [2, 0], ids=["blocks-and-a-part", "one-part"])
 def test_short_segments_are_mapped_in_blocks_of_groups(dtype, use_dy, blocks,
