@@ -1679,10 +1679,10 @@ def _segment_sums(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale,
     bookkeeping of :func:`_reduce_segment`; those of more than a tile
     (channels-first BatchNorm over ``(2, 64, 56, 56)`` float32, segments
     of 3136) multiplied every value by a scale of 1 there.  Without it
-    (old and new alternating, medians of 21, three rounds, Zen 4; the
-    same bits), the forward and backward of that BatchNorm took 0.94 to
-    0.96 of their time, 0.95 to 0.96 in float16, over ``(8, 64, 56, 56)``
-    0.95 to 0.97, and of GroupNorm ``(2, 64, 56, 56)`` 0.92 to 0.95."""
+    (old and new alternating, medians of 9 or 21, two or three runs of
+    three rounds, Zen 4; the same bits), the forward and backward of
+    that BatchNorm took 0.94 to 0.96 of their time, 0.95 to 0.98 in
+    float16, and of GroupNorm ``(2, 64, 56, 56)`` 0.91 to 0.97."""
     a0, a1, k0, k1, l0, l1 = r
     L = J * B
     zero = product_zero(x)
