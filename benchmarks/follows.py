@@ -23,10 +23,14 @@ import time
 from normkit import _bench
 from normkit._bench import Case
 
-#: Small batches, where a pool's spinning weighs most, and a large cell.
+#: Small batches, where a pool's spinning weighs most, a large cell, and
+#: the two large cells whose forwards were slower than torch's in every
+#: run of the benchmark page's table at ``c660801``.
 CASES = (Case("group_norm", (2, 56, 56, 64), -1),
          Case("batch_norm", (2, 56, 56, 64), -1),
-         Case("group_norm", (32, 64, 56, 56), 1))
+         Case("group_norm", (32, 64, 56, 56), 1),
+         Case("batch_norm", (32, 56, 56, 64), -1),
+         Case("layer_norm", (32, 64, 56, 56), normalized_ndim=3))
 
 #: The passes timed after each predecessor.
 TARGETS = ("fwd", "torch fwd")
