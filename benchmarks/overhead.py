@@ -16,13 +16,14 @@ Python around the kernels *in situ*: a large input's kernels push that
 code's data out of the caches, so it runs at memory's pace, not the
 cache's.  The same difference over a tiny input of the cell's layout (two
 samples, every other axis but the channels or the normalized row of
-length 1) is that cost on a warm cache.  The last two columns are the
-tiny input's whole forward through the API: on a warm cache (timed as
-above), and timed alone right after each of ``--repeat`` forwards and
-backwards over the cell (:func:`after_cell`), as a network's next layer
-meets it: the first touch of each piece of code and data after such a
-pass costs microseconds (a NumPy call, a lock, a dtype comparison), so
-the same call takes several times longer there.  Nothing here asserts on
+length 1) is that cost on a warm cache.  The last three columns are
+the tiny input's whole forward through the API on a warm cache (timed
+as above), then its forward and its backward, each timed alone right
+after one of ``--repeat`` forwards and backwards over the cell
+(:func:`after_cell`), as a network's next layer meets it: the first
+touch of each piece of code and data after such a pass costs
+microseconds (a NumPy call, a lock, a dtype comparison), so the same
+call takes several times longer there.  Nothing here asserts on
 a time.
 """
 
@@ -71,15 +72,20 @@ def measure(case, repeat):
 
 
 def after_cell(case, repeat):
-    """Median microseconds of ``_bench.tiny(case)``'s API forward, timed
-    alone right after each of ``repeat`` untimed normkit forwards and
-    backwards over ``case``."""
+    """Median microseconds of ``_bench.tiny(case)``'s API forward and of
+    its API backward, each timed alone right after each of ``repeat``
+    untimed normkit forwards and backwards over ``case`` (the two taking
+    turns): ``{"fwd": ..., "bwd": ...}``."""
     cell = _bench.make_inputs(case)
     small = _bench.make_inputs(_bench.tiny(case))
+    _, saved = getattr(normkit, case.variant)(small.x, **small.kwargs,
+                                              return_saved=True)
+    backward = getattr(normkit, f"{case.variant}_backward")
     seconds = _bench.median_after(
-        {"tiny": lambda: _bench.normkit_forward(case.variant, small)},
+        {"fwd": lambda: _bench.normkit_forward(case.variant, small),
+         "bwd": lambda: backward(small.dy, small.x, saved)},
         lambda: _bench.normkit_forward_backward(case.variant, cell), repeat)
-    return 1e6 * seconds["tiny"]
+    return {step: 1e6 * t for step, t in seconds.items()}
 
 
 def main(argv=None):
@@ -91,15 +97,17 @@ def main(argv=None):
     rows = []
     for case in CASES:
         cell, warm = measure(case, args.repeat)
+        after = after_cell(case, args.repeat)
         rows.append([case.label, f"{cell['api']:.0f}", f"{cell['engine']:.0f}",
                      f"{cell['copy']:.0f}",
                      f"{cell['api'] - cell['engine']:.0f}",
                      f"{warm['api'] - warm['engine']:.0f}",
-                     f"{warm['api']:.0f}",
-                     f"{after_cell(case, args.repeat):.0f}"])
+                     f"{warm['api']:.0f}", f"{after['fwd']:.0f}",
+                     f"{after['bwd']:.0f}"])
     print(_bench.format_table(
         ["cell", "api", "engine", "copy", "api - engine",
-         "same, tiny input", "tiny api", "tiny api after cell"], rows))
+         "same, tiny input", "tiny api", "tiny api after cell",
+         "tiny bwd after cell"], rows))
 
 
 if __name__ == "__main__":

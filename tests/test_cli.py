@@ -310,7 +310,7 @@ def test_overhead_script_times_the_same_normalization_both_ways(case):
 
 def test_overhead_script_times_the_tiny_forward_after_the_cell(monkeypatch):
     """after_cell runs the cell's forward and backward before each timed
-    tiny forward, and times only the latter."""
+    tiny forward and each timed tiny backward, and times only those."""
     overhead = _load_script("overhead")
     case = _bench.Case("group_norm", (2, 4, 3), 1, groups=2)
     calls = []
@@ -320,8 +320,11 @@ def test_overhead_script_times_the_tiny_forward_after_the_cell(monkeypatch):
     monkeypatch.setattr(overhead._bench, "normkit_forward",
                         lambda variant, inputs: calls.append(
                             forward(variant, inputs).shape))
-    assert overhead.after_cell(case, 3) > 0
-    assert calls == [(2, 4, 3), (2, 4, 1)] * 3
+    after = overhead.after_cell(case, 3)
+    assert set(after) == {"fwd", "bwd"}
+    assert after["fwd"] > 0 and after["bwd"] > 0
+    # each round: the cell, the tiny forward, the cell, the tiny backward
+    assert calls == [(2, 4, 3), (2, 4, 1), (2, 4, 3)] * 3
 
 
 def test_cold_calls_script_times_every_step_after_the_pass(monkeypatch):
