@@ -12,7 +12,7 @@ from normkit import engine, reference
 from normkit.backend import cpu
 from normkit.backend.plan import (COLUMN_BLOCK_ROWS, FUSED_ELEMENTS,
                                   MIN_ITEM_ELEMENTS, WHOLE_SAMPLES, Plan,
-                                  thread_count)
+                                  affine_slots, thread_count)
 from normkit.engine import View, channel_view, make_plan, trailing_view
 
 
@@ -555,6 +555,46 @@ def _check_backward_sums(view, plan, dtype, rng):
                       (affine[1], (d * xhat).sum(axis=(0, 1, 4)).reshape(-1))):
         np.testing.assert_allclose(got, want, rtol=0,
                                    atol=tol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("view", [View(256, 1, 1, 256, 1),   # LayerNorm rows
+                                  View(8, 1, 64, 1, 784)],   # InstanceNorm
+                         ids=["rows", "segments"])
+def test_fused_backward_adds_every_items_affine_sums(view, dtype, rng):
+    """Where the fused backward's items share columns, each fills its own
+    partial of the affine sums and the kernel adds them all into the
+    first: ``(sum dy, sum dy*xhat)`` per column match float64 (and
+    ``dx`` the float64 formula)."""
+    flat = cpu.as_kernel_array(np.empty(1, dtype))
+    plan = make_plan(view, whole_samples=cpu._backward_takes_whole_samples(
+        flat, view))
+    assert plan.fused and affine_slots(plan, view) > 1
+    P, _, K, J, _ = view.dims
+    x = rng.normal(3.0, 2.0, size=view.dims).astype(dtype)
+    dy = rng.normal(size=view.dims).astype(dtype)
+    mean = rng.normal(3.0, 0.1, size=(P, K))
+    rstd = rng.uniform(0.4, 0.6, size=(P, K))
+    gscale = rng.uniform(0.5, 2.0, K * J)
+    dx, sum_dy, sum_dyx = cpu.backward(dy, x, view, mean, rstd, gscale)
+    d = dy.astype(np.float64)
+    xhat = ((x.astype(np.float64) - mean[:, None, :, None, None])
+            * rstd[:, None, :, None, None])
+    g = gscale.reshape(1, 1, K, J, 1) * d
+    n = view.group_size
+    want_dx = rstd[:, None, :, None, None] * (
+        g - g.sum(axis=(1, 3, 4), keepdims=True) / n
+        - xhat * (g * xhat).sum(axis=(1, 3, 4), keepdims=True) / n)
+    tol = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-6,
+           np.dtype(np.float16): 1e-5}[np.dtype(dtype)]
+    for got, want in ((sum_dy, d.sum(axis=(0, 1, 4)).reshape(-1)),
+                      (sum_dyx, (d * xhat).sum(axis=(0, 1, 4)).reshape(-1))):
+        np.testing.assert_allclose(got, want, rtol=0,
+                                   atol=tol * np.abs(want).max())
+    dx_tol = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 2e-6,
+              np.dtype(np.float16): 2e-3}[np.dtype(dtype)]
+    np.testing.assert_allclose(dx.astype(np.float64), want_dx, rtol=0,
+                               atol=dx_tol * np.abs(want_dx).max())
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
