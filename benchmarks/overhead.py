@@ -1,4 +1,4 @@
-"""What a forward costs beyond its kernels, in situ and on a warm cache.
+"""What a call costs beyond its kernels, in situ and on a warm cache.
 
 Usage::
 
