@@ -529,26 +529,38 @@ def test_backward_sums_of_short_segments_down_the_rows(dtype, k_per, rng):
                          rng)
 
 
-def _check_backward_sums(view, plan, dtype, rng):
-    """``backward_sums_of`` over ``plan`` of random data of ``view`` in
-    ``dtype``: the group sums ``(sum g*dy, sum g*dy*xhat)`` and the
-    per-channel sums ``(sum dy, sum dy*xhat)`` match float64."""
+#: Tolerance of backward sums against float64, relative to the largest.
+SUMS_TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-6,
+            np.dtype(np.float16): 1e-5}
+
+
+def _random_backward_inputs(view, dtype, rng):
+    """Random ``(x, dy, mean, rstd, gscale)`` of ``view``, ``x`` and ``dy``
+    in ``dtype``, and ``dy`` and ``xhat = (x - mean) * rstd`` in float64,
+    shaped as the view."""
     P, _, K, J, _ = view.dims
     x = rng.normal(3.0, 2.0, size=view.dims).astype(dtype)
     dy = rng.normal(size=view.dims).astype(dtype)
     mean = rng.normal(3.0, 0.1, size=(P, K))
     rstd = rng.uniform(0.4, 0.6, size=(P, K))
     gscale = rng.uniform(0.5, 2.0, K * J)
+    xhat = ((x.astype(np.float64) - mean[:, None, :, None, None])
+            * rstd[:, None, :, None, None])
+    return (x, dy, mean, rstd, gscale), dy.astype(np.float64), xhat
+
+
+def _check_backward_sums(view, plan, dtype, rng):
+    """``backward_sums_of`` over ``plan`` of random data of ``view`` in
+    ``dtype``: the group sums ``(sum g*dy, sum g*dy*xhat)`` and the
+    per-channel sums ``(sum dy, sum dy*xhat)`` match float64."""
+    _, _, K, J, _ = view.dims
+    (x, dy, mean, rstd, gscale), d, xhat = _random_backward_inputs(view, dtype, rng)
     part_group, part_affine = cpu._sums_partials(view, plan)
     group, affine = cpu.backward_sums_of(
         cpu.as_kernel_array(dy), cpu.as_kernel_array(x), *view.dims,
         tuple(plan), mean, rstd, gscale, part_group, part_affine)
-    d = dy.astype(np.float64)
-    xhat = ((x.astype(np.float64) - mean[:, None, :, None, None])
-            * rstd[:, None, :, None, None])
     g = gscale.reshape(1, 1, K, J, 1)
-    tol = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-6,
-           np.dtype(np.float16): 1e-5}[np.dtype(dtype)]
+    tol = SUMS_TOL[np.dtype(dtype)]
     for got, want in ((group[..., 0], (g * d).sum(axis=(1, 3, 4))),
                       (group[..., 1], (g * d * xhat).sum(axis=(1, 3, 4))),
                       (affine[0], d.sum(axis=(0, 1, 4)).reshape(-1)),
@@ -570,23 +582,15 @@ def test_fused_backward_adds_every_items_affine_sums(view, dtype, rng):
     plan = make_plan(view, whole_samples=cpu._backward_takes_whole_samples(
         flat, view))
     assert plan.fused and affine_slots(plan, view) > 1
-    P, _, K, J, _ = view.dims
-    x = rng.normal(3.0, 2.0, size=view.dims).astype(dtype)
-    dy = rng.normal(size=view.dims).astype(dtype)
-    mean = rng.normal(3.0, 0.1, size=(P, K))
-    rstd = rng.uniform(0.4, 0.6, size=(P, K))
-    gscale = rng.uniform(0.5, 2.0, K * J)
+    _, _, K, J, _ = view.dims
+    (x, dy, mean, rstd, gscale), d, xhat = _random_backward_inputs(view, dtype, rng)
     dx, sum_dy, sum_dyx = cpu.backward(dy, x, view, mean, rstd, gscale)
-    d = dy.astype(np.float64)
-    xhat = ((x.astype(np.float64) - mean[:, None, :, None, None])
-            * rstd[:, None, :, None, None])
     g = gscale.reshape(1, 1, K, J, 1) * d
     n = view.group_size
     want_dx = rstd[:, None, :, None, None] * (
         g - g.sum(axis=(1, 3, 4), keepdims=True) / n
         - xhat * (g * xhat).sum(axis=(1, 3, 4), keepdims=True) / n)
-    tol = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-6,
-           np.dtype(np.float16): 1e-5}[np.dtype(dtype)]
+    tol = SUMS_TOL[np.dtype(dtype)]
     for got, want in ((sum_dy, d.sum(axis=(0, 1, 4)).reshape(-1)),
                       (sum_dyx, (d * xhat).sum(axis=(0, 1, 4)).reshape(-1))):
         np.testing.assert_allclose(got, want, rtol=0,

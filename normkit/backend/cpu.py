@@ -1962,10 +1962,10 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
     adds the items' ``(sum dy, sum dy*xhat)`` into the partials of
     ``part_affine``, zero on entry: one per item, or one in all where the
     items' columns are disjoint (:func:`~normkit.backend.plan.affine_slots`),
-    then adds the others into the first, in slot order: here, not by NumPy
-    after the call, where caches that the kernel has left cold made its
-    sum cost tens of microseconds (tiny backwards right after a copy of
-    25.7 MB took about 10 to 20 us less).
+    then their totals into the first (:func:`_affine_totals`): here, not
+    by NumPy after the call, where caches that the kernel has left cold
+    made its sum cost tens of microseconds (tiny backwards right after a
+    copy of 25.7 MB took about 10 to 20 us less).
     """
     L = J * B
     n = float(A * L)
@@ -1993,10 +1993,7 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
                                   centered)
                 _p_apply(x, dy, dx, True, p, g, A, K, J, B, coef,
                          gscale, no_beta, x_scratch, defaults)
-    for slot in range(1, n_slots):
-        for c in range(part_affine.shape[2]):
-            part_affine[0, 0, c] += part_affine[slot, 0, c]
-            part_affine[0, 1, c] += part_affine[slot, 1, c]
+    _affine_totals(part_affine)
 
 
 @_inner
@@ -2169,10 +2166,18 @@ def backward_sums_of(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
     in ``part_affine[0]``."""
     backward_reduce(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
                     part_group, part_affine)
+    return _group_totals(part_group), _affine_totals(part_affine)
+
+
+@_inner
+def _affine_totals(part_affine):
+    """The affine sums ``(2, K * J)`` from their per-slot partials ``(slots,
+    2, K * J)``, added in slot order into ``part_affine[0]``, which is
+    returned."""
     affine = part_affine[0]
     for slot in range(1, part_affine.shape[0]):
         affine += part_affine[slot]
-    return _group_totals(part_group), affine
+    return affine
 
 
 @_inner
