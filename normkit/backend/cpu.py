@@ -1962,7 +1962,7 @@ def backward_fused(dy, x, dx, P, A, K, J, B, plan, mean, rstd, gscale,
     adds the items' ``(sum dy, sum dy*xhat)`` into the partials of
     ``part_affine``, zero on entry: one per item, or one in all where the
     items' columns are disjoint (:func:`~normkit.backend.plan.affine_slots`),
-    then their totals into the first (:func:`_affine_totals`): here, not
+    then their totals into the first (``_affine_totals``): here, not
     by NumPy after the call, where caches that the kernel has left cold
     made its sum cost tens of microseconds (tiny backwards right after a
     copy of 25.7 MB took about 10 to 20 us less).
