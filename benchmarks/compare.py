@@ -4,7 +4,8 @@ Usage::
 
     python benchmarks/compare.py [--repeat N] [--json out.json] [--quick]
                                  [--torch-adapter | --adapter-only]
-                                 [--layers] [--only VARIANT [VARIANT ...]]
+                                 [--layers] [--keep-memory]
+                                 [--only VARIANT [VARIANT ...]]
 
 Every variant's training forward and forward+backward is timed (median of
 ``--repeat`` runs or more after warm-up, interleaved so that each pass
@@ -25,6 +26,11 @@ arrays, so the adapter's overhead is visible.
 the same columns: everyday layers smaller than the table's, where a
 call's fixed cost (checks, plans, allocations, the kernels' launch) is a
 large part of its time.
+
+``--keep-memory`` has glibc keep the memory the process frees: by default
+a pass whose outputs land on pages given back to the system pays a page
+fault per page it writes, or does not, depending on what ran before it in
+the process (``benchmarks/heap.py``).
 """
 
 import argparse
@@ -302,12 +308,21 @@ def main(argv=None):
     parser.add_argument("--layers", action="store_true",
                         help="time the everyday layers of LAYER_CASES "
                              "instead of the table's cells")
+    parser.add_argument("--keep-memory", action="store_true",
+                        help="have glibc keep the memory this process frees "
+                             "(normkit._bench.keep_freed_memory), so that "
+                             "no pass pays page faults for outputs it "
+                             "allocates (see benchmarks/heap.py)")
     parser.add_argument("--only", nargs="+", metavar="VARIANT",
                         choices=sorted({case.variant
                                         for case in CASES + LAYER_CASES}),
                         help="time only these variants' cells (default: "
                              "every cell), e.g. to rerun them after a change")
     args = parser.parse_args(argv)
+    kept = args.keep_memory and _bench.keep_freed_memory()
+    if args.keep_memory and not kept:
+        parser.error("--keep-memory: the C library is not glibc, or it "
+                     "refused the setting")
     repeat = args.repeat or (3 if args.quick else 9)
     chosen = (lambda cases: cases if args.only is None
               else [case for case in cases if case.variant in args.only])
@@ -315,8 +330,9 @@ def main(argv=None):
     machine = _bench.machine_info()
     print(f"{machine}\ntraining mode, median of {repeat} runs or more "
           f"after 2 warm-ups, interleaved (each pass following each "
-          f"equally often); compiling kernels (first run "
-          f"only)...\n",
+          f"equally often); freed memory "
+          f"{'kept' if kept else 'left to glibc'}; compiling kernels "
+          f"(first run only)...\n",
           flush=True)
     results, rows = [], []
     cells = LAYER_CASES if args.layers else CASES
@@ -348,6 +364,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "repeat": repeat,
+                       "freed_memory_kept": kept,
                        "command": " ".join(["python", "benchmarks/compare.py"]
                                            + list(sys.argv[1:] if argv is None
                                                   else argv)),

@@ -10,6 +10,7 @@ training mode, for :func:`median_times` to run.
 """
 
 import argparse
+import ctypes
 from dataclasses import dataclass, replace
 import os
 import platform
@@ -357,6 +358,42 @@ def median_times(fns, repeat=5, warmup=2):
             fns[names[index]]()
             times[names[index]].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+#: glibc's ``mallopt`` parameters (``malloc.h``).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+#: Bytes below which :func:`keep_freed_memory` has glibc keep freed blocks.
+KEPT_BYTES = 1 << 30
+
+
+def keep_freed_memory():
+    """Have glibc's ``malloc`` keep the memory that this process frees,
+    up to :data:`KEPT_BYTES` a block, and serve later allocations from it.
+
+    By default glibc gives a large freed block back to the system (a block
+    of more than its mmap threshold, which grows with the blocks freed up
+    to 32 MiB, or the top of the heap beyond twice that), so a pass that
+    allocates its outputs afresh may, or may not, pay a page fault for
+    every page it writes, depending on what the process allocated before
+    (``python benchmarks/heap.py``).  With the two thresholds fixed at
+    :data:`KEPT_BYTES`, every pass after the first writes memory already
+    mapped.  This changes the allocator of the whole process, for normkit,
+    NumPy and torch alike: for benchmarks, not for a library to do behind
+    its users' backs (``GLIBC_TUNABLES=glibc.malloc.trim_threshold=...:
+    glibc.malloc.mmap_threshold=...`` does the same from outside).
+
+    Returns
+    -------
+    bool
+        Whether glibc accepted both settings (False without glibc).
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return False
+    return (mallopt(_M_TRIM_THRESHOLD, KEPT_BYTES) == 1
+            and mallopt(_M_MMAP_THRESHOLD, KEPT_BYTES) == 1)
 
 
 def median_after(fns, before, repeat):

@@ -9,6 +9,9 @@ import csv
 import importlib.util
 import json
 from pathlib import Path
+import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -162,6 +165,78 @@ def test_compare_script_times_the_layer_cells_with_layers(tmp_path,
     results = json.loads(path.read_text())["results"]
     assert [(r["variant"], r["shape"]) for r in results] == [
         ("batch_norm", [6, 5]), ("layer_norm", [3, 8])]
+
+
+def test_compare_script_keeps_freed_memory_when_asked(tmp_path, monkeypatch,
+                                                      capsys):
+    compare = _load_script("compare")
+    monkeypatch.setattr(compare, "CASES", [_bench.Case("batch_renorm",
+                                                       (2, 4, 3), 1)])
+    calls = []
+    # the real setting would change this test process's allocator for good:
+    # tests/test_cli.py::test_keep_freed_memory_reuses_freed_blocks runs it
+    # in a child process
+    monkeypatch.setattr(_bench, "keep_freed_memory",
+                        lambda: calls.append(True) or True)
+    for argv, kept in (([], False), (["--keep-memory"], True)):
+        path = tmp_path / "kept.json"
+        compare.main(argv + ["--repeat", "1", "--quick", "--json", str(path)])
+        assert json.loads(path.read_text())["freed_memory_kept"] is kept
+        assert len(calls) == kept
+        assert ("freed memory kept" if kept else "freed memory left to glibc"
+                ) in capsys.readouterr().out
+
+
+_FAULTS_OF_A_REUSED_BLOCK = """
+import resource, sys
+import numpy as np
+from normkit import _bench
+kept = sys.argv[1] == "kept" and _bench.keep_freed_memory()
+def written():
+    block = np.empty(40 << 20, np.uint8)  # above glibc's 32 MiB at most
+    block[::4096] = 1
+faults = []
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    written()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, faults[1], faults[2])
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_keep_freed_memory_reuses_freed_blocks():
+    """A block of 40 MiB is mapped afresh on every allocation by default
+    (above the largest threshold glibc sets itself), and reused, its
+    pages already written, once freed memory is kept."""
+    seen = {}
+    for mode in ("default", "kept"):
+        out = subprocess.run([sys.executable, "-c", _FAULTS_OF_A_REUSED_BLOCK,
+                              mode], check=True, capture_output=True,
+                             text=True).stdout.split()
+        seen[mode] = (out[0] == "True", int(out[1]), int(out[2]))
+    assert seen["default"][0] is False and min(seen["default"][1:]) > 0
+    assert seen["kept"] == (True, 0, 0)
+
+
+def test_heap_script_times_each_pass_in_each_setting(monkeypatch):
+    heap = _load_script("heap")
+    case = _bench.Case("batch_norm", (2, 4, 3), 1)
+    passes = ["fwd+bwd"] + (["torch fwd+bwd"] if "torch fwd+bwd" in
+                            _bench.implementations(case, _bench.make_inputs(
+                                case)) else [])
+    measured = heap.measure(case, 2, "fwd+bwd")
+    assert measured["ms"] > 0 and measured["faults"] >= 0
+    args = heap.argparse.Namespace(processes=1, repeat=1, variant=case.variant,
+                                   shape=list(case.shape), axis=case.axis,
+                                   dtype=case.dtype)
+    results = heap.run_children(args, passes)
+    assert [(r["mode"], r["pass"]) for r in results] == [
+        (mode, name) for mode in heap.MODES for name in passes]
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert [r["kept"] for r in results] == [
+        mode == "kept" and glibc for mode in heap.MODES for _ in passes]
+    assert all(r["ms"] > 0 and r["faults"] >= 0 for r in results)
 
 
 def test_follows_script_times_each_forward_after_each_pass():
