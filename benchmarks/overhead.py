@@ -11,12 +11,18 @@ training forward through the API, as ``benchmarks/compare.py`` times it
 statistics, around the kernels); the same normalization through the
 engine alone (:func:`normkit.engine.normalize_batch` over the view the
 forward records, with its weight, bias and eps: the backend's kernels and
-their dispatch); and ``x.copy()``.  The difference of the first two is the
-Python around the kernels *in situ*: a large input's kernels push that
-code's data out of the caches, so it runs at memory's pace, not the
-cache's.  The same difference over a tiny input of the cell's layout (two
-samples, every other axis but the channels or the normalized row of
-length 1) is that cost on a warm cache.  The last three columns are
+their dispatch); and ``x.copy()``.  Then, in a rotation of their own
+(:data:`ROTATIONS`), the backward of that forward's record through the
+API (checks, the gradients' casts and allocations around the kernels),
+the same backward through the engine alone
+(:func:`normkit.engine.backward` with the record's statistics and
+weight), and the copy again.  The
+difference of the API's and the engine's time, forward or backward, is
+the Python around the kernels *in situ*: a large input's kernels push
+that code's data out of the caches, so it runs at memory's pace, not the
+cache's.  The same differences over a tiny input of the cell's layout
+(two samples, every other axis but the channels or the normalized row of
+length 1) are that cost on a warm cache.  The last three columns are
 the tiny input's whole forward through the API on a warm cache (timed
 as above), then its forward and its backward, each timed alone right
 after one of ``--repeat`` forwards and backwards over the cell
@@ -47,7 +53,8 @@ CASES = (
 
 
 def callables(case):
-    """The API forward, the engine's normalization of the same view, and
+    """The API forward, the engine's normalization of the same view, the
+    API backward of its record, the engine's backward of the same, and
     the copy of ``case``'s input."""
     inputs = _bench.make_inputs(case)
     api = _bench.implementations(case, inputs)
@@ -59,16 +66,44 @@ def callables(case):
     def engine_only():
         return engine.normalize_batch(inputs.x, saved.view, weight, bias)
 
-    return {"api": api["fwd"], "engine": engine_only, "copy": api["copy"]}
+    backward = getattr(normkit, f"{case.variant}_backward")
+    gscale = None if saved.weight is None else saved.weight.reshape(-1)
+
+    def engine_backward():
+        return engine.backward(
+            inputs.dy, inputs.x, saved.view, saved.mean, saved.rstd, gscale,
+            saved.batch_stats, saved.weight is not None or saved.has_bias,
+            saved.centered)
+
+    return {"api": api["fwd"], "engine": engine_only,
+            "api bwd": lambda: backward(inputs.dy, inputs.x, saved),
+            "engine bwd": engine_backward, "copy": api["copy"]}
+
+
+#: The callables of :func:`callables` timed in one rotation, the
+#: forwards' first: a forward follows forwards and the copy, as it did
+#: before the backwards were timed here too.  The copy reported is the
+#: forwards' rotation's.
+ROTATIONS = (("api", "engine", "copy"), ("api bwd", "engine bwd", "copy"))
+
+
+def medians(case, repeat):
+    """Median microseconds of each of :func:`callables` of ``case``, in
+    the rotations of :data:`ROTATIONS`, each name's from the first
+    rotation that times it."""
+    timed = callables(case)
+    result = {}
+    for names in ROTATIONS:
+        seconds = _bench.median_times({name: timed[name] for name in names},
+                                      repeat)
+        for name in names:
+            result.setdefault(name, 1e6 * seconds[name])
+    return result
 
 
 def measure(case, repeat):
-    """Median microseconds of the API forward, the engine alone and the
-    copy, for ``case`` and for ``_bench.tiny(case)``."""
-    large = _bench.median_times(callables(case), repeat)
-    small = _bench.median_times(callables(_bench.tiny(case)), repeat)
-    return ({k: 1e6 * t for k, t in large.items()},
-            {k: 1e6 * t for k, t in small.items()})
+    """:func:`medians` of ``case`` and of ``_bench.tiny(case)``."""
+    return medians(case, repeat), medians(_bench.tiny(case), repeat)
 
 
 def after_cell(case, repeat):
@@ -102,11 +137,15 @@ def main(argv=None):
                      f"{cell['copy']:.0f}",
                      f"{cell['api'] - cell['engine']:.0f}",
                      f"{warm['api'] - warm['engine']:.0f}",
+                     f"{cell['api bwd']:.0f}", f"{cell['engine bwd']:.0f}",
+                     f"{cell['api bwd'] - cell['engine bwd']:.0f}",
+                     f"{warm['api bwd'] - warm['engine bwd']:.0f}",
                      f"{warm['api']:.0f}", f"{after['fwd']:.0f}",
                      f"{after['bwd']:.0f}"])
     print(_bench.format_table(
         ["cell", "api", "engine", "copy", "api - engine",
-         "same, tiny input", "tiny api", "tiny api after cell",
+         "same, tiny input", "bwd api", "bwd engine", "bwd api - engine",
+         "bwd same, tiny input", "tiny api", "tiny api after cell",
          "tiny bwd after cell"], rows))
 
 

@@ -374,13 +374,42 @@ def test_plot_compare_writes_the_adapter_table(tmp_path, capsys):
     _bench.Case("layer_norm", (2, 3, 4, 5), -1, normalized_ndim=3)],
     ids=lambda case: f"{case.variant}-{case.layout}-{case.dtype}")
 def test_overhead_script_times_the_same_normalization_both_ways(case):
-    """The engine-only callable computes exactly the API's forward, so the
-    difference of their times is the Python around the kernels."""
+    """The engine-only callables compute exactly the API's forward and
+    backward, so the difference of their times is the Python around the
+    kernels."""
     overhead = _load_script("overhead")
     timed = overhead.callables(case)
     y, _, _, _ = timed["engine"]()
     np.testing.assert_array_equal(y, timed["api"]())
     assert y.shape == case.shape and y.dtype.name == case.dtype
+    dx, sum_dy, sum_dy_xhat = timed["engine bwd"]()
+    api_dx, dweight, dbias = timed["api bwd"]()
+    np.testing.assert_array_equal(dx, api_dx)
+    assert dx.shape == case.shape and dx.dtype.name == case.dtype
+    for total, gradient in ((sum_dy_xhat, dweight), (sum_dy, dbias)):
+        np.testing.assert_array_equal(
+            np.asarray(total).astype(gradient.dtype).reshape(gradient.shape),
+            gradient)
+
+
+def test_overhead_script_times_forwards_and_backwards_apart(monkeypatch):
+    """The forwards and the backwards are timed in rotations of their own,
+    each with the copy, and every column comes from the first rotation
+    that times it."""
+    overhead = _load_script("overhead")
+    rotations = []
+
+    def median_times(fns, repeat):
+        rotations.append(tuple(fns))
+        return {name: len(rotations) * 1e-6 for name in fns}
+
+    monkeypatch.setattr(overhead._bench, "median_times", median_times)
+    timed = overhead.medians(_bench.Case("group_norm", (2, 4, 3), 1,
+                                         groups=2), 3)
+    assert rotations == [("api", "engine", "copy"),
+                         ("api bwd", "engine bwd", "copy")]
+    assert timed == pytest.approx({"api": 1, "engine": 1, "copy": 1,
+                                   "api bwd": 2, "engine bwd": 2})
 
 
 def test_overhead_script_times_the_tiny_forward_after_the_cell(monkeypatch):
