@@ -52,21 +52,28 @@ CASES = (
 )
 
 
+def recorded_backward(variant, inputs):
+    """The record of ``variant``'s training forward over ``inputs`` and a
+    callable that runs its backward through the API."""
+    _, saved = getattr(normkit, variant)(inputs.x, **inputs.kwargs,
+                                         return_saved=True)
+    backward = getattr(normkit, f"{variant}_backward")
+    return saved, lambda: backward(inputs.dy, inputs.x, saved)
+
+
 def callables(case):
     """The API forward, the engine's normalization of the same view, the
     API backward of its record, the engine's backward of the same, and
     the copy of ``case``'s input."""
     inputs = _bench.make_inputs(case)
     api = _bench.implementations(case, inputs)
-    _, saved = getattr(normkit, case.variant)(inputs.x, **inputs.kwargs,
-                                              return_saved=True)
+    saved, api_backward = recorded_backward(case.variant, inputs)
     weight = inputs.kwargs.get("weight")
     bias = inputs.kwargs.get("bias")
 
     def engine_only():
         return engine.normalize_batch(inputs.x, saved.view, weight, bias)
 
-    backward = getattr(normkit, f"{case.variant}_backward")
     gscale = None if saved.weight is None else saved.weight.reshape(-1)
 
     def engine_backward():
@@ -76,7 +83,7 @@ def callables(case):
             saved.centered)
 
     return {"api": api["fwd"], "engine": engine_only,
-            "api bwd": lambda: backward(inputs.dy, inputs.x, saved),
+            "api bwd": api_backward,
             "engine bwd": engine_backward, "copy": api["copy"]}
 
 
@@ -113,12 +120,10 @@ def after_cell(case, repeat):
     turns): ``{"fwd": ..., "bwd": ...}``."""
     cell = _bench.make_inputs(case)
     small = _bench.make_inputs(_bench.tiny(case))
-    _, saved = getattr(normkit, case.variant)(small.x, **small.kwargs,
-                                              return_saved=True)
-    backward = getattr(normkit, f"{case.variant}_backward")
+    _, tiny_backward = recorded_backward(case.variant, small)
     seconds = _bench.median_after(
         {"fwd": lambda: _bench.normkit_forward(case.variant, small),
-         "bwd": lambda: backward(small.dy, small.x, saved)},
+         "bwd": tiny_backward},
         lambda: _bench.normkit_forward_backward(case.variant, cell), repeat)
     return {step: 1e6 * t for step, t in seconds.items()}
 
@@ -127,7 +132,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=_bench.positive_int, default=201)
     args = parser.parse_args(argv)
-    runs = _bench.runs_per_callable(args.repeat, 3)
+    runs = _bench.runs_per_callable(args.repeat, len(ROTATIONS[0]))
     print(f"{_bench.machine_info()}; us, median of {runs}")
     rows = []
     for case in CASES:
