@@ -36,7 +36,7 @@ a time.
 import argparse
 
 import normkit
-from normkit import _bench, engine
+from normkit import _bench
 from normkit._bench import Case
 
 #: The cells: the small batches of ``benchmarks/compare.py``, then large
@@ -68,20 +68,7 @@ def callables(case):
     inputs = _bench.make_inputs(case)
     api = _bench.implementations(case, inputs)
     saved, api_backward = recorded_backward(case.variant, inputs)
-    weight = inputs.kwargs.get("weight")
-    bias = inputs.kwargs.get("bias")
-
-    def engine_only():
-        return engine.normalize_batch(inputs.x, saved.view, weight, bias)
-
-    gscale = None if saved.weight is None else saved.weight.reshape(-1)
-
-    def engine_backward():
-        return engine.backward(
-            inputs.dy, inputs.x, saved.view, saved.mean, saved.rstd, gscale,
-            saved.batch_stats, saved.weight is not None or saved.has_bias,
-            saved.centered)
-
+    engine_only, engine_backward = _bench.engine_callables(saved, inputs)
     return {"api": api["fwd"], "engine": engine_only,
             "api bwd": api_backward,
             "engine bwd": engine_backward, "copy": api["copy"]}

@@ -21,7 +21,7 @@ import numba
 import numpy as np
 
 import normkit
-from normkit import reference
+from normkit import engine, reference
 
 try:
     import torch
@@ -195,6 +195,31 @@ def normkit_forward_backward(variant, inputs):
                                          return_saved=True)
     backward = getattr(normkit, f"{variant}_backward")
     return (y, *backward(inputs.dy, inputs.x, saved))
+
+
+def engine_callables(saved, inputs):
+    """The forward and the backward that the record ``saved`` of a
+    training forward over ``inputs`` describes, through the engine alone:
+    ``(forward, backward)``, :func:`normkit.engine.normalize_batch` over
+    the recorded view with the inputs' weight and bias, and
+    :func:`normkit.engine.backward` with the recorded statistics and
+    weight.  They compute what the API's forward and backward compute,
+    without its checks, record, running statistics or the gradients'
+    casts: the backend's kernels and their dispatch."""
+    weight = inputs.kwargs.get("weight")
+    bias = inputs.kwargs.get("bias")
+    gscale = None if saved.weight is None else saved.weight.reshape(-1)
+    need_affine = saved.weight is not None or saved.has_bias
+
+    def forward():
+        return engine.normalize_batch(inputs.x, saved.view, weight, bias)
+
+    def backward():
+        return engine.backward(
+            inputs.dy, inputs.x, saved.view, saved.mean, saved.rstd, gscale,
+            saved.batch_stats, need_affine, saved.centered)
+
+    return forward, backward
 
 
 def reference_forward(variant, inputs):

@@ -1,8 +1,8 @@
 """The command line (``python -m normkit``), ``benchmarks/compare.py``,
 ``benchmarks/overhead.py``, ``benchmarks/cold_calls.py``,
 ``benchmarks/pause.py``, ``benchmarks/passes.py``,
-``benchmarks/spread.py``, ``benchmarks/plot_compare.py``'s tables and
-``benchmarks/follows.py``."""
+``benchmarks/spread.py``, ``benchmarks/plot_compare.py``'s tables,
+``benchmarks/follows.py`` and ``benchmarks/engine_vs_torch.py``."""
 
 from collections import Counter
 import csv
@@ -469,6 +469,37 @@ def test_cold_calls_script_passes_are_forwards_and_backwards():
     cold_calls = _load_script("cold_calls")
     for after in ("normkit", "torch"):
         cold_calls.the_pass(after)()
+
+
+def test_engine_vs_torch_script_times_the_api_and_the_engine_beside_torch(
+        monkeypatch, capsys):
+    """The engine's passes compute the API's forward and ``dx``, every
+    pass is timed in one interleave, and each ratio is torch's time over
+    the column's."""
+    pytest.importorskip("torch")
+    script = _load_script("engine_vs_torch")
+    case = _bench.Case("batch_norm", (2, 4, 3), -1)
+    timed = script.callables(case)
+    assert tuple(timed) == script.PASSES
+    y, _, _, _ = timed["engine fwd"]()
+    np.testing.assert_array_equal(y, timed["fwd"]())
+    dx, _, _ = timed["engine fwd+bwd"]()
+    np.testing.assert_array_equal(dx, timed["fwd+bwd"]()[1])
+    rotations = []
+
+    def median_times(fns, repeat):
+        rotations.append(tuple(fns))
+        return {name: (i + 1) * 1e-3 for i, name in enumerate(fns)}
+
+    monkeypatch.setattr(script._bench, "median_times", median_times)
+    ms = script.measure(case, 1)
+    assert rotations == [script.PASSES]
+    assert script.row(case, ms) == [case.label, "2.00", "6.00", "4.00", "2.00",
+                                    "0.67", "3.00", "7.00", "5.00", "1.67",
+                                    "0.71", "1.00"]
+    monkeypatch.setattr(script, "CASES", (case,))
+    script.main(["--repeat", "1"])
+    assert case.label in capsys.readouterr().out
 
 
 def test_overhead_script_tiny_shapes():
