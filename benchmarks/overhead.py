@@ -19,10 +19,12 @@ the same backward through the engine alone
 weight), and the copy again.  The
 difference of the API's and the engine's time, forward or backward, is
 the Python around the kernels *in situ*: a large input's kernels push
-that code's data out of the caches, so it runs at memory's pace, not the
-cache's.  The same differences over a tiny input of the cell's layout
-(two samples, every other axis but the channels or the normalized row of
-length 1) are that cost on a warm cache.  The last three columns are
+that code's data out of the caches (on this project's virtual machine,
+time alone does too, without any traffic: ``benchmarks/pause.py``), so
+it runs at memory's pace, not the cache's.  The same differences over a
+tiny input of the cell's layout (two samples, every other axis but the
+channels or the normalized row of length 1) are that cost on a warm
+cache.  The last three columns are
 the tiny input's whole forward through the API on a warm cache (timed
 as above), then its forward and its backward, each timed alone right
 after one of ``--repeat`` forwards and backwards over the cell
