@@ -5,34 +5,31 @@ Usage::
     python benchmarks/overhead.py [--repeat 201]
 
 For each cell three callables are timed interleaved, each following each
-equally often (:func:`normkit._bench.median_times`): the
-training forward through the API, as ``benchmarks/compare.py`` times it
-(checks, the scheme, its record and, for BatchNorm, the running
-statistics, around the kernels); the same normalization through the
-engine alone (:func:`normkit.engine.normalize_batch` over the view the
-forward records, with its weight, bias and eps: the backend's kernels and
-their dispatch); and ``x.copy()``.  Then, in a rotation of their own
-(:data:`ROTATIONS`), the backward of that forward's record through the
-API (checks, the gradients' casts and allocations around the kernels),
-the same backward through the engine alone
-(:func:`normkit.engine.backward` with the record's statistics and
-weight), and the copy again.  The
-difference of the API's and the engine's time, forward or backward, is
-the Python around the kernels *in situ*: a large input's kernels push
-that code's data out of the caches (on this project's virtual machine,
-time alone does too, without any traffic: ``benchmarks/pause.py``), so
-it runs at memory's pace, not the cache's.  The same differences over a
-tiny input of the cell's layout (two samples, every other axis but the
-channels or the normalized row of length 1) are that cost on a warm
-cache.  The last three columns are
-the tiny input's whole forward through the API on a warm cache (timed
-as above), then its forward and its backward, each timed alone right
-after one of ``--repeat`` forwards and backwards over the cell
-(:func:`after_cell`), as a network's next layer meets it: the first
-touch of each piece of code and data after such a pass costs
-microseconds (a NumPy call, a lock, a dtype comparison), so the same
-call takes several times longer there.  Nothing here asserts on
-a time.
+equally often (:func:`normkit._bench.median_times`): the training forward
+through the API, as ``benchmarks/compare.py`` times it (checks, the
+scheme, its record and, for BatchNorm, the running statistics, around the
+kernels); the same normalization through the engine alone
+(:func:`normkit.engine.normalize_batch` over the view the forward records,
+with its weight, bias and eps: the backend's kernels and their dispatch);
+and ``x.copy()``.  Then, in a rotation of their own (:data:`ROTATIONS`),
+the backward of that forward's record through the API (checks, the
+gradients' casts and allocations around the kernels), the same backward
+through the engine alone (:func:`normkit.engine.backward` with the
+record's statistics and weight), and the copy again.  The difference of the
+API's and the engine's time, forward or backward, is the Python around the
+kernels *in situ*: a large input's kernels push that code's data out of
+the caches (on this project's virtual machine, time alone does too,
+without any traffic: ``benchmarks/pause.py``), so it runs at memory's
+pace, not the cache's.  The same differences over a tiny input of the
+cell's layout (two samples, every other axis but the channels or the
+normalized row of length 1) are that cost on a warm cache.  The last three
+columns are the tiny input's whole forward through the API on a warm cache
+(timed as above), then its forward and its backward, each timed alone
+right after one of ``--repeat`` forwards and backwards over the cell
+(:func:`after_cell`), as a network's next layer meets it: the first touch
+of each piece of code and data after such a pass costs microseconds (a
+NumPy call, a lock, a dtype comparison), so the same call takes several
+times longer there.  Nothing here asserts on a time.
 """
 
 import argparse
