@@ -52,8 +52,9 @@ MOST_VALUES = 1 << 20
 #: The shapes of view the kernels take different paths for, each as a
 #: strategy for ``(P, A, K, J, B)``, sizes around the kernels' thresholds.
 KINDS = {
-    # rows (LayerNorm, RMSNorm): one group per row, row by row or two rows
-    # at a time (PAIRED_ROW_BYTES), tiles of TILE values
+    # rows (LayerNorm, RMSNorm): one group per row, row by row or, with
+    # affine sums, two rows at a time (PAIRED_ROW_BYTES), tiles of TILE
+    # values
     "rows": st.tuples(st.integers(1, 70), st.just(1), st.just(1),
                       near(cpu.TILE, cpu.PAIRED_ROW_BYTES // 2,
                            cpu.PAIRED_ROW_BYTES // 4), st.just(1)),
