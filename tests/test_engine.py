@@ -582,9 +582,19 @@ def test_fused_backward_adds_every_items_affine_sums(view, dtype, rng):
     plan = make_plan(view, whole_samples=cpu._backward_takes_whole_samples(
         flat, view))
     assert plan.fused and affine_slots(plan, view) > 1
+    inputs, d, xhat = _random_backward_inputs(view, dtype, rng)
+    x, dy, mean, rstd, gscale = inputs
+    _assert_fused_backward(view, inputs, d, xhat,
+                           *cpu.backward(dy, x, view, mean, rstd, gscale))
+
+
+def _assert_fused_backward(view, inputs, d, xhat, dx, sum_dy, sum_dyx):
+    """``dx`` and the affine sums ``(sum dy, sum dy*xhat)`` per column of a
+    backward of :func:`_random_backward_inputs` ``(inputs, d, xhat)``
+    match float64."""
     _, _, K, J, _ = view.dims
-    (x, dy, mean, rstd, gscale), d, xhat = _random_backward_inputs(view, dtype, rng)
-    dx, sum_dy, sum_dyx = cpu.backward(dy, x, view, mean, rstd, gscale)
+    x, _, _, rstd, gscale = inputs
+    dtype = x.dtype
     g = gscale.reshape(1, 1, K, J, 1) * d
     n = view.group_size
     want_dx = rstd[:, None, :, None, None] * (
@@ -597,8 +607,34 @@ def test_fused_backward_adds_every_items_affine_sums(view, dtype, rng):
                                    atol=tol * np.abs(want).max())
     dx_tol = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 2e-6,
               np.dtype(np.float16): 2e-3}[np.dtype(dtype)]
-    np.testing.assert_allclose(dx.astype(np.float64), want_dx, rtol=0,
+    np.testing.assert_allclose(np.asarray(dx, np.float64).reshape(want_dx.shape),
+                               want_dx, rtol=0,
                                atol=dx_tol * np.abs(want_dx).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("rows_per_item", [151, 51, 2 * cpu.PAIR_DISTANCE])
+def test_fused_backward_pairs_rows_far_apart(dtype, rows_per_item, rng):
+    """Rows of :data:`~normkit.backend.cpu.PAIRED_ROW_BYTES` go two at a
+    time, :data:`~normkit.backend.cpu.PAIR_DISTANCE` rows apart, in blocks
+    of twice that: over items of whole blocks, of a block and a part of
+    one with an odd row left over, and of less than a block, ``dx`` and
+    the affine sums match float64."""
+    width = cpu.PAIRED_ROW_BYTES // np.dtype(dtype).itemsize
+    view = View(151, 1, 1, width, 1)
+    plan = Plan(rows_per_item, -(-view.P // rows_per_item), 1, 1, 1, 1,
+                width, 1)
+    inputs, d, xhat = _random_backward_inputs(view, dtype, rng)
+    x, dy, mean, rstd, gscale = inputs
+    flat_x, flat_dy, mean, rstd, gscale = cpu._backward_inputs(
+        dy, x, view, mean, rstd, gscale, True)
+    dx = np.empty_like(flat_x)
+    part_affine = np.zeros((affine_slots(plan, view), 2, width))
+    cpu.backward_fused(flat_dy, flat_x, dx, *view.dims, tuple(plan), mean,
+                       rstd, gscale, part_affine, True)
+    _assert_fused_backward(view, inputs, d, xhat,
+                           cpu.from_kernel_array(dx, x.shape, x.dtype),
+                           *part_affine[0])
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])

@@ -1948,17 +1948,22 @@ def backward_coefficients(sums, n, mean, rstd, centered):
 #: float16, bfloat16 or float32, both threads, the two ways alternating, 3
 #: runs each: float16 rows of 1024 took 4.9-5.6 ms two at a time and
 #: 3.7-3.8 one at a time, rows of 2048 3.3-3.6 and 3.7-3.8; float32 rows
-#: of 512 4.6-5.1 and 3.2, rows of 1024 3.2-3.3 and 3.5-3.8).  Without
-#: affine sums (no weight and no bias) rows go one at a time whatever their
-#: width: a row then stays in the L1 cache from its sums to its ``dx``.
-#: Old (two at a time from 4096 bytes) and new checkouts in one process,
-#: alternating (medians of 11, three rounds, freed memory kept), new over
-#: old time of the backward without affine parameters: LayerNorm float32
-#: ``(8192, 1024)`` 0.70 to 0.94, ``(2048, 4096)`` 0.91 to 0.94, float64
-#: ``(8192, 1024)`` 0.83 to 0.90, float16 ``(2048, 4096)`` 0.83 to 0.88,
-#: bfloat16 0.87 to 0.89; RMSNorm float32 ``(8192, 1024)`` 0.66 to 0.67;
-#: in cache, ``(64, 1024)`` 1.01 to 1.02 (an unchanged copy against the
-#: old: 0.99 to 1.04).
+#: of 512 4.6-5.1 and 3.2, rows of 1024 3.2-3.3 and 3.5-3.8).  That held
+#: with the two rows :data:`PAIR_DISTANCE` apart: old (one row at a time)
+#: and new (two from 1024 bytes) checkouts in one process, alternating
+#: (medians of 11, three rounds, freed memory kept), new over old time of
+#: the backward with weight and bias: float32 ``(16384, 512)`` 1.04 to
+#: 1.05, float16 1.09, bfloat16 ``(8192, 1024)`` 1.07 to 1.10.
+#:
+#: Without affine sums (no weight and no bias) there is nothing for two
+#: rows at a time to halve, and rows go one at a time whatever their
+#: width.  The same comparison, the old taking neighbouring rows two at a
+#: time from 4096 bytes, new over old time of the backward without affine
+#: parameters: LayerNorm float32 ``(8192, 1024)`` 0.70 to 0.94, ``(2048,
+#: 4096)`` 0.91 to 0.94, float64 ``(8192, 1024)`` 0.83 to 0.90, float16
+#: ``(2048, 4096)`` 0.83 to 0.88, bfloat16 0.87 to 0.89; RMSNorm float32
+#: ``(8192, 1024)`` 0.66 to 0.67; in cache, ``(64, 1024)`` 1.01 to 1.02
+#: (an unchanged copy against the old: 0.99 to 1.04).
 PAIRED_ROW_BYTES = 4096
 
 
@@ -2058,34 +2063,65 @@ def _rows_backward_single(dy, x, dx, p0, p1, width, mean, rstd, gscale,
             _add_affine_block(block_dy, block_dyx, affine)
 
 
+#: Rows between the two rows that ``_rows_backward_paired`` sums at once:
+#: a block of twice this many rows is taken as two runs side by side, row
+#: ``j`` of the first with row ``j`` of the second.  The sums of rows of
+#: 1024 float32 values with their affine sums, both threads over 8192 rows
+#: (the kernel's loop called from a scratch parallel loop, medians of 15,
+#: four rounds), took 2.72 to 2.79 ms for neighbouring rows, 2.34 to 2.46
+#: two rows apart, 2.16 to 2.26 four apart, 1.94 to 2.04 sixteen apart and
+#: 1.85 to 1.96 from 64 rows apart on; row by row 2.29 to 2.38.  Old
+#: (neighbouring rows) and new checkouts in one process, alternating
+#: (medians of 11, three rounds, freed memory kept), new over old time of
+#: the backward with weight and bias: LayerNorm float32 ``(8192, 1024)``
+#: 0.81 to 0.82, ``(2048, 4096)`` 0.89 to 0.90, float64 ``(8192, 1024)``
+#: 0.91 to 0.93; RMSNorm float32 ``(8192, 1024)`` 0.86 to 0.89 (an
+#: unchanged copy against the old: 0.97 to 1.03).
+PAIR_DISTANCE = 32
+
+
 @_uncounted
 def _rows_backward_paired(dy, x, dx, p0, p1, width, mean, rstd, gscale,
                           affine, block_dy, block_dyx, sums, coef, no_beta,
                           centered, defaults):
     """:func:`_rows_backward` two rows at a time: their sums by
-    :func:`_reduce_segment_pair` (a last odd row by
-    :func:`_reduce_segment`), then each row's ``dx`` (:func:`_row_dx`)."""
+    :func:`_reduce_segment_pair` (a block's odd row left over by
+    :func:`_reduce_segment`), then each row's ``dx`` (:func:`_row_dx`).
+
+    The two rows are :data:`PAIR_DISTANCE` rows apart, not neighbours:
+    the sums of two neighbouring rows read memory in two runs one row
+    apart, which ran about half as fast as either alone."""
     with_affine = block_dy.size > 0
-    for p in range(p0, p1, 2):
-        lo = p * width
-        xs = x[lo:lo + width]
-        ds = dy[lo:lo + width]
-        if p + 1 < p1:
-            hi = lo + width
-            s1, s2, s1_next, s2_next = _reduce_segment_pair(
-                xs, ds, x[hi:hi + width], dy[hi:hi + width], mean[p, 0],
-                rstd[p, 0], mean[p + 1, 0], rstd[p + 1, 0], gscale,
-                block_dy, block_dyx, with_affine, defaults)
-            _row_dx(x, dy, dx, p + 1, width, s1_next, s2_next, mean, rstd,
-                    gscale, sums, coef, no_beta, centered, defaults)
-        else:
-            s1, s2 = _reduce_segment(xs, ds, mean[p, 0], rstd[p, 0], gscale,
-                                     block_dy, block_dyx, with_affine, defaults)
-        _row_dx(x, dy, dx, p, width, s1, s2, mean, rstd, gscale, sums, coef,
-                no_beta, centered, defaults)
-        if with_affine and ((p + 2 - p0) % AFFINE_BLOCK_ROWS == 0
-                            or p + 2 >= p1):
-            _add_affine_block(block_dy, block_dyx, affine)
+    in_block = 0  # rows in the affine block sums since they were added
+    for b0 in range(p0, p1, 2 * PAIR_DISTANCE):
+        n = min(p1 - b0, 2 * PAIR_DISTANCE)
+        half = (n + 1) // 2
+        for p in range(b0, b0 + half):
+            lo = p * width
+            xs = x[lo:lo + width]
+            ds = dy[lo:lo + width]
+            q = p + half
+            if q < b0 + n:
+                hi = q * width
+                s1, s2, s1_other, s2_other = _reduce_segment_pair(
+                    xs, ds, x[hi:hi + width], dy[hi:hi + width], mean[p, 0],
+                    rstd[p, 0], mean[q, 0], rstd[q, 0], gscale, block_dy,
+                    block_dyx, with_affine, defaults)
+                _row_dx(x, dy, dx, q, width, s1_other, s2_other, mean, rstd,
+                        gscale, sums, coef, no_beta, centered, defaults)
+                in_block += 2
+            else:
+                s1, s2 = _reduce_segment(xs, ds, mean[p, 0], rstd[p, 0],
+                                         gscale, block_dy, block_dyx,
+                                         with_affine, defaults)
+                in_block += 1
+            _row_dx(x, dy, dx, p, width, s1, s2, mean, rstd, gscale, sums,
+                    coef, no_beta, centered, defaults)
+            if with_affine and in_block >= AFFINE_BLOCK_ROWS - 1:
+                _add_affine_block(block_dy, block_dyx, affine)
+                in_block = 0
+    if with_affine and in_block > 0:
+        _add_affine_block(block_dy, block_dyx, affine)
 
 
 @_inlined
