@@ -2089,8 +2089,10 @@ def _rows_backward_paired(dy, x, dx, p0, p1, width, mean, rstd, gscale,
     :func:`_reduce_segment`), then each row's ``dx`` (:func:`_row_dx`).
 
     The two rows are :data:`PAIR_DISTANCE` rows apart, not neighbours:
-    the sums of two neighbouring rows read memory in two runs one row
-    apart, which ran about half as fast as either alone."""
+    the sums of two neighbouring rows, which read memory in two runs one
+    row apart, took about twice as long as the same rows' sums one at a
+    time (without affine sums, 8192 rows of 1024 float32 values on both
+    threads: 2.6 to 2.9 ms against 1.2 to 1.6)."""
     with_affine = block_dy.size > 0
     in_block = 0  # rows in the affine block sums since they were added
     for b0 in range(p0, p1, 2 * PAIR_DISTANCE):
