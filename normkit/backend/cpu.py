@@ -2084,16 +2084,16 @@ PAIR_DISTANCE = 32
 def _rows_backward_paired(dy, x, dx, p0, p1, width, mean, rstd, gscale,
                           affine, block_dy, block_dyx, sums, coef, no_beta,
                           centered, defaults):
-    """:func:`_rows_backward` two rows at a time: their sums by
-    :func:`_reduce_segment_pair` (a block's odd row left over by
-    :func:`_reduce_segment`), then each row's ``dx`` (:func:`_row_dx`).
+    """:func:`_rows_backward` two rows at a time, where there are affine
+    sums: their sums by :func:`_reduce_segment_pair` (a block's odd row
+    left over by :func:`_reduce_segment`), then each row's ``dx``
+    (:func:`_row_dx`).
 
     The two rows are :data:`PAIR_DISTANCE` rows apart, not neighbours:
     the sums of two neighbouring rows, which read memory in two runs one
     row apart, took about twice as long as the same rows' sums one at a
     time (without affine sums, 8192 rows of 1024 float32 values on both
     threads: 2.6 to 2.9 ms against 1.2 to 1.6)."""
-    with_affine = block_dy.size > 0
     in_block = 0  # rows in the affine block sums since they were added
     for b0 in range(p0, p1, 2 * PAIR_DISTANCE):
         n = min(p1 - b0, 2 * PAIR_DISTANCE)
@@ -2108,21 +2108,22 @@ def _rows_backward_paired(dy, x, dx, p0, p1, width, mean, rstd, gscale,
                 s1, s2, s1_other, s2_other = _reduce_segment_pair(
                     xs, ds, x[hi:hi + width], dy[hi:hi + width], mean[p, 0],
                     rstd[p, 0], mean[q, 0], rstd[q, 0], gscale, block_dy,
-                    block_dyx, with_affine, defaults)
+                    block_dyx, True, defaults)
                 _row_dx(x, dy, dx, q, width, s1_other, s2_other, mean, rstd,
                         gscale, sums, coef, no_beta, centered, defaults)
                 in_block += 2
             else:
                 s1, s2 = _reduce_segment(xs, ds, mean[p, 0], rstd[p, 0],
-                                         gscale, block_dy, block_dyx,
-                                         with_affine, defaults)
+                                         gscale, block_dy, block_dyx, True,
+                                         defaults)
                 in_block += 1
             _row_dx(x, dy, dx, p, width, s1, s2, mean, rstd, gscale, sums,
                     coef, no_beta, centered, defaults)
-            if with_affine and in_block >= AFFINE_BLOCK_ROWS - 1:
+            # at most AFFINE_BLOCK_ROWS rows per block, two added at a time
+            if in_block >= AFFINE_BLOCK_ROWS - 1:
                 _add_affine_block(block_dy, block_dyx, affine)
                 in_block = 0
-    if with_affine and in_block > 0:
+    if in_block > 0:
         _add_affine_block(block_dy, block_dyx, affine)
 
 
