@@ -12,7 +12,8 @@ from normkit import engine, reference
 from normkit.backend import cpu
 from normkit.backend.plan import (COLUMN_BLOCK_ROWS, FUSED_ELEMENTS,
                                   MIN_ITEM_ELEMENTS, WHOLE_SAMPLES, Plan,
-                                  affine_slots, thread_count)
+                                  affine_partials_fit, affine_slots,
+                                  thread_blocks, thread_count)
 from normkit.engine import View, channel_view, make_plan, trailing_view
 
 
@@ -42,18 +43,33 @@ VIEWS = {
 }
 
 
-@pytest.mark.parametrize("n_threads", [1, 2, 3, 8])
-@pytest.mark.parametrize("name", VIEWS)
-def test_plan_covers_every_value_once(name, n_threads):
-    view = VIEWS[name]
-    plan = make_plan(view, n_threads)
+def _assert_covers_every_value_once(view, plan):
     seen = np.zeros((view.P, view.K, view.A, view.J * view.B), dtype=np.int8)
     for ps, ks, as_, ls in item_ranges(view, plan):
         seen[ps.start:ps.stop, ks.start:ks.stop, as_.start:as_.stop,
              ls.start:ls.stop] += 1
     assert (seen == 1).all()
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("name", VIEWS)
+def test_plan_covers_every_value_once(name, n_threads):
+    view = VIEWS[name]
+    plan = make_plan(view, n_threads)
+    _assert_covers_every_value_once(view, plan)
     if view.B == 1 and plan.n_kblk > 1:   # blocks of columns hold every row
         assert plan.n_ach == 1 and view.A <= COLUMN_BLOCK_ROWS
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("P", [1, 2, 7, 8, 9])
+def test_thread_blocks_give_each_thread_one_block_of_whole_groups(P, n_threads):
+    view = View(P, 3, 2, 5, 4)
+    plan = thread_blocks(view, n_threads)
+    _assert_covers_every_value_once(view, plan)
+    # no more items than threads, none with more p than it must
+    assert plan.fused and plan.n_kblk == 1 and plan.n_items <= n_threads
+    assert plan.p_per == -(-P // n_threads)
 
 
 @pytest.mark.parametrize("name", ["batchnorm-huge-batch", "layernorm-one-long-row",
@@ -635,6 +651,32 @@ def test_fused_backward_pairs_rows_far_apart(dtype, rows_per_item, rng):
     _assert_fused_backward(view, inputs, d, xhat,
                            cpu.from_kernel_array(dx, x.shape, x.dtype),
                            *part_affine[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_backward_over_many_wide_rows_takes_one_block_per_thread(dtype, rng):
+    """Rows too wide for the partials of :func:`make_plan`'s blocks, with
+    :data:`~normkit.backend.cpu.THREAD_BLOCK_ROWS` rows per thread: the
+    backward is fused over one block of rows per thread, and ``dx`` and
+    the affine sums match float64.  With a row fewer per thread, with
+    partials beyond :data:`~normkit.backend.cpu.THREAD_PARTIAL_BYTES`, or
+    over anything but rows, it is not."""
+    rows_per_thread = cpu.THREAD_BLOCK_ROWS
+    n, width = thread_count(), 20000
+    view = View(rows_per_thread * n, 1, 1, width, 1)
+    flat = cpu.as_kernel_array(np.empty(1, dtype))
+    assert not affine_partials_fit(make_plan(view), view)
+    assert (cpu._backward_plan(flat, view, True, True)
+            == (thread_blocks(view, n), True))
+    inputs, d, xhat = _random_backward_inputs(view, dtype, rng)
+    x, dy, mean, rstd, gscale = inputs
+    _assert_fused_backward(view, inputs, d, xhat,
+                           *cpu.backward(dy, x, view, mean, rstd, gscale))
+    too_wide = cpu.THREAD_PARTIAL_BYTES // 16 + 1
+    for other in (View(rows_per_thread * n - n, 1, 1, width, 1),
+                  View(64 * n, 1, 1, too_wide, 1),
+                  View(rows_per_thread * n, 2, 1, width, 1)):
+        assert not cpu._thread_blocks_pay(flat, other, n)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])

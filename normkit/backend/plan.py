@@ -16,7 +16,8 @@ from typing import NamedTuple
 
 import numba
 
-__all__ = ["Plan", "make_plan", "reduction_plan", "thread_count",
+__all__ = ["Plan", "make_plan", "reduction_plan", "thread_blocks",
+           "thread_count",
            "affine_slots", "affine_partials_fit",
            "disjoint_columns", "column_sums",
            "Grid", "Settings", "SETTINGS", "grid_for", "split_reduced",
@@ -203,6 +204,18 @@ def make_plan(view, n_threads=None, *, whole_samples=True):
     """
     return _plan(view, thread_count() if n_threads is None else n_threads,
                  whole_samples)
+
+
+def thread_blocks(view, n_threads=None):
+    """One block of whole values of ``p`` per thread (default: Numba's,
+    :func:`thread_count`), every group of each: as few items as keep every
+    thread busy, so as few partials of the affine sums
+    (:func:`affine_slots`) as a fused backward over blocks of ``p`` can
+    have.  ``view`` must hold values."""
+    n_threads = thread_count() if n_threads is None else n_threads
+    P, A, K, J, B = view.dims
+    p_per = ceil_div(P, min(P, n_threads))
+    return Plan(p_per, ceil_div(P, p_per), K, 1, A, 1, J * B, 1)
 
 
 def affine_slots(plan, view):
