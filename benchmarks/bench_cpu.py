@@ -13,6 +13,8 @@ timed.  Combinations that do not apply raise ``NotImplementedError`` in
   ``time_backward`` and ``time_forward_backward``.  Inference uses fixed
   (running) statistics, so it covers the variants that have them
   (:data:`INFERENCE_VARIANTS`).
+- :class:`Rows`: the same training passes of LayerNorm and RMSNorm over
+  rows of several widths (:data:`ROW_WIDTHS`), the grid's shapes aside.
 - :class:`Memory`: ``peakmem_forward_backward`` in training mode.
 - :class:`Bandwidth`: effective bandwidth of the training forward and
   forward+backward as a fraction of ``x.copy()``'s on the same array.
@@ -119,9 +121,11 @@ class _Prepared(_Grid):
     timeout = 120
 
     def setup(self, variant, family, layout, dtype, batch):
-        self.variant = variant
-        inputs = _bench.make_inputs(make_case(variant, family, layout, dtype,
-                                              batch))
+        self._prepare(make_case(variant, family, layout, dtype, batch))
+
+    def _prepare(self, case):
+        variant = self.variant = case.variant
+        inputs = _bench.make_inputs(case)
         if not self.training:
             inputs.kwargs = inference_kwargs(variant, inputs.kwargs)
         self.inputs = inputs
@@ -149,6 +153,28 @@ class _Passes(_Prepared):
 
 class Training(_Passes):
     """Training mode: batch statistics, running statistics updated."""
+
+
+#: Row widths of :class:`Rows`, each over :data:`ROWS_VALUES` values in
+#: all: the CPU backend's plan for LayerNorm and RMSNorm rows changes with
+#: the width (rows summed one or two at a time, in blocks of rows per work
+#: item or per thread, or over columns in a pass of their own).
+ROW_WIDTHS = (1024, 4096, 16384, 65536, 262144)
+
+#: Values of each :class:`Rows` input (8 MiB in float32).
+ROWS_VALUES = 1 << 21
+
+
+class Rows(_Passes):
+    """Training passes of LayerNorm and RMSNorm over rows of each of
+    :data:`ROW_WIDTHS` values, the same number of values in all: where a
+    row width costs more per value than another."""
+
+    params = [_bench.ROW_VARIANTS, ROW_WIDTHS, DTYPES]
+    param_names = ["variant", "width", "dtype"]
+
+    def setup(self, variant, width, dtype):
+        self._prepare(Case(variant, (ROWS_VALUES // width, width), -1, dtype))
 
 
 class Inference(_Passes):
