@@ -212,9 +212,14 @@ def thread_blocks(view, n_threads=None):
     thread busy, so as few partials of the affine sums
     (:func:`affine_slots`) as a fused backward over blocks of ``p`` can
     have.  ``view`` must hold values."""
-    n_threads = thread_count() if n_threads is None else n_threads
+    return _p_blocks(view, thread_count() if n_threads is None else n_threads)
+
+
+def _p_blocks(view, items):
+    """At most ``items`` blocks of whole values of ``p``, as equal as can
+    be, every group of each."""
     P, A, K, J, B = view.dims
-    p_per = ceil_div(P, min(P, n_threads))
+    p_per = ceil_div(P, min(P, items))
     return Plan(p_per, ceil_div(P, p_per), K, 1, A, 1, J * B, 1)
 
 
@@ -395,8 +400,7 @@ def _plan(view, n_threads, whole_samples):
     # 0.79, bfloat16 0.77 to 0.81
     if _enough(P, target, n_threads) and not (
             chunks and A * K * L > FUSED_ELEMENTS):
-        p_per = ceil_div(P, min(P, target))
-        return Plan(p_per, ceil_div(P, p_per), K, 1, A, 1, L, 1)
+        return _p_blocks(view, target)
     if B > 1 and _enough(P * K, target, n_threads) and not chunks:
         k_per = _whole_rounds(K, max(1, min(ceil_div(K, pieces),
                                             FUSED_ELEMENTS // (A * L))),
