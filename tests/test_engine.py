@@ -13,7 +13,8 @@ from normkit.backend import cpu
 from normkit.backend.plan import (COLUMN_BLOCK_ROWS, FUSED_ELEMENTS,
                                   MIN_ITEM_ELEMENTS, WHOLE_SAMPLES, Plan,
                                   affine_partials_fit, affine_slots,
-                                  thread_blocks, thread_count)
+                                  column_sums, reduction_plan, thread_blocks,
+                                  thread_count)
 from normkit.engine import View, channel_view, make_plan, trailing_view
 
 
@@ -677,6 +678,46 @@ def test_backward_over_many_wide_rows_takes_one_block_per_thread(dtype, rng):
                   View(64 * n, 1, 1, too_wide, 1),
                   View(rows_per_thread * n, 2, 1, width, 1)):
         assert not cpu._thread_blocks_pay(flat, other, n)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("rows", [3, cpu.AFFINE_BLOCK_ROWS,
+                                  cpu.AFFINE_BLOCK_ROWS + 9])
+@pytest.mark.parametrize("out_dtype", ["float64", "input"])
+def test_column_sums_of_16_bit_rows_match_float64(dtype, rows, out_dtype,
+                                                   rng):
+    """Over wide rows of 16-bit storage, summed by blocks of columns
+    (``column_sums``), each block's affine sums are float32 sums of the
+    rows, written as they are over up to ``AFFINE_BLOCK_ROWS`` rows, else
+    added into float64 every ``AFFINE_BLOCK_ROWS`` rows: over a few rows,
+    exactly that many and more, the sums match float64, written into
+    float64 or rounded once into the input's dtype, and the group sums
+    too."""
+    dt = (pytest.importorskip("ml_dtypes").bfloat16 if dtype == "bfloat16"
+          else np.dtype(dtype))
+    view = View(rows, 1, 1, 3 * cpu.COLUMN_BLOCK + 123, 1)
+    plan = reduction_plan(view, 2)
+    assert column_sums(plan, view)
+    (x, dy, mean, rstd, gscale), d, xhat = _random_backward_inputs(view, dt,
+                                                                   rng)
+    flat_x, flat_dy, mean, rstd, gscale = cpu._backward_inputs(
+        dy, x, view, mean, rstd, gscale, True)
+    kj = view.K * view.J
+    out = [np.full(kj, np.nan, np.float64 if out_dtype == "float64" else dt)
+           for _ in range(2)]
+    group = cpu.column_sums_of(flat_dy, flat_x, *view.dims, tuple(plan), mean,
+                               rstd, gscale, cpu._group_partials(view, plan),
+                               *(cpu.as_kernel_array(o) for o in out))
+    g = gscale.reshape(1, 1, 1, -1, 1) * d
+    tol = SUMS_TOL[np.dtype(np.float16)]
+    if out_dtype == "input":  # one rounding to the input's dtype
+        tol += 2.0 ** -8 if dtype == "bfloat16" else 2.0 ** -11
+    for got, want in ((group[:, 0, 0], g.sum(axis=(1, 3, 4))[:, 0]),
+                      (group[:, 0, 1], (g * xhat).sum(axis=(1, 3, 4))[:, 0]),
+                      (out[0], d.sum(axis=(0, 1, 4)).reshape(-1)),
+                      (out[1], (d * xhat).sum(axis=(0, 1, 4)).reshape(-1))):
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0,
+                                   atol=tol * np.abs(want).max())
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
