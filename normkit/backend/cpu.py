@@ -1865,7 +1865,7 @@ def backward_reduce_columns(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
     ``part_group`` as in :func:`backward_reduce`.  The affine sums ``(sum
     dy, sum dy*xhat)`` of each block of :data:`COLUMN_BLOCK` columns are
     accumulated over the rows in row order, two rows at a time
-    (``_reduce_segment_pair``), in the vectors of :func:`_affine_block`:
+    (``_reduce_segment_pair``), in the vectors of ``_affine_block``:
     float64 scratch for float32 and float64 storage; for 16-bit storage
     float32 ones, added into float64 scratch every
     :data:`AFFINE_BLOCK_ROWS` rows, or, over that many rows or fewer,
