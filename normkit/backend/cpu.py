@@ -228,6 +228,20 @@ def _unsigned(c0, c1):
     return np.uint64(c0), np.uint64(c1)
 
 
+@_inlined
+def _float64_sums(a, b):
+    """``(sum(a), sum(b))`` in float64 of two 1-D vectors of one size,
+    read from index 0: slices, not a signed range from a variable start,
+    whose test for a negative index kept such a loop from vectorising
+    (see ``_unsigned``)."""
+    total_a = 0.0
+    total_b = 0.0
+    for i in range(a.size):
+        total_a += np.float64(a[i])
+        total_b += np.float64(b[i])
+    return total_a, total_b
+
+
 #: Values of the groups a fused kernel takes at once where groups are
 #: segments (``B > 1``, see ``_group_step``) and those a fused forward
 #: takes at once where each group is one run (``_item_step``).
@@ -646,9 +660,9 @@ def _segment_rows_moments(x, p, r, A, K, L, out_n, out_mean, out_m2):
     at a time paid a loop's setup, its remainder and two horizontal sums
     for every few dozen values.
 
-    Each group's fold reads its columns from index 0 of slices: from a
-    signed start (``range(lo, lo + L)``) the two float64 sums did not
-    vectorise (see ``_unsigned``).  Old and new checkouts in one process,
+    Each group's fold sums slices of its columns (``_float64_sums``):
+    from a signed start (``range(lo, lo + L)``) the two float64 sums did
+    not vectorise.  Old and new checkouts in one process,
     alternating (medians of 51, three rounds, an unchanged copy within
     0.97 to 1.05), new over old time of the BatchNorm forward: ``(32,
     512, 7, 7)`` float32 0.93 to 0.96, ``(64, 256, 8, 8)`` 0.87 to 0.93,
@@ -709,13 +723,7 @@ def _segment_rows_moments(x, p, r, A, K, L, out_n, out_mean, out_m2):
         n_tile = np.float64((t1 - t0) * L)
         for k in range(k0, k1):
             lo = (k - k0) * L
-            g1 = 0.0
-            g2 = 0.0
-            s1_k = s1[lo:lo + L]
-            sq_k = sq[lo:lo + L]
-            for i in range(L):
-                g1 += np.float64(s1_k[i])
-                g2 += np.float64(sq_k[i])
+            g1, g2 = _float64_sums(s1[lo:lo + L], sq[lo:lo + L])
             t_mean, t_m2 = _tile_summary(n_tile, np.float64(center[lo]), g1,
                                          g2)
             out_n[k], out_mean[k], out_m2[k] = _chan_merge(
@@ -1820,13 +1828,8 @@ def _segment_rows_sums(dy, x, p, r, A, K, J, B, mean_p, rstd_p, gscale,
             for k in range(b0, b1):
                 for j in range(J):
                     lo = (k - b0) * L + j * B
-                    s_dy = 0.0
-                    s_dyx = 0.0
-                    b_dy = t_dy[lo:lo + B]
-                    b_dyx = t_dyx[lo:lo + B]
-                    for i in range(B):
-                        s_dy += np.float64(b_dy[i])
-                        s_dyx += np.float64(b_dyx[i])
+                    s_dy, s_dyx = _float64_sums(t_dy[lo:lo + B],
+                                                t_dyx[lo:lo + B])
                     _add_channel_sums(k, k * J + j, s_dy, s_dyx, gscale,
                                       group_out, aff_dy, aff_dyx, with_affine)
 
@@ -1968,8 +1971,7 @@ def backward_reduce_columns(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
                 s_dy[:] = 0.0
                 s_dyx[:] = 0.0
             else:
-                _store_sums(block[0, :l1 - l0], block[1, :l1 - l0], sum_dy_out,
-                            sum_dyx_out, l0)
+                _store_sums(totals[0], totals[1], sum_dy_out, sum_dyx_out, l0)
 
 
 @_inlined
