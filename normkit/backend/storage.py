@@ -27,14 +27,16 @@ Accumulation in the kernels is in float32 or wider whatever the storage.
 from llvmlite import binding, ir
 import numpy as np
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from numba.np.numpy_support import as_dtype
 
 from . import half
 
 __all__ = ["storage_view", "compute_dtype", "is_bfloat16", "load", "store",
-           "compute_empty", "compute_zero", "product_zero", "F16C",
-           "FLOAT32", "FLOAT64"]
+           "compute_empty", "compute_zero", "product_zero", "stream",
+           "stream_fence", "F16C", "SFENCE", "STREAM_LINE", "FLOAT32",
+           "FLOAT64"]
 
 #: True when the CPU converts float16 in hardware (x86 F16C); the kernels
 #: then use LLVM's ``half`` conversions, which vectorise.
@@ -270,3 +272,114 @@ def _product_zero_impl(a):
 def _compute_empty_impl(a, n):
     dtype = _compute_scalar(a)
     return lambda a, n: np.empty(n, dtype)
+
+
+# --------------------------------------------------------------------------
+# streaming stores
+# --------------------------------------------------------------------------
+
+#: True on x86, whose ``sfence`` orders the streaming stores of
+#: :func:`stream` before the stores that follow them.
+SFENCE = bool(binding.get_host_cpu_features().get("sse2", False))
+
+#: Bytes a streaming store writes at once: a cache line.
+STREAM_LINE = 64
+
+
+def stream(dst, src):
+    """Copy 1-D ``src`` into ``dst`` (same size, both C-contiguous) with
+    streaming stores, which bypass the caches, where both have one dtype;
+    into a ``dst`` of another dtype, values converted by :func:`store`,
+    ordinary stores (usable in kernels).
+
+    An ordinary store first reads the line it writes into the cache (the
+    core must own the line), so a map whose output goes on to memory moves
+    three bytes a byte of output: the input, that read and the write.  A
+    streaming (non-temporal) store writes whole lines to memory without
+    reading them, two bytes a byte, and leaves the caches to the input.
+    The cache lines wholly inside ``dst`` are written that way, 64 bytes a
+    store; its head and tail, parts of lines it shares with its
+    neighbours, by an ordinary copy.  Streaming stores are not ordered
+    with ordinary ones: call :func:`stream_fence` after the last of a
+    pass, before anything else reads what they wrote (one fence a pass: it
+    waits for the stores to reach memory).  Worth it only for an output
+    that does not stay in cache anyway: whoever reads ``dst`` next reads
+    it from memory.
+    """
+    dst[:] = src
+
+
+def stream_fence():
+    """Order the streaming stores of :func:`stream` before every later
+    store (``sfence`` on x86; nothing elsewhere) (usable in kernels)."""
+
+
+@intrinsic
+def _stream_lines(typingctx, dst, src):
+    """:func:`stream` in LLVM IR: the head and tail copied by ``memcpy``,
+    the lines between as ``<16 x i32>`` loads (unaligned) and stores
+    marked ``!nontemporal`` (aligned to 64)."""
+    def codegen(context, builder, signature, args):
+        dst_type, src_type = signature.args
+        dst_ary = context.make_array(dst_type)(context, builder, args[0])
+        src_ary = context.make_array(src_type)(context, builder, args[1])
+        i8p = ir.IntType(8).as_pointer()
+        i64 = ir.IntType(64)
+        size = context.get_abi_sizeof(context.get_data_type(dst_type.dtype))
+        nbytes = builder.mul(dst_ary.nitems, i64(size))
+        dst_p = builder.bitcast(dst_ary.data, i8p)
+        src_p = builder.bitcast(src_ary.data, i8p)
+        misalign = builder.and_(builder.ptrtoint(dst_p, i64),
+                                i64(STREAM_LINE - 1))
+        head = builder.and_(builder.sub(i64(STREAM_LINE), misalign),
+                            i64(STREAM_LINE - 1))
+        head = builder.select(builder.icmp_unsigned("<", nbytes, head),
+                              nbytes, head)
+        cgutils.raw_memcpy(builder, dst_p, src_p, head, 1)
+        lines = builder.udiv(builder.sub(nbytes, head), i64(STREAM_LINE))
+        line = ir.VectorType(ir.IntType(32), STREAM_LINE // 4).as_pointer()
+        nontemporal = builder.module.add_metadata([ir.IntType(32)(1)])
+        with cgutils.for_range(builder, lines) as loop:
+            offset = builder.add(head, builder.mul(loop.index,
+                                                   i64(STREAM_LINE)))
+            value = builder.load(builder.bitcast(
+                builder.gep(src_p, [offset]), line), align=1)
+            store = builder.store(value, builder.bitcast(
+                builder.gep(dst_p, [offset]), line), align=STREAM_LINE)
+            store.set_metadata("nontemporal", nontemporal)
+        done = builder.add(head, builder.mul(lines, i64(STREAM_LINE)))
+        cgutils.raw_memcpy(builder, builder.gep(dst_p, [done]),
+                           builder.gep(src_p, [done]),
+                           builder.sub(nbytes, done), 1)
+        return context.get_dummy_value()
+    return types.void(dst, src), codegen
+
+
+@intrinsic
+def _sfence(typingctx):
+    """:func:`stream_fence`: ``llvm.x86.sse.sfence`` where
+    :data:`SFENCE`, else nothing."""
+    def codegen(context, builder, signature, args):
+        if SFENCE:
+            fence = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), []),
+                "llvm.x86.sse.sfence")
+            builder.call(fence, [])
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@overload(stream)
+def _stream_impl(dst, src):
+    if dst.dtype == src.dtype:
+        return lambda dst, src: _stream_lines(dst, src)
+
+    def convert(dst, src):
+        for i in range(dst.size):
+            store(dst, i, src[i])
+    return convert
+
+
+@overload(stream_fence)
+def _stream_fence_impl():
+    return lambda: _sfence()
