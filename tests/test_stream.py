@@ -1,12 +1,20 @@
-"""Streaming stores (:func:`normkit.backend.storage.stream`): the bytes of
-an ordinary copy, whatever the size and the alignment, and nothing around
-them."""
+"""Streaming stores (:func:`normkit.backend.storage.stream`) and the map
+that writes large outputs with them.
+
+The narrow-groups map (channels-last BatchNorm and GroupNorm) streams its
+rows out where the output has at least ``cpu.STREAM_BYTES``: its values
+must be the bits the ordinary stores write, whatever the alignment of the
+output, and the passes that use it must still match the reference.
+"""
 
 import numpy as np
 import pytest
 from numba import njit
 
-from normkit.backend import storage
+import normkit
+from normkit import engine, reference
+from normkit.backend import cpu, storage
+from normkit.view import View
 
 
 @njit
@@ -41,3 +49,62 @@ def test_stream_outside_kernels_is_a_copy():
     storage.stream(dst, np.arange(5.0))
     storage.stream_fence()
     assert dst.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def _rows_for(dtype, at_least):
+    """Rows of 64 values of ``dtype`` making at least ``at_least`` bytes."""
+    return -(-at_least // (64 * np.dtype(dtype).itemsize))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("offset", [0, 3])
+def test_streamed_map_writes_the_bits_of_ordinary_stores(dtype, offset, rng):
+    # one map over rows making 1.25 STREAM_BYTES (streamed), and the same
+    # coefficients over each half of them (below it: ordinary stores); an
+    # offset output is not aligned to a cache line
+    rows = _rows_for(dtype, cpu.STREAM_BYTES * 5 // 4)
+    rows += rows % 2
+    x = rng.normal(3.0, 2.0, rows * 64).astype(dtype)
+    mean = rng.normal(3.0, 1.0, 64)
+    rstd = rng.uniform(0.5, 2.0, 64)
+    gamma = rng.normal(1.0, 0.5, 64).astype(dtype)
+    beta = rng.normal(0.0, 0.5, 64).astype(dtype)
+    out = np.empty(rows * 64 + offset, dtype)[offset:]
+    whole = engine.apply_affine(x, View(1, rows, 64, 1, 1), mean, rstd, gamma,
+                                beta, out=out)
+    assert whole.nbytes >= cpu.STREAM_BYTES
+    half = rows // 2 * 64
+    for part in (x[:half], x[half:]):
+        assert part.nbytes < cpu.STREAM_BYTES
+    parts = [engine.apply_affine(part, View(1, rows // 2, 64, 1, 1), mean,
+                                 rstd, gamma, beta)
+             for part in (x[:half], x[half:])]
+    np.testing.assert_array_equal(whole, np.concatenate(parts))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("variant", ["batch_norm", "group_norm"])
+def test_large_channels_last_passes_match_the_reference(variant, dtype, rng):
+    n = _rows_for(dtype, cpu.STREAM_BYTES + 1) // (32 * 32) + 1
+    shape = (n, 32, 32, 64)
+    x = rng.normal(2.0, 3.0, shape).astype(dtype)
+    dy = rng.normal(0.0, 1.0, shape).astype(dtype)
+    w = rng.normal(1.0, 0.3, 64).astype(dtype)
+    b = rng.normal(0.0, 0.3, 64).astype(dtype)
+    assert x.nbytes >= cpu.STREAM_BYTES
+    if variant == "batch_norm":
+        layer = normkit.BatchNorm2d(64, axis=-1)
+        want = reference.batch_norm(x, None, None, w, b, training=True,
+                                    axis=-1)[0]
+        grads = reference.batch_norm_backward(dy, x, None, None, w, b,
+                                              training=True, axis=-1)
+    else:
+        layer = normkit.GroupNorm(16, 64, axis=-1)
+        want = reference.group_norm(x, 16, w, b, axis=-1)
+        grads = reference.group_norm_backward(dy, x, 16, w, b, axis=-1)
+    layer.weight[:] = w
+    layer.bias[:] = b
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(layer(x), want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(layer.backward(dy), grads[0], rtol=tol,
+                               atol=tol)

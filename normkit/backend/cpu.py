@@ -76,7 +76,8 @@ from numba.np.numpy_support import as_dtype
 
 from . import protocol, storage
 from .storage import (compute_dtype, compute_empty, compute_zero, load,
-                      product_zero, store, storage_view)
+                      product_zero, store, storage_view, stream,
+                      stream_fence)
 from .plan import (WIDE_GROUP, affine_partials_fit, affine_slots,
                    column_sums, make_plan, reduction_plan, thread_blocks,
                    thread_count)
@@ -907,6 +908,9 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
             mc_b[i] = mc
             sx_b[i], sd_b[i], s0_b[i] = _column_coefficients(
                 m, a_k, h, e, c, _param(gs, i, 1.0), _param(bs, i, 0.0), mc)
+        if _streams(out, scratch, c0, c1, width):
+            _stream_rows(x, dy, out, use_dy, p, a0, a1, A, width, scratch)
+            return
         x2 = _row_block(x, p, a0, a1, A, width)
         o2 = _row_block(out, p, a0, a1, A, width)
         u0, u1 = _unsigned(c0, c1)
@@ -935,6 +939,70 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
         return
     _map_rows_of_segments(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma,
                           beta, scratch)
+
+
+#: Outputs of at least this many bytes are written by the narrow-groups
+#: map with streaming stores (:func:`~normkit.backend.storage.stream`):
+#: half the L3 cache of the machines measured, beyond which the output
+#: goes on to memory anyway.
+STREAM_BYTES = 16 * 2 ** 20
+
+#: Values of the compute type that the narrow-groups map computes into
+#: scratch before it streams them out: whole rows, 2 KiB of float32.
+STREAM_VALUES = 512
+
+
+@_inlined
+def _streams(out, scratch, c0, c1, width):
+    """Whether the narrow-groups map of :func:`_p_apply` streams its rows
+    out (:func:`_stream_rows`): an output of at least
+    :data:`STREAM_BYTES`, stored in the compute type (float32 or
+    float64), mapped in whole rows of at most :data:`STREAM_VALUES`."""
+    return (out.itemsize == scratch.itemsize
+            and out.size * out.itemsize >= STREAM_BYTES
+            and c0 == 0 and c1 == width and width <= STREAM_VALUES)
+
+
+@_inlined
+def _stream_rows(x, dy, out, use_dy, p, a0, a1, A, width, scratch):
+    """The narrow-groups map of :func:`_p_apply` over whole rows ``a0 ..
+    a1`` of ``p``, with the per-column coefficients in the first four
+    vectors of ``scratch``: as many rows as fit in its last
+    :data:`STREAM_VALUES` values are computed there, then written out by
+    :func:`~normkit.backend.storage.stream`, a block of consecutive rows
+    at a time, and the stores fenced once at the end.
+
+    Over float32 ``(32, 56, 56, 64)`` channels last (25.7 MB), against
+    ordinary stores (the engine alone, both threads, same arrays, medians
+    of 15, five rounds; an unchanged copy of the old code 0.93 to 1.13):
+    BatchNorm's forward 0.86 to 0.96 of the time, its map alone 0.79 to
+    0.92, its backward 0.86 to 0.94; GroupNorm's forward 0.84 to 0.89,
+    map 0.79 to 0.88, backward 0.81 to 0.93.  Blocks of 1024 to 4096
+    values were level or slower for BatchNorm (a fence after each block
+    of 4096 made every map 1.1 to 1.3 times slower)."""
+    mc_c = scratch[:width]
+    sx_c = scratch[width:2 * width]
+    sd_c = scratch[2 * width:3 * width]
+    s0_c = scratch[3 * width:4 * width]
+    rows = STREAM_VALUES // width
+    buffer = scratch[4 * width:4 * width + rows * width]
+    for r0 in range(a0, a1, rows):
+        n = min(a1 - r0, rows)
+        start = (p * A + r0) * width
+        for row in range(n):
+            lo = start + row * width
+            xs = x[lo:lo + width]
+            bs = buffer[row * width:(row + 1) * width]
+            if use_dy:
+                ds = dy[lo:lo + width]
+                for col in range(width):
+                    bs[col] = ((load(xs, col) - mc_c[col]) * sx_c[col]
+                               + load(ds, col) * sd_c[col] + s0_c[col])
+            else:
+                for col in range(width):
+                    bs[col] = (load(xs, col) - mc_c[col]) * sx_c[col] + s0_c[col]
+        stream(out[start:start + n * width], buffer[:n * width])
+    stream_fence()
 
 
 #: Most values per row of a block of whole short groups that
@@ -1154,7 +1222,7 @@ def _map_scratch(x, K, J, B):
     blocks and that is more, else none."""
     L = J * B
     if _narrow_groups(J, B):
-        return compute_empty(x, 4 * K * J)
+        return compute_empty(x, 4 * K * J + STREAM_VALUES)
     if B > 1:
         block = min(K, max(1, SHORT_MAP_VALUES // L)) * L if 2 * L <= TILE else 0
         return compute_empty(x, 4 * max(K * J, block))
