@@ -977,9 +977,10 @@ def _stream_rows(x, dy, out, use_dy, p, a0, a1, A, width, scratch):
     of 15, five rounds; an unchanged copy of the old code 0.93 to 1.13):
     BatchNorm's forward 0.86 to 0.96 of the time, its map alone 0.79 to
     0.92, its backward 0.86 to 0.94; GroupNorm's forward 0.84 to 0.89,
-    map 0.79 to 0.88, backward 0.81 to 0.93.  Blocks of 1024 to 4096
-    values were level or slower for BatchNorm (a fence after each block
-    of 4096 made every map 1.1 to 1.3 times slower)."""
+    map 0.79 to 0.88, backward 0.81 to 0.93.  Larger blocks did no
+    better: 1024 and 2048 values gave BatchNorm's map 0.82 to 1.24 of the
+    old time over three rounds, 4096 1.09 to 1.21, and a fence after each
+    block of 4096 made every map 1.1 to 1.3 times slower."""
     mc_c = scratch[:width]
     sx_c = scratch[width:2 * width]
     sd_c = scratch[2 * width:3 * width]
