@@ -2,9 +2,11 @@
 that writes large outputs with them.
 
 The narrow-groups map (channels-last BatchNorm and GroupNorm) streams its
-rows out where the output has at least ``cpu.STREAM_BYTES``: its values
-must be the bits the ordinary stores write, whatever the alignment of the
-output, and the passes that use it must still match the reference.
+rows out where the output has at least ``cpu.STREAM_BYTES``, and so does
+the fused forward over rows of ``cpu.STREAM_SEGMENT_BYTES`` or more
+(LayerNorm, RMSNorm): their values must be the bits the ordinary stores
+write, whatever the alignment of the output, and the passes that use them
+must still match the reference.
 """
 
 import numpy as np
@@ -14,7 +16,7 @@ from numba import njit
 import normkit
 from normkit import engine, reference
 from normkit.backend import cpu, storage
-from normkit.view import View
+from normkit.view import View, trailing_view
 
 
 @njit
@@ -108,3 +110,55 @@ def test_large_channels_last_passes_match_the_reference(variant, dtype, rng):
     np.testing.assert_allclose(layer(x), want, rtol=tol, atol=tol)
     np.testing.assert_allclose(layer.backward(dy), grads[0], rtol=tol,
                                atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("offset", [0, 3])
+@pytest.mark.parametrize("width", [256, 1000, 4099])
+@pytest.mark.parametrize("affine", [True, False])
+def test_streamed_forward_writes_the_bits_of_ordinary_stores(dtype, offset,
+                                                             width, affine,
+                                                             rng):
+    # the fused forward over rows making 1.25 STREAM_BYTES (streamed), and
+    # over each half of them (below it: ordinary stores): rows of a width
+    # that is no multiple of a cache line, or of a streamed block, into an
+    # output aligned or not, with and without weight and bias
+    itemsize = np.dtype(dtype).itemsize
+    if width * itemsize < cpu.STREAM_SEGMENT_BYTES:
+        width *= 2
+    rows = -(-cpu.STREAM_BYTES * 5 // 4 // (width * itemsize))
+    rows += rows % 2
+    x = rng.normal(3.0, 2.0, (rows, width)).astype(dtype)
+    gamma = rng.normal(1.0, 0.5, width).astype(dtype) if affine else None
+    beta = rng.normal(0.0, 0.5, width).astype(dtype) if affine else None
+    out = np.empty(rows * width + offset, dtype)[offset:].reshape(rows, width)
+    whole, mean, var, _ = engine.normalize_batch(
+        x, trailing_view(x.shape, 1), gamma, beta, out=out)
+    assert whole.nbytes >= cpu.STREAM_BYTES
+    parts = [engine.normalize_batch(part, trailing_view(part.shape, 1), gamma,
+                                    beta)
+             for part in (x[:rows // 2], x[rows // 2:])]
+    assert parts[0][0].nbytes < cpu.STREAM_BYTES
+    np.testing.assert_array_equal(whole, np.concatenate([p[0] for p in parts]))
+    np.testing.assert_array_equal(mean, np.concatenate([p[1] for p in parts]))
+    np.testing.assert_array_equal(var, np.concatenate([p[2] for p in parts]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_large_layer_norm_rows_match_the_reference(dtype, rng):
+    width = 1000
+    rows = -(-(cpu.STREAM_BYTES + 1) // (width * np.dtype(dtype).itemsize))
+    x = rng.normal(2.0, 3.0, (rows, width)).astype(dtype)
+    dy = rng.normal(0.0, 1.0, x.shape).astype(dtype)
+    w = rng.normal(1.0, 0.3, width).astype(dtype)
+    b = rng.normal(0.0, 0.3, width).astype(dtype)
+    layer = normkit.LayerNorm(width)
+    layer.weight[:] = w
+    layer.bias[:] = b
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(layer(x), reference.layer_norm(x, (width,), w, b),
+                               rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        layer.backward(dy),
+        reference.layer_norm_backward(dy, x, (width,), w, b)[0],
+        rtol=tol, atol=tol)
