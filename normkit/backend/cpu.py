@@ -942,14 +942,14 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
 
 
 #: Outputs of at least this many bytes are written by the narrow-groups
-#: map and by the fused forward over rows (:func:`_map_streamed`) with
+#: map and by the fused forward over rows (``_map_streamed``) with
 #: streaming stores (:func:`~normkit.backend.storage.stream`):
 #: half the L3 cache of the machines measured, beyond which the output
 #: goes on to memory anyway.
 STREAM_BYTES = 16 * 2 ** 20
 
 #: Shortest row, in bytes, that the fused forward streams out
-#: (:func:`_map_streamed`): LayerNorm over float32 rows of 256 values
+#: (``_map_streamed``): LayerNorm over float32 rows of 256 values
 #: streamed took 0.88 to 0.90 of the time of ordinary stores, over rows
 #: of 64 (256 bytes, most of them in lines shared with the neighbouring
 #: rows, copied the ordinary way) 1.17 to 1.29.
@@ -1412,8 +1412,8 @@ def forward_item(x, out, item, P, A, K, J, B, plan, gamma, beta, eps,
     holds a pointer to the function object).  Its float64 scratch is one
     allocation: a tiny input's forward is a few microseconds per item.
     Rows (``A == B == 1``) of a large output are streamed out
-    (:func:`_stream_buffer`, :func:`_map_streamed`) and fenced once, at
-    the item's end."""
+    (``_stream_buffer``, ``_map_streamed``) and fenced once, at the
+    item's end."""
     L = J * B
     p0, p1, r, _ = _item_bounds(item, P, A, K, L, plan)
     step = _item_step(r, L, A, B)
