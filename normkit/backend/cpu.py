@@ -1269,7 +1269,14 @@ def _map_streamed(xs, os, gs, bs, mc, a, q, w, defaults, buffer):
     outputs, whose map is bound by the conversions rather than by
     memory, store the ordinary way: streamed (blocks of 2048), the
     forward over float16 ``(8192, 1024)`` took 1.00 to 1.02 of the time,
-    its map alone 1.24 to 1.25."""
+    its map alone 1.24 to 1.25.  Into a fresh mapping (an output that
+    glibc maps anew, 32 MiB or more), whose pages the kernel zeroes
+    through the cache at the first store (the likely cause), it gains
+    nothing: the API's
+    forward over ``(8192, 1024)`` took 1.01 to 1.03 of the old time, over
+    the two long rows 1.02 to 1.11 (each version over a block of its own
+    calls), where over a sample, whose 25.7 MB glibc reuses, 0.80 to
+    0.90."""
     n = xs.size
     zero = compute_zero(xs)
     for b0 in range(0, n, buffer.size):
