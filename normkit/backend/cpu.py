@@ -952,7 +952,7 @@ STREAM_BYTES = 16 * 2 ** 20
 #: (``_map_streamed``): LayerNorm over float32 rows of 256 values
 #: streamed took 0.88 to 0.90 of the time of ordinary stores, over rows
 #: of 64 (256 bytes, most of them in lines shared with the neighbouring
-#: rows, copied the ordinary way) 1.17 to 1.29.
+#: rows, copied the ordinary way) 1.26 to 1.29.
 STREAM_SEGMENT_BYTES = 1024
 
 #: Values that the narrow-groups map (whole rows, of the compute type)
@@ -961,7 +961,7 @@ STREAM_SEGMENT_BYTES = 1024
 #: float32.  Blocks of 2048 values made the map alone over float32
 #: LayerNorm rows of 4096 to 65536 values 1.07 to 1.22 times as slow as
 #: ordinary stores (its input, parameters and scratch filled the L1
-#: cache), blocks of 512 0.99 to 1.13.
+#: cache), blocks of 512 0.98 to 1.13.
 STREAM_VALUES = 512
 
 
@@ -1272,11 +1272,10 @@ def _map_streamed(xs, os, gs, bs, mc, a, q, w, defaults, buffer):
     its map alone 1.24 to 1.25.  Into a fresh mapping (an output that
     glibc maps anew, 32 MiB or more), whose pages the kernel zeroes
     through the cache at the first store (the likely cause), it gains
-    nothing: the API's
-    forward over ``(8192, 1024)`` took 1.01 to 1.03 of the old time, over
-    the two long rows 1.02 to 1.11 (each version over a block of its own
-    calls), where over a sample, whose 25.7 MB glibc reuses, 0.80 to
-    0.90."""
+    nothing: the API's forward over ``(8192, 1024)`` took 1.01 to 1.03
+    of the old time, over the two long rows 1.02 to 1.11 (each version
+    over a block of its own calls), where over a sample, whose 25.7 MB
+    glibc reuses, 0.80 to 0.90."""
     n = xs.size
     zero = compute_zero(xs)
     for b0 in range(0, n, buffer.size):
