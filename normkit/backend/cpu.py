@@ -908,7 +908,7 @@ def _p_apply(x, dy, out, use_dy, p, r, A, K, J, B, coef, gamma, beta,
             mc_b[i] = mc
             sx_b[i], sd_b[i], s0_b[i] = _column_coefficients(
                 m, a_k, h, e, c, _param(gs, i, 1.0), _param(bs, i, 0.0), mc)
-        if _streams(out, scratch, c0, c1, width):
+        if _streams(out, c0, c1, width):
             _stream_rows(x, dy, out, use_dy, p, a0, a1, A, width, scratch)
             return
         x2 = _row_block(x, p, a0, a1, A, width)
@@ -966,13 +966,19 @@ STREAM_VALUES = 512
 
 
 @_inlined
-def _streams(out, scratch, c0, c1, width):
+def _large_output(out):
+    """Whether ``out`` may be written with streaming stores: float32 or
+    float64 (stored in the compute type) of at least
+    :data:`STREAM_BYTES`."""
+    return out.itemsize >= 4 and out.size * out.itemsize >= STREAM_BYTES
+
+
+@_inlined
+def _streams(out, c0, c1, width):
     """Whether the narrow-groups map of :func:`_p_apply` streams its rows
-    out (:func:`_stream_rows`): an output of at least
-    :data:`STREAM_BYTES`, stored in the compute type (float32 or
-    float64), mapped in whole rows of at most :data:`STREAM_VALUES`."""
-    return (out.itemsize == scratch.itemsize
-            and out.size * out.itemsize >= STREAM_BYTES
+    out (:func:`_stream_rows`): a :func:`_large_output` mapped in whole
+    rows of at most :data:`STREAM_VALUES`."""
+    return (_large_output(out)
             and c0 == 0 and c1 == width and width <= STREAM_VALUES)
 
 
@@ -1231,11 +1237,10 @@ def _map_segment(xs, ds, os, use_dy, gs, bs, mc, a, h, e, q, w, defaults):
 def _stream_buffer(out, segment):
     """Scratch of ``out``'s dtype through which :func:`_runs_map`
     streams segments of ``segment`` values (:func:`_map_streamed`):
-    :data:`STREAM_VALUES` values where ``out`` holds at least
-    :data:`STREAM_BYTES` of float32 or float64 and a segment at least
-    :data:`STREAM_SEGMENT_BYTES`, else none (the map stores in place)."""
-    streams = (out.itemsize >= 4
-               and out.size * out.itemsize >= STREAM_BYTES
+    :data:`STREAM_VALUES` values for a :func:`_large_output` whose
+    segments hold at least :data:`STREAM_SEGMENT_BYTES`, else none (the
+    map stores in place)."""
+    streams = (_large_output(out)
                and segment * out.itemsize >= STREAM_SEGMENT_BYTES)
     return np.empty(STREAM_VALUES if streams else 0, out.dtype)
 
