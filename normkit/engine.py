@@ -69,6 +69,11 @@ def moments(x, view, centered=True):
     group with an infinite value, where those moments give NaN, it is
     summed again plainly: +inf, or NaN where the group holds a NaN.
 
+    Where each group is one contiguous run of values (``view.A == 1``:
+    rows, channels-first instances and groups), the CPU backend returns
+    the same bits as the statistics :func:`normalize_batch` normalizes
+    with.
+
     Examples
     --------
     >>> import numpy as np

@@ -397,6 +397,30 @@ def test_results_are_identical_run_to_run(shape, view_args, rng):
         assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("shape,view", [
+    ((4096, 64), trailing_view((4096, 64), 1)),          # short rows
+    ((300, 100), trailing_view((300, 100), 1)),
+    ((64, 3000), trailing_view((64, 3000), 1)),          # rows of tiles
+    ((1, 10 ** 6), trailing_view((1, 10 ** 6), 1)),      # a split row
+    ((8, 12, 7, 7), channel_view((8, 12, 7, 7), 1, True)),     # InstanceNorm
+    ((8, 12, 5, 5), channel_view((8, 12, 5, 5), 1, True, 4)),  # GroupNorm
+])
+def test_moments_of_contiguous_groups_are_the_forwards_statistics(
+        shape, view, dtype, rng):
+    """Where each group is one contiguous run (``A == 1``),
+    :func:`engine.moments` takes every group as the forward does, whatever
+    its length: the same bits as the statistics the forward normalized
+    with, centered or not, fused or in two passes."""
+    x = rng.normal(1e3, 2.0, shape).astype(dtype)
+    assert view.A == 1
+    for centered in (True, False):
+        mean, var = engine.moments(x, view, centered)
+        _, f_mean, f_var, _ = engine.normalize_batch(x, view,
+                                                     centered=centered)
+        assert np.array_equal(mean, f_mean) and np.array_equal(var, f_var)
+
+
 @pytest.mark.parametrize("n_threads", [1, 2, 5])
 def test_partials_merge_to_the_same_moments_for_any_plan(n_threads, rng):
     """Splitting the reduced extent differently changes only rounding."""

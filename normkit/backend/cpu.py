@@ -566,7 +566,9 @@ def _p_moments(x, p, r, A, K, J, B, out_n, out_mean, out_m2, scratch):
     out_n[k0:k1] = 0.0
     out_mean[k0:k1] = 0.0
     out_m2[k0:k1] = 0.0
-    if 2 * (l1 - l0) <= SHORT_TILE:
+    # a group of one segment (A == 1) takes the loop below, whatever its
+    # length: _segment_moments, as the fused forward's _step_moments
+    if A > 1 and 2 * (l1 - l0) <= SHORT_TILE:
         if l0 == 0 and l1 == L and a1 - a0 >= ROW_STEP:
             _segment_rows_moments(x, p, r, A, K, L, out_n, out_mean, out_m2)
         else:
@@ -582,9 +584,13 @@ def _p_moments(x, p, r, A, K, J, B, out_n, out_mean, out_m2, scratch):
 @_inner
 def _short_segment_moments(x, p, r, A, K, L, out_n, out_mean, out_m2):
     """:func:`_p_moments` of segments of at most ``SHORT_TILE / 2``
-    values (channels-first BatchNorm over a small spatial extent) where
-    :func:`_segment_rows_moments` does not apply (fewer than
-    :data:`ROW_STEP` rows, or parts of segments): a tile
+    values, several to a group (``A > 1``: channels-first BatchNorm over a
+    small spatial extent), where :func:`_segment_rows_moments` does not
+    apply (fewer than :data:`ROW_STEP` rows, or parts of segments).  A
+    group of one segment takes :func:`_segment_moments` instead, as the
+    fused forward does: per LayerNorm row of 64 values this function's
+    setup (four arrays) made ``engine.moments`` over ``(262144, 64)``
+    take twice as long.  A tile
     of group ``k`` gathers its segments of consecutive ``a``, up to
     :data:`SHORT_TILE` values, about one center; each segment is summed in
     the input's precision, its sums added in float64, and the tile merged
