@@ -4,9 +4,10 @@ that writes large outputs with them.
 The narrow-groups map (channels-last BatchNorm and GroupNorm) streams its
 rows out where the output has at least ``cpu.STREAM_BYTES``, and so does
 the fused forward over rows of ``cpu.STREAM_SEGMENT_BYTES`` or more
-(LayerNorm, RMSNorm): their values must be the bits the ordinary stores
-write, whatever the alignment of the output, and the passes that use them
-must still match the reference.
+(LayerNorm, RMSNorm), and so do the backward's affine sums over few wide
+rows into gradients of that size: their values must be the bits the
+ordinary stores write, whatever the alignment of the output, and the
+passes that use them must still match the reference.
 """
 
 import numpy as np
@@ -162,3 +163,36 @@ def test_large_layer_norm_rows_match_the_reference(dtype, rng):
         layer.backward(dy),
         reference.layer_norm_backward(dy, x, (width,), w, b)[0],
         rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("offset", [0, 3])
+def test_streamed_column_sums_write_the_bits_of_ordinary_stores(dtype, offset,
+                                                                rng):
+    # the backward's affine sums over few wide rows, written in place into
+    # gradients of 1.25 STREAM_BYTES each (streamed), aligned or not, and
+    # over each half of the columns with the same statistics (below it:
+    # ordinary stores); three rows, so that one goes alone
+    itemsize = np.dtype(dtype).itemsize
+    width = cpu.STREAM_BYTES * 5 // 4 // itemsize
+    x = rng.normal(3.0, 2.0, (3, width)).astype(dtype)
+    dy = rng.normal(0.0, 1.0, x.shape).astype(dtype)
+    _, mean, _, rstd = engine.normalize_batch(x, trailing_view(x.shape, 1))
+
+    def sums(columns):
+        n = columns.stop - columns.start
+        grads = tuple(np.empty(n + offset, dtype)[offset:] for _ in range(2))
+        part = x[:, columns], dy[:, columns]
+        _, d_weight, d_bias = engine.backward(
+            part[1], part[0], trailing_view(part[0].shape, 1), mean, rstd,
+            affine_out=grads)
+        assert d_weight is grads[0] and d_bias is grads[1]
+        return grads
+
+    whole = sums(slice(0, width))
+    assert whole[0].nbytes >= cpu.STREAM_BYTES
+    halves = [sums(slice(0, width // 2)), sums(slice(width // 2, width))]
+    assert halves[0][0].nbytes < cpu.STREAM_BYTES
+    for k in range(2):
+        np.testing.assert_array_equal(
+            whole[k], np.concatenate([half[k] for half in halves]))

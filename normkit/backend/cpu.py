@@ -1270,8 +1270,8 @@ def _map_streamed(xs, os, gs, bs, mc, a, q, w, defaults, buffer):
     samples 0.88 to 0.97; float64 ``(4096, 1024)`` 0.75 to 0.87; RMSNorm
     float32 ``(8192, 1024)`` 0.89 to 0.91.  Inlined here: called as a
     function of its own, a row of 1024 values at a time, the forward over
-    ``(8192, 1024)`` took 1.12 to 1.15 of the old time.  Only the fused
-    forward streams.  The map alone (:func:`apply`, which also writes the
+    ``(8192, 1024)`` took 1.12 to 1.15 of the old time.  Of the maps
+    over rows, only the fused forward's streams.  The map alone (:func:`apply`, which also writes the
     backward's ``dx``), whose input comes from memory, gained over some
     shapes and lost over others when it streamed the same way: 0.85 to
     0.86 over the two rows of 4194304, but 1.05 to 1.06 over rows of
@@ -2084,14 +2084,29 @@ def backward_reduce_columns(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
     0.82, float32 0.92 to 0.94; float64 ``(4, 262144)`` 0.94 to 0.99;
     the fused passes' cells 0.90 to 1.05 (the unchanged copy 0.95 to
     1.07).
+
+    Sums written into float32 or float64 outputs of at least
+    :data:`STREAM_BYTES` (``_large_output``) are streamed
+    (``_stream_sums``), so that the gradients are not read before they
+    are written.  The engine's backward with its gradients written in
+    place into arrays kept from call to call, old and new code in one
+    process, each over a block of 15 calls, 6 and 10 rounds: new over
+    old time over the two rows of 4194304 float32 values 0.78 to 1.01
+    and 0.96 to 1.02, over two rows of 2097152 float64 values 0.93 to
+    1.06 and 0.92 to 1.03; over ``(8, 1048576)``, whose gradients of 4
+    MiB are not streamed, 0.95 to 1.04 and 0.92 to 1.07.  A few per
+    cent at most, as the 32 MiB of gradients are a small part of what
+    the backward moves.
     """
     L = J * B
     with_affine = sum_dy_out.size > 0
+    streamed = with_affine and _large_output(sum_dy_out)
     for item in prange(_n_items(plan)):
         p0, p1, r, chunk = _item_bounds(item, P, A, K, L, plan)
         a0, a1 = r[0], r[1]
         n_rows = (p1 - p0) * (a1 - a0)
         block = np.empty((2, COLUMN_BLOCK if with_affine else 0))
+        buffer = np.empty(COLUMN_BLOCK if streamed else 0, sum_dy_out.dtype)
         block_dy, block_dyx = _affine_block(block, x)
         # 16-bit storage over at most AFFINE_BLOCK_ROWS rows: the float32
         # block sums are the totals, written as they are
@@ -2137,8 +2152,30 @@ def backward_reduce_columns(dy, x, P, A, K, J, B, plan, mean, rstd, gscale,
                 _store_sums(s_dy, s_dyx, sum_dy_out, sum_dyx_out, l0)
                 s_dy[:] = 0.0
                 s_dyx[:] = 0.0
+            elif streamed:
+                _stream_sums(totals[0], totals[1], sum_dy_out, sum_dyx_out,
+                             l0, buffer)
             else:
                 _store_sums(totals[0], totals[1], sum_dy_out, sum_dyx_out, l0)
+        if streamed:
+            stream_fence()
+
+
+@_inlined
+def _stream_sums(s_dy, s_dyx, sum_dy_out, sum_dyx_out, start, buffer):
+    """:func:`_store_sums` into float32 or float64 outputs of at least
+    :data:`STREAM_BYTES` (``_large_output``): each sum converted into
+    ``buffer`` (as many values or more, of the outputs' dtype), then
+    written with :func:`~normkit.backend.storage.stream` (the caller
+    fences), so that writing the gradients does not first read them."""
+    n = s_dy.size
+    target = buffer[:n]
+    for i in range(n):
+        target[i] = s_dy[i]
+    stream(sum_dy_out[start:start + n], target)
+    for i in range(n):
+        target[i] = s_dyx[i]
+    stream(sum_dyx_out[start:start + n], target)
 
 
 @_inlined
