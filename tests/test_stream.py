@@ -182,9 +182,9 @@ def test_streamed_column_sums_write_the_bits_of_ordinary_stores(dtype, offset,
     def sums(columns):
         n = columns.stop - columns.start
         grads = tuple(np.empty(n + offset, dtype)[offset:] for _ in range(2))
-        part = x[:, columns], dy[:, columns]
+        x_part, dy_part = x[:, columns], dy[:, columns]
         _, d_weight, d_bias = engine.backward(
-            part[1], part[0], trailing_view(part[0].shape, 1), mean, rstd,
+            dy_part, x_part, trailing_view(x_part.shape, 1), mean, rstd,
             affine_out=grads)
         assert d_weight is grads[0] and d_bias is grads[1]
         return grads

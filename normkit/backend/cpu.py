@@ -1270,23 +1270,23 @@ def _map_streamed(xs, os, gs, bs, mc, a, q, w, defaults, buffer):
     samples 0.88 to 0.97; float64 ``(4096, 1024)`` 0.75 to 0.87; RMSNorm
     float32 ``(8192, 1024)`` 0.89 to 0.91.  Inlined here: called as a
     function of its own, a row of 1024 values at a time, the forward over
-    ``(8192, 1024)`` took 1.12 to 1.15 of the old time.  Of the maps
-    over rows, only the fused forward's streams.  The map alone (:func:`apply`, which also writes the
-    backward's ``dx``), whose input comes from memory, gained over some
-    shapes and lost over others when it streamed the same way: 0.85 to
-    0.86 over the two rows of 4194304, but 1.05 to 1.06 over rows of
-    4096, 0.99 to 1.13 over rows of 65536 and 0.98 to 1.07 over samples,
-    and the backward over the two rows took 1.02 to 1.07.  16-bit
-    outputs, whose map is bound by the conversions rather than by
-    memory, store the ordinary way: streamed (blocks of 2048), the
+    ``(8192, 1024)`` took 1.12 to 1.15 of the old time.  Of the maps over
+    rows, only the fused forward's streams.  The map alone (:func:`apply`,
+    which also writes the backward's ``dx``), whose input comes from
+    memory, gained over some shapes and lost over others when it streamed
+    the same way: 0.85 to 0.86 over the two rows of 4194304, but 1.05 to
+    1.06 over rows of 4096, 0.99 to 1.13 over rows of 65536 and 0.98 to
+    1.07 over samples, and the backward over the two rows took 1.02 to
+    1.07.  16-bit outputs, whose map is bound by the conversions rather
+    than by memory, store the ordinary way: streamed (blocks of 2048), the
     forward over float16 ``(8192, 1024)`` took 1.00 to 1.02 of the time,
-    its map alone 1.24 to 1.25.  Into a fresh mapping (an output that
-    glibc maps anew, 32 MiB or more), whose pages the kernel zeroes
-    through the cache at the first store (the likely cause), it gains
-    nothing: the API's forward over ``(8192, 1024)`` took 1.01 to 1.03
-    of the old time, over the two long rows 1.02 to 1.11 (each version
-    over a block of its own calls), where over a sample, whose 25.7 MB
-    glibc reuses, 0.80 to 0.90."""
+    its map alone 1.24 to 1.25.  Into a fresh mapping (an output that glibc
+    maps anew, 32 MiB or more), whose pages the kernel zeroes through the
+    cache at the first store (the likely cause), it gains nothing: the
+    API's forward over ``(8192, 1024)`` took 1.01 to 1.03 of the old time,
+    over the two long rows 1.02 to 1.11 (each version over a block of its
+    own calls), where over a sample, whose 25.7 MB glibc reuses, 0.80 to
+    0.90."""
     n = xs.size
     zero = compute_zero(xs)
     for b0 in range(0, n, buffer.size):
